@@ -1,0 +1,55 @@
+-- steep_repl schema: operation history and work queue.
+-- Created by CREATE EXTENSION steep_repl (the control file places everything in schema steep_repl).
+
+-- One row per generate or apply operation, keyed by its id. Progress figures are persisted every few
+-- seconds while the operation runs; live figures come from shared memory (steep_repl.snapshot_progress).
+CREATE TABLE steep_repl.snapshots (
+    id                 text        PRIMARY KEY,
+    op                 text        NOT NULL CHECK (op IN ('generate', 'apply')),
+    status             text        NOT NULL DEFAULT 'pending'
+                                   CHECK (status IN ('pending', 'running', 'complete', 'applied', 'failed', 'cancelled')),
+    phase              text        NOT NULL DEFAULT 'queued',
+    path               text        NOT NULL,
+    database_name      name        NOT NULL DEFAULT current_database(),
+    role_name          name        NOT NULL DEFAULT current_user,
+    parallel_requested integer     NOT NULL,
+    parallel_used      integer,
+    compression        text,
+    options            jsonb       NOT NULL DEFAULT '{}',
+    tables_total       integer     NOT NULL DEFAULT 0,
+    tables_done        integer     NOT NULL DEFAULT 0,
+    chunks_total       integer     NOT NULL DEFAULT 0,
+    chunks_done        integer     NOT NULL DEFAULT 0,
+    rows_done          bigint      NOT NULL DEFAULT 0,
+    bytes_done         bigint      NOT NULL DEFAULT 0,
+    bytes_written      bigint      NOT NULL DEFAULT 0,
+    snapshot_lsn       pg_lsn,
+    exported_snapshot  text,
+    error              text,
+    -- The server start this operation ran under: a 'running' row from an earlier start was interrupted
+    -- by a restart and is reported as failed.
+    postmaster_start   timestamptz NOT NULL DEFAULT pg_postmaster_start_time(),
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    started_at         timestamptz,
+    finished_at        timestamptz,
+    updated_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX snapshots_status_idx ON steep_repl.snapshots (status, created_at DESC);
+
+-- The queue background workers take operations from: pending -> running -> complete | failed | cancelled.
+CREATE TABLE steep_repl.work_queue (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    snapshot_id  text        NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
+    op           text        NOT NULL CHECK (op IN ('generate', 'apply')),
+    status       text        NOT NULL DEFAULT 'pending'
+                             CHECK (status IN ('pending', 'running', 'complete', 'failed', 'cancelled')),
+    priority     integer     NOT NULL DEFAULT 0,
+    payload      jsonb       NOT NULL DEFAULT '{}',
+    enqueued_at  timestamptz NOT NULL DEFAULT now(),
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    error        text
+);
+-- Workers look only for pending rows; keep that lookup small however long the history grows.
+CREATE INDEX work_queue_pending_idx ON steep_repl.work_queue (priority DESC, id) WHERE status = 'pending';
+CREATE INDEX work_queue_snapshot_idx ON steep_repl.work_queue (snapshot_id);

@@ -1,0 +1,4 @@
+//! The SQL surface of schema `steep_repl`, one file per family of functions.
+
+pub mod health;
+pub mod progress;

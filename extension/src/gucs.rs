@@ -1,0 +1,54 @@
+//! The `steep_repl.*` settings. Each is registered once, in `_PG_init`.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// Default target raw (uncompressed COPY text) size of one chunk, in kB: 256 MB, from PRODUCT.md §4.
+/// Large enough that per-chunk costs (a file, an fsync, a manifest entry) vanish against the data, small
+/// enough that a 100 GB table still splits into hundreds of chunks that spread over workers.
+pub const DEFAULT_CHUNK_SIZE_KB: i32 = 256 * 1024;
+
+/// `steep_repl.chunk_size`: target raw size of a chunk. Settable per session (USERSET); the value in the
+/// caller's session when a job starts is the one the job uses.
+pub static CHUNK_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_CHUNK_SIZE_KB);
+
+/// `steep_repl.progress_interval`: the least time between two progress NOTIFYs of one job, in ms.
+/// 500 ms (PRODUCT.md §4) keeps a progress bar lively without flooding listeners.
+pub static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
+
+/// Upper bound on dynamic workers all steep_repl jobs together may run. It is also the size of the
+/// shared-memory worker slot array, so the GUC's maximum is [`crate::shmem::MAX_WORKERS`].
+pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
+
+/// Registers every setting. Safe to call in any backend: custom GUCs are per process.
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"steep_repl.chunk_size",
+        c"Target uncompressed size of one snapshot chunk.",
+        c"Tables are split into ctid block ranges of about this much COPY text (heap plus TOAST bytes).",
+        &CHUNK_SIZE_KB,
+        64,           // 64 kB: small enough for tests that need many chunks
+        i32::MAX / 2, // about 1 TB
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.progress_interval",
+        c"Least time between two progress notifications of one job.",
+        c"Progress is published on channel steep_repl_progress at most this often, and on every phase change.",
+        &PROGRESS_INTERVAL_MS,
+        50,
+        60_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.max_workers",
+        c"Most dynamic background workers all steep_repl jobs together may use.",
+        c"Jobs asking for more run with fewer workers. Also bounded by max_worker_processes.",
+        &MAX_WORKERS,
+        1,
+        crate::shmem::MAX_WORKERS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}

@@ -1,0 +1,3 @@
+//! Background worker entry points.
+
+pub mod supervisor;
