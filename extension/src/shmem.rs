@@ -76,24 +76,33 @@ impl Shared {
     pub fn claim_worker_slot(&self, job_slot: u32, state: u32) -> Option<usize> {
         debug_assert_ne!(state, FREE);
         self.workers.iter().position(|w| {
-            w.state.compare_exchange(FREE, state, Ordering::AcqRel, Ordering::Relaxed).is_ok() && {
-                w.job_slot.store(job_slot, Ordering::Relaxed);
-                w.rows.store(0, Ordering::Relaxed);
-                w.raw_bytes.store(0, Ordering::Relaxed);
-                w.written_bytes.store(0, Ordering::Relaxed);
-                true
-            }
+            w.state
+                .compare_exchange(FREE, state, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+                && {
+                    w.job_slot.store(job_slot, Ordering::Relaxed);
+                    w.rows.store(0, Ordering::Relaxed);
+                    w.raw_bytes.store(0, Ordering::Relaxed);
+                    w.written_bytes.store(0, Ordering::Relaxed);
+                    true
+                }
         })
     }
 
     /// Number of worker slots currently in use.
     pub fn workers_in_use(&self) -> usize {
-        self.workers.iter().filter(|w| w.state.load(Ordering::Acquire) != FREE).count()
+        self.workers
+            .iter()
+            .filter(|w| w.state.load(Ordering::Acquire) != FREE)
+            .count()
     }
 
     /// Jobs currently holding a slot, as (slot index, slot).
     pub fn active_jobs(&self) -> impl Iterator<Item = (usize, &JobSlot)> {
-        self.jobs.iter().enumerate().filter(|(_, j)| j.state.load(Ordering::Acquire) != FREE)
+        self.jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| j.state.load(Ordering::Acquire) != FREE)
     }
 }
 

@@ -7,7 +7,10 @@ mod tests {
 
     #[pg_test]
     fn version_matches_crate() {
-        assert_eq!(crate::api::health::version_for_tests(), env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            crate::api::health::version_for_tests(),
+            env!("CARGO_PKG_VERSION")
+        );
         let sql_version = Spi::get_one::<String>("SELECT steep_repl.version()").unwrap();
         assert_eq!(sql_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
     }
@@ -22,8 +25,13 @@ mod tests {
         assert_eq!(ext_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
         // The supervisor may still be starting when the first test runs; either way the status names it.
         let status = status.unwrap();
-        assert!(status == "ok" || status.contains("supervisor"), "unexpected status {status:?}");
-        let pg_version = Spi::get_one::<String>("SELECT pg_version FROM steep_repl.health()").unwrap().unwrap();
+        assert!(
+            status == "ok" || status.contains("supervisor"),
+            "unexpected status {status:?}"
+        );
+        let pg_version = Spi::get_one::<String>("SELECT pg_version FROM steep_repl.health()")
+            .unwrap()
+            .unwrap();
         assert!(pg_version.starts_with("PostgreSQL "), "{pg_version}");
     }
 
@@ -35,8 +43,10 @@ mod tests {
              ('g2', 'generate', 'failed', '/tmp/b', 2, 'disk full', now())",
         )
         .unwrap();
-        let (active, last_error) =
-            Spi::get_two::<i64, String>("SELECT active_operations, last_error FROM steep_repl.health()").unwrap();
+        let (active, last_error) = Spi::get_two::<i64, String>(
+            "SELECT active_operations, last_error FROM steep_repl.health()",
+        )
+        .unwrap();
         assert_eq!(active, Some(1));
         assert_eq!(last_error.as_deref(), Some("g2: disk full"));
     }
@@ -53,14 +63,36 @@ mod tests {
 
     #[pg_test]
     fn settings_have_documented_defaults() {
-        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.chunk_size").unwrap().as_deref(), Some("256MB"));
-        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.progress_interval").unwrap().as_deref(), Some("500ms"));
-        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.max_workers").unwrap().as_deref(), Some("8"));
+        assert_eq!(
+            Spi::get_one::<String>("SHOW steep_repl.chunk_size")
+                .unwrap()
+                .as_deref(),
+            Some("256MB")
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SHOW steep_repl.progress_interval")
+                .unwrap()
+                .as_deref(),
+            Some("500ms")
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SHOW steep_repl.max_workers")
+                .unwrap()
+                .as_deref(),
+            Some("8")
+        );
         Spi::run("SET steep_repl.chunk_size = '1MB'").unwrap();
-        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.chunk_size").unwrap().as_deref(), Some("1MB"));
+        assert_eq!(
+            Spi::get_one::<String>("SHOW steep_repl.chunk_size")
+                .unwrap()
+                .as_deref(),
+            Some("1MB")
+        );
     }
 
-    #[pg_test(error = "1 kB is outside the valid range for parameter \"steep_repl.chunk_size\" (64 .. 1073741823)")]
+    #[pg_test(
+        error = "1 kB is outside the valid range for parameter \"steep_repl.chunk_size\" (64 .. 1073741823)"
+    )]
     fn chunk_size_has_a_floor() {
         Spi::run("SET steep_repl.chunk_size = '1kB'").unwrap();
     }
@@ -78,7 +110,9 @@ mod tests {
     #[pg_test]
     fn status_values_are_constrained() {
         let r = std::panic::catch_unwind(|| {
-            Spi::run("INSERT INTO steep_repl.snapshots (id, op, status, path, parallel_requested) VALUES ('x', 'generate', 'bogus', '/t', 1)")
+            Spi::run(
+                "INSERT INTO steep_repl.snapshots (id, op, status, path, parallel_requested) VALUES ('x', 'generate', 'bogus', '/t', 1)",
+            )
         });
         assert!(r.is_err() || r.unwrap().is_err());
     }
@@ -95,7 +129,9 @@ mod tests {
         // shared memory is what health() reads. It may still be starting when the first test runs.
         let mut running = false;
         for _ in 0..50 {
-            running = Spi::get_one::<bool>("SELECT supervisor_running FROM steep_repl.health()").unwrap() == Some(true);
+            running = Spi::get_one::<bool>("SELECT supervisor_running FROM steep_repl.health()")
+                .unwrap()
+                == Some(true);
             if running {
                 break;
             }

@@ -31,7 +31,10 @@ fn snapshot_progress(
         let workers = shared
             .workers
             .iter()
-            .filter(|w| w.state.load(Ordering::Acquire) != shmem::FREE && w.job_slot.load(Ordering::Relaxed) as usize == slot)
+            .filter(|w| {
+                w.state.load(Ordering::Acquire) != shmem::FREE
+                    && w.job_slot.load(Ordering::Relaxed) as usize == slot
+            })
             .count() as i32;
         rows.push((
             job_id,

@@ -1,0 +1,304 @@
+//! Connection settings, resolved like psql: `-d` is a conninfo string, a URI or a bare database name;
+//! whatever it leaves out comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD and PGSSLMODE, then
+//! libpq's defaults (the unix socket in /var/run/postgresql, port 5432, the OS user).
+//!
+//! `sslmode` takes libpq's six values; tokio-postgres knows three, so the mode is taken out of the string
+//! here and mapped onto a TLS connector: `disable`; `allow`/`prefer` (TLS when offered, unverified, as
+//! libpq); `require` (TLS, unverified); `verify-ca` (chain checked); `verify-full` (chain and host name).
+
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Client, Config};
+
+use crate::error::CliError;
+
+/// Default time to wait for a server before giving up (libpq waits forever; a CLI should not).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// libpq's `sslmode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl TlsMode {
+    fn parse(s: &str) -> Result<Self, CliError> {
+        Ok(match s {
+            "disable" => TlsMode::Disable,
+            "allow" => TlsMode::Allow,
+            "prefer" => TlsMode::Prefer,
+            "require" => TlsMode::Require,
+            "verify-ca" => TlsMode::VerifyCa,
+            "verify-full" => TlsMode::VerifyFull,
+            other => {
+                return Err(CliError::ConnParams(format!(
+                    "sslmode \"{other}\" is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                )));
+            }
+        })
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ConnSpec {
+    pub config: Config,
+    pub tls: TlsMode,
+}
+
+impl ConnSpec {
+    /// Resolves `-d` and the environment (`env` is a lookup, so tests need not touch the process env).
+    pub fn resolve(
+        dbname_arg: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, CliError> {
+        let mut tls = None;
+        let mut config = match dbname_arg {
+            None => Config::new(),
+            Some(s) => {
+                let (rest, mode) = take_sslmode(s);
+                tls = mode.map(|m| TlsMode::parse(&m)).transpose()?;
+                if rest.starts_with("postgres://")
+                    || rest.starts_with("postgresql://")
+                    || rest.contains('=')
+                {
+                    rest.parse::<Config>()
+                        .map_err(|e| CliError::ConnParams(format!("-d: {e}")))?
+                } else {
+                    let mut c = Config::new();
+                    c.dbname(rest.trim());
+                    c
+                }
+            }
+        };
+        let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
+        if config.get_hosts().is_empty() {
+            let hosts = nonempty("PGHOST").unwrap_or_else(|| "/var/run/postgresql".to_string());
+            for h in hosts.split(',') {
+                config.host(h.trim());
+            }
+        }
+        if config.get_ports().is_empty() {
+            let port = match nonempty("PGPORT") {
+                Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                    CliError::ConnParams(format!("PGPORT \"{p}\" is not a port number"))
+                })?,
+                None => 5432,
+            };
+            config.port(port);
+        }
+        if config.get_user().is_none() {
+            let user = nonempty("PGUSER")
+                .or_else(|| nonempty("USER"))
+                .unwrap_or_else(|| "postgres".to_string());
+            config.user(&user);
+        }
+        if config.get_dbname().is_none() {
+            let db = nonempty("PGDATABASE").or_else(|| config.get_user().map(str::to_string));
+            if let Some(db) = db {
+                config.dbname(&db);
+            }
+        }
+        if config.get_password().is_none()
+            && let Some(pw) = env("PGPASSWORD")
+        {
+            config.password(pw);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        config.application_name("steep-repl");
+        let tls = match tls {
+            Some(t) => t,
+            None => match nonempty("PGSSLMODE") {
+                Some(m) => TlsMode::parse(&m)?,
+                None => TlsMode::Prefer,
+            },
+        };
+        config.ssl_mode(match tls {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Allow | TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        });
+        Ok(ConnSpec { config, tls })
+    }
+
+    /// "host H port P" (or "socket /dir/.s.PGSQL.P") for messages; never includes the password.
+    pub fn target(&self) -> String {
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(name) => format!("host {name} port {port}"),
+                #[cfg(unix)]
+                Host::Unix(dir) => format!("socket {}/.s.PGSQL.{port}", dir.display()),
+            })
+            .collect();
+        let db = self.config.get_dbname().unwrap_or("?");
+        let user = self.config.get_user().unwrap_or("?");
+        format!("{} (database {db}, user {user})", hosts.join(", "))
+    }
+
+    /// Opens one connection and drives it on the runtime. The returned client closes when dropped.
+    pub async fn connect(&self) -> Result<Client, CliError> {
+        let fail = |e: tokio_postgres::Error| CliError::Connect {
+            target: self.target(),
+            reason: connect_reason(&e),
+        };
+        if self.tls == TlsMode::Disable {
+            let (client, connection) = self
+                .config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(fail)?;
+            tokio::spawn(async move {
+                let _ignored_on_shutdown = connection.await;
+            });
+            return Ok(client);
+        }
+        let mut builder = native_tls::TlsConnector::builder();
+        match self.tls {
+            TlsMode::VerifyFull => {}
+            TlsMode::VerifyCa => {
+                builder.danger_accept_invalid_hostnames(true);
+            }
+            _ => {
+                builder
+                    .danger_accept_invalid_certs(true)
+                    .danger_accept_invalid_hostnames(true);
+            }
+        }
+        let connector = builder
+            .build()
+            .map_err(|e| CliError::ConnParams(format!("cannot set up TLS: {e}")))?;
+        let tls = postgres_native_tls::MakeTlsConnector::new(connector);
+        let (client, connection) = self.config.connect(tls).await.map_err(fail)?;
+        tokio::spawn(async move {
+            let _ignored_on_shutdown = connection.await;
+        });
+        Ok(client)
+    }
+}
+
+/// The most useful line of a connection error: the server's message when it sent one, else the I/O
+/// cause ("Connection refused").
+fn connect_reason(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason = s.to_string();
+        source = s.source();
+    }
+    reason
+}
+
+/// Removes `sslmode=VALUE` from a conninfo string or URI query, returning the rest and the value.
+fn take_sslmode(s: &str) -> (String, Option<String>) {
+    let Some(pos) = s.find("sslmode=") else {
+        return (s.to_string(), None);
+    };
+    let value_start = pos + "sslmode=".len();
+    let value_len = s[value_start..]
+        .find(|c: char| c.is_whitespace() || c == '&')
+        .unwrap_or(s.len() - value_start);
+    let value = s[value_start..value_start + value_len]
+        .trim_matches('\'')
+        .to_string();
+    let mut rest = String::with_capacity(s.len());
+    rest.push_str(&s[..pos]);
+    let after = &s[value_start + value_len..];
+    rest.push_str(after.strip_prefix('&').unwrap_or(after));
+    let rest = rest.trim_end_matches(['?', '&']).to_string();
+    (rest, Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn conninfo_wins_over_environment() {
+        let spec = ConnSpec::resolve(
+            Some("host=db1 port=6000 dbname=app user=alice"),
+            env_of(&[("PGHOST", "other"), ("PGPORT", "7000"), ("PGUSER", "bob")]),
+        )
+        .unwrap();
+        assert_eq!(
+            spec.target(),
+            "host db1 port 6000 (database app, user alice)"
+        );
+    }
+
+    #[test]
+    fn environment_fills_gaps() {
+        let spec = ConnSpec::resolve(
+            None,
+            env_of(&[
+                ("PGHOST", "db2"),
+                ("PGPORT", "6543"),
+                ("PGDATABASE", "shop"),
+                ("PGUSER", "carol"),
+                ("PGPASSWORD", "s3cret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            spec.target(),
+            "host db2 port 6543 (database shop, user carol)"
+        );
+        assert_eq!(spec.config.get_password(), Some(&b"s3cret"[..]));
+        assert!(!spec.target().contains("s3cret"));
+    }
+
+    #[test]
+    fn uri_and_bare_dbname() {
+        let spec = ConnSpec::resolve(Some("postgresql://dave:pw@h:5544/inv"), env_of(&[])).unwrap();
+        assert_eq!(spec.target(), "host h port 5544 (database inv, user dave)");
+        let spec = ConnSpec::resolve(Some("inventory"), env_of(&[("PGUSER", "erin")])).unwrap();
+        assert_eq!(
+            spec.target(),
+            "socket /var/run/postgresql/.s.PGSQL.5432 (database inventory, user erin)"
+        );
+    }
+
+    #[test]
+    fn libpq_ssl_modes() {
+        let spec =
+            ConnSpec::resolve(Some("host=h sslmode=verify-full dbname=x"), env_of(&[])).unwrap();
+        assert_eq!(spec.tls, TlsMode::VerifyFull);
+        let spec =
+            ConnSpec::resolve(Some("postgresql://h/x?sslmode=disable"), env_of(&[])).unwrap();
+        assert_eq!(spec.tls, TlsMode::Disable);
+        let spec = ConnSpec::resolve(None, env_of(&[("PGSSLMODE", "require")])).unwrap();
+        assert_eq!(spec.tls, TlsMode::Require);
+        let err = ConnSpec::resolve(None, env_of(&[("PGSSLMODE", "sometimes")])).unwrap_err();
+        assert!(err.to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn bad_port_is_named() {
+        let err = ConnSpec::resolve(None, env_of(&[("PGPORT", "fifty")])).unwrap_err();
+        assert!(err.to_string().contains("PGPORT \"fifty\""), "{err}");
+        assert_eq!(err.exit_code(), crate::error::EXIT_CONNECTION);
+    }
+}
