@@ -16,7 +16,9 @@ use pgrx::prelude::*;
 
 pub mod api;
 pub mod gucs;
+pub mod job;
 pub mod pg;
+pub mod progress;
 pub mod shmem;
 pub mod worker;
 

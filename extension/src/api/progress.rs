@@ -4,10 +4,32 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 
-use crate::shmem;
+use crate::job::Figures;
+use crate::progress;
+use crate::shmem::{self, JobKind};
 
-/// Live progress of one running operation (`id`) or of all of them (`id` NULL), read from shared
-/// memory without touching any table. Needs the library preloaded.
+type ProgressRow = (
+    String,
+    String,
+    String,
+    String,
+    f64,
+    i32,
+    i32,
+    i32,
+    i32,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    i32,
+    Option<String>,
+);
+
+/// Live progress of one operation (`id`) or of all running ones (`id` NULL), read from shared memory
+/// without touching any table. For an id that is no longer running, its last persisted figures.
+/// Needs the library preloaded.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
 fn snapshot_progress(
@@ -16,32 +38,98 @@ fn snapshot_progress(
     'static,
     (
         name!(id, String),
-        name!(workers, i32),
+        name!(op, String),
+        name!(phase, String),
+        name!(status, String),
+        name!(percent, f64),
+        name!(tables_done, i32),
+        name!(tables_total, i32),
+        name!(chunks_done, i32),
+        name!(chunks_total, i32),
         name!(rows, i64),
         name!(bytes, i64),
+        name!(bytes_written, i64),
+        name!(bytes_per_s, i64),
+        name!(eta_s, Option<i64>),
+        name!(workers, i32),
+        name!(error, Option<String>),
     ),
 > {
     let shared = shmem::require();
-    let mut rows = Vec::new();
+    let mut rows: Vec<ProgressRow> = Vec::new();
     for (slot, job) in shared.active_jobs() {
-        let job_id = format!("{:016x}", job.job_id.load(Ordering::Relaxed));
-        if id.as_deref().is_some_and(|want| want != job_id) {
+        let job_id = job.id.get();
+        if job_id.is_empty() || id.as_deref().is_some_and(|want| want != job_id) {
             continue;
         }
+        let f = Figures::of(job);
+        let (rate, eta) = progress::rate_and_eta(job);
         let workers = shared
-            .workers
-            .iter()
-            .filter(|w| {
-                w.state.load(Ordering::Acquire) != shmem::FREE
-                    && w.job_slot.load(Ordering::Relaxed) as usize == slot
-            })
+            .job_workers(slot)
+            .filter(|(_, w)| w.state.load(Ordering::Acquire) == shmem::worker_state::RUNNING)
             .count() as i32;
+        let op = match job.kind() {
+            JobKind::Generate => "generate",
+            JobKind::Apply => "apply",
+        };
         rows.push((
             job_id,
+            op.into(),
+            f.phase,
+            progress::status_of(job).into(),
+            progress::percent(job),
+            f.tables_done,
+            f.tables_total,
+            f.chunks_done,
+            f.chunks_total,
+            f.rows,
+            f.bytes,
+            f.bytes_written,
+            rate as i64,
+            eta.map(|e| e as i64),
             workers,
-            job.rows.load(Ordering::Relaxed) as i64,
-            job.bytes.load(Ordering::Relaxed) as i64,
+            job.error_message(),
         ));
+    }
+    if let (Some(want), true) = (id.as_deref(), rows.is_empty()) {
+        crate::job::reap_interrupted();
+        let persisted = Spi::connect(|client| -> Result<Option<ProgressRow>, pgrx::spi::Error> {
+            let t = client.select(
+                "SELECT id, op, phase, status, CASE WHEN status IN ('complete', 'applied') THEN 100 ELSE 0 END::float8, \
+                 tables_done, tables_total, chunks_done, chunks_total, rows_done, bytes_done, bytes_written, \
+                 CASE WHEN finished_at > started_at THEN (bytes_done / extract(epoch FROM finished_at - started_at))::int8 \
+                 ELSE 0 END, error FROM steep_repl.snapshots WHERE id = $1",
+                Some(1),
+                &[want.into()],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<String>(3)?.unwrap_or_default(),
+                r.get::<String>(4)?.unwrap_or_default(),
+                r.get::<f64>(5)?.unwrap_or(0.0),
+                r.get::<i32>(6)?.unwrap_or(0),
+                r.get::<i32>(7)?.unwrap_or(0),
+                r.get::<i32>(8)?.unwrap_or(0),
+                r.get::<i32>(9)?.unwrap_or(0),
+                r.get::<i64>(10)?.unwrap_or(0),
+                r.get::<i64>(11)?.unwrap_or(0),
+                r.get::<i64>(12)?.unwrap_or(0),
+                r.get::<i64>(13)?.unwrap_or(0),
+                Some(0),
+                0,
+                r.get::<String>(14)?,
+            )))
+        })
+        .unwrap_or_else(|e| error!("reading operation {want}: {e}"));
+        match persisted {
+            Some(row) => rows.push(row),
+            None => error!("no operation with id {want:?}"),
+        }
     }
     TableIterator::new(rows)
 }

@@ -1,6 +1,11 @@
 //! Safe wrappers over the PostgreSQL C API. Every `unsafe` call into PostgreSQL that the rest of the
 //! extension needs lives here, once, with the invariant it relies on written beside it.
 
+pub mod catalog;
+pub mod scan;
+pub mod session;
+pub mod xact;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::pg_sys;
@@ -143,4 +148,60 @@ const EPERM: i32 = 1;
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Schema and name of a relation, or None if it no longer exists.
+pub fn relation_name(relid: pg_sys::Oid) -> Option<(String, String)> {
+    // SAFETY: syscache lookups inside a transaction; both return palloc'd strings or NULL.
+    unsafe {
+        let name = pg_sys::get_rel_name(relid);
+        if name.is_null() {
+            return None;
+        }
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        if nsp.is_null() {
+            return None;
+        }
+        Some((
+            std::ffi::CStr::from_ptr(nsp).to_string_lossy().into_owned(),
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned(),
+        ))
+    }
+}
+
+/// Takes `lockmode` on a relation by oid for the rest of the transaction (no SQL text involved).
+pub fn lock_relation(relid: pg_sys::Oid, lockmode: u32) {
+    // SAFETY: inside a transaction; LockRelationOid waits for the lock (or raises an ERROR on deadlock
+    // or cancel). Locking the oid of a relation dropped meanwhile is harmless.
+    unsafe { pg_sys::LockRelationOid(relid, lockmode as pg_sys::LOCKMODE) };
+}
+
+/// Sends SIGTERM to a process (a worker of ours that must stop now).
+pub fn terminate_process(pid: i32) {
+    // SAFETY: sends a signal; the pid belongs to one of our own workers, recorded in shared memory.
+    unsafe {
+        libc_kill(pid, 15);
+    }
+}
+
+/// Oid of the database this backend is connected to.
+pub fn database_oid() -> u32 {
+    // SAFETY: set at connection time, read-only afterwards.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// Oid of the current user (after SET ROLE / SECURITY DEFINER), whose privileges a job gets.
+pub fn current_user_oid() -> u32 {
+    // SAFETY: reads the current user id of this backend.
+    unsafe { pg_sys::GetUserId() }.to_u32()
+}
+
+/// Name of the current user.
+pub fn current_user_name() -> String {
+    Spi::get_one::<String>("SELECT current_user::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }

@@ -1,3 +1,4 @@
 //! Background worker entry points.
 
+pub mod generate;
 pub mod supervisor;

@@ -48,6 +48,7 @@ pub extern "C-unwind" fn steep_repl_supervisor_main(_arg: pg_sys::Datum) {
             .supervisor_heartbeat_ms
             .store(pg::now_ms(), Ordering::Release);
         reap_dead_worker_slots(shared);
+        reap_dead_leaders(shared);
     }
     shared.supervisor_pid.store(0, Ordering::Release);
 }
@@ -64,5 +65,36 @@ fn reap_dead_worker_slots(shared: &shmem::Shared) {
             w.pid.store(0, Ordering::Release);
             w.state.store(shmem::FREE, Ordering::Release);
         }
+    }
+}
+
+/// Releases the slots of jobs whose leader died without cleaning up (it crashed outside its error
+/// handling): the job is told to stop, and once none of its workers runs, its slots are freed. The
+/// job's row is then marked failed by the next steep_repl call in its database (see `job::reap_interrupted`).
+fn reap_dead_leaders(shared: &shmem::Shared) {
+    for (slot, job) in shared.active_jobs() {
+        let pid = job.leader_pid.load(Ordering::Acquire);
+        if job.state.load(Ordering::Acquire) != shmem::job_state::RUNNING
+            || pid <= 0
+            || pg::process_alive(pid)
+        {
+            continue;
+        }
+        job.fail("the job's leader process exited unexpectedly");
+        let busy = shared.job_workers(slot).any(|(_, w)| {
+            let wpid = w.pid.load(Ordering::Acquire);
+            wpid > 0 && pg::process_alive(wpid)
+        });
+        if busy {
+            continue;
+        }
+        log!(
+            "steep_repl supervisor: leader of job {} (pid {pid}) died; freeing its slots",
+            job.id.get()
+        );
+        for (_, w) in shared.job_workers(slot) {
+            w.state.store(shmem::FREE, Ordering::Release);
+        }
+        shared.release_job(slot);
     }
 }

@@ -1,0 +1,393 @@
+//! `start_snapshot`, `cancel_snapshot`, `list_operations` and the reaper behind `wait_snapshot`.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Component, Path};
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+
+use pgrx::prelude::*;
+use steep_repl_engine::chunk::Compression;
+use steep_repl_engine::filter::TablePattern;
+
+use crate::job::{self, Entry};
+use crate::pg::{self, catalog, xact};
+use crate::shmem::{self, JobKind, Phase};
+
+/// Job flag: start_snapshot created the output directory (so a failed job may remove it).
+pub const FLAG_CREATED_DIR: u32 = 1 << 8;
+
+fn user_error(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+    let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, message, "steep_repl::api");
+    if let Some(h) = hint {
+        r = r.set_hint(h);
+    }
+    r.report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
+}
+
+/// Superuser or a member of `role` (pg_write_server_files / pg_read_server_files).
+pub fn require_file_role(role: &str, what: &str) {
+    let ok = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_has_role(current_user, $1, 'USAGE')",
+        &[role.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !ok {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to {what}"),
+            Some(&format!(
+                "Only superusers and members of {role} may do this."
+            )),
+        );
+    }
+}
+
+/// Checks an absolute, normalised path without `..` and returns it.
+pub fn check_path(arg: &str, path: &str) -> String {
+    let p = Path::new(path);
+    if path.is_empty() || !p.is_absolute() {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{arg} must be an absolute path, got {path:?}"),
+            Some("Paths are on the database server's file system, e.g. '/data/snap'."),
+        );
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{arg} must not contain '..': {path:?}"),
+            None,
+        );
+    }
+    path.trim_end_matches('/').to_string()
+}
+
+/// Prepares the output directory: the parent must exist; the target must be missing (created, 0700) or
+/// an empty directory. Returns whether it was created.
+fn prepare_output_dir(path: &str) -> bool {
+    let p = Path::new(path);
+    let parent = p.parent().unwrap_or(Path::new("/"));
+    if !parent.is_dir() {
+        user_error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+            format!(
+                "the parent directory of output_path does not exist: {}",
+                parent.display()
+            ),
+            None,
+        );
+    }
+    match std::fs::read_dir(p) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                    format!("output_path {path} exists and is not empty"),
+                    Some(
+                        "Give a new directory, or an empty one; a snapshot is never written over another.",
+                    ),
+                );
+            }
+            false
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(p) {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_IO_ERROR,
+                    format!("cannot create output directory {path}: {e}"),
+                    None,
+                );
+            }
+            true
+        }
+        Err(e) => user_error(
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("cannot use output_path {path}: {e}"),
+            if p.exists() && !p.is_dir() {
+                Some("It exists and is not a directory.")
+            } else {
+                None
+            },
+        ),
+    }
+}
+
+/// Starts a snapshot of this database into `output_path` in background workers; returns its id at once.
+///
+/// `parallel`: data workers (1..64; fewer when the server has fewer free worker slots; the manifest
+/// records both). `compression`: `zstd`, `zstd:N` (1..22) or `none`. `tables`: patterns like pg_dump -t
+/// (`schema.table`, `*`, `?`, double quotes); NULL for every user table. `snapshot`: an already exported
+/// snapshot to read under (e.g. a replication slot's), instead of a new one.
+#[pg_extern(volatile)]
+fn start_snapshot(
+    output_path: &str,
+    parallel: default!(i32, 4),
+    compression: default!(&str, "'zstd:1'"),
+    tables: default!(Option<Vec<String>>, "NULL"),
+    snapshot: default!(Option<&str>, "NULL"),
+) -> String {
+    let shared = shmem::require();
+    job::reap_interrupted();
+    require_file_role(
+        "pg_write_server_files",
+        "write snapshot files on the server",
+    );
+    let path = check_path("output_path", output_path);
+    if !(1..=64).contains(&parallel) {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("parallel must be between 1 and 64, got {parallel}"),
+            None,
+        );
+    }
+    let compression = Compression::from_str(compression).unwrap_or_else(|e| {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("compression: {e}"),
+            None,
+        )
+    });
+    let patterns_text = tables.unwrap_or_default();
+    let patterns: Vec<TablePattern> = patterns_text
+        .iter()
+        .map(|t| {
+            t.parse::<TablePattern>().unwrap_or_else(|e| {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    e.to_string(),
+                    None,
+                )
+            })
+        })
+        .collect();
+    if let Err(problems) = catalog::list_tables(&patterns) {
+        let code = if problems.contains("permission denied") {
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+        } else {
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE
+        };
+        user_error(code, problems, None);
+    }
+    let snapshot = snapshot.map(str::trim).filter(|s| !s.is_empty());
+    if let Some(s) = snapshot
+        && (s.len() > 63 || !s.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+    {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("snapshot {s:?} is not a snapshot name as pg_export_snapshot() returns"),
+            None,
+        );
+    }
+    let timezone = Spi::get_one::<String>("SELECT current_setting('TimeZone')")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+
+    let created = prepare_output_dir(&path);
+    let Some(slot) = shared.claim_job_slot() else {
+        if created {
+            let _ignored = std::fs::remove_dir(&path);
+        }
+        user_error(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!(
+                "too many steep_repl operations are running (at most {})",
+                shmem::MAX_JOBS
+            ),
+            Some("Wait for one to finish: SELECT * FROM steep_repl.snapshot_progress()."),
+        );
+    };
+    shared.reset_job(slot);
+    let job = &shared.jobs[slot];
+    let id = job::new_job_id(JobKind::Generate);
+    let _fits = job.id.set(&id);
+    job.kind.store(JobKind::Generate as u32, Ordering::Relaxed);
+    job.database_oid
+        .store(pg::database_oid(), Ordering::Relaxed);
+    job.role_oid
+        .store(pg::current_user_oid(), Ordering::Relaxed);
+    job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
+    job.path.set_truncated(&path);
+    job.timezone.set_truncated(&timezone);
+    job.snapshot_name.set_truncated(snapshot.unwrap_or(""));
+    job.zstd_level.store(
+        match compression {
+            Compression::None => 0,
+            Compression::Zstd { level } => level,
+        },
+        Ordering::Relaxed,
+    );
+    job.parallel_requested
+        .store(parallel as u32, Ordering::Relaxed);
+    job.chunk_bytes.store(
+        crate::gucs::CHUNK_SIZE_KB.get() as u64 * 1024,
+        Ordering::Relaxed,
+    );
+    job.flags.store(
+        if created { FLAG_CREATED_DIR } else { 0 },
+        Ordering::Relaxed,
+    );
+    job.set_phase(Phase::Queued);
+
+    let options = serde_json::json!({
+        "tables": patterns_text,
+        "snapshot": snapshot,
+        "chunk_size_bytes": job.chunk_bytes.load(Ordering::Relaxed),
+        "timezone": timezone,
+    })
+    .to_string();
+    let compression_text = compression.to_string();
+    job::as_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO steep_repl.snapshots (id, op, status, phase, path, parallel_requested, compression, options, role_name) \
+             VALUES ($1, 'generate', 'pending', 'queued', $2, $3, $4, $5::jsonb, $6)",
+            &[
+                id.as_str().into(),
+                path.as_str().into(),
+                parallel.into(),
+                compression_text.as_str().into(),
+                options.as_str().into(),
+                pg::current_user_name().as_str().into(),
+            ],
+        )?;
+        Spi::run_with_args(
+            "INSERT INTO steep_repl.work_queue (snapshot_id, op, payload) VALUES ($1, 'generate', $2::jsonb)",
+            &[id.as_str().into(), options.as_str().into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("recording operation {id}: {e}"));
+
+    if !job::launch(Entry::GenerateLeader, &id, slot, None) {
+        shared.release_job(slot);
+        if created {
+            let _ignored = std::fs::remove_dir(&path);
+        }
+        user_error(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "no background worker slot is free to start the snapshot's leader".into(),
+            Some(
+                "Raise max_worker_processes (needs a restart) or wait for other workers to finish.",
+            ),
+        );
+    }
+    id
+}
+
+/// Asks a running operation (generate or apply) to stop. Its workers stop within about a second, it
+/// removes what it wrote (generate) or keeps what it committed (apply, resumable), and ends as
+/// `cancelled`. Returns false when the operation had already ended.
+#[pg_extern(volatile)]
+fn cancel_snapshot(id: &str) -> bool {
+    let shared = shmem::require();
+    job::reap_interrupted();
+    let status = Spi::get_one_with_args::<String>(
+        "SELECT status FROM steep_repl.snapshots WHERE id = $1",
+        &[id.into()],
+    )
+    .ok()
+    .flatten();
+    let Some(status) = status else {
+        user_error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("no operation with id {id:?}"),
+            None,
+        );
+    };
+    if !matches!(status.as_str(), "pending" | "running") {
+        return false;
+    }
+    let Some(slot) = shared.find_job(id) else {
+        return false;
+    };
+    let job = &shared.jobs[slot];
+    let role = Spi::get_one_with_args::<String>(
+        "SELECT role_name::text FROM steep_repl.snapshots WHERE id = $1",
+        &[id.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_has_role(current_user, $1::name, 'MEMBER')",
+        &[role.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !allowed {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to cancel {id}, started by role {role}"),
+            None,
+        );
+    }
+    job.cancelled.store(1, Ordering::Release);
+    job.fail("cancelled by steep_repl.cancel_snapshot()");
+    true
+}
+
+/// Marks operations interrupted by a crash or a server restart as failed; used by wait_snapshot and
+/// list_operations so no row stays `running` forever.
+#[pg_extern(volatile)]
+fn reap_interrupted() {
+    job::reap_interrupted();
+}
+
+extension_sql!(
+    r#"
+-- Blocks until operation `id` (generate or apply) has ended, and returns its row. Each check reads
+-- committed state afresh, so call it in READ COMMITTED (the default), not inside a REPEATABLE READ
+-- transaction. Raises query_canceled (57014) after timeout_s seconds.
+CREATE FUNCTION steep_repl.wait_snapshot(id text, timeout_s integer DEFAULT 86400)
+RETURNS steep_repl.snapshots
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    r steep_repl.snapshots;
+    deadline timestamptz := clock_timestamp() + make_interval(secs => timeout_s);
+BEGIN
+    IF timeout_s IS NULL OR timeout_s < 0 THEN
+        RAISE EXCEPTION 'timeout_s must be zero or more, got %', timeout_s USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        PERFORM steep_repl.reap_interrupted();
+        SELECT * INTO r FROM steep_repl.snapshots s WHERE s.id = wait_snapshot.id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'no operation with id %', quote_literal(wait_snapshot.id) USING ERRCODE = 'undefined_object';
+        END IF;
+        IF r.status NOT IN ('pending', 'running') THEN
+            RETURN r;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'timed out after % s waiting for operation %', timeout_s, wait_snapshot.id
+                USING ERRCODE = 'query_canceled',
+                      HINT = 'The operation keeps running; wait again, or stop it with steep_repl.cancel_snapshot(id).';
+        END IF;
+        PERFORM pg_catalog.pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+
+-- Operation history, newest first: the work queue rows, optionally of one status.
+CREATE FUNCTION steep_repl.list_operations(status text DEFAULT NULL, lim integer DEFAULT 100)
+RETURNS SETOF steep_repl.work_queue
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF status IS NOT NULL AND status NOT IN ('pending', 'running', 'complete', 'failed', 'cancelled') THEN
+        RAISE EXCEPTION 'status must be one of pending, running, complete, failed, cancelled; got %', quote_literal(status)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM steep_repl.reap_interrupted();
+    RETURN QUERY SELECT * FROM steep_repl.work_queue q
+        WHERE list_operations.status IS NULL OR q.status = list_operations.status
+        ORDER BY q.id DESC LIMIT greatest(lim, 0);
+END
+$$;
+"#,
+    name = "wait_and_list",
+    requires = ["schema", reap_interrupted]
+);

@@ -1,0 +1,308 @@
+//! What generate and apply jobs share: ids, launching workers, bookkeeping rows, and the reaper that
+//! turns jobs interrupted by a crash or restart into `failed` rows.
+//!
+//! Bookkeeping (`steep_repl.snapshots`, `steep_repl.work_queue`) is written as the extension's owner, so
+//! a caller needs no privileges on those tables; everything else a job does runs as the caller.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgrx::bgworkers::BackgroundWorkerBuilder;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::shmem::{self, JobKind, JobSlot, Shared};
+
+/// A new job id: `gen-` or `app-` and 16 hex digits from the server's strong random source.
+pub fn new_job_id(kind: JobKind) -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: writes 8 bytes into a local buffer; returns false only when no random source exists.
+    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
+    let n = if ok {
+        u64::from_le_bytes(bytes)
+    } else {
+        crate::pg::now_ms() ^ ((crate::pg::my_pid() as u64) << 40)
+    };
+    let prefix = match kind {
+        JobKind::Generate => "gen",
+        JobKind::Apply => "app",
+    };
+    format!("{prefix}-{n:016x}")
+}
+
+/// Which worker entry point to start.
+#[derive(Debug, Clone, Copy)]
+pub enum Entry {
+    GenerateLeader,
+    GenerateWorker,
+    ApplyLeader,
+    ApplyWorker,
+}
+
+impl Entry {
+    fn function(self) -> &'static str {
+        match self {
+            Entry::GenerateLeader => "steep_repl_generate_leader",
+            Entry::GenerateWorker => "steep_repl_generate_worker",
+            Entry::ApplyLeader => "steep_repl_apply_leader",
+            Entry::ApplyWorker => "steep_repl_apply_worker",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Entry::GenerateLeader | Entry::ApplyLeader => "steep_repl leader",
+            Entry::GenerateWorker | Entry::ApplyWorker => "steep_repl worker",
+        }
+    }
+}
+
+/// The argument a worker receives: its job slot, and its worker slot (0xFFFF for a leader).
+pub fn pack_arg(job_slot: usize, worker_slot: Option<usize>) -> pg_sys::Datum {
+    let w = worker_slot.unwrap_or(0xFFFF);
+    pg_sys::Datum::from(((job_slot as u64) << 16) | w as u64)
+}
+
+/// Inverse of [`pack_arg`].
+pub fn unpack_arg(arg: pg_sys::Datum) -> (usize, Option<usize>) {
+    let v = arg.value() as u64;
+    let w = (v & 0xFFFF) as usize;
+    (((v >> 16) & 0xFFFF) as usize, (w != 0xFFFF).then_some(w))
+}
+
+/// Starts one dynamic background worker; false when the server has no free worker slot.
+pub fn launch(entry: Entry, job_id: &str, job_slot: usize, worker_slot: Option<usize>) -> bool {
+    let name = match worker_slot {
+        Some(w) => format!("{} {job_id} #{w}", entry.kind()),
+        None => format!("{} {job_id}", entry.kind()),
+    };
+    BackgroundWorkerBuilder::new(&name)
+        .set_type(entry.kind())
+        .set_library("steep_repl")
+        .set_function(entry.function())
+        .set_argument(Some(pack_arg(job_slot, worker_slot)))
+        .enable_spi_access()
+        .load_dynamic()
+        .is_ok()
+}
+
+/// Runs `f` as the extension's owner (for bookkeeping rows), restoring the user afterwards.
+pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'steep_repl'",
+    )
+    .ok()
+    .flatten();
+    let Some(owner) = owner else {
+        error!(
+            "the steep_repl extension is not installed in this database; run CREATE EXTENSION steep_repl"
+        );
+    };
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_ctx = 0;
+    // SAFETY: the documented way to switch the current user for internal operations (as PostgreSQL does
+    // for RI triggers); SECURITY_LOCAL_USERID_CHANGE forbids SET ROLE meanwhile. Restored below; if `f`
+    // raises an ERROR, transaction abort restores the user.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let r = f();
+    // SAFETY: restores exactly what was saved above.
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx) };
+    r
+}
+
+/// Figures persisted in the `snapshots` row.
+#[derive(Debug, Default, Clone)]
+pub struct Figures {
+    pub phase: String,
+    pub tables_total: i32,
+    pub tables_done: i32,
+    pub chunks_total: i32,
+    pub chunks_done: i32,
+    pub rows: i64,
+    pub bytes: i64,
+    pub bytes_written: i64,
+}
+
+impl Figures {
+    /// The job's live figures from shared memory.
+    pub fn of(job: &JobSlot) -> Figures {
+        Figures {
+            phase: job.phase().as_str().to_string(),
+            tables_total: job.tables_total.load(Ordering::Relaxed) as i32,
+            tables_done: job.tables_done.load(Ordering::Relaxed) as i32,
+            chunks_total: job.chunk_count.load(Ordering::Relaxed) as i32,
+            chunks_done: job.chunks_done.load(Ordering::Relaxed) as i32,
+            rows: job.rows.load(Ordering::Relaxed) as i64,
+            bytes: job.raw_bytes.load(Ordering::Relaxed) as i64,
+            bytes_written: job.file_bytes.load(Ordering::Relaxed) as i64,
+        }
+    }
+}
+
+/// Updates the job's row with live figures (and status/started_at when given). Call in a transaction.
+pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE steep_repl.snapshots SET phase = $2, tables_total = $3, tables_done = $4, chunks_total = $5, \
+             chunks_done = $6, rows_done = $7, bytes_done = $8, bytes_written = $9, updated_at = now(), \
+             status = coalesce($10, status), \
+             started_at = CASE WHEN $10 = 'running' THEN coalesce(started_at, now()) ELSE started_at END \
+             WHERE id = $1",
+            &[
+                id.into(),
+                f.phase.as_str().into(),
+                f.tables_total.into(),
+                f.tables_done.into(),
+                f.chunks_total.into(),
+                f.chunks_done.into(),
+                f.rows.into(),
+                f.bytes.into(),
+                f.bytes_written.into(),
+                status.into(),
+            ],
+        )
+    })
+    .unwrap_or_else(|e| error!("updating steep_repl.snapshots for {id}: {e}"));
+    if status == Some("running") {
+        as_owner(|| {
+            Spi::run_with_args(
+                "UPDATE steep_repl.work_queue SET status = 'running', started_at = coalesce(started_at, now()) \
+                 WHERE snapshot_id = $1",
+                &[id.into()],
+            )
+        })
+        .unwrap_or_else(|e| error!("updating steep_repl.work_queue for {id}: {e}"));
+    }
+}
+
+/// Records a job's end: `status` is complete, applied, failed or cancelled. Call in a transaction.
+pub fn record_end(id: &str, status: &str, error: Option<&str>, f: &Figures) {
+    let queue_status = if status == "applied" {
+        "complete"
+    } else {
+        status
+    };
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE steep_repl.snapshots SET status = $2, phase = $3, error = $4, tables_total = $5, \
+             tables_done = $6, chunks_total = $7, chunks_done = $8, rows_done = $9, bytes_done = $10, \
+             bytes_written = $11, finished_at = now(), updated_at = now() WHERE id = $1",
+            &[
+                id.into(),
+                status.into(),
+                f.phase.as_str().into(),
+                error.into(),
+                f.tables_total.into(),
+                f.tables_done.into(),
+                f.chunks_total.into(),
+                f.chunks_done.into(),
+                f.rows.into(),
+                f.bytes.into(),
+                f.bytes_written.into(),
+            ],
+        )?;
+        Spi::run_with_args(
+            "UPDATE steep_repl.work_queue SET status = $2, error = $3, finished_at = now() WHERE snapshot_id = $1",
+            &[id.into(), queue_status.into(), error.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("recording the end of {id}: {e}"));
+}
+
+/// Marks `pending`/`running` rows whose job no longer runs as failed: after a server restart (the row's
+/// postmaster start differs), or when no job slot holds them any more (the leader died). Rows of this
+/// database only; cheap when nothing is running.
+pub fn reap_interrupted() {
+    let running = Spi::connect(|client| -> Result<Vec<(String, bool)>, pgrx::spi::Error> {
+        let mut v = Vec::new();
+        for row in client.select(
+            "SELECT id, postmaster_start = pg_catalog.pg_postmaster_start_time() FROM steep_repl.snapshots \
+             WHERE status IN ('pending', 'running')",
+            None,
+            &[],
+        )? {
+            v.push((row.get::<String>(1)?.unwrap_or_default(), row.get::<bool>(2)?.unwrap_or(false)));
+        }
+        Ok(v)
+    })
+    .unwrap_or_default();
+    if running.is_empty() {
+        return;
+    }
+    let shared = shmem::get();
+    for (id, same_start) in running {
+        let alive = same_start && shared.is_some_and(|s| s.find_job(&id).is_some());
+        if alive {
+            continue;
+        }
+        let reason = if same_start {
+            "interrupted: the job's leader process ended without recording a result"
+        } else {
+            "interrupted by a server restart; for an apply, run steep_repl.resume_apply(id) to continue"
+        };
+        as_owner(|| {
+            Spi::run_with_args(
+                "UPDATE steep_repl.snapshots SET status = 'failed', error = $2, finished_at = now(), updated_at = now() \
+                 WHERE id = $1 AND status IN ('pending', 'running')",
+                &[id.as_str().into(), reason.into()],
+            )?;
+            Spi::run_with_args(
+                "UPDATE steep_repl.work_queue SET status = 'failed', error = $2, finished_at = now() \
+                 WHERE snapshot_id = $1 AND status IN ('pending', 'running')",
+                &[id.as_str().into(), reason.into()],
+            )
+        })
+        .unwrap_or_else(|e| error!("marking {id} interrupted: {e}"));
+    }
+}
+
+/// Sleeps on the process latch for at most `timeout` (or until set), also reacting to postmaster death.
+pub fn nap(timeout: Duration) {
+    // SAFETY: MyLatch is this process's latch; WaitLatch with WL_EXIT_ON_PM_DEATH exits the process if
+    // the postmaster dies, the documented behaviour for background workers.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis() as i64,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}
+
+/// Waits until the transaction that created a job has ended; true if its row is visible (committed),
+/// false if it rolled back (then the job must not run).
+pub fn wait_for_caller(job: &JobSlot, id: &str) -> bool {
+    let xid = job.caller_xid.load(Ordering::Acquire);
+    loop {
+        let in_progress = crate::pg::xact::xid_in_progress(xid);
+        let visible = pgrx::bgworkers::BackgroundWorker::transaction(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT true FROM steep_repl.snapshots WHERE id = $1",
+                &[id.into()],
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+        });
+        if visible {
+            return true;
+        }
+        if !in_progress {
+            return false;
+        }
+        nap(Duration::from_millis(20));
+    }
+}
+
+/// Releases the job's slots (its worker slots must be free already) after the job has ended.
+pub fn release(shared: &Shared, slot: usize) {
+    shared.release_job(slot);
+}

@@ -1,0 +1,682 @@
+//! Generate: one leader and `parallel` data workers per job.
+//!
+//! The leader (connected as the caller) waits for the caller's transaction to commit, then opens one
+//! REPEATABLE READ read-only transaction that it keeps for the whole data phase: it takes ACCESS SHARE
+//! locks on every table (before its snapshot exists, so no DDL can commit between snapshot and lock),
+//! lists the tables under the snapshot, exports the snapshot, plans chunks with the engine, publishes
+//! them as shared-memory chunk slots, and launches the data workers. Each data worker claims chunks with
+//! an atomic cursor (fast workers take more) and, per chunk, imports the exported snapshot into a
+//! transaction of its own, scans the block range into a chunk file, commits, and publishes progress.
+//! When every chunk is done, the leader reads the sequences, commits, and writes the manifest last.
+//!
+//! Any failure (an ERROR, SIGTERM, a crashed worker) or a cancel sets the job's `stop` flag; every
+//! process checks it at least once per megabyte of output. The leader then removes what the job wrote,
+//! records the first error, and frees every slot.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use steep_repl_engine::chunk::{ChunkWriter, Compression};
+use steep_repl_engine::filter::TablePattern;
+use steep_repl_engine::manifest::{
+    ChunkEntry, FORMAT_VERSION, Manifest, Mode, Parallelism, SequenceEntry, SnapshotInfo, Source,
+    TableEntry,
+};
+use steep_repl_engine::naming::{chunk_rel_path, table_dir};
+use steep_repl_engine::plan::{self, TableStats};
+
+use crate::job::{self, Entry, Figures};
+use crate::pg::catalog::{self, TableMeta};
+use crate::pg::scan::{self, ScanObserver};
+use crate::pg::{self, session, xact};
+use crate::progress;
+use crate::shmem::{
+    self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, job_state, worker_state,
+};
+
+/// How long a launched worker may take to report in before the job fails.
+const WORKER_START_TIMEOUT_MS: u64 = 30_000;
+/// How long the leader waits for workers to stop after a failure before sending SIGTERM.
+const STOP_GRACE_MS: u64 = 5_000;
+/// How often the leader looks at its workers during the data phase.
+const LEADER_TICK: Duration = Duration::from_millis(100);
+
+/// Entry point of a generate job's leader. `arg` carries the job slot.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn steep_repl_generate_leader(arg: pg_sys::Datum) {
+    let (slot, _) = job::unpack_arg(arg);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let shared = shmem::require();
+    let job = &shared.jobs[slot];
+    connect_as_caller(job);
+    job.leader_pid.store(pg::my_pid(), Ordering::Release);
+    job.state.store(job_state::RUNNING, Ordering::Release);
+    let id = job.id.get();
+
+    match xact::try_catch(|| job::wait_for_caller(job, &id)) {
+        Ok(true) => {}
+        Ok(false) => {
+            // start_snapshot's transaction rolled back: the job never existed.
+            remove_output(job);
+            job::release(shared, slot);
+            return;
+        }
+        Err(msg) => {
+            xact::abort_after_error();
+            log!("steep_repl: leader of {id} could not see its job row: {msg}");
+            remove_output(job);
+            job::release(shared, slot);
+            return;
+        }
+    }
+    job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
+    job.set_phase(Phase::Plan);
+
+    let outcome = match xact::try_catch(|| {
+        BackgroundWorker::transaction(|| job::persist(&id, Some("running"), &Figures::of(job)));
+        progress::publish_if_due(job, true);
+        run_leader(shared, slot)
+    }) {
+        Ok(r) => r,
+        Err(msg) => {
+            xact::abort_after_error();
+            Err(msg)
+        }
+    };
+    finish(shared, slot, outcome);
+}
+
+/// Entry point of a data worker. `arg` carries the job slot and the worker slot.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn steep_repl_generate_worker(arg: pg_sys::Datum) {
+    let (slot, Some(ws)) = job::unpack_arg(arg) else {
+        return;
+    };
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let shared = shmem::require();
+    let job = &shared.jobs[slot];
+    let me = &shared.workers[ws];
+    me.pid.store(pg::my_pid(), Ordering::Release);
+    me.state.store(worker_state::RUNNING, Ordering::Release);
+    connect_as_caller(job);
+    let tz = job.timezone.get();
+    let result = xact::try_catch(|| {
+        BackgroundWorker::transaction(|| session::pin_output_settings(&tz));
+        progress::publish_if_due(job, false);
+        scan_chunks(shared, slot, me, true)
+    });
+    match result {
+        Ok(()) => me.state.store(worker_state::DONE, Ordering::Release),
+        Err(msg) => {
+            xact::abort_after_error();
+            job.fail(&msg);
+            me.state.store(worker_state::FAILED, Ordering::Release);
+        }
+    }
+}
+
+/// Connects this worker to the job's database as the job's role: the caller's privileges, exactly.
+fn connect_as_caller(job: &JobSlot) {
+    let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
+    let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
+}
+
+fn compression_of(job: &JobSlot) -> Compression {
+    match job.zstd_level.load(Ordering::Relaxed) {
+        0 => Compression::None,
+        level => Compression::Zstd { level },
+    }
+}
+
+/// The table patterns and options recorded by start_snapshot in the job's row.
+fn job_patterns(id: &str) -> Result<Vec<TablePattern>, String> {
+    let list = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT coalesce(array(SELECT jsonb_array_elements_text(options->'tables')), '{}') \
+         FROM steep_repl.snapshots WHERE id = $1",
+        &[id.into()],
+    )
+    .map_err(|e| format!("reading the options of {id}: {e}"))?
+    .unwrap_or_default();
+    list.iter()
+        .map(|p| p.parse::<TablePattern>().map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// The leader's work from planning to the manifest. Runs inside try_catch.
+fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
+    let job = &shared.jobs[slot];
+    let id = job.id.get();
+    let out_dir = PathBuf::from(job.path.get());
+    let compression = compression_of(job);
+
+    // Tables as of now, to lock before the snapshot is taken.
+    let (patterns, prelisted, server) = BackgroundWorker::transaction(|| -> Result<_, String> {
+        let patterns = job_patterns(&id)?;
+        let prelisted = catalog::list_tables(&patterns)?;
+        Ok((patterns, prelisted, catalog::server_info()?))
+    })?;
+
+    xact::begin_repeatable_read(true);
+    let given = job.snapshot_name.get();
+    if !given.is_empty() {
+        xact::import_snapshot(&given);
+    }
+    for t in &prelisted {
+        pg::lock_relation(pg_sys::Oid::from(t.oid), pg_sys::AccessShareLock);
+    }
+    // Taking the transaction snapshot now, after the locks; tables created since the pre-list get
+    // locked at once. SPI queries below run under this snapshot.
+    xact::push_transaction_snapshot();
+    let tables = catalog::list_tables(&patterns)?;
+    for t in tables
+        .iter()
+        .filter(|t| !prelisted.iter().any(|p| p.oid == t.oid))
+    {
+        pg::lock_relation(pg_sys::Oid::from(t.oid), pg_sys::AccessShareLock);
+    }
+    let (lsn, exported) = Spi::get_two::<String, String>(
+        "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+         ELSE pg_catalog.pg_current_wal_lsn() END)::text, pg_catalog.pg_export_snapshot()",
+    )
+    .map_err(|e| format!("exporting the snapshot: {e}"))?;
+    let (lsn, exported) = (lsn.unwrap_or_default(), exported.unwrap_or_default());
+
+    // Plan and publish.
+    let chunk_bytes = job.chunk_bytes.load(Ordering::Relaxed);
+    let stats: Vec<TableStats> = tables
+        .iter()
+        .map(|t| TableStats {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            blocks: t.blocks,
+            heap_bytes: t.heap_bytes,
+            toast_bytes: t.toast_bytes,
+            est_rows: t.est_rows,
+        })
+        .collect();
+    let plan = plan::plan(stats, chunk_bytes).map_err(|e| e.to_string())?;
+    let metas: Vec<&TableMeta> = plan
+        .tables
+        .iter()
+        .map(|s| {
+            tables
+                .iter()
+                .find(|t| t.schema == s.schema && t.name == s.name)
+                .expect("planned table is listed")
+        })
+        .collect();
+    let base = shared.alloc_chunks(slot, plan.chunks.len()).ok_or_else(|| {
+        format!(
+            "the plan has {} chunks, more than the free chunk slots of this server ({} in all); raise \
+             steep_repl.chunk_size or snapshot fewer tables at once",
+            plan.chunks.len(),
+            shmem::MAX_CHUNKS
+        )
+    })?;
+    for (k, c) in plan.chunks.iter().enumerate() {
+        let s = &shared.chunks[base + k];
+        s.relid.store(metas[c.table].oid, Ordering::Relaxed);
+        s.table.store(c.table as u32, Ordering::Relaxed);
+        s.index.store(c.index, Ordering::Relaxed);
+        s.block_start.store(c.block_start, Ordering::Relaxed);
+        s.block_end
+            .store(c.block_end.unwrap_or(shmem::OPEN_END), Ordering::Relaxed);
+        for a in [&s.rows, &s.raw_bytes, &s.file_bytes] {
+            a.store(0, Ordering::Relaxed);
+        }
+        s.state.store(chunk_state::PENDING, Ordering::Release);
+    }
+    for m in &metas {
+        let d = out_dir.join("data").join(table_dir(&m.schema, &m.name));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    job.tables_total
+        .store(metas.len() as u32, Ordering::Relaxed);
+    job.work_total.store(
+        metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(),
+        Ordering::Relaxed,
+    );
+    job.export_name
+        .set(&exported)
+        .map_err(|_| format!("snapshot name {exported:?} too long"))?;
+    job.chunk_cursor.store(0, Ordering::Relaxed);
+    job.chunks_ready.store(1, Ordering::Release);
+    job.set_phase(Phase::Data);
+
+    // Workers: as many as asked, the plan can use, and the server and steep_repl.max_workers allow.
+    let want = (job.parallel_requested.load(Ordering::Relaxed) as usize).min(plan.chunks.len());
+    let cap =
+        (crate::gucs::MAX_WORKERS.get().max(1) as usize).saturating_sub(shared.workers_in_use());
+    let mut launched = 0usize;
+    for _ in 0..want.min(cap) {
+        let Some(ws) = shared.claim_worker_slot(slot) else {
+            break;
+        };
+        if !job::launch(Entry::GenerateWorker, &id, slot, Some(ws)) {
+            shared.workers[ws]
+                .state
+                .store(worker_state::FREE, Ordering::Release);
+            break;
+        }
+        launched += 1;
+    }
+    job.workers_launched
+        .store(launched as u32, Ordering::Relaxed);
+    let launch_ms = pg::now_ms();
+    if launched == 0 && !plan.chunks.is_empty() {
+        // No worker slot free anywhere: the leader scans alone, under its own snapshot.
+        session::pin_output_settings(&job.timezone.get());
+        let me = leader_worker_slot(shared, slot);
+        scan_chunks(shared, slot, &shared.workers[me], false);
+        shared.workers[me]
+            .state
+            .store(worker_state::DONE, Ordering::Release);
+    }
+    watch_workers(shared, slot, launch_ms);
+    if job.should_stop() {
+        return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
+    }
+
+    // Sequences under the same snapshot, then let go of it.
+    job.set_phase(Phase::Sequences);
+    let table_oids: Vec<u32> = metas.iter().map(|m| m.oid).collect();
+    let sequences = catalog::list_sequences(&patterns, &table_oids)?;
+    xact::pop_snapshot();
+    xact::commit();
+
+    job.set_phase(Phase::Finalizing);
+    progress::publish_if_due(job, true);
+    let manifest = build_manifest(
+        shared,
+        slot,
+        &plan,
+        &metas,
+        sequences,
+        &server,
+        &lsn,
+        &exported,
+        compression,
+    );
+    manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A worker slot for the leader when it scans itself.
+fn leader_worker_slot(shared: &Shared, slot: usize) -> usize {
+    match shared.claim_worker_slot(slot) {
+        Some(ws) => {
+            shared.workers[ws]
+                .pid
+                .store(pg::my_pid(), Ordering::Release);
+            shared.workers[ws]
+                .state
+                .store(worker_state::RUNNING, Ordering::Release);
+            ws
+        }
+        None => error!(
+            "no steep_repl worker slot is free (all {} in use)",
+            shmem::MAX_WORKERS
+        ),
+    }
+}
+
+/// Waits until every chunk is done or the job stops, failing the job when a worker dies or never starts.
+fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64) {
+    let job = &shared.jobs[slot];
+    let count = job.chunk_count.load(Ordering::Acquire);
+    let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    loop {
+        if job.chunks_done.load(Ordering::Acquire) >= count || job.should_stop() {
+            return;
+        }
+        if BackgroundWorker::sigterm_received() {
+            job.fail("the job's leader was terminated (SIGTERM)");
+            return;
+        }
+        let mut active = 0;
+        for (i, w) in shared.job_workers(slot) {
+            match w.state.load(Ordering::Acquire) {
+                worker_state::LAUNCHING => {
+                    active += 1;
+                    if pg::now_ms().saturating_sub(launch_ms) > WORKER_START_TIMEOUT_MS {
+                        job.fail(&format!(
+                            "worker #{i} did not start within {} s",
+                            WORKER_START_TIMEOUT_MS / 1000
+                        ));
+                    }
+                }
+                worker_state::RUNNING => {
+                    active += 1;
+                    let pid = w.pid.load(Ordering::Acquire);
+                    if pid > 0 && !pg::process_alive(pid) {
+                        job.fail(&format!("worker #{i} (pid {pid}) exited unexpectedly"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if active == 0 && job.chunks_done.load(Ordering::Acquire) < count {
+            job.fail("every worker exited before all chunks were written");
+        }
+        let tables_done = count_tables_done(shared, base, count as usize);
+        job.tables_done.store(tables_done, Ordering::Relaxed);
+        job::nap(LEADER_TICK);
+    }
+}
+
+/// Tables all of whose chunks are done (chunks of a table are adjacent in the plan).
+fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
+    let mut done = 0;
+    let mut k = 0;
+    while k < count {
+        let table = shared.chunks[base + k].table.load(Ordering::Relaxed);
+        let mut all = true;
+        while k < count && shared.chunks[base + k].table.load(Ordering::Relaxed) == table {
+            all &= shared.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::DONE;
+            k += 1;
+        }
+        done += u32::from(all);
+    }
+    done
+}
+
+/// Reports scan progress into the worker's and the job's counters and relays stop requests.
+struct Observer<'a> {
+    job: &'a JobSlot,
+    me: &'a WorkerSlot,
+}
+
+impl ScanObserver for Observer<'_> {
+    fn progress(&mut self, rows: u64, bytes: u64, blocks: u64) {
+        self.me.rows.fetch_add(rows, Ordering::Relaxed);
+        self.me.raw_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.job.rows.fetch_add(rows, Ordering::Relaxed);
+        self.job.raw_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.job.work_done.fetch_add(blocks, Ordering::Relaxed);
+    }
+
+    fn should_stop(&mut self) -> Option<String> {
+        if BackgroundWorker::sigterm_received() {
+            let msg = format!("worker pid {} was terminated (SIGTERM)", pg::my_pid());
+            self.job.fail(&msg);
+            return Some(msg);
+        }
+        if self.job.should_stop() {
+            return Some(if self.job.cancelled.load(Ordering::Acquire) != 0 {
+                "cancelled".to_string()
+            } else {
+                "stopping: another process of this job failed".to_string()
+            });
+        }
+        None
+    }
+}
+
+/// Claims and writes chunks until none is left or the job stops. With `own_transactions`, each chunk
+/// runs in a transaction that imports the job's exported snapshot (data workers); without, in the
+/// current transaction and snapshot (the leader scanning alone).
+fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: bool) {
+    let job = &shared.jobs[slot];
+    while job.chunks_ready.load(Ordering::Acquire) == 0 {
+        if job.should_stop() {
+            return;
+        }
+        job::nap(Duration::from_millis(10));
+    }
+    let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let count = job.chunk_count.load(Ordering::Acquire);
+    let out_dir = PathBuf::from(job.path.get());
+    let compression = compression_of(job);
+    let snapshot = job.export_name.get();
+    loop {
+        if job.should_stop() {
+            return;
+        }
+        let k = job.chunk_cursor.fetch_add(1, Ordering::AcqRel);
+        if k >= count {
+            return;
+        }
+        let c = &shared.chunks[base + k as usize];
+        c.state.store(chunk_state::CLAIMED, Ordering::Release);
+        me.current_chunk
+            .store(base as u32 + k + 1, Ordering::Relaxed);
+        if own_transactions {
+            xact::begin_repeatable_read(true);
+            xact::import_snapshot(&snapshot);
+        }
+        xact::push_transaction_snapshot();
+        let relid = pg_sys::Oid::from(c.relid.load(Ordering::Relaxed));
+        let Some((schema, name)) = pg::relation_name(relid) else {
+            error!(
+                "table with oid {} disappeared during the snapshot",
+                relid.to_u32()
+            );
+        };
+        let index = c.index.load(Ordering::Relaxed);
+        let rel_path = chunk_rel_path(&table_dir(&schema, &name), index, &compression);
+        let mut writer = ChunkWriter::create(&out_dir, &rel_path, compression)
+            .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
+        let end = c.block_end.load(Ordering::Relaxed);
+        let mut observer = Observer { job, me };
+        scan::copy_block_range(
+            relid,
+            c.block_start.load(Ordering::Relaxed),
+            (end != shmem::OPEN_END).then_some(end),
+            &mut writer,
+            &mut observer,
+        );
+        let stats = writer
+            .finish()
+            .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
+        xact::pop_snapshot();
+        if own_transactions {
+            xact::commit();
+        }
+        c.rows.store(stats.rows, Ordering::Relaxed);
+        c.raw_bytes.store(stats.raw_bytes, Ordering::Relaxed);
+        c.file_bytes.store(stats.file_bytes, Ordering::Relaxed);
+        c.raw_crc32.store(stats.raw_crc32, Ordering::Relaxed);
+        c.file_crc32.store(stats.file_crc32, Ordering::Relaxed);
+        c.state.store(chunk_state::DONE, Ordering::Release);
+        me.file_bytes.fetch_add(stats.file_bytes, Ordering::Relaxed);
+        job.file_bytes
+            .fetch_add(stats.file_bytes, Ordering::Relaxed);
+        job.chunks_done.fetch_add(1, Ordering::AcqRel);
+        me.current_chunk.store(0, Ordering::Relaxed);
+        if own_transactions {
+            progress::publish_if_due(job, false);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_manifest(
+    shared: &Shared,
+    slot: usize,
+    plan: &plan::Plan,
+    metas: &[&TableMeta],
+    sequences: Vec<catalog::SequenceMeta>,
+    server: &catalog::ServerInfo,
+    lsn: &str,
+    exported: &str,
+    compression: Compression,
+) -> Manifest {
+    let job = &shared.jobs[slot];
+    let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let mut tables: Vec<TableEntry> = metas
+        .iter()
+        .map(|m| TableEntry::new(m.schema.clone(), m.name.clone(), m.columns.clone()))
+        .collect();
+    for (k, c) in plan.chunks.iter().enumerate() {
+        let s = &shared.chunks[base + k];
+        let file = chunk_rel_path(&tables[c.table].dir, c.index, &compression);
+        tables[c.table].chunks.push(ChunkEntry {
+            index: c.index,
+            file,
+            block_start: c.block_start,
+            block_end: c.block_end,
+            rows: s.rows.load(Ordering::Relaxed),
+            raw_bytes: s.raw_bytes.load(Ordering::Relaxed),
+            file_bytes: s.file_bytes.load(Ordering::Relaxed),
+            raw_crc32: s.raw_crc32.load(Ordering::Relaxed),
+            file_crc32: s.file_crc32.load(Ordering::Relaxed),
+        });
+    }
+    tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    let mut settings: std::collections::BTreeMap<String, String> =
+        steep_repl_engine::copy_text::PINNED_SETTINGS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    settings.insert("TimeZone".into(), job.timezone.get());
+    settings.insert("server_encoding".into(), server.server_encoding.clone());
+    let started =
+        chrono::DateTime::from_timestamp_millis(job.started_ms.load(Ordering::Relaxed) as i64)
+            .unwrap_or_else(chrono::Utc::now);
+    let mut m = Manifest {
+        format_version: FORMAT_VERSION,
+        snapshot_id: job.id.get(),
+        created_at: started,
+        finished_at: chrono::Utc::now(),
+        source: Source {
+            server_version: server.server_version.clone(),
+            server_version_num: server.server_version_num,
+            database: server.database.clone(),
+            system_identifier: server.system_identifier.clone(),
+        },
+        snapshot: SnapshotInfo {
+            lsn: lsn.to_string(),
+            exported_snapshot: exported.to_string(),
+            replication_slot: None,
+        },
+        settings,
+        compression,
+        parallel: Parallelism {
+            requested: job.parallel_requested.load(Ordering::Relaxed),
+            used: job.workers_launched.load(Ordering::Relaxed).max(1),
+        },
+        chunk_size_bytes: job.chunk_bytes.load(Ordering::Relaxed),
+        mode: Mode::Direct,
+        tables,
+        sequences: sequences
+            .into_iter()
+            .map(|s| SequenceEntry {
+                schema: s.schema,
+                name: s.name,
+                last_value: s.last_value,
+                is_called: s.is_called,
+            })
+            .collect(),
+        totals: Default::default(),
+    };
+    m.refresh_totals();
+    m
+}
+
+/// Records the job's end, cleans up after a failure, and frees every slot the job held.
+fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
+    let job = &shared.jobs[slot];
+    let id = job.id.get();
+    let (status, error) = match outcome {
+        Ok(()) => {
+            job.set_phase(Phase::Complete);
+            ("complete", None)
+        }
+        Err(msg) => {
+            job.fail(&msg);
+            let first = job.error_message().unwrap_or(msg);
+            stop_workers(shared, slot);
+            remove_output(job);
+            if job.cancelled.load(Ordering::Acquire) != 0 {
+                job.set_phase(Phase::Cancelled);
+                (
+                    "cancelled",
+                    Some("cancelled by steep_repl.cancel_snapshot()".to_string()),
+                )
+            } else {
+                job.set_phase(Phase::Failed);
+                ("failed", Some(first))
+            }
+        }
+    };
+    let recorded = xact::try_catch(|| {
+        BackgroundWorker::transaction(|| {
+            job::record_end(&id, status, error.as_deref(), &Figures::of(job));
+            progress::notify(job);
+        })
+    });
+    if let Err(e) = recorded {
+        xact::abort_after_error();
+        log!("steep_repl: could not record the end of {id} ({status}): {e}");
+    }
+    stop_workers(shared, slot);
+    for (_, w) in shared.job_workers(slot) {
+        w.state.store(worker_state::FREE, Ordering::Release);
+    }
+    job::release(shared, slot);
+}
+
+/// Waits for the job's workers to exit; SIGTERMs any still running after the grace period.
+fn stop_workers(shared: &Shared, slot: usize) {
+    let start = pg::now_ms();
+    loop {
+        let running: Vec<i32> = shared
+            .job_workers(slot)
+            .filter(|(_, w)| {
+                matches!(
+                    w.state.load(Ordering::Acquire),
+                    worker_state::RUNNING | worker_state::LAUNCHING
+                )
+            })
+            .map(|(_, w)| w.pid.load(Ordering::Acquire))
+            .filter(|&pid| pid == 0 || pg::process_alive(pid))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let waited = pg::now_ms().saturating_sub(start);
+        if waited > STOP_GRACE_MS {
+            for pid in running.into_iter().filter(|&p| p > 0) {
+                pg::terminate_process(pid);
+            }
+            if waited > 2 * STOP_GRACE_MS {
+                return;
+            }
+        }
+        job::nap(Duration::from_millis(50));
+    }
+}
+
+/// Removes what a failed or cancelled job wrote: the manifest (if any), `data/`, leftover temp files,
+/// and the directory itself if start_snapshot created it.
+fn remove_output(job: &JobSlot) {
+    let path = job.path.get();
+    let dir = Path::new(&path);
+    if dir.as_os_str().is_empty() {
+        return;
+    }
+    let _absent = std::fs::remove_file(dir.join(steep_repl_engine::manifest::MANIFEST_FILE));
+    let _absent = std::fs::remove_dir_all(dir.join("data"));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if steep_repl_engine::chunk::is_temp_file_name(&e.file_name().to_string_lossy()) {
+                let _absent = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if job.flags.load(Ordering::Relaxed) & crate::api::snapshot::FLAG_CREATED_DIR != 0 {
+        let _not_empty = std::fs::remove_dir(dir);
+    }
+}
