@@ -35,8 +35,6 @@ pub struct ConnArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show whether steep_repl is installed, preloaded and healthy on the server.
-    #[command(
-        after_help = "Example:\n  steep-repl health -d postgresql://postgres@localhost:5432/app"
-    )]
+    #[command(after_help = "Example:\n  steep-repl health -d postgresql://postgres@localhost:5432/app")]
     Health,
 }

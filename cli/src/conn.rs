@@ -54,22 +54,16 @@ pub struct ConnSpec {
 
 impl ConnSpec {
     /// Resolves `-d` and the environment (`env` is a lookup, so tests need not touch the process env).
-    pub fn resolve(
-        dbname_arg: Option<&str>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, CliError> {
+    pub fn resolve(dbname_arg: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<Self, CliError> {
         let mut tls = None;
         let mut config = match dbname_arg {
             None => Config::new(),
             Some(s) => {
                 let (rest, mode) = take_sslmode(s);
                 tls = mode.map(|m| TlsMode::parse(&m)).transpose()?;
-                if rest.starts_with("postgres://")
-                    || rest.starts_with("postgresql://")
-                    || rest.contains('=')
+                if rest.starts_with("postgres://") || rest.starts_with("postgresql://") || rest.contains('=')
                 {
-                    rest.parse::<Config>()
-                        .map_err(|e| CliError::ConnParams(format!("-d: {e}")))?
+                    rest.parse::<Config>().map_err(|e| CliError::ConnParams(format!("-d: {e}")))?
                 } else {
                     let mut c = Config::new();
                     c.dbname(rest.trim());
@@ -86,17 +80,17 @@ impl ConnSpec {
         }
         if config.get_ports().is_empty() {
             let port = match nonempty("PGPORT") {
-                Some(p) => p.trim().parse::<u16>().map_err(|_| {
-                    CliError::ConnParams(format!("PGPORT \"{p}\" is not a port number"))
-                })?,
+                Some(p) => p
+                    .trim()
+                    .parse::<u16>()
+                    .map_err(|_| CliError::ConnParams(format!("PGPORT \"{p}\" is not a port number")))?,
                 None => 5432,
             };
             config.port(port);
         }
         if config.get_user().is_none() {
-            let user = nonempty("PGUSER")
-                .or_else(|| nonempty("USER"))
-                .unwrap_or_else(|| "postgres".to_string());
+            let user =
+                nonempty("PGUSER").or_else(|| nonempty("USER")).unwrap_or_else(|| "postgres".to_string());
             config.user(&user);
         }
         if config.get_dbname().is_none() {
@@ -154,11 +148,7 @@ impl ConnSpec {
             reason: connect_reason(&e),
         };
         if self.tls == TlsMode::Disable {
-            let (client, connection) = self
-                .config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(fail)?;
+            let (client, connection) = self.config.connect(tokio_postgres::NoTls).await.map_err(fail)?;
             tokio::spawn(async move {
                 let _ignored_on_shutdown = connection.await;
             });
@@ -171,14 +161,11 @@ impl ConnSpec {
                 builder.danger_accept_invalid_hostnames(true);
             }
             _ => {
-                builder
-                    .danger_accept_invalid_certs(true)
-                    .danger_accept_invalid_hostnames(true);
+                builder.danger_accept_invalid_certs(true).danger_accept_invalid_hostnames(true);
             }
         }
-        let connector = builder
-            .build()
-            .map_err(|e| CliError::ConnParams(format!("cannot set up TLS: {e}")))?;
+        let connector =
+            builder.build().map_err(|e| CliError::ConnParams(format!("cannot set up TLS: {e}")))?;
         let tls = postgres_native_tls::MakeTlsConnector::new(connector);
         let (client, connection) = self.config.connect(tls).await.map_err(fail)?;
         tokio::spawn(async move {
@@ -209,12 +196,9 @@ fn take_sslmode(s: &str) -> (String, Option<String>) {
         return (s.to_string(), None);
     };
     let value_start = pos + "sslmode=".len();
-    let value_len = s[value_start..]
-        .find(|c: char| c.is_whitespace() || c == '&')
-        .unwrap_or(s.len() - value_start);
-    let value = s[value_start..value_start + value_len]
-        .trim_matches('\'')
-        .to_string();
+    let value_len =
+        s[value_start..].find(|c: char| c.is_whitespace() || c == '&').unwrap_or(s.len() - value_start);
+    let value = s[value_start..value_start + value_len].trim_matches('\'').to_string();
     let mut rest = String::with_capacity(s.len());
     rest.push_str(&s[..pos]);
     let after = &s[value_start + value_len..];
@@ -228,12 +212,7 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
-        }
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     }
 
     #[test]
@@ -243,10 +222,7 @@ mod tests {
             env_of(&[("PGHOST", "other"), ("PGPORT", "7000"), ("PGUSER", "bob")]),
         )
         .unwrap();
-        assert_eq!(
-            spec.target(),
-            "host db1 port 6000 (database app, user alice)"
-        );
+        assert_eq!(spec.target(), "host db1 port 6000 (database app, user alice)");
     }
 
     #[test]
@@ -262,10 +238,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(
-            spec.target(),
-            "host db2 port 6543 (database shop, user carol)"
-        );
+        assert_eq!(spec.target(), "host db2 port 6543 (database shop, user carol)");
         assert_eq!(spec.config.get_password(), Some(&b"s3cret"[..]));
         assert!(!spec.target().contains("s3cret"));
     }
@@ -275,19 +248,14 @@ mod tests {
         let spec = ConnSpec::resolve(Some("postgresql://dave:pw@h:5544/inv"), env_of(&[])).unwrap();
         assert_eq!(spec.target(), "host h port 5544 (database inv, user dave)");
         let spec = ConnSpec::resolve(Some("inventory"), env_of(&[("PGUSER", "erin")])).unwrap();
-        assert_eq!(
-            spec.target(),
-            "socket /var/run/postgresql/.s.PGSQL.5432 (database inventory, user erin)"
-        );
+        assert_eq!(spec.target(), "socket /var/run/postgresql/.s.PGSQL.5432 (database inventory, user erin)");
     }
 
     #[test]
     fn libpq_ssl_modes() {
-        let spec =
-            ConnSpec::resolve(Some("host=h sslmode=verify-full dbname=x"), env_of(&[])).unwrap();
+        let spec = ConnSpec::resolve(Some("host=h sslmode=verify-full dbname=x"), env_of(&[])).unwrap();
         assert_eq!(spec.tls, TlsMode::VerifyFull);
-        let spec =
-            ConnSpec::resolve(Some("postgresql://h/x?sslmode=disable"), env_of(&[])).unwrap();
+        let spec = ConnSpec::resolve(Some("postgresql://h/x?sslmode=disable"), env_of(&[])).unwrap();
         assert_eq!(spec.tls, TlsMode::Disable);
         let spec = ConnSpec::resolve(None, env_of(&[("PGSSLMODE", "require")])).unwrap();
         assert_eq!(spec.tls, TlsMode::Require);

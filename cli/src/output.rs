@@ -9,41 +9,13 @@ pub fn row_to_json(row: &Row) -> Map<String, Value> {
     let mut map = Map::new();
     for (i, col) in row.columns().iter().enumerate() {
         let v = match *col.type_() {
-            Type::BOOL => row
-                .try_get::<_, Option<bool>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::INT2 => row
-                .try_get::<_, Option<i16>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::INT4 => row
-                .try_get::<_, Option<i32>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::INT8 => row
-                .try_get::<_, Option<i64>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::FLOAT4 => row
-                .try_get::<_, Option<f32>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            Type::FLOAT8 => row
-                .try_get::<_, Option<f64>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
-            _ => row
-                .try_get::<_, Option<String>>(i)
-                .ok()
-                .flatten()
-                .map(Value::from),
+            Type::BOOL => row.try_get::<_, Option<bool>>(i).ok().flatten().map(Value::from),
+            Type::INT2 => row.try_get::<_, Option<i16>>(i).ok().flatten().map(Value::from),
+            Type::INT4 => row.try_get::<_, Option<i32>>(i).ok().flatten().map(Value::from),
+            Type::INT8 => row.try_get::<_, Option<i64>>(i).ok().flatten().map(Value::from),
+            Type::FLOAT4 => row.try_get::<_, Option<f32>>(i).ok().flatten().map(Value::from),
+            Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).ok().flatten().map(Value::from),
+            _ => row.try_get::<_, Option<String>>(i).ok().flatten().map(Value::from),
         };
         map.insert(col.name().to_string(), v.unwrap_or(Value::Null));
     }

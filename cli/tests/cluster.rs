@@ -9,25 +9,14 @@ fn health_over_the_wire_with_preload() {
     let cluster = preloaded();
     let conninfo = cluster.fresh_db("health_ok", true);
     let out = steep_repl(&["health", "--json", "-d", &conninfo]);
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}",
-        out.status.code(),
-        stderr(&out)
-    );
+    assert!(out.status.success(), "exit {:?}\n{}", out.status.code(), stderr(&out));
     let v: serde_json::Value =
         serde_json::from_str(stdout(&out).trim()).expect("health --json prints one JSON object");
     assert_eq!(v["status"], "ok", "{v}");
     assert_eq!(v["preloaded"], true);
     assert_eq!(v["supervisor_running"], true);
     assert_eq!(v["extension_version"], env!("CARGO_PKG_VERSION"));
-    assert!(
-        v["pg_version"]
-            .as_str()
-            .unwrap()
-            .starts_with("PostgreSQL 15"),
-        "{v}"
-    );
+    assert!(v["pg_version"].as_str().unwrap().starts_with("PostgreSQL 15"), "{v}");
     assert_eq!(v["workers_running"], 0);
     assert!(v["free_worker_slots"].as_i64().unwrap() > 0, "{v}");
 
@@ -35,16 +24,8 @@ fn health_over_the_wire_with_preload() {
     let out = steep_repl(&["health", "-d", &conninfo]);
     assert!(out.status.success());
     let text = stdout(&out);
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("status") && l.trim_end().ends_with("ok")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("preloaded") && l.trim_end().ends_with("true")),
-        "{text}"
-    );
+    assert!(text.lines().any(|l| l.starts_with("status") && l.trim_end().ends_with("ok")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("preloaded") && l.trim_end().ends_with("true")), "{text}");
 }
 
 #[test]
@@ -64,21 +45,10 @@ fn preload_only_functions_name_the_setting() {
     let cluster = not_preloaded();
     cluster.fresh_db("progress_nopreload", true);
     let mut client = cluster.client("progress_nopreload");
-    let err = client
-        .query("SELECT * FROM steep_repl.snapshot_progress()", &[])
-        .unwrap_err();
+    let err = client.query("SELECT * FROM steep_repl.snapshot_progress()", &[]).unwrap_err();
     let db = err.as_db_error().expect("a server error");
-    assert!(
-        db.message()
-            .contains("shared_preload_libraries = 'steep_repl'"),
-        "{}",
-        db.message()
-    );
-    assert!(
-        db.hint().unwrap_or("").contains("restart"),
-        "{:?}",
-        db.hint()
-    );
+    assert!(db.message().contains("shared_preload_libraries = 'steep_repl'"), "{}", db.message());
+    assert!(db.hint().unwrap_or("").contains("restart"), "{:?}", db.hint());
     assert_eq!(db.code().code(), "55000"); // object_not_in_prerequisite_state
 }
 
@@ -88,11 +58,7 @@ fn missing_extension_is_explained() {
     let conninfo = cluster.fresh_db("no_extension", false);
     let out = steep_repl(&["health", "-d", &conninfo]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("CREATE EXTENSION steep_repl"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("CREATE EXTENSION steep_repl"), "{}", stderr(&out));
 }
 
 #[test]
@@ -125,11 +91,7 @@ fn environment_variables_like_psql() {
 #[test]
 fn unreachable_server_exits_6_naming_host_and_port() {
     // Port 1 on loopback: nothing listens there.
-    let out = steep_repl(&[
-        "health",
-        "-d",
-        "host=127.0.0.1 port=1 user=u dbname=d password=hunter2",
-    ]);
+    let out = steep_repl(&["health", "-d", "host=127.0.0.1 port=1 user=u dbname=d password=hunter2"]);
     assert_eq!(out.status.code(), Some(6));
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "one line: {err}");

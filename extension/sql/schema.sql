@@ -53,3 +53,8 @@ CREATE TABLE steep_repl.work_queue (
 -- Workers look only for pending rows; keep that lookup small however long the history grows.
 CREATE INDEX work_queue_pending_idx ON steep_repl.work_queue (priority DESC, id) WHERE status = 'pending';
 CREATE INDEX work_queue_snapshot_idx ON steep_repl.work_queue (snapshot_id);
+
+-- Operation history is readable by every role, as pg_stat_activity is; only steep_repl's own functions
+-- (running as the extension owner) write it.
+GRANT USAGE ON SCHEMA steep_repl TO PUBLIC;
+GRANT SELECT ON steep_repl.snapshots, steep_repl.work_queue TO PUBLIC;

@@ -19,6 +19,11 @@ pub static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// shared-memory worker slot array, so the GUC's maximum is [`crate::shmem::MAX_WORKERS`].
 pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 
+/// `steep_repl.chunk_pause`: each worker pauses this long before starting each chunk, in ms (default 0).
+/// A throttle for snapshots of a busy primary; tests use it to keep a job running long enough to cancel.
+/// The value in the caller's session when a job starts is the one the job uses.
+pub static CHUNK_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Registers every setting. Safe to call in any backend: custom GUCs are per process.
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -38,6 +43,16 @@ pub fn init() {
         &PROGRESS_INTERVAL_MS,
         50,
         60_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.chunk_pause",
+        c"Pause of each worker before each chunk (throttle).",
+        c"Slows a job down to spare a busy server; 0 disables.",
+        &CHUNK_PAUSE_MS,
+        0,
+        3_600_000,
         GucContext::Userset,
         GucFlags::UNIT_MS,
     );

@@ -94,9 +94,7 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     .ok()
     .flatten();
     let Some(owner) = owner else {
-        error!(
-            "the steep_repl extension is not installed in this database; run CREATE EXTENSION steep_repl"
-        );
+        error!("the steep_repl extension is not installed in this database; run CREATE EXTENSION steep_repl");
     };
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_ctx = 0;
@@ -105,10 +103,7 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     // raises an ERROR, transaction abort restores the user.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
+        pg_sys::SetUserIdAndSecContext(owner, saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     }
     let r = f();
     // SAFETY: restores exactly what was saved above.
@@ -183,11 +178,7 @@ pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
 
 /// Records a job's end: `status` is complete, applied, failed or cancelled. Call in a transaction.
 pub fn record_end(id: &str, status: &str, error: Option<&str>, f: &Figures) {
-    let queue_status = if status == "applied" {
-        "complete"
-    } else {
-        status
-    };
+    let queue_status = if status == "applied" { "complete" } else { status };
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE steep_repl.snapshots SET status = $2, phase = $3, error = $4, tables_total = $5, \

@@ -48,10 +48,6 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![
-            "shared_preload_libraries = 'steep_repl'",
-            "max_worker_processes = 32",
-            "wal_level = logical",
-        ]
+        vec!["shared_preload_libraries = 'steep_repl'", "max_worker_processes = 32", "wal_level = logical"]
     }
 }

@@ -43,34 +43,20 @@ pub fn percent(job: &JobSlot) -> f64 {
         _ => {
             let total = job.work_total.load(Ordering::Relaxed);
             let done = job.work_done.load(Ordering::Relaxed).min(total);
-            if total == 0 {
-                0.0
-            } else {
-                (done as f64 * 1000.0 / total as f64).floor() / 10.0
-            }
+            if total == 0 { 0.0 } else { (done as f64 * 1000.0 / total as f64).floor() / 10.0 }
         }
     }
 }
 
 /// (bytes per second, seconds left) from the elapsed time and the work still to do.
 pub fn rate_and_eta(job: &JobSlot) -> (f64, Option<f64>) {
-    let elapsed_ms = crate::pg::now_ms()
-        .saturating_sub(job.started_ms.load(Ordering::Relaxed))
-        .max(1);
+    let elapsed_ms = crate::pg::now_ms().saturating_sub(job.started_ms.load(Ordering::Relaxed)).max(1);
     let bytes = job.raw_bytes.load(Ordering::Relaxed) as f64;
     let rate = bytes * 1000.0 / elapsed_ms as f64;
     let total = job.work_total.load(Ordering::Relaxed) as f64;
     let done = job.work_done.load(Ordering::Relaxed) as f64;
-    let eta =
-        (done > 0.0 && total > done).then(|| (total - done) / done * elapsed_ms as f64 / 1000.0);
-    (
-        rate,
-        if job.phase().is_terminal() {
-            Some(0.0)
-        } else {
-            eta
-        },
-    )
+    let eta = (done > 0.0 && total > done).then(|| (total - done) / done * elapsed_ms as f64 / 1000.0);
+    (rate, if job.phase().is_terminal() { Some(0.0) } else { eta })
 }
 
 /// The payload for the job's current state.
@@ -118,11 +104,8 @@ pub fn payload(job: &JobSlot) -> String {
 /// Sends a NOTIFY with the job's state in the current transaction (delivered at its commit).
 pub fn notify(job: &JobSlot) {
     let p = payload(job);
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_notify($1, $2)",
-        &[CHANNEL.into(), p.as_str().into()],
-    )
-    .unwrap_or_else(|e| error!("sending progress notification: {e}"));
+    Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[CHANNEL.into(), p.as_str().into()])
+        .unwrap_or_else(|e| error!("sending progress notification: {e}"));
 }
 
 /// If `steep_repl.progress_interval` has passed since the last notification of this job (or `force`),
@@ -137,16 +120,12 @@ pub fn publish_if_due(job: &JobSlot, force: bool) {
     if !force && now.saturating_sub(last) < interval {
         return;
     }
-    if job
-        .last_notify_ms
-        .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
-        && !force
+    if job.last_notify_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err() && !force
     {
         return; // another process took this turn
     }
-    let persist = force
-        || now.saturating_sub(job.last_persist_ms.load(Ordering::Relaxed)) >= PERSIST_EVERY_MS;
+    let persist =
+        force || now.saturating_sub(job.last_persist_ms.load(Ordering::Relaxed)) >= PERSIST_EVERY_MS;
     if persist {
         job.last_persist_ms.store(now, Ordering::Relaxed);
     }

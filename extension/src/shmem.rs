@@ -72,10 +72,7 @@ impl<const N: usize> ShmemStr<N> {
     /// The stored string.
     pub fn get(&self) -> String {
         let len = (self.len.load(Ordering::Acquire) as usize).min(N);
-        let v: Vec<u8> = self.bytes[..len]
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
+        let v: Vec<u8> = self.bytes[..len].iter().map(|b| b.load(Ordering::Relaxed)).collect();
         String::from_utf8_lossy(&v).into_owned()
     }
 
@@ -156,10 +153,7 @@ impl Phase {
 
     /// Whether the job has ended.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Phase::Complete | Phase::Failed | Phase::Cancelled | Phase::Applied
-        )
+        matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled | Phase::Applied)
     }
 }
 
@@ -211,6 +205,8 @@ pub struct JobSlot {
     pub work_done: AtomicU64,
     /// Target raw bytes of a chunk (the caller's steep_repl.chunk_size).
     pub chunk_bytes: AtomicU64,
+    /// Pause before each chunk in ms (the caller's steep_repl.chunk_pause).
+    pub chunk_pause_ms: AtomicU64,
     pub rows: AtomicU64,
     pub raw_bytes: AtomicU64,
     pub file_bytes: AtomicU64,
@@ -295,14 +291,7 @@ impl Shared {
     /// Claims a free job slot for a new job, returning its index.
     pub fn claim_job_slot(&self) -> Option<usize> {
         self.jobs.iter().position(|j| {
-            j.state
-                .compare_exchange(
-                    FREE,
-                    job_state::STARTING,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+            j.state.compare_exchange(FREE, job_state::STARTING, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         })
     }
 
@@ -336,6 +325,7 @@ impl Shared {
             &j.work_total,
             &j.work_done,
             &j.chunk_bytes,
+            &j.chunk_pause_ms,
             &j.last_persist_ms,
             &j.rows,
             &j.raw_bytes,
@@ -347,31 +337,19 @@ impl Shared {
         }
         j.leader_pid.store(0, Ordering::Relaxed);
         j.zstd_level.store(0, Ordering::Relaxed);
-        for s in [
-            &j.error as &dyn ClearStr,
-            &j.path,
-            &j.snapshot_name,
-            &j.export_name,
-            &j.timezone,
-            &j.id,
-        ] {
+        for s in [&j.error as &dyn ClearStr, &j.path, &j.snapshot_name, &j.export_name, &j.timezone, &j.id] {
             s.clear_str();
         }
     }
 
     /// The slot of the job with this text id, if it is running.
     pub fn find_job(&self, id: &str) -> Option<usize> {
-        self.jobs
-            .iter()
-            .position(|j| j.state.load(Ordering::Acquire) != FREE && j.id.get() == id)
+        self.jobs.iter().position(|j| j.state.load(Ordering::Acquire) != FREE && j.id.get() == id)
     }
 
     /// Jobs currently holding a slot, as (slot index, slot).
     pub fn active_jobs(&self) -> impl Iterator<Item = (usize, &JobSlot)> {
-        self.jobs
-            .iter()
-            .enumerate()
-            .filter(|(_, j)| j.state.load(Ordering::Acquire) != FREE)
+        self.jobs.iter().enumerate().filter(|(_, j)| j.state.load(Ordering::Acquire) != FREE)
     }
 
     /// Releases a job slot (and its chunk range).
@@ -385,12 +363,7 @@ impl Shared {
     pub fn claim_worker_slot(&self, job_slot: usize) -> Option<usize> {
         self.workers.iter().position(|w| {
             w.state
-                .compare_exchange(
-                    FREE,
-                    worker_state::LAUNCHING,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
+                .compare_exchange(FREE, worker_state::LAUNCHING, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
                 && {
                     w.job_slot.store(job_slot as u32, Ordering::Relaxed);
@@ -406,17 +379,13 @@ impl Shared {
 
     /// Number of worker slots in use, by every job.
     pub fn workers_in_use(&self) -> usize {
-        self.workers
-            .iter()
-            .filter(|w| w.state.load(Ordering::Acquire) != FREE)
-            .count()
+        self.workers.iter().filter(|w| w.state.load(Ordering::Acquire) != FREE).count()
     }
 
     /// Worker slots of one job, as (slot index, slot), whatever their state.
     pub fn job_workers(&self, job_slot: usize) -> impl Iterator<Item = (usize, &WorkerSlot)> {
         self.workers.iter().enumerate().filter(move |(_, w)| {
-            w.state.load(Ordering::Acquire) != FREE
-                && w.job_slot.load(Ordering::Relaxed) as usize == job_slot
+            w.state.load(Ordering::Acquire) != FREE && w.job_slot.load(Ordering::Relaxed) as usize == job_slot
         })
     }
 
@@ -425,11 +394,7 @@ impl Shared {
         if n == 0 {
             return Some(0);
         }
-        while self
-            .chunk_alloc_lock
-            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while self.chunk_alloc_lock.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
             std::hint::spin_loop();
         }
         let mut used: Vec<(usize, usize)> = self
@@ -479,11 +444,7 @@ impl<const N: usize> ClearStr for ShmemStr<N> {
 impl JobSlot {
     /// Records the job's first error (later ones are dropped) and tells every process to stop.
     pub fn fail(&self, message: &str) {
-        if self
-            .error_claimed
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
+        if self.error_claimed.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             self.error.set_truncated(message);
         }
         self.stop.store(1, Ordering::Release);

@@ -7,10 +7,7 @@ mod tests {
 
     #[pg_test]
     fn version_matches_crate() {
-        assert_eq!(
-            crate::api::health::version_for_tests(),
-            env!("CARGO_PKG_VERSION")
-        );
+        assert_eq!(crate::api::health::version_for_tests(), env!("CARGO_PKG_VERSION"));
         let sql_version = Spi::get_one::<String>("SELECT steep_repl.version()").unwrap();
         assert_eq!(sql_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
     }
@@ -25,13 +22,9 @@ mod tests {
         assert_eq!(ext_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
         // The supervisor may still be starting when the first test runs; either way the status names it.
         let status = status.unwrap();
-        assert!(
-            status == "ok" || status.contains("supervisor"),
-            "unexpected status {status:?}"
-        );
-        let pg_version = Spi::get_one::<String>("SELECT pg_version FROM steep_repl.health()")
-            .unwrap()
-            .unwrap();
+        assert!(status == "ok" || status.contains("supervisor"), "unexpected status {status:?}");
+        let pg_version =
+            Spi::get_one::<String>("SELECT pg_version FROM steep_repl.health()").unwrap().unwrap();
         assert!(pg_version.starts_with("PostgreSQL "), "{pg_version}");
     }
 
@@ -43,10 +36,9 @@ mod tests {
              ('g2', 'generate', 'failed', '/tmp/b', 2, 'disk full', now())",
         )
         .unwrap();
-        let (active, last_error) = Spi::get_two::<i64, String>(
-            "SELECT active_operations, last_error FROM steep_repl.health()",
-        )
-        .unwrap();
+        let (active, last_error) =
+            Spi::get_two::<i64, String>("SELECT active_operations, last_error FROM steep_repl.health()")
+                .unwrap();
         assert_eq!(active, Some(1));
         assert_eq!(last_error.as_deref(), Some("g2: disk full"));
     }
@@ -63,31 +55,14 @@ mod tests {
 
     #[pg_test]
     fn settings_have_documented_defaults() {
+        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.chunk_size").unwrap().as_deref(), Some("256MB"));
         assert_eq!(
-            Spi::get_one::<String>("SHOW steep_repl.chunk_size")
-                .unwrap()
-                .as_deref(),
-            Some("256MB")
-        );
-        assert_eq!(
-            Spi::get_one::<String>("SHOW steep_repl.progress_interval")
-                .unwrap()
-                .as_deref(),
+            Spi::get_one::<String>("SHOW steep_repl.progress_interval").unwrap().as_deref(),
             Some("500ms")
         );
-        assert_eq!(
-            Spi::get_one::<String>("SHOW steep_repl.max_workers")
-                .unwrap()
-                .as_deref(),
-            Some("8")
-        );
+        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.max_workers").unwrap().as_deref(), Some("8"));
         Spi::run("SET steep_repl.chunk_size = '1MB'").unwrap();
-        assert_eq!(
-            Spi::get_one::<String>("SHOW steep_repl.chunk_size")
-                .unwrap()
-                .as_deref(),
-            Some("1MB")
-        );
+        assert_eq!(Spi::get_one::<String>("SHOW steep_repl.chunk_size").unwrap().as_deref(), Some("1MB"));
     }
 
     #[pg_test(
@@ -99,11 +74,10 @@ mod tests {
 
     #[pg_test]
     fn work_queue_has_partial_index_on_pending() {
-        let def = Spi::get_one::<String>(
-            "SELECT pg_get_indexdef('steep_repl.work_queue_pending_idx'::regclass)",
-        )
-        .unwrap()
-        .unwrap();
+        let def =
+            Spi::get_one::<String>("SELECT pg_get_indexdef('steep_repl.work_queue_pending_idx'::regclass)")
+                .unwrap()
+                .unwrap();
         assert!(def.contains("WHERE (status = 'pending'::text)"), "{def}");
     }
 
@@ -129,8 +103,7 @@ mod tests {
         // shared memory is what health() reads. It may still be starting when the first test runs.
         let mut running = false;
         for _ in 0..50 {
-            running = Spi::get_one::<bool>("SELECT supervisor_running FROM steep_repl.health()")
-                .unwrap()
+            running = Spi::get_one::<bool>("SELECT supervisor_running FROM steep_repl.health()").unwrap()
                 == Some(true);
             if running {
                 break;

@@ -11,10 +11,7 @@ use crate::output;
 pub async fn run(conn: &ConnSpec, json: bool) -> Result<(), CliError> {
     let client = conn.connect().await?;
     let installed = client
-        .query_opt(
-            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'steep_repl'",
-            &[],
-        )
+        .query_opt("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'steep_repl'", &[])
         .await
         .map_err(CliError::query("checking for the steep_repl extension"))?;
     if installed.is_none() {
@@ -37,8 +34,6 @@ pub async fn run(conn: &ConnSpec, json: bool) -> Result<(), CliError> {
     match fields.get("status").and_then(Value::as_str) {
         Some("ok") => Ok(()),
         Some(status) => Err(CliError::Other(anyhow::anyhow!("server status: {status}"))),
-        None => Err(CliError::Other(anyhow::anyhow!(
-            "health() returned no status"
-        ))),
+        None => Err(CliError::Other(anyhow::anyhow!("health() returned no status"))),
     }
 }

@@ -59,10 +59,7 @@ fn health() -> TableIterator<
         "SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'steep_repl'",
     )
     .unwrap_or(None);
-    let pg_version = Spi::get_one::<String>("SELECT pg_catalog.version()")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let pg_version = Spi::get_one::<String>("SELECT pg_catalog.version()").ok().flatten().unwrap_or_default();
     // Background workers of any kind currently running: their backend_type is their bgw_type, so they
     // are the rows whose type is none of PostgreSQL's own process kinds.
     let bgworkers_running = Spi::get_one::<i64>(
@@ -76,11 +73,7 @@ fn health() -> TableIterator<
     // Workers that connect to no database (our supervisor among them) are missing from pg_stat_activity.
     let supervisor_slot = i32::from(supervisor_running);
     let free_server = (pg::max_worker_processes() - bgworkers_running - supervisor_slot).max(0);
-    let free_ours = if preloaded {
-        (gucs::MAX_WORKERS.get() - ours_running).max(0)
-    } else {
-        0
-    };
+    let free_ours = if preloaded { (gucs::MAX_WORKERS.get() - ours_running).max(0) } else { 0 };
     let free_worker_slots = free_server.min(free_ours);
 
     let active_operations = Spi::get_one::<i64>(

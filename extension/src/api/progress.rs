@@ -24,11 +24,13 @@ type ProgressRow = (
     i64,
     Option<i64>,
     i32,
+    Vec<i32>,
     Option<String>,
 );
 
 /// Live progress of one operation (`id`) or of all running ones (`id` NULL), read from shared memory
 /// without touching any table. For an id that is no longer running, its last persisted figures.
+/// `worker_pids` lists the leader first, then the data workers running now.
 /// Needs the library preloaded.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
@@ -52,6 +54,7 @@ fn snapshot_progress(
         name!(bytes_per_s, i64),
         name!(eta_s, Option<i64>),
         name!(workers, i32),
+        name!(worker_pids, Vec<i32>),
         name!(error, Option<String>),
     ),
 > {
@@ -64,10 +67,17 @@ fn snapshot_progress(
         }
         let f = Figures::of(job);
         let (rate, eta) = progress::rate_and_eta(job);
-        let workers = shared
+        let mut pids: Vec<i32> = shared
             .job_workers(slot)
             .filter(|(_, w)| w.state.load(Ordering::Acquire) == shmem::worker_state::RUNNING)
-            .count() as i32;
+            .map(|(_, w)| w.pid.load(Ordering::Relaxed))
+            .filter(|&p| p > 0)
+            .collect();
+        let workers = pids.len() as i32;
+        let leader = job.leader_pid.load(Ordering::Relaxed);
+        if leader > 0 && !pids.contains(&leader) {
+            pids.insert(0, leader);
+        }
         let op = match job.kind() {
             JobKind::Generate => "generate",
             JobKind::Apply => "apply",
@@ -88,6 +98,7 @@ fn snapshot_progress(
             rate as i64,
             eta.map(|e| e as i64),
             workers,
+            pids,
             job.error_message(),
         ));
     }
@@ -122,6 +133,7 @@ fn snapshot_progress(
                 r.get::<i64>(13)?.unwrap_or(0),
                 Some(0),
                 0,
+                Vec::new(),
                 r.get::<String>(14)?,
             )))
         })

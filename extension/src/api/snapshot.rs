@@ -38,9 +38,7 @@ pub fn require_file_role(role: &str, what: &str) {
         user_error(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied to {what}"),
-            Some(&format!(
-                "Only superusers and members of {role} may do this."
-            )),
+            Some(&format!("Only superusers and members of {role} may do this.")),
         );
     }
 }
@@ -73,10 +71,7 @@ fn prepare_output_dir(path: &str) -> bool {
     if !parent.is_dir() {
         user_error(
             PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
-            format!(
-                "the parent directory of output_path does not exist: {}",
-                parent.display()
-            ),
+            format!("the parent directory of output_path does not exist: {}", parent.display()),
             None,
         );
     }
@@ -86,9 +81,7 @@ fn prepare_output_dir(path: &str) -> bool {
                 user_error(
                     PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
                     format!("output_path {path} exists and is not empty"),
-                    Some(
-                        "Give a new directory, or an empty one; a snapshot is never written over another.",
-                    ),
+                    Some("Give a new directory, or an empty one; a snapshot is never written over another."),
                 );
             }
             false
@@ -106,11 +99,7 @@ fn prepare_output_dir(path: &str) -> bool {
         Err(e) => user_error(
             PgSqlErrorCode::ERRCODE_IO_ERROR,
             format!("cannot use output_path {path}: {e}"),
-            if p.exists() && !p.is_dir() {
-                Some("It exists and is not a directory.")
-            } else {
-                None
-            },
+            if p.exists() && !p.is_dir() { Some("It exists and is not a directory.") } else { None },
         ),
     }
 }
@@ -131,10 +120,7 @@ fn start_snapshot(
 ) -> String {
     let shared = shmem::require();
     job::reap_interrupted();
-    require_file_role(
-        "pg_write_server_files",
-        "write snapshot files on the server",
-    );
+    require_file_role("pg_write_server_files", "write snapshot files on the server");
     let path = check_path("output_path", output_path);
     if !(1..=64).contains(&parallel) {
         user_error(
@@ -144,22 +130,14 @@ fn start_snapshot(
         );
     }
     let compression = Compression::from_str(compression).unwrap_or_else(|e| {
-        user_error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("compression: {e}"),
-            None,
-        )
+        user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("compression: {e}"), None)
     });
     let patterns_text = tables.unwrap_or_default();
     let patterns: Vec<TablePattern> = patterns_text
         .iter()
         .map(|t| {
             t.parse::<TablePattern>().unwrap_or_else(|e| {
-                user_error(
-                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    e.to_string(),
-                    None,
-                )
+                user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None)
             })
         })
         .collect();
@@ -181,10 +159,8 @@ fn start_snapshot(
             None,
         );
     }
-    let timezone = Spi::get_one::<String>("SELECT current_setting('TimeZone')")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let timezone =
+        Spi::get_one::<String>("SELECT current_setting('TimeZone')").ok().flatten().unwrap_or_default();
 
     let created = prepare_output_dir(&path);
     let Some(slot) = shared.claim_job_slot() else {
@@ -193,10 +169,7 @@ fn start_snapshot(
         }
         user_error(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            format!(
-                "too many steep_repl operations are running (at most {})",
-                shmem::MAX_JOBS
-            ),
+            format!("too many steep_repl operations are running (at most {})", shmem::MAX_JOBS),
             Some("Wait for one to finish: SELECT * FROM steep_repl.snapshot_progress()."),
         );
     };
@@ -205,10 +178,8 @@ fn start_snapshot(
     let id = job::new_job_id(JobKind::Generate);
     let _fits = job.id.set(&id);
     job.kind.store(JobKind::Generate as u32, Ordering::Relaxed);
-    job.database_oid
-        .store(pg::database_oid(), Ordering::Relaxed);
-    job.role_oid
-        .store(pg::current_user_oid(), Ordering::Relaxed);
+    job.database_oid.store(pg::database_oid(), Ordering::Relaxed);
+    job.role_oid.store(pg::current_user_oid(), Ordering::Relaxed);
     job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
     job.path.set_truncated(&path);
     job.timezone.set_truncated(&timezone);
@@ -220,16 +191,10 @@ fn start_snapshot(
         },
         Ordering::Relaxed,
     );
-    job.parallel_requested
-        .store(parallel as u32, Ordering::Relaxed);
-    job.chunk_bytes.store(
-        crate::gucs::CHUNK_SIZE_KB.get() as u64 * 1024,
-        Ordering::Relaxed,
-    );
-    job.flags.store(
-        if created { FLAG_CREATED_DIR } else { 0 },
-        Ordering::Relaxed,
-    );
+    job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
+    job.chunk_bytes.store(crate::gucs::CHUNK_SIZE_KB.get() as u64 * 1024, Ordering::Relaxed);
+    job.chunk_pause_ms.store(crate::gucs::CHUNK_PAUSE_MS.get().max(0) as u64, Ordering::Relaxed);
+    job.flags.store(if created { FLAG_CREATED_DIR } else { 0 }, Ordering::Relaxed);
     job.set_phase(Phase::Queued);
 
     let options = serde_json::json!({
@@ -240,6 +205,7 @@ fn start_snapshot(
     })
     .to_string();
     let compression_text = compression.to_string();
+    let caller = pg::current_user_name();
     job::as_owner(|| {
         Spi::run_with_args(
             "INSERT INTO steep_repl.snapshots (id, op, status, phase, path, parallel_requested, compression, options, role_name) \
@@ -250,7 +216,7 @@ fn start_snapshot(
                 parallel.into(),
                 compression_text.as_str().into(),
                 options.as_str().into(),
-                pg::current_user_name().as_str().into(),
+                caller.as_str().into(),
             ],
         )?;
         Spi::run_with_args(
@@ -268,9 +234,7 @@ fn start_snapshot(
         user_error(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             "no background worker slot is free to start the snapshot's leader".into(),
-            Some(
-                "Raise max_worker_processes (needs a restart) or wait for other workers to finish.",
-            ),
+            Some("Raise max_worker_processes (needs a restart) or wait for other workers to finish."),
         );
     }
     id
@@ -290,11 +254,7 @@ fn cancel_snapshot(id: &str) -> bool {
     .ok()
     .flatten();
     let Some(status) = status else {
-        user_error(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("no operation with id {id:?}"),
-            None,
-        );
+        user_error(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no operation with id {id:?}"), None);
     };
     if !matches!(status.as_str(), "pending" | "running") {
         return false;

@@ -93,9 +93,8 @@ pub fn list_tables(patterns: &[TablePattern]) -> Result<Vec<TableMeta>, String> 
                 "p" => false, // its leaf partitions are tables of their own
                 _ => {
                     if named {
-                        problems.push(format!(
-                            "{qualified} is a foreign table; its data is not in this server"
-                        ));
+                        problems
+                            .push(format!("{qualified} is a foreign table; its data is not in this server"));
                     }
                     false
                 }
@@ -134,16 +133,9 @@ pub fn list_tables(patterns: &[TablePattern]) -> Result<Vec<TableMeta>, String> 
         }
     }
     if !no_select.is_empty() {
-        problems.push(format!(
-            "permission denied: SELECT is needed on {}",
-            no_select.join(", ")
-        ));
+        problems.push(format!("permission denied: SELECT is needed on {}", no_select.join(", ")));
     }
-    if problems.is_empty() {
-        Ok(tables)
-    } else {
-        Err(problems.join("; "))
-    }
+    if problems.is_empty() { Ok(tables) } else { Err(problems.join("; ")) }
 }
 
 const SEQUENCES_SQL: &str = "\
@@ -166,10 +158,7 @@ ORDER BY 1, 2";
 
 /// Lists sequences with their current state. With patterns: the sequences owned by a selected table
 /// (serial and identity columns) and those a pattern matches; without: every user sequence.
-pub fn list_sequences(
-    patterns: &[TablePattern],
-    table_oids: &[u32],
-) -> Result<Vec<SequenceMeta>, String> {
+pub fn list_sequences(patterns: &[TablePattern], table_oids: &[u32]) -> Result<Vec<SequenceMeta>, String> {
     let mut out = Vec::new();
     let mut denied = Vec::new();
     Spi::connect(|client| -> Result<(), pgrx::spi::Error> {
@@ -201,10 +190,7 @@ pub fn list_sequences(
     if denied.is_empty() {
         Ok(out)
     } else {
-        Err(format!(
-            "permission denied: SELECT is needed on sequences {}",
-            denied.join(", ")
-        ))
+        Err(format!("permission denied: SELECT is needed on sequences {}", denied.join(", ")))
     }
 }
 

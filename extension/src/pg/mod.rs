@@ -38,7 +38,9 @@ pub fn is_preloaded() -> bool {
 pub fn error_not_preloaded() -> ! {
     pgrx::pg_sys::panic::ErrorReport::new(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-        format!("steep_repl is not loaded through shared_preload_libraries; this function needs {PRELOAD_LINE}"),
+        format!(
+            "steep_repl is not loaded through shared_preload_libraries; this function needs {PRELOAD_LINE}"
+        ),
         "steep_repl::pg::error_not_preloaded",
     )
     .set_hint(format!(
@@ -164,9 +166,7 @@ pub fn relation_name(relid: pg_sys::Oid) -> Option<(String, String)> {
         }
         Some((
             std::ffi::CStr::from_ptr(nsp).to_string_lossy().into_owned(),
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned(),
+            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned(),
         ))
     }
 }
@@ -200,8 +200,5 @@ pub fn current_user_oid() -> u32 {
 
 /// Name of the current user.
 pub fn current_user_name() -> String {
-    Spi::get_one::<String>("SELECT current_user::text")
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    Spi::get_one::<String>("SELECT current_user::text").ok().flatten().unwrap_or_default()
 }

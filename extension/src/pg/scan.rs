@@ -75,8 +75,7 @@ pub fn copy_block_range(
             columns.push((i, finfo));
         }
 
-        let nblocks =
-            pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let nblocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM);
         let end = block_end.map_or(nblocks, |e| e.min(nblocks));
         if block_start < end {
             let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
@@ -103,12 +102,7 @@ pub fn copy_block_range(
                 }
                 let before = buf.len();
                 row_ctx.switch_to(|_| {
-                    pg_sys::heap_deform_tuple(
-                        tuple,
-                        tupdesc,
-                        values.as_mut_ptr(),
-                        nulls.as_mut_ptr(),
-                    );
+                    pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
                     for (k, (att, finfo)) in columns.iter_mut().enumerate() {
                         if k > 0 {
                             buf.push(copy_text::DELIMITER);

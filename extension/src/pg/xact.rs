@@ -89,9 +89,7 @@ pub fn xid_in_progress(xid: u32) -> bool {
 /// Runs `f`, turning a PostgreSQL ERROR or a Rust panic inside it into `Err(message)`. The caller must
 /// then call [`abort_after_error`] before starting another transaction.
 pub fn try_catch<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
-    PgTryBuilder::new(move || Ok(f()))
-        .catch_others(|e| Err(caught_message(&e)))
-        .execute()
+    PgTryBuilder::new(move || Ok(f())).catch_others(|e| Err(caught_message(&e))).execute()
 }
 
 /// The message of a caught error, with its detail when there is one.

@@ -24,8 +24,7 @@ use pgrx::prelude::*;
 use steep_repl_engine::chunk::{ChunkWriter, Compression};
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::manifest::{
-    ChunkEntry, FORMAT_VERSION, Manifest, Mode, Parallelism, SequenceEntry, SnapshotInfo, Source,
-    TableEntry,
+    ChunkEntry, FORMAT_VERSION, Manifest, Mode, Parallelism, SequenceEntry, SnapshotInfo, Source, TableEntry,
 };
 use steep_repl_engine::naming::{chunk_rel_path, table_dir};
 use steep_repl_engine::plan::{self, TableStats};
@@ -35,9 +34,7 @@ use crate::pg::catalog::{self, TableMeta};
 use crate::pg::scan::{self, ScanObserver};
 use crate::pg::{self, session, xact};
 use crate::progress;
-use crate::shmem::{
-    self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, job_state, worker_state,
-};
+use crate::shmem::{self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, job_state, worker_state};
 
 /// How long a launched worker may take to report in before the job fails.
 const WORKER_START_TIMEOUT_MS: u64 = 30_000;
@@ -78,17 +75,17 @@ pub extern "C-unwind" fn steep_repl_generate_leader(arg: pg_sys::Datum) {
     job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
     job.set_phase(Phase::Plan);
 
-    let outcome = match xact::try_catch(|| {
+    let outcome = xact::try_catch(|| {
         BackgroundWorker::transaction(|| job::persist(&id, Some("running"), &Figures::of(job)));
         progress::publish_if_due(job, true);
         run_leader(shared, slot)
-    }) {
-        Ok(r) => r,
-        Err(msg) => {
-            xact::abort_after_error();
-            Err(msg)
-        }
-    };
+    })
+    .and_then(|r| r);
+    if outcome.is_err() {
+        // An ERROR, or a stop while the snapshot transaction was still open: end that transaction (and
+        // its locks) before anything is recorded. A no-op when no transaction is open.
+        xact::abort_after_error();
+    }
     finish(shared, slot, outcome);
 }
 
@@ -145,9 +142,7 @@ fn job_patterns(id: &str) -> Result<Vec<TablePattern>, String> {
     )
     .map_err(|e| format!("reading the options of {id}: {e}"))?
     .unwrap_or_default();
-    list.iter()
-        .map(|p| p.parse::<TablePattern>().map_err(|e| e.to_string()))
-        .collect()
+    list.iter().map(|p| p.parse::<TablePattern>().map_err(|e| e.to_string())).collect()
 }
 
 /// The leader's work from planning to the manifest. Runs inside try_catch.
@@ -176,10 +171,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     // locked at once. SPI queries below run under this snapshot.
     xact::push_transaction_snapshot();
     let tables = catalog::list_tables(&patterns)?;
-    for t in tables
-        .iter()
-        .filter(|t| !prelisted.iter().any(|p| p.oid == t.oid))
-    {
+    for t in tables.iter().filter(|t| !prelisted.iter().any(|p| p.oid == t.oid)) {
         pg::lock_relation(pg_sys::Oid::from(t.oid), pg_sys::AccessShareLock);
     }
     let (lsn, exported) = Spi::get_two::<String, String>(
@@ -207,10 +199,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         .tables
         .iter()
         .map(|s| {
-            tables
-                .iter()
-                .find(|t| t.schema == s.schema && t.name == s.name)
-                .expect("planned table is listed")
+            tables.iter().find(|t| t.schema == s.schema && t.name == s.name).expect("planned table is listed")
         })
         .collect();
     let base = shared.alloc_chunks(slot, plan.chunks.len()).ok_or_else(|| {
@@ -227,8 +216,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         s.table.store(c.table as u32, Ordering::Relaxed);
         s.index.store(c.index, Ordering::Relaxed);
         s.block_start.store(c.block_start, Ordering::Relaxed);
-        s.block_end
-            .store(c.block_end.unwrap_or(shmem::OPEN_END), Ordering::Relaxed);
+        s.block_end.store(c.block_end.unwrap_or(shmem::OPEN_END), Ordering::Relaxed);
         for a in [&s.rows, &s.raw_bytes, &s.file_bytes] {
             a.store(0, Ordering::Relaxed);
         }
@@ -242,47 +230,35 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
             .create(&d)
             .map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    job.tables_total
-        .store(metas.len() as u32, Ordering::Relaxed);
-    job.work_total.store(
-        metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(),
-        Ordering::Relaxed,
-    );
-    job.export_name
-        .set(&exported)
-        .map_err(|_| format!("snapshot name {exported:?} too long"))?;
+    job.tables_total.store(metas.len() as u32, Ordering::Relaxed);
+    job.work_total.store(metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(), Ordering::Relaxed);
+    job.export_name.set(&exported).map_err(|_| format!("snapshot name {exported:?} too long"))?;
     job.chunk_cursor.store(0, Ordering::Relaxed);
     job.chunks_ready.store(1, Ordering::Release);
     job.set_phase(Phase::Data);
 
     // Workers: as many as asked, the plan can use, and the server and steep_repl.max_workers allow.
     let want = (job.parallel_requested.load(Ordering::Relaxed) as usize).min(plan.chunks.len());
-    let cap =
-        (crate::gucs::MAX_WORKERS.get().max(1) as usize).saturating_sub(shared.workers_in_use());
+    let cap = (crate::gucs::MAX_WORKERS.get().max(1) as usize).saturating_sub(shared.workers_in_use());
     let mut launched = 0usize;
     for _ in 0..want.min(cap) {
         let Some(ws) = shared.claim_worker_slot(slot) else {
             break;
         };
         if !job::launch(Entry::GenerateWorker, &id, slot, Some(ws)) {
-            shared.workers[ws]
-                .state
-                .store(worker_state::FREE, Ordering::Release);
+            shared.workers[ws].state.store(worker_state::FREE, Ordering::Release);
             break;
         }
         launched += 1;
     }
-    job.workers_launched
-        .store(launched as u32, Ordering::Relaxed);
+    job.workers_launched.store(launched as u32, Ordering::Relaxed);
     let launch_ms = pg::now_ms();
     if launched == 0 && !plan.chunks.is_empty() {
         // No worker slot free anywhere: the leader scans alone, under its own snapshot.
         session::pin_output_settings(&job.timezone.get());
         let me = leader_worker_slot(shared, slot);
         scan_chunks(shared, slot, &shared.workers[me], false);
-        shared.workers[me]
-            .state
-            .store(worker_state::DONE, Ordering::Release);
+        shared.workers[me].state.store(worker_state::DONE, Ordering::Release);
     }
     watch_workers(shared, slot, launch_ms);
     if job.should_stop() {
@@ -298,17 +274,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
 
     job.set_phase(Phase::Finalizing);
     progress::publish_if_due(job, true);
-    let manifest = build_manifest(
-        shared,
-        slot,
-        &plan,
-        &metas,
-        sequences,
-        &server,
-        &lsn,
-        &exported,
-        compression,
-    );
+    let manifest =
+        build_manifest(shared, slot, &plan, &metas, sequences, &server, &lsn, &exported, compression);
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -317,18 +284,11 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
 fn leader_worker_slot(shared: &Shared, slot: usize) -> usize {
     match shared.claim_worker_slot(slot) {
         Some(ws) => {
-            shared.workers[ws]
-                .pid
-                .store(pg::my_pid(), Ordering::Release);
-            shared.workers[ws]
-                .state
-                .store(worker_state::RUNNING, Ordering::Release);
+            shared.workers[ws].pid.store(pg::my_pid(), Ordering::Release);
+            shared.workers[ws].state.store(worker_state::RUNNING, Ordering::Release);
             ws
         }
-        None => error!(
-            "no steep_repl worker slot is free (all {} in use)",
-            shmem::MAX_WORKERS
-        ),
+        None => error!("no steep_repl worker slot is free (all {} in use)", shmem::MAX_WORKERS),
     }
 }
 
@@ -444,14 +404,17 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         if job.should_stop() {
             return;
         }
+        pause_before_chunk(job);
+        if job.should_stop() {
+            return;
+        }
         let k = job.chunk_cursor.fetch_add(1, Ordering::AcqRel);
         if k >= count {
             return;
         }
         let c = &shared.chunks[base + k as usize];
         c.state.store(chunk_state::CLAIMED, Ordering::Release);
-        me.current_chunk
-            .store(base as u32 + k + 1, Ordering::Relaxed);
+        me.current_chunk.store(base as u32 + k + 1, Ordering::Relaxed);
         if own_transactions {
             xact::begin_repeatable_read(true);
             xact::import_snapshot(&snapshot);
@@ -459,10 +422,7 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         xact::push_transaction_snapshot();
         let relid = pg_sys::Oid::from(c.relid.load(Ordering::Relaxed));
         let Some((schema, name)) = pg::relation_name(relid) else {
-            error!(
-                "table with oid {} disappeared during the snapshot",
-                relid.to_u32()
-            );
+            error!("table with oid {} disappeared during the snapshot", relid.to_u32());
         };
         let index = c.index.load(Ordering::Relaxed);
         let rel_path = chunk_rel_path(&table_dir(&schema, &name), index, &compression);
@@ -477,9 +437,7 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
             &mut writer,
             &mut observer,
         );
-        let stats = writer
-            .finish()
-            .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
+        let stats = writer.finish().unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
         xact::pop_snapshot();
         if own_transactions {
             xact::commit();
@@ -491,13 +449,25 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         c.file_crc32.store(stats.file_crc32, Ordering::Relaxed);
         c.state.store(chunk_state::DONE, Ordering::Release);
         me.file_bytes.fetch_add(stats.file_bytes, Ordering::Relaxed);
-        job.file_bytes
-            .fetch_add(stats.file_bytes, Ordering::Relaxed);
+        job.file_bytes.fetch_add(stats.file_bytes, Ordering::Relaxed);
         job.chunks_done.fetch_add(1, Ordering::AcqRel);
         me.current_chunk.store(0, Ordering::Relaxed);
         if own_transactions {
             progress::publish_if_due(job, false);
         }
+    }
+}
+
+/// Sleeps `steep_repl.chunk_pause` (as set when the job started), waking early to stop.
+fn pause_before_chunk(job: &JobSlot) {
+    let pause = job.chunk_pause_ms.load(Ordering::Relaxed);
+    let until = pg::now_ms() + pause;
+    while pause > 0 && !job.should_stop() && pg::now_ms() < until {
+        if BackgroundWorker::sigterm_received() {
+            job.fail(&format!("worker pid {} was terminated (SIGTERM)", pg::my_pid()));
+            return;
+        }
+        job::nap(Duration::from_millis((until - pg::now_ms()).clamp(1, 50)));
     }
 }
 
@@ -515,10 +485,8 @@ fn build_manifest(
 ) -> Manifest {
     let job = &shared.jobs[slot];
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
-    let mut tables: Vec<TableEntry> = metas
-        .iter()
-        .map(|m| TableEntry::new(m.schema.clone(), m.name.clone(), m.columns.clone()))
-        .collect();
+    let mut tables: Vec<TableEntry> =
+        metas.iter().map(|m| TableEntry::new(m.schema.clone(), m.name.clone(), m.columns.clone())).collect();
     for (k, c) in plan.chunks.iter().enumerate() {
         let s = &shared.chunks[base + k];
         let file = chunk_rel_path(&tables[c.table].dir, c.index, &compression);
@@ -542,9 +510,8 @@ fn build_manifest(
             .collect();
     settings.insert("TimeZone".into(), job.timezone.get());
     settings.insert("server_encoding".into(), server.server_encoding.clone());
-    let started =
-        chrono::DateTime::from_timestamp_millis(job.started_ms.load(Ordering::Relaxed) as i64)
-            .unwrap_or_else(chrono::Utc::now);
+    let started = chrono::DateTime::from_timestamp_millis(job.started_ms.load(Ordering::Relaxed) as i64)
+        .unwrap_or_else(chrono::Utc::now);
     let mut m = Manifest {
         format_version: FORMAT_VERSION,
         snapshot_id: job.id.get(),
@@ -601,10 +568,7 @@ fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
             remove_output(job);
             if job.cancelled.load(Ordering::Acquire) != 0 {
                 job.set_phase(Phase::Cancelled);
-                (
-                    "cancelled",
-                    Some("cancelled by steep_repl.cancel_snapshot()".to_string()),
-                )
+                ("cancelled", Some("cancelled by steep_repl.cancel_snapshot()".to_string()))
             } else {
                 job.set_phase(Phase::Failed);
                 ("failed", Some(first))
@@ -635,10 +599,7 @@ fn stop_workers(shared: &Shared, slot: usize) {
         let running: Vec<i32> = shared
             .job_workers(slot)
             .filter(|(_, w)| {
-                matches!(
-                    w.state.load(Ordering::Acquire),
-                    worker_state::RUNNING | worker_state::LAUNCHING
-                )
+                matches!(w.state.load(Ordering::Acquire), worker_state::RUNNING | worker_state::LAUNCHING)
             })
             .map(|(_, w)| w.pid.load(Ordering::Acquire))
             .filter(|&pid| pid == 0 || pg::process_alive(pid))

@@ -6,9 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -38,15 +36,11 @@ pub extern "C-unwind" fn steep_repl_supervisor_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let shared = shmem::require();
     shared.supervisor_pid.store(pg::my_pid(), Ordering::Release);
-    shared
-        .supervisor_heartbeat_ms
-        .store(pg::now_ms(), Ordering::Release);
+    shared.supervisor_heartbeat_ms.store(pg::now_ms(), Ordering::Release);
     log!("steep_repl supervisor started");
 
     while BackgroundWorker::wait_latch(Some(TICK)) {
-        shared
-            .supervisor_heartbeat_ms
-            .store(pg::now_ms(), Ordering::Release);
+        shared.supervisor_heartbeat_ms.store(pg::now_ms(), Ordering::Release);
         reap_dead_worker_slots(shared);
         reap_dead_leaders(shared);
     }
@@ -59,9 +53,7 @@ fn reap_dead_worker_slots(shared: &shmem::Shared) {
         let state = w.state.load(Ordering::Acquire);
         let pid = w.pid.load(Ordering::Acquire);
         if state != shmem::FREE && pid > 0 && !pg::process_alive(pid) {
-            log!(
-                "steep_repl supervisor: worker slot {i} (pid {pid}) died without releasing its slot; freed"
-            );
+            log!("steep_repl supervisor: worker slot {i} (pid {pid}) died without releasing its slot; freed");
             w.pid.store(0, Ordering::Release);
             w.state.store(shmem::FREE, Ordering::Release);
         }
@@ -88,10 +80,7 @@ fn reap_dead_leaders(shared: &shmem::Shared) {
         if busy {
             continue;
         }
-        log!(
-            "steep_repl supervisor: leader of job {} (pid {pid}) died; freeing its slots",
-            job.id.get()
-        );
+        log!("steep_repl supervisor: leader of job {} (pid {pid}) died; freeing its slots", job.id.get());
         for (_, w) in shared.job_workers(slot) {
             w.state.store(shmem::FREE, Ordering::Release);
         }
