@@ -58,3 +58,17 @@ CREATE INDEX work_queue_snapshot_idx ON steep_repl.work_queue (snapshot_id);
 -- (running as the extension owner) write it.
 GRANT USAGE ON SCHEMA steep_repl TO PUBLIC;
 GRANT SELECT ON steep_repl.snapshots, steep_repl.work_queue TO PUBLIC;
+
+-- Chunks an apply has loaded. Each row commits in the same transaction as the chunk's rows, so a chunk
+-- is either loaded and recorded or neither: resume_apply(id) loads exactly the chunks not listed here.
+CREATE TABLE steep_repl.apply_chunks (
+    apply_id     text        NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
+    schema_name  text        NOT NULL,
+    table_name   text        NOT NULL,
+    chunk_index  integer     NOT NULL,
+    rows_loaded  bigint      NOT NULL,
+    raw_bytes    bigint      NOT NULL,
+    loaded_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (apply_id, schema_name, table_name, chunk_index)
+);
+GRANT SELECT ON steep_repl.apply_chunks TO PUBLIC;

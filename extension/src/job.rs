@@ -11,7 +11,10 @@ use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::shmem::{self, JobKind, JobSlot, Shared};
+use pgrx::bgworkers::BackgroundWorker;
+
+use crate::pg;
+use crate::shmem::{self, JobKind, JobSlot, Shared, chunk_state, worker_state};
 
 /// A new job id: `gen-` or `app-` and 16 hex digits from the server's strong random source.
 pub fn new_job_id(kind: JobKind) -> String {
@@ -293,7 +296,128 @@ pub fn wait_for_caller(job: &JobSlot, id: &str) -> bool {
     }
 }
 
-/// Releases the job's slots (its worker slots must be free already) after the job has ended.
+/// How long a launched worker may take to report in before the job fails.
+const WORKER_START_TIMEOUT_MS: u64 = 30_000;
+/// How long a leader waits for workers to stop after a failure before sending SIGTERM.
+const STOP_GRACE_MS: u64 = 5_000;
+/// How often a leader looks at its workers.
+const LEADER_TICK: Duration = Duration::from_millis(100);
+
+/// Launches up to `max_useful` workers of `entry` for the job: as many as it asked for, capped by
+/// `steep_repl.max_workers` and the server's free worker slots. Returns how many started.
+pub fn launch_workers(shared: &Shared, slot: usize, entry: Entry, max_useful: usize) -> usize {
+    let job = &shared.jobs[slot];
+    let id = job.id.get();
+    let want = (job.parallel_requested.load(Ordering::Relaxed) as usize).min(max_useful);
+    let cap = (crate::gucs::MAX_WORKERS.get().max(1) as usize).saturating_sub(shared.workers_in_use());
+    let mut launched = 0usize;
+    for _ in 0..want.min(cap) {
+        let Some(ws) = shared.claim_worker_slot(slot) else { break };
+        if !launch(entry, &id, slot, Some(ws)) {
+            shared.workers[ws].state.store(worker_state::FREE, Ordering::Release);
+            break;
+        }
+        launched += 1;
+    }
+    job.workers_launched.store(launched as u32, Ordering::Relaxed);
+    launched
+}
+
+/// Waits until every chunk is done or the job stops, failing the job when a worker dies or never starts;
+/// calls `on_tick` about every 100 ms (an apply leader publishes progress there).
+pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: impl FnMut(&JobSlot)) {
+    let job = &shared.jobs[slot];
+    let count = job.chunk_count.load(Ordering::Acquire);
+    let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    loop {
+        if job.chunks_done.load(Ordering::Acquire) >= count || job.should_stop() {
+            return;
+        }
+        if BackgroundWorker::sigterm_received() {
+            job.fail("the job's leader was terminated (SIGTERM)");
+            return;
+        }
+        let mut active = 0;
+        for (i, w) in shared.job_workers(slot) {
+            match w.state.load(Ordering::Acquire) {
+                worker_state::LAUNCHING => {
+                    active += 1;
+                    if pg::now_ms().saturating_sub(launch_ms) > WORKER_START_TIMEOUT_MS {
+                        job.fail(&format!(
+                            "worker #{i} did not start within {} s",
+                            WORKER_START_TIMEOUT_MS / 1000
+                        ));
+                    }
+                }
+                worker_state::RUNNING => {
+                    active += 1;
+                    let pid = w.pid.load(Ordering::Acquire);
+                    if pid > 0 && !pg::process_alive(pid) {
+                        job.fail(&format!("worker #{i} (pid {pid}) exited unexpectedly"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if active == 0 && job.chunks_done.load(Ordering::Acquire) < count {
+            job.fail("every worker exited before all chunks were written");
+        }
+        let tables_done = count_tables_done(shared, base, count as usize);
+        job.tables_done.store(tables_done, Ordering::Relaxed);
+        on_tick(job);
+        nap(LEADER_TICK);
+    }
+}
+
+/// Tables all of whose chunks are done (chunks of a table are adjacent in the plan).
+pub fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
+    let mut done = 0;
+    let mut k = 0;
+    while k < count {
+        let table = shared.chunks[base + k].table.load(Ordering::Relaxed);
+        let mut all = true;
+        while k < count && shared.chunks[base + k].table.load(Ordering::Relaxed) == table {
+            all &= shared.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::DONE;
+            k += 1;
+        }
+        done += u32::from(all);
+    }
+    done
+}
+
+/// Waits for the job's workers to exit; SIGTERMs any still running after the grace period.
+pub fn stop_workers(shared: &Shared, slot: usize) {
+    let start = pg::now_ms();
+    loop {
+        let running: Vec<i32> = shared
+            .job_workers(slot)
+            .filter(|(_, w)| {
+                matches!(w.state.load(Ordering::Acquire), worker_state::RUNNING | worker_state::LAUNCHING)
+            })
+            .map(|(_, w)| w.pid.load(Ordering::Acquire))
+            .filter(|&pid| pid == 0 || pg::process_alive(pid))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let waited = pg::now_ms().saturating_sub(start);
+        if waited > STOP_GRACE_MS {
+            for pid in running.into_iter().filter(|&p| p > 0) {
+                pg::terminate_process(pid);
+            }
+            if waited > 2 * STOP_GRACE_MS {
+                return;
+            }
+        }
+        nap(Duration::from_millis(50));
+    }
+}
+
+/// Waits for the job's workers, frees their slots and then the job's slot, after the job has ended.
 pub fn release(shared: &Shared, slot: usize) {
+    stop_workers(shared, slot);
+    for (_, w) in shared.job_workers(slot) {
+        w.state.store(worker_state::FREE, Ordering::Release);
+    }
     shared.release_job(slot);
 }

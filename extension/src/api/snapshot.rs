@@ -16,7 +16,7 @@ use crate::shmem::{self, JobKind, Phase};
 /// Job flag: start_snapshot created the output directory (so a failed job may remove it).
 pub const FLAG_CREATED_DIR: u32 = 1 << 8;
 
-fn user_error(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+pub fn user_error(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
     let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, message, "steep_repl::api");
     if let Some(h) = hint {
         r = r.set_hint(h);
@@ -141,13 +141,13 @@ fn start_snapshot(
             })
         })
         .collect();
-    if let Err(problems) = catalog::list_tables(&patterns) {
-        let code = if problems.contains("permission denied") {
+    if let Err(e) = catalog::list_tables(&patterns) {
+        let code = if e.permission_only {
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
         } else {
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE
         };
-        user_error(code, problems, None);
+        user_error(code, e.to_string(), None);
     }
     let snapshot = snapshot.map(str::trim).filter(|s| !s.is_empty());
     if let Some(s) = snapshot

@@ -2,6 +2,7 @@
 //! extension needs lives here, once, with the invariant it relies on written beside it.
 
 pub mod catalog;
+pub mod copy_from;
 pub mod scan;
 pub mod session;
 pub mod xact;

@@ -36,13 +36,6 @@ use crate::pg::{self, session, xact};
 use crate::progress;
 use crate::shmem::{self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, job_state, worker_state};
 
-/// How long a launched worker may take to report in before the job fails.
-const WORKER_START_TIMEOUT_MS: u64 = 30_000;
-/// How long the leader waits for workers to stop after a failure before sending SIGTERM.
-const STOP_GRACE_MS: u64 = 5_000;
-/// How often the leader looks at its workers during the data phase.
-const LEADER_TICK: Duration = Duration::from_millis(100);
-
 /// Entry point of a generate job's leader. `arg` carries the job slot.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -155,7 +148,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     // Tables as of now, to lock before the snapshot is taken.
     let (patterns, prelisted, server) = BackgroundWorker::transaction(|| -> Result<_, String> {
         let patterns = job_patterns(&id)?;
-        let prelisted = catalog::list_tables(&patterns)?;
+        let prelisted = catalog::list_tables(&patterns).map_err(|e| e.to_string())?;
         Ok((patterns, prelisted, catalog::server_info()?))
     })?;
 
@@ -170,16 +163,16 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     // Taking the transaction snapshot now, after the locks; tables created since the pre-list get
     // locked at once. SPI queries below run under this snapshot.
     xact::push_transaction_snapshot();
-    let tables = catalog::list_tables(&patterns)?;
+    let tables = catalog::list_tables(&patterns).map_err(|e| e.to_string())?;
     for t in tables.iter().filter(|t| !prelisted.iter().any(|p| p.oid == t.oid)) {
         pg::lock_relation(pg_sys::Oid::from(t.oid), pg_sys::AccessShareLock);
     }
-    let (lsn, exported) = Spi::get_two::<String, String>(
-        "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
-         ELSE pg_catalog.pg_current_wal_lsn() END)::text, pg_catalog.pg_export_snapshot()",
-    )
-    .map_err(|e| format!("exporting the snapshot: {e}"))?;
-    let (lsn, exported) = (lsn.unwrap_or_default(), exported.unwrap_or_default());
+    let lsn = Spi::get_one::<String>(steep_repl_engine::catalog::LSN_SQL)
+        .map_err(|e| format!("reading the WAL position: {e}"))?
+        .unwrap_or_default();
+    let exported = Spi::get_one::<String>("SELECT pg_catalog.pg_export_snapshot()")
+        .map_err(|e| format!("exporting the snapshot: {e}"))?
+        .unwrap_or_default();
 
     // Plan and publish.
     let chunk_bytes = job.chunk_bytes.load(Ordering::Relaxed);
@@ -238,20 +231,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     job.set_phase(Phase::Data);
 
     // Workers: as many as asked, the plan can use, and the server and steep_repl.max_workers allow.
-    let want = (job.parallel_requested.load(Ordering::Relaxed) as usize).min(plan.chunks.len());
-    let cap = (crate::gucs::MAX_WORKERS.get().max(1) as usize).saturating_sub(shared.workers_in_use());
-    let mut launched = 0usize;
-    for _ in 0..want.min(cap) {
-        let Some(ws) = shared.claim_worker_slot(slot) else {
-            break;
-        };
-        if !job::launch(Entry::GenerateWorker, &id, slot, Some(ws)) {
-            shared.workers[ws].state.store(worker_state::FREE, Ordering::Release);
-            break;
-        }
-        launched += 1;
-    }
-    job.workers_launched.store(launched as u32, Ordering::Relaxed);
+    let launched = job::launch_workers(shared, slot, Entry::GenerateWorker, plan.chunks.len());
     let launch_ms = pg::now_ms();
     if launched == 0 && !plan.chunks.is_empty() {
         // No worker slot free anywhere: the leader scans alone, under its own snapshot.
@@ -260,7 +240,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         scan_chunks(shared, slot, &shared.workers[me], false);
         shared.workers[me].state.store(worker_state::DONE, Ordering::Release);
     }
-    watch_workers(shared, slot, launch_ms);
+    job::watch_workers(shared, slot, launch_ms, |_| {});
     if job.should_stop() {
         return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
     }
@@ -268,7 +248,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     // Sequences under the same snapshot, then let go of it.
     job.set_phase(Phase::Sequences);
     let table_oids: Vec<u32> = metas.iter().map(|m| m.oid).collect();
-    let sequences = catalog::list_sequences(&patterns, &table_oids)?;
+    let sequences = catalog::list_sequences(&patterns, &table_oids).map_err(|e| e.to_string())?;
     xact::pop_snapshot();
     xact::commit();
 
@@ -290,66 +270,6 @@ fn leader_worker_slot(shared: &Shared, slot: usize) -> usize {
         }
         None => error!("no steep_repl worker slot is free (all {} in use)", shmem::MAX_WORKERS),
     }
-}
-
-/// Waits until every chunk is done or the job stops, failing the job when a worker dies or never starts.
-fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64) {
-    let job = &shared.jobs[slot];
-    let count = job.chunk_count.load(Ordering::Acquire);
-    let base = job.chunk_base.load(Ordering::Acquire) as usize;
-    loop {
-        if job.chunks_done.load(Ordering::Acquire) >= count || job.should_stop() {
-            return;
-        }
-        if BackgroundWorker::sigterm_received() {
-            job.fail("the job's leader was terminated (SIGTERM)");
-            return;
-        }
-        let mut active = 0;
-        for (i, w) in shared.job_workers(slot) {
-            match w.state.load(Ordering::Acquire) {
-                worker_state::LAUNCHING => {
-                    active += 1;
-                    if pg::now_ms().saturating_sub(launch_ms) > WORKER_START_TIMEOUT_MS {
-                        job.fail(&format!(
-                            "worker #{i} did not start within {} s",
-                            WORKER_START_TIMEOUT_MS / 1000
-                        ));
-                    }
-                }
-                worker_state::RUNNING => {
-                    active += 1;
-                    let pid = w.pid.load(Ordering::Acquire);
-                    if pid > 0 && !pg::process_alive(pid) {
-                        job.fail(&format!("worker #{i} (pid {pid}) exited unexpectedly"));
-                    }
-                }
-                _ => {}
-            }
-        }
-        if active == 0 && job.chunks_done.load(Ordering::Acquire) < count {
-            job.fail("every worker exited before all chunks were written");
-        }
-        let tables_done = count_tables_done(shared, base, count as usize);
-        job.tables_done.store(tables_done, Ordering::Relaxed);
-        job::nap(LEADER_TICK);
-    }
-}
-
-/// Tables all of whose chunks are done (chunks of a table are adjacent in the plan).
-fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
-    let mut done = 0;
-    let mut k = 0;
-    while k < count {
-        let table = shared.chunks[base + k].table.load(Ordering::Relaxed);
-        let mut all = true;
-        while k < count && shared.chunks[base + k].table.load(Ordering::Relaxed) == table {
-            all &= shared.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::DONE;
-            k += 1;
-        }
-        done += u32::from(all);
-    }
-    done
 }
 
 /// Reports scan progress into the worker's and the job's counters and relays stop requests.
@@ -477,7 +397,7 @@ fn build_manifest(
     slot: usize,
     plan: &plan::Plan,
     metas: &[&TableMeta],
-    sequences: Vec<catalog::SequenceMeta>,
+    sequences: Vec<SequenceEntry>,
     server: &catalog::ServerInfo,
     lsn: &str,
     exported: &str,
@@ -564,7 +484,7 @@ fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
         Err(msg) => {
             job.fail(&msg);
             let first = job.error_message().unwrap_or(msg);
-            stop_workers(shared, slot);
+            job::stop_workers(shared, slot);
             remove_output(job);
             if job.cancelled.load(Ordering::Acquire) != 0 {
                 job.set_phase(Phase::Cancelled);
@@ -585,39 +505,7 @@ fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
         xact::abort_after_error();
         log!("steep_repl: could not record the end of {id} ({status}): {e}");
     }
-    stop_workers(shared, slot);
-    for (_, w) in shared.job_workers(slot) {
-        w.state.store(worker_state::FREE, Ordering::Release);
-    }
     job::release(shared, slot);
-}
-
-/// Waits for the job's workers to exit; SIGTERMs any still running after the grace period.
-fn stop_workers(shared: &Shared, slot: usize) {
-    let start = pg::now_ms();
-    loop {
-        let running: Vec<i32> = shared
-            .job_workers(slot)
-            .filter(|(_, w)| {
-                matches!(w.state.load(Ordering::Acquire), worker_state::RUNNING | worker_state::LAUNCHING)
-            })
-            .map(|(_, w)| w.pid.load(Ordering::Acquire))
-            .filter(|&pid| pid == 0 || pg::process_alive(pid))
-            .collect();
-        if running.is_empty() {
-            return;
-        }
-        let waited = pg::now_ms().saturating_sub(start);
-        if waited > STOP_GRACE_MS {
-            for pid in running.into_iter().filter(|&p| p > 0) {
-                pg::terminate_process(pid);
-            }
-            if waited > 2 * STOP_GRACE_MS {
-                return;
-            }
-        }
-        job::nap(Duration::from_millis(50));
-    }
 }
 
 /// Removes what a failed or cancelled job wrote: the manifest (if any), `data/`, leftover temp files,

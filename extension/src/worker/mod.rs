@@ -1,4 +1,5 @@
 //! Background worker entry points.
 
+pub mod apply;
 pub mod generate;
 pub mod supervisor;

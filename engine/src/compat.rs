@@ -1,0 +1,124 @@
+//! Whether a target database can receive a snapshot: every table present with the snapshot's columns
+//! and compatible types, and every sequence present. Used by the extension's `start_apply` and by the
+//! CLI's client-mode apply, so both refuse the same targets with the same list of problems.
+//!
+//! Compatible types: the same type once type modifiers are set aside (`character varying(20)` and
+//! `character varying(50)`, `numeric(10,2)` and `numeric`), since COPY text carries values, not
+//! declarations; a value that does not fit still fails loudly at load time. The target may have more
+//! columns than the snapshot (they get their defaults); a snapshot column that is generated on the target
+//! cannot be loaded.
+
+use crate::ident::QualifiedName;
+use crate::manifest::Manifest;
+
+/// One column of a target table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetColumn {
+    pub name: String,
+    /// As `format_type(atttypid, atttypmod)` prints it.
+    pub type_name: String,
+    pub generated: bool,
+}
+
+/// A target table as found in the target database (absent tables are simply not listed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetTable {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<TargetColumn>,
+}
+
+/// What is wrong with a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    MissingTable(QualifiedName),
+    MissingColumn { table: QualifiedName, column: String },
+    TypeMismatch { table: QualifiedName, column: String, snapshot: String, target: String },
+    GeneratedColumn { table: QualifiedName, column: String },
+    MissingSequence(QualifiedName),
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mismatch::MissingTable(t) => write!(f, "table {t} does not exist"),
+            Mismatch::MissingColumn { table, column } => write!(f, "table {table} has no column {column:?}"),
+            Mismatch::TypeMismatch { table, column, snapshot, target } => {
+                write!(f, "column {column:?} of {table} is {target}, the snapshot has {snapshot}")
+            }
+            Mismatch::GeneratedColumn { table, column } => {
+                write!(f, "column {column:?} of {table} is generated on the target and cannot be loaded")
+            }
+            Mismatch::MissingSequence(s) => write!(f, "sequence {s} does not exist"),
+        }
+    }
+}
+
+/// A type name without its modifiers: every parenthesised group removed, spaces normalised.
+pub fn base_type(type_name: &str) -> String {
+    let mut out = String::with_capacity(type_name.len());
+    let mut depth = 0usize;
+    for c in type_name.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            c if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Every problem that keeps `manifest` from loading into the target described by `tables` and
+/// `sequences` (the qualified names of sequences that exist there). Empty: compatible.
+pub fn check_target(
+    manifest: &Manifest,
+    tables: &[TargetTable],
+    sequences: &[QualifiedName],
+) -> Vec<Mismatch> {
+    let mut problems = Vec::new();
+    for t in &manifest.tables {
+        let qn = QualifiedName::new(t.schema.clone(), t.name.clone());
+        let Some(target) = tables.iter().find(|x| x.schema == t.schema && x.name == t.name) else {
+            problems.push(Mismatch::MissingTable(qn));
+            continue;
+        };
+        for c in &t.columns {
+            match target.columns.iter().find(|x| x.name == c.name) {
+                None => problems.push(Mismatch::MissingColumn { table: qn.clone(), column: c.name.clone() }),
+                Some(x) if x.generated => {
+                    problems.push(Mismatch::GeneratedColumn { table: qn.clone(), column: c.name.clone() })
+                }
+                Some(x) if base_type(&x.type_name) != base_type(&c.type_name) => {
+                    problems.push(Mismatch::TypeMismatch {
+                        table: qn.clone(),
+                        column: c.name.clone(),
+                        snapshot: c.type_name.clone(),
+                        target: x.type_name.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    for s in &manifest.sequences {
+        let qn = QualifiedName::new(s.schema.clone(), s.name.clone());
+        if !sequences.contains(&qn) {
+            problems.push(Mismatch::MissingSequence(qn));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_types() {
+        assert_eq!(base_type("character varying(20)"), "character varying");
+        assert_eq!(base_type("timestamp(3) without time zone"), "timestamp without time zone");
+        assert_eq!(base_type("numeric(10,2)[]"), "numeric[]");
+        assert_eq!(base_type("text"), "text");
+    }
+}

@@ -1,0 +1,115 @@
+//! Loading COPY TEXT into a table with PostgreSQL's own COPY FROM, fed by a Rust reader.
+//!
+//! PG15's `BeginCopyFrom` takes a data-source callback, the way logical replication's table sync feeds
+//! COPY: a parse state with the relation as a range table entry, `BeginCopyFrom` with the callback and
+//! the column list, `CopyFrom`, `EndCopyFrom`. Rows go through PostgreSQL's parser, type input functions,
+//! constraints, indexes and (unless `session_replication_role = replica`) triggers, with no temporary
+//! file. The callback has no user-data argument, so the current source is held in a process-wide slot for
+//! the duration of one load (a backend runs one COPY at a time).
+
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Where a load's bytes come from. `read_into` fills `buf` with at least one byte, or returns 0 at the
+/// end; it raises a PostgreSQL ERROR on failure (a corrupt chunk, a cancel).
+pub trait CopySource {
+    fn read_into(&mut self, buf: &mut [u8]) -> usize;
+}
+
+static mut SOURCE: Option<*mut dyn CopySource> = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn copy_source_cb(
+    outbuf: *mut std::ffi::c_void,
+    minread: std::ffi::c_int,
+    maxread: std::ffi::c_int,
+) -> std::ffi::c_int {
+    // SAFETY: COPY passes a buffer of `maxread` bytes; SOURCE is set by `copy_into` for exactly the
+    // duration of the CopyFrom call that invokes this callback, on this process's only thread.
+    unsafe {
+        let Some(src) = SOURCE else { error!("steep_repl: COPY data requested with no source") };
+        let buf = std::slice::from_raw_parts_mut(outbuf as *mut u8, maxread.max(0) as usize);
+        let mut n = 0usize;
+        while n < minread.max(1) as usize && n < buf.len() {
+            let k = (*src).read_into(&mut buf[n..]);
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n as std::ffi::c_int
+    }
+}
+
+/// Restores the source slot even when the load raises an ERROR (unwinding through this guard).
+struct SourceGuard;
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        // SAFETY: single-threaded backend; clearing the slot set by copy_into.
+        unsafe { SOURCE = None };
+    }
+}
+
+/// Loads everything `source` yields into `relid` as COPY TEXT for `columns`, as the current user, in
+/// the current transaction (which must have an active snapshot). Returns the number of rows loaded.
+/// Raises an ERROR when the user lacks INSERT, when row-level security applies, or on any bad row.
+pub fn copy_into(relid: pg_sys::Oid, columns: &[String], source: &mut dyn CopySource) -> u64 {
+    // SAFETY: inside a transaction. The relation is opened with RowExclusiveLock (what INSERT takes)
+    // and closed after EndCopyFrom; the parse state, column list and strings are palloc'd in the current
+    // memory context and live until the transaction ends. The source pointer stays valid for the whole
+    // CopyFrom call because `source` outlives this function's body, and the guard clears it afterwards.
+    unsafe {
+        if pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_INSERT as pg_sys::AclMode)
+            != pg_sys::AclResult::ACLCHECK_OK
+        {
+            let name = crate::pg::relation_name(relid).map(|(s, n)| format!("{s}.{n}")).unwrap_or_default();
+            error!("permission denied for table {name}: INSERT is needed to apply a snapshot");
+        }
+        if pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, false)
+            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+        {
+            let name = crate::pg::relation_name(relid).map(|(s, n)| format!("{s}.{n}")).unwrap_or_default();
+            error!(
+                "row-level security is enabled for table {name} and applies to this role; COPY FROM cannot load it"
+            );
+        }
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        let nsitem = pg_sys::addRangeTableEntryForRelation(
+            pstate,
+            rel,
+            pg_sys::RowExclusiveLock as i32,
+            std::ptr::null_mut(),
+            false,
+            false,
+        );
+        pg_sys::addNSItemToQuery(pstate, nsitem, true, true, true);
+        let mut attnames: *mut pg_sys::List = std::ptr::null_mut();
+        for c in columns {
+            let name = CString::new(c.as_str()).unwrap_or_default();
+            attnames = pg_sys::lappend(attnames, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
+        }
+        let _guard = SourceGuard;
+        SOURCE = Some(std::mem::transmute::<*mut dyn CopySource, *mut (dyn CopySource + 'static)>(
+            source as *mut dyn CopySource,
+        ));
+        let cstate = pg_sys::BeginCopyFrom(
+            pstate,
+            rel,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            false,
+            Some(copy_source_cb),
+            attnames,
+            std::ptr::null_mut(),
+        );
+        let rows = pg_sys::CopyFrom(cstate);
+        pg_sys::EndCopyFrom(cstate);
+        pg_sys::free_parsestate(pstate);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        rows
+    }
+}
