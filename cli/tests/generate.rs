@@ -6,49 +6,7 @@ mod harness;
 use harness::*;
 use steep_repl_engine::manifest::Manifest;
 
-const ALL_TYPES: &str = r#"
-CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-CREATE TYPE pair AS (a int, b text);
-CREATE DOMAIN posint AS int CHECK (VALUE > 0);
-CREATE TABLE "All Types" (
-    id serial PRIMARY KEY,
-    b bool, i2 int2, i4 int4, i8 int8, n numeric(20,6), nbig numeric, f4 float4, f8 float8, m money,
-    c char(5), vc varchar(20), t text, by bytea, "name col" name, ch "char",
-    d date, tm time, tmtz timetz, ts timestamp, tstz timestamptz, iv interval,
-    u uuid, j json, jb jsonb, x xml, ip inet, cid cidr, mac macaddr, mac8 macaddr8,
-    pt point, ln line, ls lseg, bx box, pth path, pg polygon, ci circle,
-    bt bit(8), vb varbit(16), tsv tsvector, tsq tsquery, r int4range, mr int4multirange, tsr tstzrange,
-    arr int[], tarr text[], jarr jsonb[], e mood, comp pair, dom posint, oidc oid, rc regclass, pl pg_lsn,
-    dropme text,
-    gen int GENERATED ALWAYS AS (i4 * 2) STORED
-);
-ALTER TABLE "All Types" DROP COLUMN dropme;
-INSERT INTO "All Types" (b) VALUES (NULL);
-INSERT INTO "All Types" (b, i2, i4, i8, n, nbig, f4, f8, m, c, vc, t, by, "name col", ch, d, tm, tmtz, ts, tstz, iv,
-    u, j, jb, x, ip, cid, mac, mac8, pt, ln, ls, bx, pth, pg, ci, bt, vb, tsv, tsq, r, mr, tsr, arr, tarr, jarr,
-    e, comp, dom, oidc, rc, pl)
-VALUES
-  (true, -32768, 1073741823, -9223372036854775808, 12345678901234.123456, 'NaN', 'Infinity', -0.0, '$1,234.56',
-   'ab', E'tab\there', E'back\\slash \b \f \n \r \t \v end', '\x00ff10', 'nm', 'x', '2024-02-29', '23:59:59.999999',
-   '12:00+05:30', '1999-12-31 23:59:59.5', '2000-01-01 00:00:00+00', '1 year 2 mons 3 days 04:05:06.789',
-   'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"k": [1, "two", null]}', '{"b": 2, "a": "\u00e9"}', '<a b="c">d</a>',
-   '192.168.1.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', '08:00:2b:01:02:03:04:05', '(1.5,-2)', '{1,2,3}',
-   '[(0,0),(1,1)]', '((0,0),(2,2))', '[(0,0),(1,1),(2,0)]', '((0,0),(1,1),(1,0))', '<(0,0),5>', B'10101010',
-   B'1101', 'a fat cat', 'fat & rat', '[1,10)', '{[1,3), [5,7)}', '[2020-01-01,2021-01-01)',
-   '{1,NULL,3}', E'{"x y","q\\"uote",NULL,"back\\\\slash"}', ARRAY['{"a":1}'::jsonb], 'happy', ROW(1, E'c,d\t"'),
-   7, 42, 'pg_class', '16/B374D848'),
-  (false, 0, 0, 0, 0, -0.000001, '-Infinity', 'NaN', '-$0.01', 'ünï', '日本語', repeat('x', 3) || E'\u2603', '\x',
-   '', '"', '4713-01-01 BC', '00:00', '00:00-12', 'infinity', '-infinity', '-1 day +02:03', 
-   '00000000-0000-0000-0000-000000000000', '[]', '{}', '<r/>', '::1', '::/0', '00:00:00:00:00:00',
-   '00:00:00:00:00:00:00:00', '(0,0)', '{1,-1,0}', '[(1,2),(3,4)]', '((1,1),(0,0))', '((0,0),(1,1))', '((0,0))',
-   '<(1,1),0>', B'00000000', B'', '', 'a', 'empty', '{}', '(,)', '{}', '{}', '{}', 'sad', ROW(NULL, NULL),
-   1, 0, '-', '0/0');
--- TOAST: a value too large and too random to stay inline.
-INSERT INTO "All Types" (t, by, jb, tarr)
-SELECT string_agg(md5(g::text), E'\t') , decode(string_agg(md5(g::text), ''), 'hex'),
-       jsonb_build_object('k', string_agg(md5(g::text), '')), array_agg(md5(g::text))
-FROM generate_series(1, 20000) g;
-"#;
+const ALL_TYPES: &str = include_str!("../../fixtures/sql/all_types.sql");
 
 fn column_list(dir: &std::path::Path, schema: &str, name: &str) -> String {
     let m = Manifest::load(dir).expect("manifest");

@@ -421,3 +421,16 @@ pub fn release(shared: &Shared, slot: usize) {
     }
     shared.release_job(slot);
 }
+
+/// Sleeps `steep_repl.chunk_pause` (as set when the job started), waking early to stop.
+pub fn pause_before_chunk(job: &JobSlot) {
+    let pause = job.chunk_pause_ms.load(Ordering::Relaxed);
+    let until = crate::pg::now_ms() + pause;
+    while pause > 0 && !job.should_stop() && crate::pg::now_ms() < until {
+        if BackgroundWorker::sigterm_received() {
+            job.fail(&format!("worker pid {} was terminated (SIGTERM)", crate::pg::my_pid()));
+            return;
+        }
+        nap(Duration::from_millis((until - crate::pg::now_ms()).clamp(1, 50)));
+    }
+}

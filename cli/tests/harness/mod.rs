@@ -235,3 +235,32 @@ pub fn pin_session(client: &mut postgres::Client, timezone: &str) {
         ))
         .expect("pinning session settings");
 }
+
+/// Copies the schema (no data) of one database into another with pg_dump | psql.
+pub fn copy_schema(cluster: &Cluster, from_db: &str, to_db: &str) {
+    let dump = Command::new("pg_dump")
+        .args(["--schema-only", "--no-owner", "--no-privileges", "-d", &cluster.conninfo_for(from_db)])
+        .output()
+        .expect("running pg_dump");
+    assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
+    let mut psql = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &cluster.conninfo_for(to_db), "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("running psql");
+    use std::io::Write;
+    psql.stdin.take().expect("stdin").write_all(&dump.stdout).expect("feeding psql");
+    assert!(psql.wait().expect("psql").success(), "restoring the schema into {to_db} failed");
+}
+
+/// The rows of a table as sorted COPY lines (pinned settings): equal lists mean EXCEPT ALL is empty in
+/// both directions.
+pub fn sorted_rows(client: &mut postgres::Client, qualified: &str, columns: &str) -> Vec<Vec<u8>> {
+    pin_session(client, "UTC");
+    let bytes = copy_out(client, &format!("SELECT {columns} FROM {qualified}"));
+    let mut lines: Vec<Vec<u8>> =
+        bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+    lines.sort();
+    lines
+}

@@ -389,6 +389,7 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
     let count = job.chunk_count.load(Ordering::Acquire);
     loop {
+        job::pause_before_chunk(job);
         if job.should_stop() {
             return;
         }

@@ -324,7 +324,7 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         if job.should_stop() {
             return;
         }
-        pause_before_chunk(job);
+        job::pause_before_chunk(job);
         if job.should_stop() {
             return;
         }
@@ -375,19 +375,6 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         if own_transactions {
             progress::publish_if_due(job, false);
         }
-    }
-}
-
-/// Sleeps `steep_repl.chunk_pause` (as set when the job started), waking early to stop.
-fn pause_before_chunk(job: &JobSlot) {
-    let pause = job.chunk_pause_ms.load(Ordering::Relaxed);
-    let until = pg::now_ms() + pause;
-    while pause > 0 && !job.should_stop() && pg::now_ms() < until {
-        if BackgroundWorker::sigterm_received() {
-            job.fail(&format!("worker pid {} was terminated (SIGTERM)", pg::my_pid()));
-            return;
-        }
-        job::nap(Duration::from_millis((until - pg::now_ms()).clamp(1, 50)));
     }
 }
 

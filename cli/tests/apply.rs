@@ -1,0 +1,256 @@
+//! Apply inside the server (issue 5): round trips compared row for row, refusals before any row
+//! changes, and exactly-once resume after a killed worker or a cancel.
+
+mod harness;
+
+use harness::*;
+use steep_repl_engine::ident::{QualifiedName, quote_ident};
+use steep_repl_engine::manifest::Manifest;
+
+const ALL_TYPES: &str = include_str!("../../fixtures/sql/all_types.sql");
+
+const MORE: &str = r#"
+CREATE TABLE measurements (id bigserial, at date NOT NULL, v numeric) PARTITION BY RANGE (at);
+CREATE TABLE measurements_2023 PARTITION OF measurements FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE measurements_2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+INSERT INTO measurements (at, v) SELECT date '2023-01-01' + (g % 700), g / 7.0 FROM generate_series(1, 20000) g;
+CREATE TABLE empty_one (a int, b text);
+CREATE SCHEMA "Odd Schema";
+CREATE TABLE "Odd Schema"."ta""ble.x" ("Col A" int, "select" text, "ünï" text);
+INSERT INTO "Odd Schema"."ta""ble.x" SELECT g, E'line\nbreak ' || g, 'ü' FROM generate_series(1, 300) g;
+CREATE TABLE parent (id int PRIMARY KEY);
+CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent (id));
+INSERT INTO parent SELECT generate_series(1, 5000);
+INSERT INTO child SELECT g, g FROM generate_series(1, 5000) g;
+CREATE UNLOGGED TABLE scratch (k text); INSERT INTO scratch VALUES ('u1'), ('u2');
+SELECT setval('measurements_id_seq', 987654);
+"#;
+
+/// Generates a snapshot of `db` into a fresh path and returns the path.
+fn generate(cluster: &Cluster, db: &str, name: &str, setup: &[&str]) -> std::path::PathBuf {
+    let mut c = cluster.client(db);
+    let dir = snapshot_path(name);
+    let id = start_snapshot(&mut c, setup, &dir, ", parallel => 2");
+    let (status, error) = wait_for(&mut c, &id, 120);
+    assert_eq!(status, "complete", "generate: {error:?}");
+    dir
+}
+
+fn start_apply(
+    client: &mut postgres::Client,
+    setup: &[&str],
+    dir: &std::path::Path,
+    args: &str,
+) -> Result<String, String> {
+    for s in setup {
+        client.batch_execute(s).unwrap();
+    }
+    client
+        .query_one(&format!("SELECT steep_repl.start_apply('{}'{args})", dir.display()), &[])
+        .map(|r| r.get(0))
+        .map_err(|e| db_message(&e))
+}
+
+/// Asserts every table of the manifest holds the same rows in both databases.
+fn assert_same_rows(cluster: &Cluster, src: &str, dst: &str, dir: &std::path::Path) {
+    let m = Manifest::load(dir).unwrap();
+    let (mut a, mut b) = (cluster.client(src), cluster.client(dst));
+    for t in &m.tables {
+        let q = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
+        let cols = t.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let (ra, rb) = (sorted_rows(&mut a, &q, &cols), sorted_rows(&mut b, &q, &cols));
+        assert_eq!(ra.len(), rb.len(), "{q}: row counts differ");
+        assert!(ra == rb, "{q}: rows differ");
+    }
+}
+
+#[test]
+fn round_trip_is_exact_for_types_partitions_toast_and_odd_names() {
+    let cluster = preloaded();
+    cluster.fresh_db("app_src", true);
+    cluster
+        .client("app_src")
+        .batch_execute(&format!("{ALL_TYPES}{MORE}"))
+        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    let dir = generate(cluster, "app_src", "app_roundtrip", &["SET steep_repl.chunk_size = '64kB'"]);
+    cluster.fresh_db("app_dst", false);
+    copy_schema(cluster, "app_src", "app_dst");
+    let mut d = cluster.client("app_dst");
+    let id = start_apply(&mut d, &[], &dir, ", parallel => 2").unwrap();
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, "app_src", "app_dst", &dir);
+    let m = Manifest::load(&dir).unwrap();
+    let names: Vec<String> = m.tables.iter().map(|t| t.name.clone()).collect();
+    assert!(
+        names.contains(&"measurements_2024".to_string()) && !names.contains(&"measurements".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"empty_one".to_string()) && names.contains(&"scratch".to_string()));
+    let seq: (i64, bool) = d
+        .query_one("SELECT last_value, is_called FROM measurements_id_seq", &[])
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(seq, (987654, true));
+    let recorded: i64 = d
+        .query_one("SELECT count(*) FROM steep_repl.apply_chunks WHERE apply_id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded as u64, m.totals.chunks);
+    // The loaded tables were analyzed.
+    let analyzed: Option<String> = d
+        .query_one("SELECT last_analyze::text FROM pg_stat_user_tables WHERE relname = 'child'", &[])
+        .unwrap()
+        .get(0);
+    assert!(analyzed.is_some());
+}
+
+#[test]
+fn a_corrupted_chunk_is_refused_before_any_row_changes() {
+    let cluster = preloaded();
+    cluster.fresh_db("app_corrupt_src", true);
+    cluster
+        .client("app_corrupt_src")
+        .batch_execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 20000) g")
+        .unwrap();
+    let dir = generate(cluster, "app_corrupt_src", "app_corrupt", &["SET steep_repl.chunk_size = '64kB'"]);
+    let m = Manifest::load(&dir).unwrap();
+    let victim = m.tables[0].chunks[3].path_in(&dir);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+    cluster.fresh_db("app_corrupt_dst", false);
+    copy_schema(cluster, "app_corrupt_src", "app_corrupt_dst");
+    let mut d = cluster.client("app_corrupt_dst");
+    let id = start_apply(&mut d, &[], &dir, ", parallel => 2").unwrap();
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert_eq!(status, "failed");
+    let error = error.unwrap();
+    assert!(error.starts_with("verification failed:"), "{error}");
+    assert!(error.contains(&m.tables[0].chunks[3].file), "names the bad chunk: {error}");
+    let n: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(n, 0, "no row changed");
+}
+
+#[test]
+fn schema_mismatches_are_all_listed() {
+    let cluster = preloaded();
+    cluster.fresh_db("app_mismatch_src", true);
+    cluster
+        .client("app_mismatch_src")
+        .batch_execute(
+            "CREATE TABLE a (id int, note text); INSERT INTO a VALUES (1, 'x');
+             CREATE TABLE b (id int, amount numeric(10,2), extra text); INSERT INTO b VALUES (1, 2.5, 'e');
+             CREATE TABLE c (id int);",
+        )
+        .unwrap();
+    let dir = generate(cluster, "app_mismatch_src", "app_mismatch", &[]);
+    cluster.fresh_db("app_mismatch_dst", true);
+    let mut d = cluster.client("app_mismatch_dst");
+    d.batch_execute("CREATE TABLE a (id int, note text); CREATE TABLE b (id int, amount integer)").unwrap();
+    let err = start_apply(&mut d, &[], &dir, "").unwrap_err();
+    assert!(err.contains("3 problems"), "{err}");
+    assert!(err.contains("\"public\".\"c\" does not exist"), "{err}");
+    assert!(err.contains("\"amount\""), "{err}");
+    assert!(err.contains("\"extra\""), "{err}");
+}
+
+#[test]
+fn non_empty_targets_are_refused_unless_truncate() {
+    let cluster = preloaded();
+    cluster.fresh_db("app_full_src", true);
+    cluster
+        .client("app_full_src")
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)")
+        .unwrap();
+    let dir = generate(cluster, "app_full_src", "app_full", &[]);
+    cluster.fresh_db("app_full_dst", true);
+    let mut d = cluster.client("app_full_dst");
+    d.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (-1), (-2)").unwrap();
+    let err = start_apply(&mut d, &[], &dir, "").unwrap_err();
+    assert!(err.contains("not empty") && err.contains("\"public\".\"t\""), "{err}");
+    let id = start_apply(&mut d, &[], &dir, ", truncate => true").unwrap();
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert_eq!(status, "applied", "{error:?}");
+    let (n, min): (i64, i32) =
+        d.query_one("SELECT count(*), min(id) FROM t", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+    assert_eq!((n, min), (100, 1));
+}
+
+fn interrupted_then_resumed(interrupt: &str) {
+    let cluster = preloaded();
+    let (src, dst) = (format!("app_{interrupt}_src"), format!("app_{interrupt}_dst"));
+    cluster.fresh_db(&src, true);
+    cluster
+        .client(&src)
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, h text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 60000) g")
+        .unwrap();
+    let dir = generate(cluster, &src, &format!("app_{interrupt}"), &["SET steep_repl.chunk_size = '64kB'"]);
+    cluster.fresh_db(&dst, false);
+    copy_schema(cluster, &src, &dst);
+    let mut d = cluster.client(&dst);
+    let id = start_apply(&mut d, &["SET steep_repl.chunk_pause = '150ms'"], &dir, ", parallel => 2").unwrap();
+    // Let a few chunks commit, then interrupt.
+    let mut done = 0;
+    for _ in 0..500 {
+        done =
+            d.query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        if done >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(done >= 3, "apply made no progress");
+    if interrupt == "kill" {
+        let pids: Vec<i32> =
+            d.query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        assert!(pids.len() >= 2, "{pids:?}");
+        d.query_one("SELECT pg_terminate_backend($1)", &[&pids[1]]).unwrap();
+    } else {
+        let ok: bool = d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get(0);
+        assert!(ok);
+    }
+    let (status, _) = wait_for(&mut d, &id, 60);
+    assert_eq!(status, if interrupt == "kill" { "failed" } else { "cancelled" });
+    let partial: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert!(partial > 0 && partial < 60000, "partially loaded: {partial}");
+    let loaded: i64 = d
+        .query_one(
+            "SELECT coalesce(sum(rows_loaded), 0)::int8 FROM steep_repl.apply_chunks WHERE apply_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(partial, loaded, "every committed row is recorded, nothing more");
+    d.batch_execute("RESET steep_repl.chunk_pause").unwrap();
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    assert_eq!(again, id);
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, &src, &dst, &dir);
+    let err = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap_err();
+    assert!(db_message(&err).contains("already applied"));
+}
+
+#[test]
+fn a_killed_worker_then_resume_loads_each_row_once() {
+    interrupted_then_resumed("kill");
+}
+
+#[test]
+fn a_cancel_then_resume_loads_each_row_once() {
+    interrupted_then_resumed("cancel");
+}
+
+#[test]
+fn an_incomplete_snapshot_is_never_applied() {
+    let cluster = preloaded();
+    cluster.fresh_db("app_incomplete", true);
+    let dir = snapshot_path("app_incomplete");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let mut d = cluster.client("app_incomplete");
+    let err = start_apply(&mut d, &[], &dir, "").unwrap_err();
+    assert!(err.contains("manifest.json"), "{err}");
+}
