@@ -8,7 +8,7 @@ set -euo pipefail
 
 PGRX_VERSION=0.16.1
 PG_CONFIG=/usr/bin/pg_config
-APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config sudo zstd pgcopydb)
+APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config libssl-dev sudo zstd pgcopydb bc)
 
 log() { printf 'setup: %s\n' "$*"; }
 

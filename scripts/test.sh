@@ -3,8 +3,8 @@
 #   1. cargo fmt --check and cargo clippy -D warnings over the whole workspace
 #   2. unit and property tests of the engine, fixtures and CLI
 #   3. #[pg_test]s inside a PostgreSQL 15 started by `cargo pgrx test` (library preloaded)
-#   4. integration tests: the extension installed into PostgreSQL 15, real clusters from scripts/pg.sh,
-#      driven through the steep-repl binary
+#   4. integration tests on real clusters from scripts/pg.sh, with the extension installed into
+#      PostgreSQL 15: the SQL API (it/tests) and the steep-repl binary end to end (cli/tests)
 # Exits non-zero on the first failure; each runner prints its own summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,8 +33,11 @@ trap 'rm -rf "$pgtest_dir"' EXIT
 # initdb refuses root: run the test cluster as the postgres OS user, in a fresh data dir.
 cargo pgrx test pg15 -p steep_repl --runas postgres --pgdata "$pgtest_dir/data"
 
-step "integration tests (real clusters, steep-repl binary)"
+step "integration tests: SQL API on real clusters"
 cargo pgrx install -p steep_repl --pg-config /usr/bin/pg_config
-cargo test -p steep-repl-cli --test cluster
+cargo test -p steep-repl-it
+
+step "integration tests: the steep-repl binary end to end"
+cargo test -p steep-repl-cli --tests
 
 step "all tests passed"

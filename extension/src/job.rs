@@ -334,7 +334,7 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
             return;
         }
         if BackgroundWorker::sigterm_received() {
-            job.fail("the job's leader was terminated (SIGTERM)");
+            job.fail("the job's leader was terminated (SIGTERM: server shutdown or pg_terminate_backend)");
             return;
         }
         let mut active = 0;
@@ -428,7 +428,10 @@ pub fn pause_before_chunk(job: &JobSlot) {
     let until = crate::pg::now_ms() + pause;
     while pause > 0 && !job.should_stop() && crate::pg::now_ms() < until {
         if BackgroundWorker::sigterm_received() {
-            job.fail(&format!("worker pid {} was terminated (SIGTERM)", crate::pg::my_pid()));
+            job.fail(&format!(
+                "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
+                crate::pg::my_pid()
+            ));
             return;
         }
         nap(Duration::from_millis((until - crate::pg::now_ms()).clamp(1, 50)));

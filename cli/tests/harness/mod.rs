@@ -1,145 +1,11 @@
-//! Test harness: real PostgreSQL 15 clusters started by `scripts/pg.sh`, with the steep_repl library
-//! installed by `cargo pgrx install` (scripts/test.sh does that first). Clusters are shared by the tests
-//! of one binary, each test working in a database of its own, and stopped when the process exits.
+//! The CLI tests' harness: the shared test kit (real clusters, snapshot helpers) plus a runner for the
+//! steep-repl binary built for this test run.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
 
-/// A running cluster.
-pub struct Cluster {
-    pub name: String,
-    /// conninfo of its `postgres` database.
-    pub conninfo: String,
-}
-
-impl Cluster {
-    /// conninfo of another database of this cluster.
-    pub fn conninfo_for(&self, db: &str) -> String {
-        self.conninfo.replace("dbname=postgres", &format!("dbname={db}"))
-    }
-
-    /// Creates a fresh database (dropping one of the same name), optionally with the extension.
-    pub fn fresh_db(&self, db: &str, with_extension: bool) -> String {
-        let mut c = self.client("postgres");
-        // Separate statements: CREATE DATABASE refuses to run inside a multi-statement batch.
-        for sql in
-            [format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"), format!("CREATE DATABASE \"{db}\"")]
-        {
-            c.batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {}", db_message(&e)));
-        }
-        if with_extension {
-            self.client(db)
-                .batch_execute("CREATE EXTENSION steep_repl")
-                .unwrap_or_else(|e| panic!("CREATE EXTENSION steep_repl in {db}: {}", db_message(&e)));
-        }
-        self.conninfo_for(db)
-    }
-
-    /// A synchronous client on one database.
-    pub fn client(&self, db: &str) -> postgres::Client {
-        postgres::Client::connect(&self.conninfo_for(db), postgres::NoTls)
-            .unwrap_or_else(|e| panic!("connecting to {db} on cluster {}: {e}", self.name))
-    }
-}
-
-/// The server's message when there is one, else the client error.
-pub fn db_message(e: &postgres::Error) -> String {
-    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
-}
-
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ has a parent").to_path_buf()
-}
-
-fn base_dir() -> &'static PathBuf {
-    static BASE: OnceLock<PathBuf> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("steep-repl-it-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("creating cluster base dir");
-        dir
-    })
-}
-
-static STARTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-fn pg_sh(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(repo_root().join("scripts/pg.sh"))
-        .args(args)
-        .env("STEEP_PG_BASE", base_dir())
-        .output()
-        .expect("running scripts/pg.sh")
-}
-
-extern "C" fn stop_all_clusters() {
-    let names = STARTED.lock().map(|v| v.clone()).unwrap_or_default();
-    for name in names {
-        let _status_ignored_at_exit = pg_sh(&["destroy", &name]);
-    }
-    let _ignored = std::fs::remove_dir_all(base_dir());
-}
-
-fn start(name: &str, preload: bool) -> Cluster {
-    assert!(
-        Path::new("/usr/share/postgresql/15/extension/steep_repl.control").exists(),
-        "the steep_repl extension is not installed into PostgreSQL 15: run `cargo pgrx install -p steep_repl \
-         --pg-config /usr/bin/pg_config` (scripts/test.sh does)"
-    );
-    let mut args = vec!["start", name];
-    if !preload {
-        args.push("--no-preload");
-    }
-    let out = pg_sh(&args);
-    assert!(
-        out.status.success(),
-        "scripts/pg.sh start {name} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut started = STARTED.lock().expect("cluster list lock");
-    if started.is_empty() {
-        // SAFETY: registering a plain extern "C" fn with no captured state; it runs once at exit.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::atexit(stop_all_clusters);
-        }
-    }
-    started.push(name.to_string());
-    Cluster { name: name.to_string(), conninfo: String::from_utf8_lossy(&out.stdout).trim().to_string() }
-}
-
-/// The shared cluster with `shared_preload_libraries = 'steep_repl'`.
-pub fn preloaded() -> &'static Cluster {
-    static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| start("preload", true))
-}
-
-/// The shared cluster without the preload.
-pub fn not_preloaded() -> &'static Cluster {
-    static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| start("nopreload", false))
-}
-
-/// A fresh path for a snapshot directory, in a parent the `postgres` OS user may write into; the
-/// directory itself does not exist yet.
-pub fn snapshot_path(name: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let parent = base_dir().join("snapshots");
-    std::fs::create_dir_all(&parent).expect("creating snapshot parent dir");
-    std::fs::set_permissions(base_dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod base");
-    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).expect("chmod snapshot parent");
-    let p = parent.join(name);
-    let _absent = std::fs::remove_dir_all(&p);
-    p
-}
-
-/// Starts a cluster of its own (for tests that change server-wide settings).
-pub fn dedicated(name: &str) -> Cluster {
-    start(name, true)
-}
+pub use steep_repl_testkit::*;
 
 /// Runs the steep-repl binary built for this test run.
 pub fn steep_repl(args: &[&str]) -> Output {
@@ -155,112 +21,64 @@ pub fn steep_repl(args: &[&str]) -> Output {
         .expect("running steep-repl")
 }
 
-pub fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Starts a generate job through SQL after running `setup` statements in the same session (SET ...),
-/// returning its id.
-pub fn start_snapshot(client: &mut postgres::Client, setup: &[&str], path: &Path, args: &str) -> String {
-    for s in setup {
-        client.batch_execute(s).unwrap_or_else(|e| panic!("{s}: {}", db_message(&e)));
-    }
-    let sql = format!("SELECT steep_repl.start_snapshot('{}'{args})", path.display());
-    let row = client.query_one(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {}", db_message(&e)));
-    row.get(0)
-}
-
-/// Waits for an operation to end (at most `timeout_s`); returns (status, error).
-pub fn wait_for(client: &mut postgres::Client, id: &str, timeout_s: i32) -> (String, Option<String>) {
-    let row = client
-        .query_one("SELECT status, error FROM steep_repl.wait_snapshot($1, $2)", &[&id, &timeout_s])
-        .unwrap_or_else(|e| panic!("wait_snapshot({id}): {}", db_message(&e)));
-    (row.get(0), row.get(1))
-}
-
-/// Polls snapshot_progress until the job's phase is `phase` or later than `plan`/`queued`.
-pub fn wait_for_phase(client: &mut postgres::Client, id: &str, phases: &[&str]) -> String {
-    for _ in 0..600 {
-        let phase: String = client
-            .query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id])
-            .map(|r| r.get(0))
-            .unwrap_or_else(|e| panic!("snapshot_progress({id}): {}", db_message(&e)));
-        if phases.contains(&phase.as_str()) {
-            return phase;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    panic!("job {id} never reached phase {phases:?}");
-}
-
-/// The decompressed, CRC-checked contents of one table's chunks, concatenated in chunk order.
-pub fn table_bytes(dir: &Path, schema: &str, name: &str) -> Vec<u8> {
-    use std::io::Read;
-    let m = steep_repl_engine::manifest::Manifest::load(dir).unwrap_or_else(|e| panic!("manifest: {e}"));
-    let t = m
-        .tables
-        .iter()
-        .find(|t| t.schema == schema && t.name == name)
-        .unwrap_or_else(|| panic!("{schema}.{name} is not in the manifest"));
-    let mut out = Vec::new();
-    for c in &t.chunks {
-        let mut r = steep_repl_engine::chunk::ChunkReader::open(&c.path_in(dir), c).expect("open chunk");
-        r.read_to_end(&mut out).unwrap_or_else(|e| panic!("reading {}: {e}", c.file));
-    }
-    out
-}
-
-/// What `COPY (sql) TO STDOUT` prints in this session.
-pub fn copy_out(client: &mut postgres::Client, sql: &str) -> Vec<u8> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    client
-        .copy_out(&format!("COPY ({sql}) TO STDOUT"))
-        .unwrap_or_else(|e| panic!("COPY ({sql}): {}", db_message(&e)))
-        .read_to_end(&mut out)
-        .expect("reading COPY output");
-    out
-}
-
-/// The output settings generate pins, plus a time zone, for a session that compares with COPY.
-pub fn pin_session(client: &mut postgres::Client, timezone: &str) {
-    client
-        .batch_execute(&format!(
-            "SET DateStyle = ISO; SET IntervalStyle = postgres; SET bytea_output = hex; \
-             SET extra_float_digits = 3; SET TimeZone = '{timezone}'"
-        ))
-        .expect("pinning session settings");
-}
-
-/// Copies the schema (no data) of one database into another with pg_dump | psql.
-pub fn copy_schema(cluster: &Cluster, from_db: &str, to_db: &str) {
-    let dump = Command::new("pg_dump")
-        .args(["--schema-only", "--no-owner", "--no-privileges", "-d", &cluster.conninfo_for(from_db)])
-        .output()
-        .expect("running pg_dump");
-    assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
-    let mut psql = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &cluster.conninfo_for(to_db), "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+/// Starts the steep-repl binary with stdout and stderr piped (for tests that signal or follow it).
+pub fn steep_repl_spawn(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_steep-repl"))
+        .args(args)
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env_remove("PGDATABASE")
+        .env_remove("PGUSER")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("running psql");
-    use std::io::Write;
-    psql.stdin.take().expect("stdin").write_all(&dump.stdout).expect("feeding psql");
-    assert!(psql.wait().expect("psql").success(), "restoring the schema into {to_db} failed");
+        .expect("starting steep-repl")
 }
 
-/// The rows of a table as sorted COPY lines (pinned settings): equal lists mean EXCEPT ALL is empty in
-/// both directions.
-pub fn sorted_rows(client: &mut postgres::Client, qualified: &str, columns: &str) -> Vec<Vec<u8>> {
-    pin_session(client, "UTC");
-    let bytes = copy_out(client, &format!("SELECT {columns} FROM {qualified}"));
-    let mut lines: Vec<Vec<u8>> =
-        bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
-    lines.sort();
-    lines
+/// Every stdout line of a `--json` run, parsed (a line that is not JSON fails the test).
+pub fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Loads `fixtures/sql/<file>` into database `db` with psql (`-v scale=N`).
+pub fn load_fixture(cluster: &Cluster, db: &str, file: &str, scale: u32) {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", &format!("scale={scale}"), "-d"])
+        .arg(cluster.conninfo_for(db))
+        .arg("-f")
+        .arg(repo_root().join("fixtures/sql").join(file))
+        .output()
+        .expect("running psql");
+    assert!(out.status.success(), "loading {file} into {db}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Sends SIGINT (Ctrl-C) to a child process.
+pub fn interrupt(child: &std::process::Child) {
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("running kill");
+    assert!(ok.success(), "kill -INT {}", child.id());
+}
+
+/// Reads a child's stdout line by line until `pred` accepts a line (returned), or the stream ends
+/// (panics, with what was read). The reader is handed back for reading the rest.
+pub fn read_until(
+    reader: &mut impl std::io::BufRead,
+    what: &str,
+    mut pred: impl FnMut(&str) -> bool,
+) -> String {
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("reading child output");
+        assert!(n > 0, "the output ended before {what}:\n{seen}");
+        if pred(&line) {
+            return line;
+        }
+        seen.push_str(&line);
+    }
 }

@@ -290,7 +290,12 @@ fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
                 )
             } else {
                 job.set_phase(Phase::Failed);
-                ("failed", Some(first))
+                (
+                    "failed",
+                    Some(format!(
+                        "{first}; chunks loaded so far are kept: resume with steep_repl.resume_apply('{id}')"
+                    )),
+                )
             }
         }
     };
@@ -369,7 +374,10 @@ impl CopySource for ChunkSource<'_> {
         if self.unreported >= PROGRESS_STEP || n == 0 {
             self.report();
             if BackgroundWorker::sigterm_received() {
-                let msg = format!("worker pid {} was terminated (SIGTERM)", pg::my_pid());
+                let msg = format!(
+                    "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
+                    pg::my_pid()
+                );
                 self.job.fail(&msg);
                 error!("{msg}");
             }

@@ -289,7 +289,10 @@ impl ScanObserver for Observer<'_> {
 
     fn should_stop(&mut self) -> Option<String> {
         if BackgroundWorker::sigterm_received() {
-            let msg = format!("worker pid {} was terminated (SIGTERM)", pg::my_pid());
+            let msg = format!(
+                "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
+                pg::my_pid()
+            );
             self.job.fail(&msg);
             return Some(msg);
         }

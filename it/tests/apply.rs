@@ -1,7 +1,7 @@
 //! Apply inside the server (issue 5): round trips compared row for row, refusals before any row
 //! changes, and exactly-once resume after a killed worker or a cancel.
 
-mod harness;
+use steep_repl_testkit as harness;
 
 use harness::*;
 use steep_repl_engine::ident::{QualifiedName, quote_ident};
@@ -38,7 +38,7 @@ fn generate(cluster: &Cluster, db: &str, name: &str, setup: &[&str]) -> std::pat
 }
 
 fn start_apply(
-    client: &mut postgres::Client,
+    client: &mut harness::postgres::Client,
     setup: &[&str],
     dir: &std::path::Path,
     args: &str,

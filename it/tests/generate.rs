@@ -1,7 +1,7 @@
 //! Generate inside the server (issue 4): byte identity with COPY, consistency under concurrent writes,
 //! cancel, a killed worker, privileges, bad paths, and fewer worker slots than asked.
 
-mod harness;
+use steep_repl_testkit as harness;
 
 use harness::*;
 use steep_repl_engine::manifest::Manifest;
@@ -233,7 +233,7 @@ fn privileges_are_enforced_and_nothing_is_written() {
     )
     .unwrap();
     let as_role = |role: &str| {
-        postgres::Client::connect(
+        harness::postgres::Client::connect(
             &format!("{} user={role}", cluster.conninfo_for("gen_privs")),
             postgres::NoTls,
         )
@@ -332,4 +332,116 @@ fn fewer_worker_slots_than_asked_still_completes() {
     assert_eq!(m.parallel.requested, 8);
     assert_eq!(m.parallel.used, 2, "capped by steep_repl.max_workers");
     assert_eq!(m.tables[0].rows, 30000);
+}
+
+#[test]
+fn progress_is_pushed_over_listen_notify() {
+    let cluster = preloaded();
+    cluster.fresh_db("gen_notify", true);
+    let mut c = cluster.client("gen_notify");
+    c.batch_execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 50000) g")
+        .unwrap();
+    let mut listener = cluster.client("gen_notify");
+    listener.batch_execute("LISTEN steep_repl_progress").unwrap();
+    let dir = snapshot_path("gen_notify");
+    let id = start_snapshot(
+        &mut c,
+        &[
+            "SET steep_repl.chunk_size = '64kB'",
+            "SET steep_repl.progress_interval = '50ms'",
+            "SET steep_repl.chunk_pause = '20ms'",
+        ],
+        &dir,
+        ", parallel => 2",
+    );
+    let (status, _) = wait_for(&mut c, &id, 60);
+    assert_eq!(status, "complete");
+    let mut seen = Vec::new();
+    let mut notes = listener.notifications();
+    use harness::postgres::fallible_iterator::FallibleIterator;
+    let mut it = notes.timeout_iter(std::time::Duration::from_millis(500));
+    while let Ok(Some(n)) = it.next() {
+        assert!(n.payload().len() <= 8000);
+        let v: serde_json::Value = serde_json::from_str(n.payload()).expect("payload is JSON");
+        if v["id"] == id.as_str() {
+            seen.push(v);
+        }
+    }
+    assert!(seen.len() >= 3, "a notification per phase at least: {seen:?}");
+    for key in [
+        "op",
+        "id",
+        "phase",
+        "status",
+        "percent",
+        "tables_done",
+        "tables_total",
+        "chunks_done",
+        "chunks_total",
+        "rows",
+        "bytes",
+        "bytes_per_s",
+        "eta_s",
+        "error",
+    ] {
+        assert!(seen[0].get(key).is_some(), "missing {key}: {}", seen[0]);
+    }
+    let phases: Vec<&str> = seen.iter().filter_map(|v| v["phase"].as_str()).collect();
+    assert!(phases.contains(&"plan") && phases.contains(&"data"), "{phases:?}");
+    let last = seen.last().unwrap();
+    assert_eq!(last["status"], "complete");
+    assert_eq!(last["percent"], 100.0);
+    assert_eq!(last["op"], "generate");
+    assert_eq!(last["rows"], 50000);
+}
+
+#[test]
+fn a_server_restart_fails_running_jobs_with_the_reason() {
+    let cluster = dedicated("restart");
+    cluster.fresh_db("gen_restart", true);
+    let mut c = cluster.client("gen_restart");
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, h text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 60000) g").unwrap();
+    let dir = snapshot_path("gen_restart");
+    let id = start_snapshot(
+        &mut c,
+        &["SET steep_repl.chunk_size = '64kB'", "SET steep_repl.chunk_pause = '200ms'"],
+        &dir,
+        ", parallel => 2",
+    );
+    wait_for_phase(&mut c, &id, &["data"]);
+    // An apply of an earlier snapshot, interrupted by the same restart, then resumed.
+    let done = snapshot_path("gen_restart_src");
+    let gid = start_snapshot(&mut c, &["RESET steep_repl.chunk_pause"], &done, ", parallel => 2");
+    assert_eq!(wait_for(&mut c, &gid, 60).0, "complete");
+    cluster.fresh_db("gen_restart_dst", true);
+    let mut d = cluster.client("gen_restart_dst");
+    d.batch_execute("CREATE TABLE t (id int PRIMARY KEY, h text); SET steep_repl.chunk_pause = '200ms'")
+        .unwrap();
+    let aid: String =
+        d.query_one(&format!("SELECT steep_repl.start_apply('{}')", done.display()), &[]).unwrap().get(0);
+    wait_for_phase(&mut d, &aid, &["data"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop((c, d));
+    cluster.restart();
+
+    let mut c = cluster.client("gen_restart");
+    let (status, error) = wait_for(&mut c, &id, 10);
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("server restart") || error.contains("server shutdown"), "{error}");
+    let mut d = cluster.client("gen_restart_dst");
+    let (status, error) = wait_for(&mut d, &aid, 10);
+    assert_eq!(status, "failed");
+    assert!(error.unwrap_or_default().contains("resume_apply"));
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&aid]).unwrap().get(0);
+    assert_eq!(wait_for(&mut d, &again, 60).0, "applied");
+    let (n, distinct): (i64, i64) =
+        d.query_one("SELECT count(*), count(DISTINCT id) FROM t", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+    assert_eq!((n, distinct), (60000, 60000));
+    // No stale slot is left: health is ok and nothing runs.
+    let (status, active): (String, i64) = c
+        .query_one("SELECT status, active_operations FROM steep_repl.health()", &[])
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((status.as_str(), active), ("ok", 0));
 }

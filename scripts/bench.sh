@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
+#
+#   scripts/bench.sh [generate|apply|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]
+#
+#   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
+#   apply     start_apply(parallel => N, analyze => false)  vs  pg_restore -j N --data-only
+#             both into the same pre-created schema with its indexes and keys (emptied in between)
+#
+# Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
+# a hundred small tables) and `onebig` (one large table), scaled to take tens of seconds here. Data is
+# VACUUM FREEZE ANALYZEd and prewarmed into shared_buffers before timing, so every tool reads the same
+# warm pages. Each measurement runs twice, alternating tools; the faster run counts. Prints wall times,
+# ratios and output sizes, and appends them to target/bench/results.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+what=all; mixed_scale=16; onebig_scale=14; parallel=2; keep=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    generate|apply|all) what="$1" ;;
+    --mixed-scale) mixed_scale="$2"; shift ;;
+    --onebig-scale) onebig_scale="$2"; shift ;;
+    --parallel) parallel="$2"; shift ;;
+    --keep) keep=1 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+bash scripts/setup.sh >/dev/null
+if [ "${STEEP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
+  echo "bench: building and installing the extension (release)"
+  cargo pgrx install --release -p steep_repl --pg-config /usr/bin/pg_config >/dev/null
+fi
+
+export STEEP_PG_BASE="${STEEP_BENCH_BASE:-/tmp/steep-repl-bench}"
+export STEEP_PG_CONF="shared_buffers = 3GB
+max_wal_size = 16GB
+checkpoint_timeout = 30min
+maintenance_work_mem = 512MB"
+conn=$(bash scripts/pg.sh start bench)
+db() { echo "${conn/dbname=postgres/dbname=$1}"; }
+q() { psql "$(db "$1")" -XqAt -v ON_ERROR_STOP=1 -c "$2"; }
+now() { date +%s.%N; }
+work="$STEEP_PG_BASE/work"
+mkdir -p "$work"; chmod 777 "$work"
+results=target/bench/results.txt
+mkdir -p target/bench
+
+ensure_dataset() { # name sqlfile scale
+  local name=$1 file=$2 scale=$3 marker
+  marker=$(q postgres "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = '$name'" || true)
+  if [ "$marker" = "steep-repl bench $file scale $scale" ]; then return; fi
+  echo "bench: building dataset $name ($file, scale $scale)"
+  q postgres "DROP DATABASE IF EXISTS $name WITH (FORCE)"
+  q postgres "CREATE DATABASE $name"
+  psql "$(db "$name")" -Xq -v ON_ERROR_STOP=1 -v scale="$scale" -f "fixtures/sql/$file" >/dev/null
+  q "$name" "CREATE EXTENSION steep_repl"
+  q "$name" "VACUUM (FREEZE, ANALYZE)"
+  q postgres "COMMENT ON DATABASE $name IS 'steep-repl bench $file scale $scale'"
+}
+
+prewarm() {
+  q "$1" "CREATE EXTENSION IF NOT EXISTS pg_prewarm"
+  q "$1" "SELECT sum(pg_prewarm(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 't', 'i')" >/dev/null
+}
+
+time_ours_generate() { # db outdir
+  rm -rf "$2"
+  local t0 id status
+  t0=$(now)
+  id=$(q "$1" "SELECT steep_repl.start_snapshot('$2', parallel => $parallel)")
+  status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = complete ] || { echo "bench: steep-repl generate failed: $status" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+time_pg_dump() { # db outdir
+  rm -rf "$2"
+  local t0; t0=$(now)
+  pg_dump -Fd -j "$parallel" -Z 1 -f "$2" -d "$(db "$1")"
+  echo "$(now) - $t0" | bc
+}
+
+empty_target() { # target db
+  q "$1" "DO \$\$ DECLARE r record; BEGIN
+            FOR r IN SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables
+                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') LOOP
+              EXECUTE 'TRUNCATE ' || r.t;
+            END LOOP;
+            DELETE FROM steep_repl.snapshots; END \$\$"
+  q "$1" "CHECKPOINT"
+}
+
+time_ours_apply() { # target snapdir
+  empty_target "$1"
+  local t0 id status
+  t0=$(now)
+  id=$(q "$1" "SELECT steep_repl.start_apply('$2', parallel => $parallel, analyze => false)")
+  status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = applied ] || { echo "bench: steep-repl apply failed: $status" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+time_pg_restore() { # target dumpdir
+  empty_target "$1"
+  local t0; t0=$(now)
+  pg_restore -j "$parallel" --data-only -d "$(db "$1")" "$2"
+  echo "$(now) - $t0" | bc
+}
+
+min() { echo "if ($1 < $2) $1 else $2" | bc; }
+ratio() { echo "scale=3; $1 / $2" | bc; }
+size() { du -sb "$1" | cut -f1; }
+mb() { echo "scale=1; $1 / 1048576" | bc; }
+
+report() { printf '%s\n' "$*" | tee -a "$results"; }
+report ""
+report "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) steep-repl bench: $what, parallel $parallel, $(nproc) cores, PostgreSQL $(q postgres 'SHOW server_version')"
+
+for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
+  IFS=: read -r name file scale <<<"$spec"
+  dbname="bench_$name"
+  ensure_dataset "$dbname" "$file" "$scale"
+  prewarm "$dbname"
+  raw=$(q "$dbname" "SELECT pg_size_pretty(sum(pg_total_relation_size(c.oid))) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
+  ours_dir="$work/$name.steep"; dump_dir="$work/$name.dump"
+
+  if [ "$what" != apply ] || [ ! -f "$ours_dir/manifest.json" ] || [ ! -f "$dump_dir/toc.dat" ]; then
+    a1=$(time_ours_generate "$dbname" "$ours_dir"); b1=$(time_pg_dump "$dbname" "$dump_dir")
+    a2=$(time_ours_generate "$dbname" "$ours_dir"); b2=$(time_pg_dump "$dbname" "$dump_dir")
+    a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+    rows=$(python3 -c "import json,sys; m=json.load(open('$ours_dir/manifest.json')); t=m['totals']; print(t['rows'], t['raw_bytes'])")
+    read -r nrows rawbytes <<<"$rows"
+    if [ "$what" != apply ]; then
+      report "generate $name (tables $raw on disk, $nrows rows, $(mb "$rawbytes") MB COPY text):"
+      report "  steep-repl start_snapshot  ${a}s (runs ${a1}s, ${a2}s)  output $(mb "$(size "$ours_dir")") MB"
+      report "  pg_dump -Fd -j$parallel -Z1      ${b}s (runs ${b1}s, ${b2}s)  output $(mb "$(size "$dump_dir")") MB"
+      report "  ratio steep-repl / pg_dump: $(ratio "$a" "$b")x   throughput $(echo "scale=1; $rawbytes / 1048576 / $a" | bc) MB/s of COPY text"
+    fi
+  fi
+
+  if [ "$what" != generate ]; then
+    target="${dbname}_target"
+    if [ "$(q postgres "SELECT count(*) FROM pg_database WHERE datname = '$target'")" = 0 ]; then
+      q postgres "CREATE DATABASE $target"
+      pg_dump --schema-only -d "$(db "$dbname")" | psql "$(db "$target")" -Xq -v ON_ERROR_STOP=1 >/dev/null
+    fi
+    a1=$(time_ours_apply "$target" "$ours_dir"); b1=$(time_pg_restore "$target" "$dump_dir")
+    a2=$(time_ours_apply "$target" "$ours_dir"); b2=$(time_pg_restore "$target" "$dump_dir")
+    a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+    report "apply $name (into the pre-created schema with its indexes and keys):"
+    report "  steep-repl start_apply     ${a}s (runs ${a1}s, ${a2}s)"
+    report "  pg_restore -j$parallel --data-only ${b}s (runs ${b1}s, ${b2}s)"
+    report "  ratio steep-repl / pg_restore: $(ratio "$a" "$b")x"
+  fi
+done
+
+[ "$keep" = 1 ] || rm -rf "$work"/*.steep "$work"/*.dump
+echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
