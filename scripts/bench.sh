@@ -4,7 +4,7 @@
 #   scripts/bench.sh [generate|apply|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
-#   apply     start_apply(parallel => N, analyze => false)  vs  pg_restore -j N --data-only
+#   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
 #             both into the same pre-created schema with its indexes and keys (emptied in between)
 #
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; mixed_scale=16; onebig_scale=14; parallel=2; keep=0
+what=all; mixed_scale=64; onebig_scale=40; parallel=2; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     generate|apply|all) what="$1" ;;
@@ -99,7 +99,7 @@ time_ours_apply() { # target snapdir
   empty_target "$1"
   local t0 id status
   t0=$(now)
-  id=$(q "$1" "SELECT steep_repl.start_apply('$2', parallel => $parallel, analyze => false)")
+  id=$(q "$1" "SELECT steep_repl.start_apply('$2', parallel => $parallel, analyze_tables => false)")
   status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
   [ "$status" = applied ] || { echo "bench: steep-repl apply failed: $status" >&2; exit 1; }
   echo "$(now) - $t0" | bc
@@ -125,6 +125,8 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
   IFS=: read -r name file scale <<<"$spec"
   dbname="bench_$name"
   ensure_dataset "$dbname" "$file" "$scale"
+  # The SQL objects must match the library just installed (the version number does not move in development).
+  q "$dbname" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
   prewarm "$dbname"
   raw=$(q "$dbname" "SELECT pg_size_pretty(sum(pg_total_relation_size(c.oid))) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
   ours_dir="$work/$name.steep"; dump_dir="$work/$name.dump"
@@ -149,6 +151,7 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
       q postgres "CREATE DATABASE $target"
       pg_dump --schema-only -d "$(db "$dbname")" | psql "$(db "$target")" -Xq -v ON_ERROR_STOP=1 >/dev/null
     fi
+    q "$target" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
     a1=$(time_ours_apply "$target" "$ours_dir"); b1=$(time_pg_restore "$target" "$dump_dir")
     a2=$(time_ours_apply "$target" "$ours_dir"); b2=$(time_pg_restore "$target" "$dump_dir")
     a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")

@@ -1,6 +1,12 @@
-//! Command-line arguments. Parsing only: nothing here connects or touches files.
+//! Command-line arguments. Parsing only: nothing here connects or touches files. Values that have a
+//! syntax of their own (compression, table patterns, sizes) are parsed here, so a bad one is a usage
+//! error (exit 2) before anything else happens; [`crate::config`] turns the result into what runs.
 
-use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use steep_repl_engine::chunk::Compression;
+use steep_repl_engine::filter::TablePattern;
 
 /// steep-repl: consistent, parallel, compressed and checksummed PostgreSQL snapshots, generated and
 /// applied inside the server.
@@ -10,7 +16,7 @@ pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
 
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text (progress: one object per line).
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -20,21 +26,302 @@ pub struct Cli {
 
 const EXAMPLES: &str = "\
 Examples:
+  steep-repl snapshot generate --parallel 8 --direct -d \"host=src dbname=app\" --output /data/snap
+  steep-repl snapshot apply --input /data/snap --parallel 8 -d \"host=replica dbname=app\"
+  steep-repl snapshot verify /data/snap --deep
   steep-repl health -d \"host=db1 dbname=app user=postgres\"
-  PGHOST=db1 PGDATABASE=app steep-repl health --json";
+
+Exit codes: 0 ok, 1 error or job failed, 2 usage, 3 schema mismatch, 4 cancelled, 5 timeout,
+6 connection error, 7 verification failed, 130 detached by Ctrl-C (the job keeps running).";
 
 /// How to reach the server: like psql, `-d` takes a conninfo string or a URI, and anything it leaves out
 /// comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD and PGSSLMODE.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ConnArgs {
-    /// Connection string ("host=... dbname=...") or URI (postgresql://user@host:port/db).
+    /// Connection string ("host=... dbname=..."), URI (postgresql://user@host:port/db) or database name.
     #[arg(short = 'd', long = "dbname", global = true, value_name = "CONNINFO")]
     pub dbname: Option<String>,
 }
 
+/// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show whether steep_repl is installed, preloaded and healthy on the server.
     #[command(after_help = "Example:\n  steep-repl health -d postgresql://postgres@localhost:5432/app")]
     Health,
+    /// Generate, apply, watch and check snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `steep-repl snapshot ...`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a consistent snapshot of a database into a directory.
+    #[command(after_help = GENERATE_HELP)]
+    Generate(GenerateArgs),
+    /// Load a snapshot into existing, empty tables of a database.
+    #[command(after_help = APPLY_HELP)]
+    Apply(ApplyArgs),
+    /// Show the progress of a running (or the outcome of a finished) operation.
+    #[command(after_help = "Examples:\n  steep-repl snapshot progress gen-0123456789abcdef\n  \
+                            steep-repl snapshot progress gen-0123456789abcdef --follow --json")]
+    Progress(ProgressArgs),
+    /// List recent operations (the server's work queue, newest first).
+    #[command(after_help = "Example:\n  steep-repl snapshot list --status running -d \"dbname=app\"")]
+    List(ListArgs),
+    /// Ask a running operation to stop (generate removes its output; apply stays resumable).
+    #[command(after_help = "Example:\n  steep-repl snapshot cancel gen-0123456789abcdef -d \"dbname=app\"")]
+    Cancel(CancelArgs),
+    /// Check a snapshot directory offline: manifest, every chunk's size and CRC (no connection).
+    #[command(after_help = "Examples:\n  steep-repl snapshot verify /data/snap\n  \
+                            steep-repl snapshot verify /data/snap --deep --json\n\n\
+                            Exits 7 listing every problem when the snapshot is damaged or incomplete.")]
+    Verify(VerifyArgs),
+    /// Describe a snapshot directory offline: tables, chunks, rows, sizes, ratio, LSN.
+    #[command(after_help = "Example:\n  steep-repl snapshot inspect /data/snap --json")]
+    Inspect(InspectArgs),
+}
+
+const GENERATE_HELP: &str = "\
+Examples:
+  steep-repl snapshot generate --parallel 8 --direct -d \"host=src dbname=app\" --output /data/snap
+  steep-repl snapshot generate --client --table 'sales.*' --compression zstd:3 --output ./snap
+
+--direct runs the job in the server's background workers (the output path is on the server); --client
+runs it in this process over N connections sharing one exported snapshot (the path is local). Without
+either: direct when steep_repl is installed and preloaded on the server, otherwise client.
+Ctrl-C detaches from a direct job (it keeps running) and cancels a client-mode one.";
+
+const APPLY_HELP: &str = "\
+Examples:
+  steep-repl snapshot apply --input /data/snap --parallel 8 -d \"host=replica dbname=app\"
+  steep-repl snapshot apply --client --truncate --input ./snap -d \"dbname=app_copy\"
+
+The target tables must exist (e.g. pg_dump --schema-only | psql) and be empty unless --truncate. A
+client-mode apply records finished chunks in <input>/apply-state.<target>.json: run the same command
+again to resume without loading any chunk twice. A direct apply resumes with --resume ID.";
+
+/// Where a job runs.
+#[derive(Debug, Args, Clone, Copy, Default)]
+#[command(group(ArgGroup::new("mode").args(["direct", "client"])))]
+pub struct ModeArgs {
+    /// Run in the server's background workers (needs steep_repl installed and preloaded).
+    #[arg(long)]
+    pub direct: bool,
+    /// Run in this process over ordinary connections (for servers without the extension).
+    #[arg(long)]
+    pub client: bool,
+}
+
+/// How long to follow a job.
+#[derive(Debug, Args, Clone, Copy, Default)]
+pub struct WaitArgs {
+    /// Stop following after this many seconds and exit 5 (a direct job keeps running).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
+}
+
+/// `snapshot generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Snapshot directory to create (must not exist, or be empty; its parent must exist).
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Workers (server background workers or client connections), 1 to 64.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    /// Chunk compression: zstd (level 1), zstd:N (N in 1..=22) or none.
+    #[arg(long, default_value = "zstd:1", value_parser = parse_compression)]
+    pub compression: Compression,
+    /// Only tables matching this pattern, pg_dump -t style: [schema.]name with * and ?, "quoted" for
+    /// case (repeatable).
+    #[arg(short = 't', long = "table", value_name = "PATTERN", value_parser = parse_pattern)]
+    pub tables: Vec<TablePattern>,
+    /// Target uncompressed size of one chunk: bytes, or with kB, MB, GB, TB (at least 64kB).
+    /// Default: the server's steep_repl.chunk_size (direct), 256MB (client).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+    /// Start the job and print its id without following it (direct mode only).
+    #[arg(long, conflicts_with = "client")]
+    pub detach: bool,
+    #[command(flatten)]
+    pub mode: ModeArgs,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// `snapshot apply`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["input", "resume"])))]
+pub struct ApplyArgs {
+    /// Snapshot directory to load (on the server in direct mode, local in client mode).
+    #[arg(short, long, value_name = "DIR")]
+    pub input: Option<PathBuf>,
+    /// Workers (server background workers or client connections), 1 to 64.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    /// Skip checking every chunk's size and CRC before loading (chunks are still checked as they load).
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Empty the target tables first (otherwise non-empty target tables are refused).
+    #[arg(long)]
+    pub truncate: bool,
+    /// Do not ANALYZE the loaded tables at the end.
+    #[arg(long)]
+    pub no_analyze: bool,
+    /// Continue a failed or cancelled direct-mode apply (steep_repl.resume_apply) instead of starting one.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["client", "truncate", "no_verify"])]
+    pub resume: Option<String>,
+    /// Start the job and print its id without following it (direct mode only).
+    #[arg(long, conflicts_with = "client")]
+    pub detach: bool,
+    #[command(flatten)]
+    pub mode: ModeArgs,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// `snapshot progress`.
+#[derive(Debug, Args)]
+pub struct ProgressArgs {
+    /// Operation id (gen-... or app-...).
+    pub id: String,
+    /// Keep following until the operation ends; exit with its outcome's code.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// `snapshot list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only operations in this state.
+    #[arg(long, value_parser = ["pending", "running", "complete", "failed", "cancelled"])]
+    pub status: Option<String>,
+    /// At most this many operations.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i32).range(1..))]
+    pub limit: i32,
+}
+
+/// `snapshot cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// Operation id (gen-... or app-...).
+    pub id: String,
+}
+
+/// `snapshot verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// Also decompress every chunk and check its raw size, raw CRC and row count.
+    #[arg(long)]
+    pub deep: bool,
+}
+
+/// `snapshot inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse::<Compression>().map_err(|e| e.to_string())
+}
+
+fn parse_pattern(s: &str) -> Result<TablePattern, String> {
+    s.parse::<TablePattern>().map_err(|e| e.to_string())
+}
+
+/// Smallest chunk size accepted: the minimum of the server's `steep_repl.chunk_size` setting.
+pub const MIN_CHUNK_BYTES: u64 = 64 * 1024;
+
+/// Parses a size like PostgreSQL's memory settings: a number of bytes, or a number followed by B, kB,
+/// MB, GB or TB (powers of 1024; case and spaces are forgiven).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 256MB, 64kB, 1GB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        "t" | "tb" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} (use B, kB, MB, GB or TB)")),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes < MIN_CHUNK_BYTES {
+        return Err(format!("{s:?} is below the minimum of 64kB"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256MB"), Ok(256 << 20));
+        assert_eq!(parse_size("64kB"), Ok(64 << 10));
+        assert_eq!(parse_size(" 1 gb"), Ok(1 << 30));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("1kB").unwrap_err().contains("minimum"));
+        assert!(parse_size("12XB").unwrap_err().contains("unit"));
+        assert!(parse_size("MB").is_err());
+        assert!(parse_size("99999999999TB").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn generate_flags() {
+        let cli = Cli::try_parse_from([
+            "steep-repl",
+            "snapshot",
+            "generate",
+            "--output",
+            "/x",
+            "--parallel",
+            "8",
+            "--direct",
+            "-t",
+            "a.*",
+            "--table",
+            "b",
+            "--compression",
+            "none",
+        ])
+        .unwrap();
+        let Command::Snapshot(SnapshotCommand::Generate(g)) = cli.command else { panic!("not generate") };
+        assert_eq!(g.parallel, 8);
+        assert!(g.mode.direct && !g.mode.client);
+        assert_eq!(g.tables.len(), 2);
+        assert_eq!(g.compression, Compression::None);
+    }
+
+    #[test]
+    fn usage_errors() {
+        for bad in [
+            &["steep-repl", "snapshot", "generate", "--output", "/x", "--direct", "--client"][..],
+            &["steep-repl", "snapshot", "generate", "--output", "/x", "--parallel", "0"],
+            &["steep-repl", "snapshot", "generate", "--output", "/x", "--compression", "lz4"],
+            &["steep-repl", "snapshot", "generate"],
+            &["steep-repl", "snapshot", "apply"],
+            &["steep-repl", "snapshot", "apply", "--input", "/x", "--resume", "app-1", "--truncate"],
+            &["steep-repl", "snapshot", "verify"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
 }

@@ -8,8 +8,11 @@
 
 use std::time::Duration;
 
+use steep_repl_engine::ident::quote_ident;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::{AsyncMessage, Client, Config, Connection};
 
 use crate::error::CliError;
 
@@ -141,17 +144,71 @@ impl ConnSpec {
         format!("{} (database {db}, user {user})", hosts.join(", "))
     }
 
+    /// A conninfo string for this target without any password, for commands printed to the user
+    /// (`-d '...'`): host, port, user, dbname and sslmode, each quoted as libpq requires.
+    pub fn public_conninfo(&self) -> String {
+        let mut parts = Vec::new();
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                Host::Unix(dir) => dir.display().to_string(),
+            })
+            .collect();
+        if !hosts.is_empty() {
+            parts.push(format!("host={}", conninfo_value(&hosts.join(","))));
+        }
+        if let Some(port) = self.config.get_ports().first() {
+            parts.push(format!("port={port}"));
+        }
+        if let Some(user) = self.config.get_user() {
+            parts.push(format!("user={}", conninfo_value(user)));
+        }
+        if let Some(db) = self.config.get_dbname() {
+            parts.push(format!("dbname={}", conninfo_value(db)));
+        }
+        let mode = match self.tls {
+            TlsMode::Disable => Some("disable"),
+            TlsMode::Allow => Some("allow"),
+            TlsMode::Prefer => None,
+            TlsMode::Require => Some("require"),
+            TlsMode::VerifyCa => Some("verify-ca"),
+            TlsMode::VerifyFull => Some("verify-full"),
+        };
+        if let Some(m) = mode {
+            parts.push(format!("sslmode={m}"));
+        }
+        parts.join(" ")
+    }
+
     /// Opens one connection and drives it on the runtime. The returned client closes when dropped.
     pub async fn connect(&self) -> Result<Client, CliError> {
+        self.connect_with(None).await
+    }
+
+    /// Opens a connection that has run `LISTEN channel`; notifications (and the server's notices, and
+    /// the loss of the connection) arrive on the returned receiver.
+    pub async fn connect_listening(&self, channel: &str) -> Result<Listener, CliError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = self.connect_with(Some(tx)).await?;
+        client
+            .batch_execute(&format!("LISTEN {}", quote_ident(channel)))
+            .await
+            .map_err(CliError::query(format!("LISTEN {channel}")))?;
+        Ok(Listener { client, events: rx })
+    }
+
+    async fn connect_with(&self, events: Option<Events>) -> Result<Client, CliError> {
         let fail = |e: tokio_postgres::Error| CliError::Connect {
             target: self.target(),
             reason: connect_reason(&e),
         };
         if self.tls == TlsMode::Disable {
             let (client, connection) = self.config.connect(tokio_postgres::NoTls).await.map_err(fail)?;
-            tokio::spawn(async move {
-                let _ignored_on_shutdown = connection.await;
-            });
+            tokio::spawn(drive(connection, events));
             return Ok(client);
         }
         let mut builder = native_tls::TlsConnector::builder();
@@ -168,11 +225,73 @@ impl ConnSpec {
             builder.build().map_err(|e| CliError::ConnParams(format!("cannot set up TLS: {e}")))?;
         let tls = postgres_native_tls::MakeTlsConnector::new(connector);
         let (client, connection) = self.config.connect(tls).await.map_err(fail)?;
-        tokio::spawn(async move {
-            let _ignored_on_shutdown = connection.await;
-        });
+        tokio::spawn(drive(connection, events));
         Ok(client)
     }
+}
+
+/// What a listening connection reports besides query results.
+#[derive(Debug)]
+pub enum ServerEvent {
+    /// A NOTIFY on a channel this session listens to.
+    Notification { channel: String, payload: String },
+    /// A NOTICE, WARNING or similar message from the server.
+    Notice(String),
+    /// The connection ended (the reason, when there was an error).
+    Lost(String),
+}
+
+type Events = mpsc::UnboundedSender<ServerEvent>;
+
+/// A client whose connection has run LISTEN, and the events it received.
+pub struct Listener {
+    /// The client, usable for queries.
+    pub client: Client,
+    /// Notifications, notices and the end of the connection.
+    pub events: mpsc::UnboundedReceiver<ServerEvent>,
+}
+
+/// Drives a connection until it ends, forwarding asynchronous messages when someone listens.
+async fn drive<S, T>(mut connection: Connection<S, T>, events: Option<Events>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let send = |event: ServerEvent| {
+        if let Some(tx) = &events
+            && tx.send(event).is_err()
+        {
+            // The listener is gone; keep driving the connection for its remaining queries.
+        }
+    };
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) => send(ServerEvent::Notification {
+                channel: n.channel().to_string(),
+                payload: n.payload().to_string(),
+            }),
+            Some(Ok(AsyncMessage::Notice(db))) => {
+                send(ServerEvent::Notice(format!("{}: {}", db.severity(), db.message())))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                send(ServerEvent::Lost(connect_reason(&e)));
+                return;
+            }
+            None => {
+                send(ServerEvent::Lost("the server closed the connection".to_string()));
+                return;
+            }
+        }
+    }
+}
+
+/// A conninfo value, single-quoted when it holds spaces, quotes or backslashes (libpq's rules).
+fn conninfo_value(v: &str) -> String {
+    if !v.is_empty() && !v.contains([' ', '\'', '\\']) {
+        return v.to_string();
+    }
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// The most useful line of a connection error: the server's message when it sent one, else the I/O
@@ -261,6 +380,27 @@ mod tests {
         assert_eq!(spec.tls, TlsMode::Require);
         let err = ConnSpec::resolve(None, env_of(&[("PGSSLMODE", "sometimes")])).unwrap_err();
         assert!(err.to_string().contains("sometimes"));
+    }
+
+    #[test]
+    fn public_conninfo_never_has_the_password() {
+        let spec = ConnSpec::resolve(
+            Some("host=/tmp/my sock port=5 user=o'k dbname=app password=hunter2 sslmode=require"),
+            env_of(&[]),
+        );
+        // A space in an unquoted value is a conninfo syntax error; quote it as libpq wants.
+        assert!(spec.is_err());
+        let spec = ConnSpec::resolve(
+            Some("host='/tmp/my sock' port=5 user=ok dbname=app password=hunter2 sslmode=require"),
+            env_of(&[]),
+        )
+        .unwrap();
+        let shown = spec.public_conninfo();
+        assert_eq!(shown, "host='/tmp/my sock' port=5 user=ok dbname=app sslmode=require");
+        assert!(!shown.contains("hunter2"));
+        let again = ConnSpec::resolve(Some(&shown), env_of(&[])).unwrap();
+        assert_eq!(again.target(), spec.target());
+        assert_eq!(conninfo_value("it's"), "'it\\'s'");
     }
 
     #[test]

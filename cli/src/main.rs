@@ -1,12 +1,19 @@
-//! `steep-repl`: the command-line front of steep-repl. It parses arguments ([`args`]), builds a
-//! connection configuration ([`conn`]) and runs one command ([`commands`]); errors carry their exit code
-//! ([`error`]).
+//! `steep-repl`: the command-line front of steep-repl. It parses arguments ([`args`]), builds the
+//! configuration of one command ([`config`]) and runs it ([`commands`]); errors carry their exit code
+//! ([`error`]). Direct mode drives the server's workers and follows them ([`follow`]); client mode runs
+//! the engine in this process ([`client`]); [`progress`] shows either.
 
 mod args;
+mod client;
 mod commands;
+mod config;
 mod conn;
 mod error;
+mod follow;
+mod mode;
 mod output;
+mod progress;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -14,6 +21,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
+    let config = match config::Config::build(cli, |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("steep-repl: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -21,10 +35,21 @@ fn main() -> ExitCode {
             return ExitCode::from(error::EXIT_ERROR);
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    let json_events = config.json && config.streams_events();
+    let result = runtime.block_on(commands::run(config));
+    // Writer and reader threads have finished by now; do not wait for idle blocking threads.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("steep-repl: {e}");
+            if json_events {
+                // The last line of JSON output always says how the command ended.
+                output::outln!(
+                    "{}",
+                    serde_json::json!({ "event": "error", "exit_code": e.exit_code(), "message": e.to_string() })
+                );
+            }
             ExitCode::from(e.exit_code())
         }
     }

@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use pgrx::bgworkers::BackgroundWorker;
 
 use crate::pg;
-use crate::shmem::{self, JobKind, JobSlot, Shared, chunk_state, worker_state};
+use crate::shmem::{self, JobKind, JobSlot, Shared, WorkerSlot, chunk_state, worker_state};
 
 /// A new job id: `gen-` or `app-` and 16 hex digits from the server's strong random source.
 pub fn new_job_id(kind: JobKind) -> String {
@@ -435,5 +435,89 @@ pub fn pause_before_chunk(job: &JobSlot) {
             return;
         }
         nap(Duration::from_millis((until - crate::pg::now_ms()).clamp(1, 50)));
+    }
+}
+
+/// Connects this worker to the job's database as the job's role: the caller's privileges, exactly.
+pub fn connect_as_caller(job: &JobSlot) {
+    let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
+    let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
+}
+
+/// The life of a job's leader, the same for generate and apply: connect as the caller, wait for the
+/// caller's transaction (`on_rollback` cleans up if it rolled back), mark the job running, run `body`
+/// under error capture, end any transaction an error or stop left open, then `finish` with the outcome.
+pub fn lead(
+    arg: pg_sys::Datum,
+    on_rollback: impl FnOnce(&JobSlot),
+    body: impl FnOnce(&'static Shared, usize) -> Result<(), String> + std::panic::UnwindSafe,
+    finish: impl FnOnce(&'static Shared, usize, Result<(), String>),
+) {
+    let (slot, _) = unpack_arg(arg);
+    BackgroundWorker::attach_signal_handlers(
+        pgrx::bgworkers::SignalWakeFlags::SIGHUP | pgrx::bgworkers::SignalWakeFlags::SIGTERM,
+    );
+    let shared = shmem::require();
+    let job = &shared.jobs[slot];
+    connect_as_caller(job);
+    job.leader_pid.store(pg::my_pid(), Ordering::Release);
+    job.state.store(shmem::job_state::RUNNING, Ordering::Release);
+    let id = job.id.get();
+    match pg::xact::try_catch(|| wait_for_caller(job, &id)) {
+        Ok(true) => {}
+        Ok(false) => {
+            on_rollback(job);
+            release(shared, slot);
+            return;
+        }
+        Err(msg) => {
+            pg::xact::abort_after_error();
+            log!("steep_repl: leader of {id} could not see its job row: {msg}");
+            on_rollback(job);
+            release(shared, slot);
+            return;
+        }
+    }
+    job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
+    job.set_phase(shmem::Phase::Plan);
+    let outcome = pg::xact::try_catch(|| {
+        BackgroundWorker::transaction(|| persist(&id, Some("running"), &Figures::of(job)));
+        crate::progress::publish_if_due(job, true);
+        body(shared, slot)
+    })
+    .and_then(|r| r);
+    if outcome.is_err() {
+        // An ERROR, or a stop while a transaction was still open: end it (and its locks) before anything
+        // is recorded. A no-op when no transaction is open.
+        pg::xact::abort_after_error();
+    }
+    finish(shared, slot, outcome);
+}
+
+/// The start of a data worker's life, the same for generate and apply: returns the job slot and this
+/// worker's slot, marked running with its pid, connected as the caller.
+pub fn start_worker(arg: pg_sys::Datum) -> Option<(&'static Shared, usize, &'static WorkerSlot)> {
+    let (slot, Some(ws)) = unpack_arg(arg) else { return None };
+    BackgroundWorker::attach_signal_handlers(
+        pgrx::bgworkers::SignalWakeFlags::SIGHUP | pgrx::bgworkers::SignalWakeFlags::SIGTERM,
+    );
+    let shared = shmem::require();
+    let me = &shared.workers[ws];
+    me.pid.store(pg::my_pid(), Ordering::Release);
+    me.state.store(worker_state::RUNNING, Ordering::Release);
+    connect_as_caller(&shared.jobs[slot]);
+    Some((shared, slot, me))
+}
+
+/// The end of a data worker's life: DONE, or FAILED with the error recorded as the job's.
+pub fn end_worker(job: &JobSlot, me: &WorkerSlot, result: Result<(), String>) {
+    match result {
+        Ok(()) => me.state.store(worker_state::DONE, Ordering::Release),
+        Err(msg) => {
+            pg::xact::abort_after_error();
+            job.fail(&msg);
+            me.state.store(worker_state::FAILED, Ordering::Release);
+        }
     }
 }

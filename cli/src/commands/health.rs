@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::conn::ConnSpec;
 use crate::error::CliError;
-use crate::output;
+use crate::output::{self, outln};
 
 /// Prints `steep_repl.health()`. Exits non-zero when the extension is missing from the database or the
 /// server reports anything but `ok`, so scripts can use it as a check.
@@ -27,7 +27,7 @@ pub async fn run(conn: &ConnSpec, json: bool) -> Result<(), CliError> {
         .map_err(CliError::query("steep_repl.health()"))?;
     let fields = output::row_to_json(&row);
     if json {
-        println!("{}", Value::Object(fields.clone()));
+        outln!("{}", Value::Object(fields.clone()));
     } else {
         output::print_fields(&fields);
     }

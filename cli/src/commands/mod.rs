@@ -1,15 +1,30 @@
 //! One module per command; `run` dispatches.
 
+mod apply;
+mod cancel;
+mod generate;
 mod health;
+mod inspect;
+mod list;
+mod progress;
+mod verify;
 
-use crate::args::{Cli, Command};
-use crate::conn::ConnSpec;
+use crate::config::{Action, Config};
 use crate::error::CliError;
 
-/// Runs the parsed command line.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let conn = || ConnSpec::resolve(cli.conn.dbname.as_deref(), |k| std::env::var(k).ok());
-    match cli.command {
-        Command::Health => health::run(&conn()?, cli.json).await,
+/// Runs the configured command.
+pub async fn run(config: Config) -> Result<(), CliError> {
+    let json = config.json;
+    match config.action {
+        Action::Health(conn) => health::run(&conn, json).await,
+        Action::Generate(cfg) => generate::run(cfg, json).await,
+        Action::Apply(cfg) => apply::run(cfg, json).await,
+        Action::Progress { conn, id, follow, timeout } => {
+            progress::run(&conn, &id, follow, timeout, json).await
+        }
+        Action::List { conn, status, limit } => list::run(&conn, status.as_deref(), limit, json).await,
+        Action::Cancel { conn, id } => cancel::run(&conn, &id, json).await,
+        Action::Verify { dir, deep } => verify::run(&dir, deep, json).await,
+        Action::Inspect { dir } => inspect::run(&dir, json),
     }
 }

@@ -187,7 +187,7 @@ fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32) {
 /// must exist with the snapshot's columns and compatible types (one error lists every problem); target
 /// tables must be empty unless `truncate`; the caller needs pg_read_server_files (or superuser) and
 /// INSERT (and TRUNCATE when asked) on every table. With `verify` (default), the job's first phase checks
-/// every chunk file and fails, naming every bad chunk, before loading anything. `analyze` runs ANALYZE on
+/// every chunk file and fails, naming every bad chunk, before loading anything. `analyze_tables` runs ANALYZE on
 /// the loaded tables at the end.
 #[pg_extern(volatile)]
 fn start_apply(
@@ -195,7 +195,7 @@ fn start_apply(
     parallel: default!(i32, 4),
     verify: default!(bool, true),
     truncate: default!(bool, false),
-    analyze: default!(bool, true),
+    analyze_tables: default!(bool, true),
 ) -> String {
     shmem::require();
     job::reap_interrupted();
@@ -218,7 +218,7 @@ fn start_apply(
     for (on, f) in [
         (verify, flags::VERIFY),
         (truncate, flags::TRUNCATE),
-        (analyze, flags::ANALYZE),
+        (analyze_tables, flags::ANALYZE),
         (is_superuser(), flags::REPLICA),
     ] {
         if on {
@@ -227,7 +227,7 @@ fn start_apply(
     }
     let id = job::new_job_id(JobKind::Apply);
     let options = serde_json::json!({
-        "verify": verify, "truncate": truncate, "analyze": analyze,
+        "verify": verify, "truncate": truncate, "analyze": analyze_tables,
         "snapshot_id": m.snapshot_id, "replica_mode": job_flags & flags::REPLICA != 0,
     })
     .to_string();

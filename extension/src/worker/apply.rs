@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::chunk::ChunkReader;
@@ -29,7 +29,7 @@ use crate::job::{self, Entry, Figures};
 use crate::pg::copy_from::{self, CopySource};
 use crate::pg::{self, session, xact};
 use crate::progress;
-use crate::shmem::{self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, job_state, worker_state};
+use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
 
 /// Job flags of an apply.
 pub mod flags {
@@ -51,49 +51,11 @@ fn has(job: &JobSlot, flag: u32) -> bool {
     job.flags.load(Ordering::Relaxed) & flag != 0
 }
 
-fn connect_as_caller(job: &JobSlot) {
-    let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
-    let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
-}
-
 /// Entry point of an apply job's leader. `arg` carries the job slot.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_apply_leader(arg: pg_sys::Datum) {
-    let (slot, _) = job::unpack_arg(arg);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let shared = shmem::require();
-    let job = &shared.jobs[slot];
-    connect_as_caller(job);
-    job.leader_pid.store(pg::my_pid(), Ordering::Release);
-    job.state.store(job_state::RUNNING, Ordering::Release);
-    let id = job.id.get();
-    match xact::try_catch(|| job::wait_for_caller(job, &id)) {
-        Ok(true) => {}
-        Ok(false) => {
-            job::release(shared, slot);
-            return;
-        }
-        Err(msg) => {
-            xact::abort_after_error();
-            log!("steep_repl: leader of {id} could not see its job row: {msg}");
-            job::release(shared, slot);
-            return;
-        }
-    }
-    job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
-    job.set_phase(Phase::Plan);
-    let outcome = xact::try_catch(|| {
-        BackgroundWorker::transaction(|| job::persist(&id, Some("running"), &Figures::of(job)));
-        progress::publish_if_due(job, true);
-        run_leader(shared, slot)
-    })
-    .and_then(|r| r);
-    if outcome.is_err() {
-        xact::abort_after_error();
-    }
-    finish(shared, slot, outcome);
+    job::lead(arg, |_| {}, run_leader, finish);
 }
 
 fn load_manifest(job: &JobSlot) -> Result<(PathBuf, Manifest), String> {
@@ -316,26 +278,13 @@ fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_apply_worker(arg: pg_sys::Datum) {
-    let (slot, Some(ws)) = job::unpack_arg(arg) else { return };
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let shared = shmem::require();
+    let Some((shared, slot, me)) = job::start_worker(arg) else { return };
     let job = &shared.jobs[slot];
-    let me = &shared.workers[ws];
-    me.pid.store(pg::my_pid(), Ordering::Release);
-    me.state.store(worker_state::RUNNING, Ordering::Release);
-    connect_as_caller(job);
     let result = xact::try_catch(|| {
         let (dir, manifest) = load_manifest(job).unwrap_or_else(|e| error!("{e}"));
         load_chunks(shared, slot, me, &dir, &manifest);
     });
-    match result {
-        Ok(()) => me.state.store(worker_state::DONE, Ordering::Release),
-        Err(msg) => {
-            xact::abort_after_error();
-            job.fail(&msg);
-            me.state.store(worker_state::FAILED, Ordering::Release);
-        }
-    }
+    job::end_worker(job, me, result);
 }
 
 /// Pins the settings the snapshot was written with, so type input parses what type output printed.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::chunk::{ChunkWriter, Compression};
@@ -34,89 +34,29 @@ use crate::pg::catalog::{self, TableMeta};
 use crate::pg::scan::{self, ScanObserver};
 use crate::pg::{self, session, xact};
 use crate::progress;
-use crate::shmem::{self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, job_state, worker_state};
+use crate::shmem::{self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
 
 /// Entry point of a generate job's leader. `arg` carries the job slot.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_generate_leader(arg: pg_sys::Datum) {
-    let (slot, _) = job::unpack_arg(arg);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let shared = shmem::require();
-    let job = &shared.jobs[slot];
-    connect_as_caller(job);
-    job.leader_pid.store(pg::my_pid(), Ordering::Release);
-    job.state.store(job_state::RUNNING, Ordering::Release);
-    let id = job.id.get();
-
-    match xact::try_catch(|| job::wait_for_caller(job, &id)) {
-        Ok(true) => {}
-        Ok(false) => {
-            // start_snapshot's transaction rolled back: the job never existed.
-            remove_output(job);
-            job::release(shared, slot);
-            return;
-        }
-        Err(msg) => {
-            xact::abort_after_error();
-            log!("steep_repl: leader of {id} could not see its job row: {msg}");
-            remove_output(job);
-            job::release(shared, slot);
-            return;
-        }
-    }
-    job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
-    job.set_phase(Phase::Plan);
-
-    let outcome = xact::try_catch(|| {
-        BackgroundWorker::transaction(|| job::persist(&id, Some("running"), &Figures::of(job)));
-        progress::publish_if_due(job, true);
-        run_leader(shared, slot)
-    })
-    .and_then(|r| r);
-    if outcome.is_err() {
-        // An ERROR, or a stop while the snapshot transaction was still open: end that transaction (and
-        // its locks) before anything is recorded. A no-op when no transaction is open.
-        xact::abort_after_error();
-    }
-    finish(shared, slot, outcome);
+    // A rolled-back start_snapshot never existed: remove the directory it created.
+    job::lead(arg, remove_output, run_leader, finish);
 }
 
 /// Entry point of a data worker. `arg` carries the job slot and the worker slot.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_generate_worker(arg: pg_sys::Datum) {
-    let (slot, Some(ws)) = job::unpack_arg(arg) else {
-        return;
-    };
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let shared = shmem::require();
+    let Some((shared, slot, me)) = job::start_worker(arg) else { return };
     let job = &shared.jobs[slot];
-    let me = &shared.workers[ws];
-    me.pid.store(pg::my_pid(), Ordering::Release);
-    me.state.store(worker_state::RUNNING, Ordering::Release);
-    connect_as_caller(job);
     let tz = job.timezone.get();
     let result = xact::try_catch(|| {
         BackgroundWorker::transaction(|| session::pin_output_settings(&tz));
         progress::publish_if_due(job, false);
         scan_chunks(shared, slot, me, true)
     });
-    match result {
-        Ok(()) => me.state.store(worker_state::DONE, Ordering::Release),
-        Err(msg) => {
-            xact::abort_after_error();
-            job.fail(&msg);
-            me.state.store(worker_state::FAILED, Ordering::Release);
-        }
-    }
-}
-
-/// Connects this worker to the job's database as the job's role: the caller's privileges, exactly.
-fn connect_as_caller(job: &JobSlot) {
-    let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
-    let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
+    job::end_worker(job, me, result);
 }
 
 fn compression_of(job: &JobSlot) -> Compression {

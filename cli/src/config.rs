@@ -1,0 +1,158 @@
+//! From parsed arguments to what runs: resolves the connection (only for commands that connect) and
+//! gathers each command's settings into one value its module runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use steep_repl_engine::chunk::Compression;
+use steep_repl_engine::filter::TablePattern;
+
+use crate::args::{Cli, Command, SnapshotCommand};
+use crate::conn::ConnSpec;
+use crate::error::CliError;
+use crate::mode::ModeChoice;
+
+/// `snapshot generate`.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub conn: ConnSpec,
+    pub output: PathBuf,
+    pub parallel: u32,
+    pub compression: Compression,
+    pub patterns: Vec<TablePattern>,
+    /// `--chunk-size`, when given.
+    pub chunk_size: Option<u64>,
+    pub mode: ModeChoice,
+    pub detach: bool,
+    pub timeout: Option<Duration>,
+}
+
+/// `snapshot apply`.
+#[derive(Debug, Clone)]
+pub struct ApplyConfig {
+    pub conn: ConnSpec,
+    pub input: Option<PathBuf>,
+    /// `--resume ID` (direct mode).
+    pub resume: Option<String>,
+    pub parallel: u32,
+    pub verify: bool,
+    pub truncate: bool,
+    pub analyze: bool,
+    pub mode: ModeChoice,
+    pub detach: bool,
+    pub timeout: Option<Duration>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Health(ConnSpec),
+    Generate(GenerateConfig),
+    Apply(ApplyConfig),
+    Progress { conn: ConnSpec, id: String, follow: bool, timeout: Option<Duration> },
+    List { conn: ConnSpec, status: Option<String>, limit: i32 },
+    Cancel { conn: ConnSpec, id: String },
+    Verify { dir: PathBuf, deep: bool },
+    Inspect { dir: PathBuf },
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Machine-readable output.
+    pub json: bool,
+    pub action: Action,
+}
+
+impl Config {
+    /// True for commands whose `--json` output is a stream of `{"event": ...}` lines (generate,
+    /// apply, progress --follow); their last line always tells how they ended.
+    pub fn streams_events(&self) -> bool {
+        matches!(self.action, Action::Generate(_) | Action::Apply(_) | Action::Progress { follow: true, .. })
+    }
+
+    /// Builds the configuration; `env` looks up PG* variables (the process environment in `main`).
+    pub fn build(cli: Cli, env: impl Fn(&str) -> Option<String>) -> Result<Config, CliError> {
+        let conn = || ConnSpec::resolve(cli.conn.dbname.as_deref(), &env);
+        let seconds = |t: Option<u64>| t.map(Duration::from_secs);
+        let action = match cli.command {
+            Command::Health => Action::Health(conn()?),
+            Command::Snapshot(SnapshotCommand::Generate(g)) => Action::Generate(GenerateConfig {
+                conn: conn()?,
+                output: g.output,
+                parallel: g.parallel,
+                compression: g.compression,
+                patterns: g.tables,
+                chunk_size: g.chunk_size,
+                mode: g.mode.into(),
+                detach: g.detach,
+                timeout: seconds(g.wait.timeout),
+            }),
+            Command::Snapshot(SnapshotCommand::Apply(a)) => Action::Apply(ApplyConfig {
+                conn: conn()?,
+                input: a.input,
+                resume: a.resume,
+                parallel: a.parallel,
+                verify: !a.no_verify,
+                truncate: a.truncate,
+                analyze: !a.no_analyze,
+                mode: a.mode.into(),
+                detach: a.detach,
+                timeout: seconds(a.wait.timeout),
+            }),
+            Command::Snapshot(SnapshotCommand::Progress(p)) => Action::Progress {
+                conn: conn()?,
+                id: p.id,
+                follow: p.follow,
+                timeout: seconds(p.wait.timeout),
+            },
+            Command::Snapshot(SnapshotCommand::List(l)) => {
+                Action::List { conn: conn()?, status: l.status, limit: l.limit }
+            }
+            Command::Snapshot(SnapshotCommand::Cancel(c)) => Action::Cancel { conn: conn()?, id: c.id },
+            Command::Snapshot(SnapshotCommand::Verify(v)) => Action::Verify { dir: v.dir, deep: v.deep },
+            Command::Snapshot(SnapshotCommand::Inspect(i)) => Action::Inspect { dir: i.dir },
+        };
+        Ok(Config { json: cli.json, action })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn offline_commands_need_no_connection() {
+        // A broken PGPORT only matters to commands that connect.
+        let env = |k: &str| (k == "PGPORT").then(|| "fifty".to_string());
+        let cli = Cli::try_parse_from(["steep-repl", "snapshot", "verify", "/x", "--deep"]).unwrap();
+        assert!(matches!(Config::build(cli, env).unwrap().action, Action::Verify { deep: true, .. }));
+        let cli = Cli::try_parse_from(["steep-repl", "health"]).unwrap();
+        assert_eq!(Config::build(cli, env).unwrap_err().exit_code(), crate::error::EXIT_CONNECTION);
+    }
+
+    #[test]
+    fn apply_flags_become_settings() {
+        let cli = Cli::try_parse_from([
+            "steep-repl",
+            "--json",
+            "snapshot",
+            "apply",
+            "--input",
+            "/s",
+            "--no-verify",
+            "--truncate",
+            "--client",
+            "--timeout",
+            "9",
+        ])
+        .unwrap();
+        let c = Config::build(cli, |_| None).unwrap();
+        assert!(c.json);
+        let Action::Apply(a) = c.action else { panic!("not apply") };
+        assert!(!a.verify && a.truncate && a.analyze);
+        assert_eq!(a.mode, ModeChoice::Client);
+        assert_eq!(a.timeout, Some(Duration::from_secs(9)));
+    }
+}

@@ -1,0 +1,435 @@
+//! `steep-repl snapshot apply` end to end on real clusters: a client-mode snapshot applied in direct mode
+//! and a direct-mode snapshot applied in client mode (row-for-row equal to the source), client-mode
+//! resume without duplicates (including chunks left pending by a crash), schema mismatches (exit 3),
+//! non-empty targets and --truncate, and a corrupted snapshot refused before loading (exit 7).
+
+mod harness;
+
+use std::path::Path;
+
+use harness::*;
+use serde_json::Value;
+use steep_repl_engine::ident::{QualifiedName, quote_ident};
+use steep_repl_engine::manifest::Manifest;
+
+const EXTRA: &str = r#"
+CREATE SCHEMA "Odd Schema";
+CREATE TABLE "Odd Schema"."we""ird.name ✓" (id serial PRIMARY KEY, "Col A" text, ts timestamptz);
+INSERT INTO "Odd Schema"."we""ird.name ✓" ("Col A", ts)
+SELECT E'v\t' || g, timestamptz '2024-01-01 00:00:00+00' + g * interval '1 hour' FROM generate_series(1, 3000) g;
+CREATE TABLE parent (id int, note text);
+CREATE TABLE child (extra int) INHERITS (parent);
+INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 500) g;
+INSERT INTO child SELECT g, 'c' || g, g FROM generate_series(1, 300) g;
+CREATE TABLE empty_t (a int);
+CREATE TABLE part (id int, k int) PARTITION BY RANGE (k);
+CREATE TABLE part_1 PARTITION OF part FOR VALUES FROM (0) TO (100);
+CREATE TABLE part_2 PARTITION OF part FOR VALUES FROM (100) TO (200);
+INSERT INTO part SELECT g, g % 200 FROM generate_series(1, 2000) g;
+CREATE TABLE fk_child (id int PRIMARY KEY, parent_aid int REFERENCES accounts (aid));
+INSERT INTO fk_child SELECT g, g FROM generate_series(1, 1000) g;
+"#;
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// The source: the mixed fixture, every type, and [`EXTRA`].
+fn source_db(cluster: &Cluster, db: &str) -> String {
+    let conninfo = cluster.fresh_db(db, true);
+    load_fixture(cluster, db, "mixed.sql", 1);
+    load_fixture(cluster, db, "all_types.sql", 1);
+    cluster.client(db).batch_execute(EXTRA).unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    conninfo
+}
+
+/// A target with the source's schema and no rows, with or without the extension.
+fn target_db(cluster: &Cluster, source: &str, db: &str, with_extension: bool) -> String {
+    let conninfo = cluster.fresh_db(db, false);
+    copy_schema(cluster, source, db);
+    // The schema dump brings the source's CREATE EXTENSION along.
+    let ext = if with_extension {
+        "CREATE EXTENSION IF NOT EXISTS steep_repl"
+    } else {
+        "DROP EXTENSION IF EXISTS steep_repl"
+    };
+    cluster.client(db).batch_execute(ext).unwrap();
+    conninfo
+}
+
+/// Lets the server's `postgres` user read a snapshot this process wrote (created 0700, like pg_dump's).
+fn share(dir: &Path) {
+    let ok = std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status().unwrap();
+    assert!(ok.success());
+}
+
+/// Asserts that every table of the snapshot holds the same rows (as a multiset) in both databases, and
+/// that the sequences agree.
+fn assert_same_rows(cluster: &Cluster, dir: &Path, source: &str, target: &str) {
+    let m = Manifest::load(dir).unwrap();
+    let (mut s, mut t) = (cluster.client(source), cluster.client(target));
+    for table in &m.tables {
+        let qn = QualifiedName::new(table.schema.clone(), table.name.clone()).to_string();
+        let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let cols = if cols.is_empty() { "1".to_string() } else { cols.join(", ") };
+        let only = format!("ONLY {qn}");
+        let (a, b) = (sorted_rows(&mut s, &only, &cols), sorted_rows(&mut t, &only, &cols));
+        assert_eq!(a.len() as u64, table.rows, "{qn}: source rows vs manifest");
+        assert!(a == b, "{qn}: {} rows in the source, {} in {target}, or different values", a.len(), b.len());
+    }
+    for seq in &m.sequences {
+        let qn = QualifiedName::new(seq.schema.clone(), seq.name.clone()).to_string();
+        let sql = format!("SELECT last_value, is_called FROM {qn}");
+        let a: (i64, bool) = s.query_one(&sql, &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+        let b: (i64, bool) = t.query_one(&sql, &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+        assert_eq!(a, b, "sequence {qn}");
+    }
+}
+
+#[test]
+fn client_snapshots_apply_in_direct_mode_and_direct_snapshots_in_client_mode() {
+    let cluster = preloaded();
+    let src = source_db(cluster, "cli_rt_src");
+    let client_snap = snapshot_path("cli_rt_client");
+    let direct_snap = snapshot_path("cli_rt_direct");
+    for (dir, mode) in [(&client_snap, "--client"), (&direct_snap, "--direct")] {
+        let out = steep_repl(&[
+            "snapshot",
+            "generate",
+            mode,
+            "--parallel",
+            "2",
+            "--chunk-size",
+            "256kB",
+            "--output",
+            path_str(dir),
+            "-d",
+            &src,
+        ]);
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+    }
+    share(&client_snap);
+
+    // Generated by the CLI, applied by the server's workers.
+    let into_direct = target_db(cluster, "cli_rt_src", "cli_rt_to_direct", true);
+    let out = steep_repl(&[
+        "snapshot",
+        "apply",
+        "--direct",
+        "--json",
+        "--parallel",
+        "2",
+        "--input",
+        path_str(&client_snap),
+        "-d",
+        &into_direct,
+    ]);
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), stderr(&out));
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["event"], "started");
+    assert_eq!(lines[0]["mode"], "direct");
+    assert!(lines[0]["id"].as_str().unwrap().starts_with("app-"), "{}", lines[0]);
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["status"], "applied");
+    assert_eq!(summary["exit_code"], 0);
+    assert_same_rows(cluster, &client_snap, "cli_rt_src", "cli_rt_to_direct");
+
+    // Generated by the server, applied by the CLI (no extension in the target).
+    let into_client = target_db(cluster, "cli_rt_src", "cli_rt_to_client", false);
+    let out = steep_repl(&[
+        "snapshot",
+        "apply",
+        "--json",
+        "--parallel",
+        "3",
+        "--input",
+        path_str(&direct_snap),
+        "-d",
+        &into_client,
+    ]);
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), stderr(&out));
+    assert!(
+        stderr(&out).contains("client mode: the steep_repl extension is not installed"),
+        "{}",
+        stderr(&out)
+    );
+    let lines = json_lines(&out);
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["status"], "applied", "{summary}");
+    let m = Manifest::load(&direct_snap).unwrap();
+    assert_eq!(summary["rows"], m.totals.rows);
+    assert_same_rows(cluster, &direct_snap, "cli_rt_src", "cli_rt_to_client");
+
+    // Running it again loads nothing twice.
+    let out = steep_repl(&["snapshot", "apply", "--input", path_str(&direct_snap), "-d", &into_client]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already applied"), "{}", stderr(&out));
+    assert_same_rows(cluster, &direct_snap, "cli_rt_src", "cli_rt_to_client");
+}
+
+/// The state file of a client-mode apply into `db`.
+fn state_file(cluster: &Cluster, dir: &Path, db: &str) -> std::path::PathBuf {
+    let sysid: String = cluster
+        .client(db)
+        .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+        .unwrap()
+        .get(0);
+    dir.join(format!("apply-state.{}.json", steep_repl_engine::naming::table_dir(&sysid, db)))
+}
+
+#[test]
+fn a_client_apply_resumes_without_loading_a_chunk_twice() {
+    let cluster = preloaded();
+    let src = source_db(cluster, "cli_resume_src");
+    let dir = snapshot_path("cli_resume");
+    let out = steep_repl(&[
+        "snapshot",
+        "generate",
+        "--client",
+        "--chunk-size",
+        "256kB",
+        "--output",
+        path_str(&dir),
+        "-d",
+        &src,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let target = target_db(cluster, "cli_resume_src", "cli_resume_dst", false);
+    // A constraint the last row of `parent` breaks. Tables load largest first and `parent` is among the
+    // smallest, so by the time it fails most chunks are loaded and committed.
+    cluster
+        .client("cli_resume_dst")
+        .batch_execute("ALTER TABLE parent ADD CONSTRAINT not_last CHECK (id < 500)")
+        .unwrap();
+    let args = ["snapshot", "apply", "--client", "--parallel", "2", "--input", path_str(&dir), "-d", &target];
+    let out = steep_repl(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not_last"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("run the same command again to resume"), "{}", stderr(&out));
+    let state_path = state_file(cluster, &dir, "cli_resume_dst");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let m = Manifest::load(&dir).unwrap();
+    let done = state["done"].as_object().unwrap().len() as u64;
+    assert!(done > 0 && done < m.totals.chunks, "{done} of {} chunks done", m.totals.chunks);
+    assert_eq!(state["complete"], false);
+
+    // Pretend a crash hit between COMMIT and the state update of one loaded chunk (its transaction
+    // committed) and of one chunk whose transaction rolled back.
+    let mut t = cluster.client("cli_resume_dst");
+    let small = m.tables.iter().find(|x| x.name == "small_001").unwrap();
+    let small_file = small.chunks[0].file.clone();
+    assert!(state["done"].get(&small_file).is_some(), "small tables load before the failure");
+    let committed: i64 = t.query_one("SELECT xmin::text::bigint FROM small_001 LIMIT 1", &[]).unwrap().get(0);
+    t.batch_execute("BEGIN").unwrap();
+    let aborted: i64 = t.query_one("SELECT txid_current()", &[]).unwrap().get(0);
+    t.batch_execute("ROLLBACK").unwrap();
+    let parent = m.tables.iter().find(|x| x.name == "parent").unwrap();
+    let unloaded = parent.chunks[0].file.clone();
+    assert!(state["done"].get(&unloaded).is_none(), "the chunk of parent failed");
+    state["done"].as_object_mut().unwrap().remove(&small_file);
+    state["pending"][&small_file] = committed.into();
+    state["pending"][&unloaded] = aborted.into();
+    std::fs::write(&state_path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+
+    t.batch_execute("ALTER TABLE parent DROP CONSTRAINT not_last").unwrap();
+    let out = steep_repl(&args);
+    assert!(out.status.success(), "exit {:?}: {}", out.status.code(), stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("resuming:"), "{err}");
+    assert!(err.contains(&format!("{small_file}: its transaction {committed} committed")), "{err}");
+    assert_same_rows(cluster, &dir, "cli_resume_src", "cli_resume_dst");
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(state["complete"], true);
+    assert_eq!(state["done"].as_object().unwrap().len() as u64, m.totals.chunks);
+    assert!(state["pending"].as_object().unwrap().is_empty());
+}
+
+#[test]
+fn schema_mismatches_exit_3_listing_every_problem_in_both_modes() {
+    let cluster = preloaded();
+    let src = cluster.fresh_db("cli_mismatch_src", true);
+    cluster
+        .client("cli_mismatch_src")
+        .batch_execute(
+            "CREATE TABLE a (id int, v text); INSERT INTO a VALUES (1, 'x');
+             CREATE TABLE b (id int); INSERT INTO b VALUES (2);
+             CREATE TABLE c (id int, w int);",
+        )
+        .unwrap();
+    let dir = snapshot_path("cli_mismatch");
+    let out = steep_repl(&["snapshot", "generate", "--client", "--output", path_str(&dir), "-d", &src]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    share(&dir);
+    let dst = cluster.fresh_db("cli_mismatch_dst", true);
+    cluster
+        .client("cli_mismatch_dst")
+        .batch_execute("CREATE TABLE a (id int, v int); CREATE TABLE c (id int)")
+        .unwrap();
+    for mode in ["--client", "--direct"] {
+        let out = steep_repl(&["snapshot", "apply", mode, "--input", path_str(&dir), "-d", &dst]);
+        assert_eq!(out.status.code(), Some(3), "{mode}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("table \"public\".\"b\" does not exist"), "{mode}: {err}");
+        assert!(
+            err.contains("column \"v\" of \"public\".\"a\" is integer, the snapshot has text"),
+            "{mode}: {err}"
+        );
+        assert!(err.contains("\"public\".\"c\" has no column \"w\""), "{mode}: {err}");
+    }
+    let rows: i64 =
+        cluster.client("cli_mismatch_dst").query_one("SELECT count(*) FROM a", &[]).unwrap().get(0);
+    assert_eq!(rows, 0, "nothing was loaded");
+}
+
+#[test]
+fn non_empty_targets_are_refused_unless_truncate() {
+    let cluster = preloaded();
+    let src = cluster.fresh_db("cli_full_src", true);
+    cluster
+        .client("cli_full_src")
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 5000) g;")
+        .unwrap();
+    let dir = snapshot_path("cli_full");
+    let out = steep_repl(&["snapshot", "generate", "--client", "--output", path_str(&dir), "-d", &src]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = target_db(cluster, "cli_full_src", "cli_full_dst", false);
+    cluster.client("cli_full_dst").batch_execute("INSERT INTO t VALUES (1, 'old'), (99999, 'old')").unwrap();
+    let out = steep_repl(&["snapshot", "apply", "--input", path_str(&dir), "-d", &dst]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("target tables are not empty: \"public\".\"t\""), "{}", stderr(&out));
+    let out = steep_repl(&["snapshot", "apply", "--truncate", "--input", path_str(&dir), "-d", &dst]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_rows(cluster, &dir, "cli_full_src", "cli_full_dst");
+}
+
+#[test]
+fn a_corrupted_snapshot_is_refused_before_anything_loads() {
+    let cluster = preloaded();
+    let src = cluster.fresh_db("cli_corrupt_src", true);
+    cluster
+        .client("cli_corrupt_src")
+        .batch_execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 20000) g")
+        .unwrap();
+    let dir = snapshot_path("cli_corrupt");
+    let out = steep_repl(&[
+        "snapshot",
+        "generate",
+        "--client",
+        "--chunk-size",
+        "64kB",
+        "--output",
+        path_str(&dir),
+        "-d",
+        &src,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    share(&dir);
+    let m = Manifest::load(&dir).unwrap();
+    let victim = m.tables[0].chunks.last().unwrap().path_in(&dir);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+    let dst = target_db(cluster, "cli_corrupt_src", "cli_corrupt_dst", true);
+    for mode in ["--client", "--direct"] {
+        let out = steep_repl(&["snapshot", "apply", mode, "--input", path_str(&dir), "-d", &dst]);
+        assert_eq!(out.status.code(), Some(7), "{mode}: {}", stderr(&out));
+        assert!(stderr(&out).contains("file CRC mismatch"), "{mode}: {}", stderr(&out));
+        let rows: i64 =
+            cluster.client("cli_corrupt_dst").query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+        assert_eq!(rows, 0, "{mode}: nothing was loaded");
+    }
+    // Without the up-front check, the chunk is still checked as it loads: its transaction rolls back.
+    let out =
+        steep_repl(&["snapshot", "apply", "--client", "--no-verify", "--input", path_str(&dir), "-d", &dst]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let rows: i64 =
+        cluster.client("cli_corrupt_dst").query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    let before_victim: u64 = m.tables[0].chunks[..m.tables[0].chunks.len() - 1].iter().map(|c| c.rows).sum();
+    assert!(rows as u64 <= before_victim, "the damaged chunk's rows never commit: {rows}");
+}
+
+#[test]
+fn a_role_without_superuser_loads_with_triggers_on() {
+    let cluster = preloaded();
+    let src = cluster.fresh_db("cli_role_src", false);
+    cluster
+        .client("cli_role_src")
+        .batch_execute(
+            "CREATE TABLE account (id serial PRIMARY KEY, name text, pad text);
+             INSERT INTO account (name, pad) SELECT 'a' || g, repeat('x', 200) FROM generate_series(1, 2000) g;
+             CREATE TABLE payment (id int PRIMARY KEY, account_id int NOT NULL REFERENCES account (id));
+             INSERT INTO payment SELECT g, 1 + g % 2000 FROM generate_series(1, 500) g;",
+        )
+        .unwrap();
+    let dir = snapshot_path("cli_role");
+    let out = steep_repl(&["snapshot", "generate", "--client", "--output", path_str(&dir), "-d", &src]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = target_db(cluster, "cli_role_src", "cli_role_dst", false);
+    cluster
+        .client("cli_role_dst")
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT USAGE ON SCHEMA public TO loader;
+             GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO loader;
+             GRANT USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public TO loader;",
+        )
+        .unwrap();
+    let as_loader = format!("{dst} user=loader");
+    // TRUNCATE was not granted: refused up front, naming the table and the privilege.
+    let out = steep_repl(&["snapshot", "apply", "--truncate", "--input", path_str(&dir), "-d", &as_loader]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"public\".\"account\" (INSERT, TRUNCATE)"), "{}", stderr(&out));
+    // Plain apply works, with the foreign key checked (the referenced table is larger, so loads first).
+    let out =
+        steep_repl(&["snapshot", "apply", "--parallel", "1", "--input", path_str(&dir), "-d", &as_loader]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("session_replication_role = replica was refused"), "{}", stderr(&out));
+    assert_same_rows(cluster, &dir, "cli_role_src", "cli_role_dst");
+}
+
+#[test]
+fn a_failed_direct_apply_resumes_with_its_id() {
+    let cluster = preloaded();
+    let src = cluster.fresh_db("cli_dresume_src", true);
+    cluster
+        .client("cli_dresume_src")
+        .batch_execute(
+            "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 30000) g;
+             CREATE TABLE small AS SELECT g AS id FROM generate_series(1, 100) g;",
+        )
+        .unwrap();
+    let dir = snapshot_path("cli_dresume");
+    let out = steep_repl(&[
+        "snapshot",
+        "generate",
+        "--direct",
+        "--chunk-size",
+        "64kB",
+        "--output",
+        path_str(&dir),
+        "-d",
+        &src,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = target_db(cluster, "cli_dresume_src", "cli_dresume_dst", true);
+    cluster
+        .client("cli_dresume_dst")
+        .batch_execute("ALTER TABLE small ADD CONSTRAINT low CHECK (id < 100)")
+        .unwrap();
+    let out = steep_repl(&["snapshot", "apply", "--json", "--input", path_str(&dir), "-d", &dst]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines = json_lines(&out);
+    let id = lines[0]["id"].as_str().unwrap().to_string();
+    let summary = lines.iter().find(|l| l["event"] == "summary").expect("a summary");
+    assert_eq!(summary["status"], "failed");
+    assert!(summary["error"].as_str().unwrap().contains("low"), "{summary}");
+    assert!(stderr(&out).contains(&format!("apply {id} failed")), "{}", stderr(&out));
+
+    cluster.client("cli_dresume_dst").batch_execute("ALTER TABLE small DROP CONSTRAINT low").unwrap();
+    let out = steep_repl(&["snapshot", "apply", "--resume", &id, "-d", &dst]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("apply {id} applied")), "{}", stdout(&out));
+    assert_same_rows(cluster, &dir, "cli_dresume_src", "cli_dresume_dst");
+}
