@@ -369,20 +369,17 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
     }
 }
 
-/// Tables all of whose chunks are done (chunks of a table are adjacent in the plan).
+/// Tables all of whose chunks are done, whatever order the chunks were planned in.
 pub fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
-    let mut done = 0;
-    let mut k = 0;
-    while k < count {
-        let table = shared.chunks[base + k].table.load(Ordering::Relaxed);
-        let mut all = true;
-        while k < count && shared.chunks[base + k].table.load(Ordering::Relaxed) == table {
-            all &= shared.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::DONE;
-            k += 1;
-        }
-        done += u32::from(all);
+    let slots = &shared.chunks[base..base + count];
+    let tables = slots.iter().map(|c| c.table.load(Ordering::Relaxed) as usize + 1).max().unwrap_or(0);
+    let (mut seen, mut all_done) = (vec![false; tables], vec![true; tables]);
+    for c in slots {
+        let t = c.table.load(Ordering::Relaxed) as usize;
+        seen[t] = true;
+        all_done[t] &= c.state.load(Ordering::Acquire) == chunk_state::DONE;
     }
-    done
+    seen.iter().zip(&all_done).filter(|(s, d)| **s && **d).count() as u32
 }
 
 /// Waits for the job's workers to exit; SIGTERMs any still running after the grace period.

@@ -130,22 +130,31 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         })?;
     }
 
-    // The chunks still to load, largest tables first.
+    // The chunks still to load: largest tables first, and round-robin across tables, so that workers
+    // running at the same moment load different tables. Two COPYs into one table contend for its
+    // extension lock and the right-most pages of its indexes; into two tables they do not.
     let mut order: Vec<usize> = (0..manifest.tables.len()).collect();
     order.sort_by(|&a, &b| manifest.tables[b].raw_bytes.cmp(&manifest.tables[a].raw_bytes).then(a.cmp(&b)));
     let is_done = |t: usize, c: u32| {
         let tt = &manifest.tables[t];
         done.iter().any(|(s, n, i)| *s == tt.schema && *n == tt.name && *i == c as i32)
     };
-    let mut todo: Vec<(usize, u32)> = Vec::new();
+    let mut queues: Vec<std::collections::VecDeque<(usize, u32)>> = Vec::new();
     let mut tables_complete = 0u32;
     for &t in &order {
-        let pending: Vec<u32> =
-            manifest.tables[t].chunks.iter().map(|c| c.index).filter(|&c| !is_done(t, c)).collect();
+        let pending: std::collections::VecDeque<(usize, u32)> =
+            manifest.tables[t].chunks.iter().map(|c| c.index).filter(|&c| !is_done(t, c)).map(|c| (t, c)).collect();
         if pending.is_empty() {
             tables_complete += 1;
+        } else {
+            queues.push(pending);
         }
-        todo.extend(pending.into_iter().map(|c| (t, c)));
+    }
+    let mut todo: Vec<(usize, u32)> = Vec::new();
+    while queues.iter().any(|q| !q.is_empty()) {
+        for q in queues.iter_mut() {
+            todo.extend(q.pop_front());
+        }
     }
     let base = shared.alloc_chunks(slot, todo.len()).ok_or_else(|| {
         format!(
@@ -364,7 +373,7 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
 
         xact::begin_read_committed();
         xact::push_transaction_snapshot();
-        let reader = ChunkReader::open(&entry.path_in(dir), entry)
+        let reader = ChunkReader::open_in(dir, entry)
             .unwrap_or_else(|e| error!("chunk {} of {}: {e}", entry.file, table.label()));
         let mut source = ChunkSource { reader, file: &entry.file, job, me, unreported: 0 };
         let rows = copy_from::copy_into(relid, &columns, &mut source);

@@ -185,6 +185,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
     }
 
+    job.tables_done.store(metas.len() as u32, Ordering::Relaxed);
+
     // Sequences under the same snapshot, then let go of it.
     job.set_phase(Phase::Sequences);
     let table_oids: Vec<u32> = metas.iter().map(|m| m.oid).collect();
@@ -196,6 +198,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     progress::publish_if_due(job, true);
     let manifest =
         build_manifest(shared, slot, &plan, &metas, sequences, &server, &lsn, &exported, compression);
+    steep_repl_engine::chunk::remove_leftover_temp_files(&out_dir).map_err(|e| e.to_string())?;
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
     Ok(())
 }
