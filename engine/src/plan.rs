@@ -85,6 +85,30 @@ fn chunk_count(table: &TableStats, target_chunk_bytes: u64) -> u32 {
     u32::try_from(wanted).unwrap_or(u32::MAX).min(table.blocks)
 }
 
+/// A snapshot small for its parallelism gets smaller chunks, so that every worker has at least this many.
+pub const MIN_CHUNKS_PER_WORKER: u64 = 16;
+/// The smallest chunk size [`effective_chunk_bytes`] shrinks to.
+pub const MIN_ADAPTIVE_CHUNK_BYTES: u64 = 8 << 20;
+
+/// The chunk size to plan with: `target` (`steep_repl.chunk_size`, `--chunk-size`), or less when the
+/// snapshot is small for `workers`, so that each worker gets at least [`MIN_CHUNKS_PER_WORKER`] chunks and
+/// one large last chunk does not leave the other workers idle (apply later loads with the same
+/// granularity); never below [`MIN_ADAPTIVE_CHUNK_BYTES`] unless `target` itself is smaller. From about
+/// 8 GB per worker up, this is `target`.
+///
+/// ```
+/// use steep_repl_engine::plan::effective_chunk_bytes;
+/// const MB: u64 = 1 << 20;
+/// assert_eq!(effective_chunk_bytes(256 * MB, 100_000 * MB, 8), 256 * MB);   // large: unchanged
+/// assert_eq!(effective_chunk_bytes(256 * MB, 2048 * MB, 2), 64 * MB);       // 2 GB, 2 workers
+/// assert_eq!(effective_chunk_bytes(256 * MB, 10 * MB, 2), 8 * MB);          // tiny: the floor
+/// assert_eq!(effective_chunk_bytes(64 * 1024, 10 * MB, 2), 64 * 1024);      // an explicit small target
+/// ```
+pub fn effective_chunk_bytes(target: u64, total_bytes: u64, workers: u32) -> u64 {
+    let spread = total_bytes / (u64::from(workers.max(1)) * MIN_CHUNKS_PER_WORKER);
+    target.min(spread.max(MIN_ADAPTIVE_CHUNK_BYTES)).max(1)
+}
+
 /// Plans chunks of about `target_chunk_bytes` for `tables` (see the module documentation).
 ///
 /// Fails if `target_chunk_bytes` is 0 or a table appears twice.

@@ -424,8 +424,11 @@ async fn generate(
             est_rows: t.est_rows,
         })
         .collect();
+    // The same chunk size rule as the server's generate, so both modes plan identical chunks.
+    let total_bytes: u64 = stats_in.iter().map(|t| t.heap_bytes + t.toast_bytes).sum();
+    let chunk_bytes = plan::effective_chunk_bytes(job.chunk_bytes, total_bytes, job.parallel);
     let plan =
-        plan::plan(stats_in, job.chunk_bytes).map_err(|e| CliError::engine("planning chunks")(e.into()))?;
+        plan::plan(stats_in, chunk_bytes).map_err(|e| CliError::engine("planning chunks")(e.into()))?;
     let metas: Vec<&TableMeta> = plan
         .tables
         .iter()
@@ -552,7 +555,7 @@ async fn generate(
         settings,
         compression: job.compression,
         parallel: Parallelism { requested: job.parallel, used: used.max(1) as u32 },
-        chunk_size_bytes: job.chunk_bytes,
+        chunk_size_bytes: chunk_bytes,
         mode: Mode::Client,
         tables: entries,
         sequences,

@@ -142,8 +142,13 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     let mut queues: Vec<std::collections::VecDeque<(usize, u32)>> = Vec::new();
     let mut tables_complete = 0u32;
     for &t in &order {
-        let pending: std::collections::VecDeque<(usize, u32)> =
-            manifest.tables[t].chunks.iter().map(|c| c.index).filter(|&c| !is_done(t, c)).map(|c| (t, c)).collect();
+        let pending: std::collections::VecDeque<(usize, u32)> = manifest.tables[t]
+            .chunks
+            .iter()
+            .map(|c| c.index)
+            .filter(|&c| !is_done(t, c))
+            .map(|c| (t, c))
+            .collect();
         if pending.is_empty() {
             tables_complete += 1;
         } else {

@@ -115,7 +115,13 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         .unwrap_or_default();
 
     // Plan and publish.
-    let chunk_bytes = job.chunk_bytes.load(Ordering::Relaxed);
+    let total_bytes: u64 = tables.iter().map(|t| t.heap_bytes + t.toast_bytes).sum();
+    let chunk_bytes = plan::effective_chunk_bytes(
+        job.chunk_bytes.load(Ordering::Relaxed),
+        total_bytes,
+        job.parallel_requested.load(Ordering::Relaxed),
+    );
+    job.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
     let stats: Vec<TableStats> = tables
         .iter()
         .map(|t| TableStats {
