@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]
+#   scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
 #             both into the same pre-created schema with its indexes and keys (emptied in between)
+#   client    steep-repl snapshot generate --client --parallel N (the CLI runs the engine)  vs  pg_dump
+#             (mixed database only)
+#   copy      a full copy: direct generate then apply  vs  pgcopydb copy table-data --table-jobs N,
+#             into the same pre-created schema (mixed database only)
 #
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
 # a hundred small tables) and `onebig` (one large table), scaled to take tens of seconds here. Data is
@@ -19,12 +23,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 what=all; mixed_scale=64; onebig_scale=40; parallel=2; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|all) what="$1" ;;
+    generate|apply|client|copy|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -34,6 +38,8 @@ if [ "${STEEP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
   echo "bench: building and installing the extension (release)"
   cargo pgrx install --release -p steep_repl --pg-config /usr/bin/pg_config >/dev/null
 fi
+cargo build --release -q -p steep-repl-cli
+cli="$PWD/target/release/steep-repl"
 
 export STEEP_PG_BASE="${STEEP_BENCH_BASE:-/tmp/steep-repl-bench}"
 export STEEP_PG_CONF="shared_buffers = 3GB
@@ -112,6 +118,39 @@ time_pg_restore() { # target dumpdir
   echo "$(now) - $t0" | bc
 }
 
+time_ours_client() { # db outdir
+  rm -rf "$2"
+  local t0; t0=$(now)
+  "$cli" snapshot generate --client --parallel "$parallel" --output "$2" -d "$(db "$1")" >/dev/null 2>&1 \
+    || { echo "bench: steep-repl client generate failed" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+time_ours_copy() { # source target snapdir
+  empty_target "$2"
+  rm -rf "$3"
+  local t0 id status
+  t0=$(now)
+  id=$(q "$1" "SELECT steep_repl.start_snapshot('$3', parallel => $parallel)")
+  status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = complete ] || { echo "bench: steep-repl generate failed: $status" >&2; exit 1; }
+  id=$(q "$2" "SELECT steep_repl.start_apply('$3', parallel => $parallel, analyze_tables => false)")
+  status=$(q "$2" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = applied ] || { echo "bench: steep-repl apply failed: $status" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+uri() { echo "postgresql://postgres@127.0.0.1:$(cat "$STEEP_PG_BASE/bench/port")/$1"; }
+
+time_pgcopydb() { # source target workdir
+  empty_target "$2"
+  rm -rf "$3"
+  local t0; t0=$(now)
+  pgcopydb copy table-data --source "$(uri "$1")" --target "$(uri "$2")" --table-jobs "$parallel" \
+    --dir "$3" >"$3.log" 2>&1 || { echo "bench: pgcopydb failed (log: $3.log)" >&2; tail -5 "$3.log" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
 min() { echo "if ($1 < $2) $1 else $2" | bc; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
 size() { du -sb "$1" | cut -f1; }
@@ -131,6 +170,44 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
   raw=$(q "$dbname" "SELECT pg_size_pretty(sum(pg_total_relation_size(c.oid))) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
   ours_dir="$work/$name.steep"; dump_dir="$work/$name.dump"
 
+  need_target=0
+  case "$what" in apply|copy|all) need_target=1 ;; esac
+  if [ "$need_target" = 1 ]; then
+    target="${dbname}_target"
+    if [ "$(q postgres "SELECT count(*) FROM pg_database WHERE datname = '$target'")" = 0 ]; then
+      q postgres "CREATE DATABASE $target"
+      pg_dump --schema-only -d "$(db "$dbname")" | psql "$(db "$target")" -Xq -v ON_ERROR_STOP=1 >/dev/null
+    fi
+    q "$target" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+  fi
+
+  if [ "$what" = client ] || [ "$what" = all ]; then
+    if [ "$name" = mixed ]; then
+      a1=$(time_ours_client "$dbname" "$ours_dir.client"); b1=$(time_pg_dump "$dbname" "$dump_dir")
+      a2=$(time_ours_client "$dbname" "$ours_dir.client"); b2=$(time_pg_dump "$dbname" "$dump_dir")
+      a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+      report "client-mode generate $name (the CLI runs the engine over $parallel connections):"
+      report "  steep-repl --client        ${a}s (runs ${a1}s, ${a2}s)  output $(mb "$(size "$ours_dir.client")") MB"
+      report "  pg_dump -Fd -j$parallel -Z1      ${b}s (runs ${b1}s, ${b2}s)"
+      report "  ratio steep-repl client / pg_dump: $(ratio "$a" "$b")x"
+      rm -rf "$ours_dir.client"
+    fi
+  fi
+
+  if [ "$what" = copy ] || [ "$what" = all ]; then
+    if [ "$name" = mixed ]; then
+      a1=$(time_ours_copy "$dbname" "$target" "$ours_dir.copy"); b1=$(time_pgcopydb "$dbname" "$target" "$work/pgcopydb")
+      a2=$(time_ours_copy "$dbname" "$target" "$ours_dir.copy"); b2=$(time_pgcopydb "$dbname" "$target" "$work/pgcopydb")
+      a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+      report "full copy $name (generate + apply into the pre-created schema):"
+      report "  steep-repl generate+apply  ${a}s (runs ${a1}s, ${a2}s)"
+      report "  pgcopydb copy table-data --table-jobs $parallel  ${b}s (runs ${b1}s, ${b2}s)"
+      report "  ratio steep-repl / pgcopydb: $(ratio "$a" "$b")x"
+      rm -rf "$ours_dir.copy" "$work/pgcopydb"
+    fi
+  fi
+
+  case "$what" in client|copy) continue ;; esac
   if [ "$what" != apply ] || [ ! -f "$ours_dir/manifest.json" ] || [ ! -f "$dump_dir/toc.dat" ]; then
     a1=$(time_ours_generate "$dbname" "$ours_dir"); b1=$(time_pg_dump "$dbname" "$dump_dir")
     a2=$(time_ours_generate "$dbname" "$ours_dir"); b2=$(time_pg_dump "$dbname" "$dump_dir")
@@ -146,12 +223,6 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
   fi
 
   if [ "$what" != generate ]; then
-    target="${dbname}_target"
-    if [ "$(q postgres "SELECT count(*) FROM pg_database WHERE datname = '$target'")" = 0 ]; then
-      q postgres "CREATE DATABASE $target"
-      pg_dump --schema-only -d "$(db "$dbname")" | psql "$(db "$target")" -Xq -v ON_ERROR_STOP=1 >/dev/null
-    fi
-    q "$target" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
     a1=$(time_ours_apply "$target" "$ours_dir"); b1=$(time_pg_restore "$target" "$dump_dir")
     a2=$(time_ours_apply "$target" "$ours_dir"); b2=$(time_pg_restore "$target" "$dump_dir")
     a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")

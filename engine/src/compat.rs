@@ -11,6 +11,25 @@
 use crate::ident::QualifiedName;
 use crate::manifest::Manifest;
 
+/// Reads the target tables among those wanted, with their columns. Parameters: `$1` schemas (text[]),
+/// `$2` table names (text[]), pairwise. Columns: schema, table, column name (NULL for a table without
+/// columns), `format_type` of the column, generated (bool). Rows grouped by table, columns in order.
+pub const TARGET_TABLES_SQL: &str = "\
+SELECT n.nspname::text, c.relname::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+       a.attgenerated <> ''
+FROM unnest($1::text[], $2::text[]) AS want(s, t)
+JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
+JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind IN ('r', 'p')
+LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY 1, 2, a.attnum";
+
+/// Reads which of the wanted sequences exist on the target. Parameters as [`TARGET_TABLES_SQL`];
+/// columns: schema, name.
+pub const TARGET_SEQUENCES_SQL: &str = "\
+SELECT n.nspname::text, c.relname::text FROM unnest($1::text[], $2::text[]) AS want(s, t)
+JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
+JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind = 'S'";
+
 /// One column of a target table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetColumn {

@@ -219,6 +219,8 @@ pub struct JobSlot {
     pub last_persist_ms: AtomicU64,
     /// Options of an apply job (bit 0 verify, bit 1 truncate, bit 2 analyze).
     pub flags: AtomicU32,
+    /// Spin lock (0/1) around an apply's chunk claims (see `Shared::claim_chunk_preferring_idle_tables`).
+    pub claim_lock: AtomicU32,
 }
 
 /// One process working for a job. Written by that process alone.
@@ -318,6 +320,7 @@ impl Shared {
             &j.tables_done,
             &j.flags,
             &j.notified_phase,
+            &j.claim_lock,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -427,6 +430,52 @@ impl Shared {
         }
         self.chunk_alloc_lock.store(0, Ordering::Release);
         found
+    }
+}
+
+/// How far past the first pending chunk a claim looks for a table no other worker is loading.
+const CLAIM_WINDOW: usize = 256;
+
+impl Shared {
+    /// Claims a pending chunk of job `slot` for worker `me`, preferring the earliest pending chunk of a
+    /// table no other worker of the job is loading right now (so each table is loaded as one ascending
+    /// stream, as pg_restore does, keeping B-tree inserts on their right-most fast path and the table's
+    /// extension lock uncontended); a busy table's chunk only when nothing else is pending. Returns the
+    /// chunk's index relative to the job's base, or None when no chunk is pending.
+    pub fn claim_chunk_preferring_idle_tables(&self, slot: usize, me: usize) -> Option<u32> {
+        let job = &self.jobs[slot];
+        let base = job.chunk_base.load(Ordering::Acquire) as usize;
+        let count = job.chunk_count.load(Ordering::Acquire) as usize;
+        while job.claim_lock.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            std::hint::spin_loop();
+        }
+        let busy: Vec<u32> = self
+            .job_workers(slot)
+            .filter(|(i, _)| *i != me)
+            .filter_map(|(_, w)| match w.current_chunk.load(Ordering::Acquire) {
+                0 => None,
+                c => Some(self.chunks[c as usize - 1].table.load(Ordering::Relaxed)),
+            })
+            .collect();
+        let mut first = job.chunk_cursor.load(Ordering::Relaxed) as usize;
+        while first < count && self.chunks[base + first].state.load(Ordering::Acquire) != chunk_state::PENDING
+        {
+            first += 1;
+        }
+        job.chunk_cursor.store(first as u32, Ordering::Relaxed);
+        let pending = |k: &usize| self.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::PENDING;
+        let window = first..count.min(first + CLAIM_WINDOW);
+        let pick = window
+            .clone()
+            .filter(pending)
+            .find(|&k| !busy.contains(&self.chunks[base + k].table.load(Ordering::Relaxed)))
+            .or_else(|| window.clone().find(pending));
+        if let Some(k) = pick {
+            self.chunks[base + k].state.store(chunk_state::CLAIMED, Ordering::Release);
+            self.workers[me].current_chunk.store((base + k + 1) as u32, Ordering::Release);
+        }
+        job.claim_lock.store(0, Ordering::Release);
+        pick.map(|k| k as u32)
     }
 }
 

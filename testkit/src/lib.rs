@@ -239,7 +239,7 @@ pub fn copy_schema(cluster: &Cluster, from_db: &str, to_db: &str) {
     assert!(psql.wait().expect("psql").success(), "restoring the schema into {to_db} failed");
 }
 
-/// The rows of a table as sorted COPY lines (pinned settings): equal lists mean EXCEPT ALL is empty in
+/// The rows of `qualified` (a table, or `ONLY table`) as sorted COPY lines (pinned settings): equal lists mean EXCEPT ALL is empty in
 /// both directions.
 pub fn sorted_rows(client: &mut postgres::Client, qualified: &str, columns: &str) -> Vec<Vec<u8>> {
     pin_session(client, "UTC");

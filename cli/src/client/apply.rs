@@ -45,22 +45,6 @@ const READ_QUEUE: usize = 4;
 /// How often the reporter is updated.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
-/// The target's tables and their columns, as the extension's `start_apply` reads them.
-const TARGET_SQL: &str = "\
-SELECT n.nspname::text, c.relname::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
-       a.attgenerated <> ''
-FROM unnest($1::text[], $2::text[]) AS want(s, t)
-JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
-JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind IN ('r', 'p')
-LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY 1, 2, a.attnum";
-
-/// The target's sequences among those wanted.
-const SEQUENCES_SQL: &str = "\
-SELECT n.nspname::text, c.relname::text FROM unnest($1::text[], $2::text[]) AS want(s, t)
-JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
-JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind = 'S'";
-
 /// What to apply.
 #[derive(Debug, Clone)]
 pub struct ApplyJob {
@@ -142,7 +126,7 @@ async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(
     let schemas: Vec<&str> = m.tables.iter().map(|t| t.schema.as_str()).collect();
     let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
     let rows = client
-        .query(TARGET_SQL, &[&schemas, &names])
+        .query(compat::TARGET_TABLES_SQL, &[&schemas, &names])
         .await
         .map_err(CliError::query("reading the target tables"))?;
     let mut targets: Vec<TargetTable> = Vec::new();
@@ -163,7 +147,7 @@ async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(
     let seq_schemas: Vec<&str> = m.sequences.iter().map(|s| s.schema.as_str()).collect();
     let seq_names: Vec<&str> = m.sequences.iter().map(|s| s.name.as_str()).collect();
     let sequences: Vec<QualifiedName> = client
-        .query(SEQUENCES_SQL, &[&seq_schemas, &seq_names])
+        .query(compat::TARGET_SEQUENCES_SQL, &[&seq_schemas, &seq_names])
         .await
         .map_err(CliError::query("reading the target sequences"))?
         .iter()
@@ -205,7 +189,7 @@ async fn non_empty(client: &Client, tables: &[QualifiedName]) -> Result<Vec<Stri
     let mut full = Vec::new();
     for qn in tables {
         let has_rows: bool = client
-            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {qn})"), &[])
+            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {qn})"), &[])
             .await
             .map_err(CliError::query(format!("checking whether {qn} is empty")))?
             .get(0);
@@ -391,8 +375,12 @@ async fn apply(
     if job.truncate && !state.state.truncated && !resuming {
         if !qualified.is_empty() {
             let list: Vec<String> = qualified.iter().map(ToString::to_string).collect();
-            session::run(coord, &format!("TRUNCATE {}", list.join(", ")), "truncating the target tables")
-                .await?;
+            session::run(
+                coord,
+                &format!("TRUNCATE ONLY {}", list.join(", ")),
+                "truncating the target tables",
+            )
+            .await?;
         }
         state.state.truncated = true;
         state.save()?;

@@ -26,22 +26,13 @@ fn load_manifest(path: &str) -> Manifest {
     })
 }
 
-const TARGET_SQL: &str = "\
-SELECT n.nspname::text, c.relname::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
-       a.attgenerated <> ''
-FROM unnest($1::text[], $2::text[]) AS want(s, t)
-JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
-JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind IN ('r', 'p')
-LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY 1, 2, a.attnum";
-
 /// Checks the target tables and sequences against the manifest; one ERROR lists every problem.
 fn check_schema(m: &Manifest) {
     let schemas: Vec<String> = m.tables.iter().map(|t| t.schema.clone()).collect();
     let names: Vec<String> = m.tables.iter().map(|t| t.name.clone()).collect();
     let mut targets: Vec<TargetTable> = Vec::new();
     Spi::connect(|client| -> Result<(), pgrx::spi::Error> {
-        for r in client.select(TARGET_SQL, None, &[schemas.into(), names.into()])? {
+        for r in client.select(compat::TARGET_TABLES_SQL, None, &[schemas.into(), names.into()])? {
             let schema = r.get::<String>(1)?.unwrap_or_default();
             let name = r.get::<String>(2)?.unwrap_or_default();
             if targets.last().is_none_or(|t| t.schema != schema || t.name != name) {
@@ -62,13 +53,7 @@ fn check_schema(m: &Manifest) {
     let seq_names: Vec<String> = m.sequences.iter().map(|s| s.name.clone()).collect();
     let mut sequences = Vec::new();
     Spi::connect(|client| -> Result<(), pgrx::spi::Error> {
-        for r in client.select(
-            "SELECT n.nspname::text, c.relname::text FROM unnest($1::text[], $2::text[]) AS want(s, t) \
-             JOIN pg_catalog.pg_namespace n ON n.nspname = want.s \
-             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind = 'S'",
-            None,
-            &[seq_schemas.into(), seq_names.into()],
-        )? {
+        for r in client.select(compat::TARGET_SEQUENCES_SQL, None, &[seq_schemas.into(), seq_names.into()])? {
             sequences.push(QualifiedName::new(
                 r.get::<String>(1)?.unwrap_or_default(),
                 r.get::<String>(2)?.unwrap_or_default(),
@@ -125,7 +110,7 @@ fn check_empty(m: &Manifest) {
     let mut full = Vec::new();
     for t in &m.tables {
         let qn = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
-        let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM {qn})"))
+        let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {qn})"))
             .unwrap_or_else(|e| error!("checking whether {qn} is empty: {e}"))
             .unwrap_or(false);
         if has_rows {

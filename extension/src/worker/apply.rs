@@ -125,7 +125,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
             .map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
             .collect();
         BackgroundWorker::transaction(|| {
-            Spi::run(&format!("TRUNCATE {}", list.join(", ")))
+            Spi::run(&format!("TRUNCATE ONLY {}", list.join(", ")))
                 .map_err(|e| format!("truncating the target tables: {e}"))
         })?;
     }
@@ -309,6 +309,9 @@ fn pin_settings(job: &JobSlot, manifest: &Manifest) {
         if has(job, flags::REPLICA) {
             session::set("session_replication_role", "replica");
         }
+        // A chunk and its apply_chunks record commit together: a commit lost in a crash loses both, and
+        // resume_apply loads that chunk again. So the commit need not wait for the WAL flush.
+        session::set("synchronous_commit", "off");
     });
 }
 
@@ -355,22 +358,18 @@ impl CopySource for ChunkSource<'_> {
 /// Claims and loads chunks until none is left or the job stops; one transaction per chunk.
 fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::Path, manifest: &Manifest) {
     let job = &shared.jobs[slot];
+    let me_index =
+        shared.workers.iter().position(|w| std::ptr::eq(w, me)).expect("a worker slot of this block");
     pin_settings(job, manifest);
     let id = job.id.get();
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
-    let count = job.chunk_count.load(Ordering::Acquire);
     loop {
         job::pause_before_chunk(job);
         if job.should_stop() {
             return;
         }
-        let k = job.chunk_cursor.fetch_add(1, Ordering::AcqRel);
-        if k >= count {
-            return;
-        }
+        let Some(k) = shared.claim_chunk_preferring_idle_tables(slot, me_index) else { return };
         let s = &shared.chunks[base + k as usize];
-        s.state.store(chunk_state::CLAIMED, Ordering::Release);
-        me.current_chunk.store(base as u32 + k + 1, Ordering::Relaxed);
         let table = &manifest.tables[s.table.load(Ordering::Relaxed) as usize];
         let entry = &table.chunks[s.index.load(Ordering::Relaxed) as usize];
         let relid = pg_sys::Oid::from(s.relid.load(Ordering::Relaxed));
