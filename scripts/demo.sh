@@ -10,7 +10,7 @@
 #   4. prints a short summary: time, throughput, sizes, compression ratio
 # A second run reuses the cluster and the demo database (rebuilt only when its scale changes).
 #
-#   bash scripts/demo.sh [--scale N]      N: fixture scale, default 16 (about 1 GB of COPY text)
+#   bash scripts/demo.sh [--scale N]      N: fixture scale, default 30 (about 1 GB on disk, 0.7 GB of COPY text)
 #
 # STEEP_DEMO_SKIP_BUILD=1 skips setup and the extension's installation (when both are done already);
 # STEEP_PG_BASE moves the cluster (default /tmp/steep-repl-pg).
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-scale=16
+scale=30
 while [ $# -gt 0 ]; do
   case "$1" in
     --scale) scale="$2"; shift ;;
