@@ -38,6 +38,9 @@ pub struct Update {
     pub bytes_per_s: f64,
     pub eta_s: Option<f64>,
     pub error: Option<String>,
+    /// Tables being worked on now, when the source says (`snapshot_progress` does, NOTIFY does not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_tables: Option<Vec<String>>,
 }
 
 impl Update {
@@ -63,6 +66,10 @@ impl Update {
             bytes_per_s: num("bytes_per_s"),
             eta_s: obj.get("eta_s").and_then(Value::as_f64),
             error: obj.get("error").and_then(Value::as_str).map(str::to_string),
+            current_tables: obj
+                .get("current_tables")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()),
         })
     }
 
@@ -193,6 +200,8 @@ fn summary_line(s: &Summary) -> String {
 /// A live bar on stderr.
 pub struct BarReporter {
     bar: ProgressBar,
+    /// The tables last reported as being worked on (kept across updates that do not say).
+    current: Vec<String>,
 }
 
 impl BarReporter {
@@ -203,7 +212,7 @@ impl BarReporter {
             .progress_chars("=> ");
         bar.set_style(style);
         bar.enable_steady_tick(Duration::from_millis(200));
-        BarReporter { bar }
+        BarReporter { bar, current: Vec::new() }
     }
 }
 
@@ -216,7 +225,15 @@ impl Reporter for BarReporter {
     fn update(&mut self, u: &Update) {
         self.bar.set_prefix(format!("{:<10}", u.phase));
         self.bar.set_position((u.percent.clamp(0.0, 100.0) * 10.0) as u64);
-        self.bar.set_message(figures(u));
+        if let Some(t) = &u.current_tables {
+            self.current = t.clone();
+        }
+        let now = if self.current.is_empty() || u.is_terminal() {
+            String::new()
+        } else {
+            format!(" · on {}", self.current.join(", "))
+        };
+        self.bar.set_message(format!("{}{now}", figures(u)));
     }
 
     fn note(&mut self, msg: &str) {

@@ -142,6 +142,31 @@ pub fn select_tables(
     if problems.is_empty() { Ok(tables) } else { Err(SelectionError { problems, permission_only }) }
 }
 
+/// Plans the chunks of a snapshot of `tables` for `workers` workers: the chunk size rule of
+/// [`crate::plan::effective_chunk_bytes`] applied to `target_chunk_bytes`, then [`crate::plan::plan`].
+/// Direct and client mode both call this, so for the same tables they plan the same chunks. Returns the
+/// plan and the chunk size used (recorded in the manifest).
+pub fn plan_snapshot(
+    tables: &[TableMeta],
+    target_chunk_bytes: u64,
+    workers: u32,
+) -> Result<(crate::plan::Plan, u64), crate::error::PlanError> {
+    let total: u64 = tables.iter().map(|t| t.heap_bytes + t.toast_bytes).sum();
+    let chunk_bytes = crate::plan::effective_chunk_bytes(target_chunk_bytes, total, workers);
+    let stats = tables
+        .iter()
+        .map(|t| crate::plan::TableStats {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            blocks: t.blocks,
+            heap_bytes: t.heap_bytes,
+            toast_bytes: t.toast_bytes,
+            est_rows: t.est_rows,
+        })
+        .collect();
+    Ok((crate::plan::plan(stats, chunk_bytes)?, chunk_bytes))
+}
+
 /// Lists sequences. Columns: schema (text), name (text), start value (int8), last value or NULL when
 /// never called or not readable (int8), SELECT allowed (bool), oid of the owning table if any (int8).
 pub const SEQUENCES_SQL: &str = "\
@@ -282,6 +307,27 @@ mod tests {
         assert!(err.to_string().contains("\"s\".\"secret\""));
         assert!(err.to_string().contains("\"nosuch\""));
         assert!(!err.permission_only);
+    }
+
+    #[test]
+    fn plan_snapshot_shrinks_chunks_of_small_snapshots_for_both_modes() {
+        let mb = 1u64 << 20;
+        let big = TableMeta {
+            oid: 1,
+            schema: "public".into(),
+            name: "big".into(),
+            blocks: (2048 * mb / 8192) as u32,
+            heap_bytes: 2048 * mb,
+            toast_bytes: 0,
+            est_rows: 1,
+            columns: vec![],
+        };
+        let (plan, chunk) = plan_snapshot(std::slice::from_ref(&big), 256 * mb, 2).unwrap();
+        assert_eq!(chunk, 64 * mb, "2 GB over 2 workers: 16 chunks each");
+        assert_eq!(plan.chunks.len(), 32);
+        let (plan, chunk) = plan_snapshot(std::slice::from_ref(&big), 256 * mb, 1).unwrap();
+        assert_eq!((chunk, plan.chunks.len()), (128 * mb, 16));
+        assert!(plan_snapshot(&[big.clone(), big], 256 * mb, 2).is_err(), "a table listed twice");
     }
 
     #[test]

@@ -518,3 +518,52 @@ pub fn end_worker(job: &JobSlot, me: &WorkerSlot, result: Result<(), String>) {
         }
     }
 }
+
+/// How a kind of job ends: what success is called, what a failure cleans up, and what its messages add.
+pub struct Ending {
+    /// Phase and status of success: Complete/"complete" (generate), Applied/"applied" (apply).
+    pub success: (shmem::Phase, &'static str),
+    /// Run after a failure or cancel, once the workers have stopped.
+    pub cleanup: fn(&JobSlot),
+    /// The error recorded for a cancel.
+    pub cancelled: fn(&str) -> String,
+    /// The error recorded for a failure, from the first error and the job id.
+    pub failed: fn(String, &str) -> String,
+}
+
+/// Ends a job: on failure, stops its workers and cleans up; records the status and error in its row,
+/// sends the last notification, and frees every slot the job held.
+pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>, ending: &Ending) {
+    let job = &shared.jobs[slot];
+    let id = job.id.get();
+    let (status, error) = match outcome {
+        Ok(()) => {
+            job.set_phase(ending.success.0);
+            (ending.success.1, None)
+        }
+        Err(msg) => {
+            job.fail(&msg);
+            let first = job.error_message().unwrap_or(msg);
+            stop_workers(shared, slot);
+            (ending.cleanup)(job);
+            if job.cancelled.load(Ordering::Acquire) != 0 {
+                job.set_phase(shmem::Phase::Cancelled);
+                ("cancelled", Some((ending.cancelled)(&id)))
+            } else {
+                job.set_phase(shmem::Phase::Failed);
+                ("failed", Some((ending.failed)(first, &id)))
+            }
+        }
+    };
+    let recorded = pg::xact::try_catch(|| {
+        BackgroundWorker::transaction(|| {
+            record_end(&id, status, error.as_deref(), &Figures::of(job));
+            crate::progress::notify(job);
+        })
+    });
+    if let Err(e) = recorded {
+        pg::xact::abort_after_error();
+        log!("steep_repl: could not record the end of {id} ({status}): {e}");
+    }
+    release(shared, slot);
+}

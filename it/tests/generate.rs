@@ -445,3 +445,36 @@ fn a_server_restart_fails_running_jobs_with_the_reason() {
         .unwrap();
     assert_eq!((status.as_str(), active), ("ok", 0));
 }
+
+#[test]
+fn progress_names_the_tables_being_read() {
+    let cluster = preloaded();
+    cluster.fresh_db("gen_current", true);
+    let mut c = cluster.client("gen_current");
+    c.batch_execute(
+        r#"CREATE TABLE "Big One" AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 300000) g"#,
+    )
+    .unwrap();
+    let dir = snapshot_path("gen_current");
+    let id = start_snapshot(&mut c, &["SET steep_repl.chunk_size = '256kB'"], &dir, ", parallel => 2");
+    let mut watcher = cluster.client("gen_current");
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..5000 {
+        let row = watcher
+            .query_one("SELECT status, current_tables FROM steep_repl.snapshot_progress($1)", &[&id])
+            .unwrap();
+        let (status, tables): (String, Vec<String>) = (row.get(0), row.get(1));
+        if !tables.is_empty() {
+            seen = tables;
+            break;
+        }
+        if status != "running" {
+            break;
+        }
+    }
+    assert_eq!(seen, vec![r#""public"."Big One""#.to_string()], "the table being read is named, quoted");
+    assert_eq!(wait_for(&mut c, &id, 60).0, "complete");
+    let after: Vec<String> =
+        c.query_one("SELECT current_tables FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+    assert!(after.is_empty(), "nothing is being read once the job has ended");
+}

@@ -42,7 +42,6 @@ use steep_repl_engine::manifest::{
     ChunkEntry, FORMAT_VERSION, Manifest, Mode, Parallelism, SnapshotInfo, Source, TableEntry,
 };
 use steep_repl_engine::naming::{chunk_rel_path, table_dir};
-use steep_repl_engine::plan::{self, TableStats};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -413,22 +412,10 @@ async fn generate(
     };
     let Taken { info, tables, lsn, exported } = taken;
 
-    let stats_in: Vec<TableStats> = tables
-        .iter()
-        .map(|t| TableStats {
-            schema: t.schema.clone(),
-            name: t.name.clone(),
-            blocks: t.blocks,
-            heap_bytes: t.heap_bytes,
-            toast_bytes: t.toast_bytes,
-            est_rows: t.est_rows,
-        })
-        .collect();
-    // The same chunk size rule as the server's generate, so both modes plan identical chunks.
-    let total_bytes: u64 = stats_in.iter().map(|t| t.heap_bytes + t.toast_bytes).sum();
-    let chunk_bytes = plan::effective_chunk_bytes(job.chunk_bytes, total_bytes, job.parallel);
-    let plan =
-        plan::plan(stats_in, chunk_bytes).map_err(|e| CliError::engine("planning chunks")(e.into()))?;
+    // The planning rule the server's generate uses, so both modes plan identical chunks.
+    let (plan, chunk_bytes) =
+        steep_repl_engine::catalog::plan_snapshot(&tables, job.chunk_bytes, job.parallel)
+            .map_err(|e| CliError::engine("planning chunks")(e.into()))?;
     let metas: Vec<&TableMeta> = plan
         .tables
         .iter()

@@ -108,6 +108,7 @@ impl Stats {
             bytes_per_s: (bytes as f64 / elapsed).round(),
             eta_s: eta.map(f64::round),
             error: None,
+            current_tables: None,
         }
     }
 }

@@ -25,12 +25,14 @@ type ProgressRow = (
     Option<i64>,
     i32,
     Vec<i32>,
+    Vec<String>,
     Option<String>,
 );
 
 /// Live progress of one operation (`id`) or of all running ones (`id` NULL), read from shared memory
 /// without touching any table. For an id that is no longer running, its last persisted figures.
-/// `worker_pids` lists the leader first, then the data workers running now.
+/// `worker_pids` lists the leader first, then the data workers running now; `current_tables` the tables
+/// those workers are reading (generate) or loading (apply) at this moment.
 /// Needs the library preloaded.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
@@ -55,6 +57,7 @@ fn snapshot_progress(
         name!(eta_s, Option<i64>),
         name!(workers, i32),
         name!(worker_pids, Vec<i32>),
+        name!(current_tables, Vec<String>),
         name!(error, Option<String>),
     ),
 > {
@@ -74,6 +77,21 @@ fn snapshot_progress(
             .filter(|&p| p > 0)
             .collect();
         let workers = pids.len() as i32;
+        // The tables the workers are reading or loading right now (each worker names its chunk).
+        let mut current: Vec<String> = Vec::new();
+        for (_, w) in shared.job_workers(slot) {
+            let c = w.current_chunk.load(Ordering::Acquire) as usize;
+            if c == 0 || c > shmem::MAX_CHUNKS {
+                continue;
+            }
+            let relid = pgrx::pg_sys::Oid::from(shared.chunks[c - 1].relid.load(Ordering::Relaxed));
+            if let Some((schema, name)) = crate::pg::relation_name(relid) {
+                let q = steep_repl_engine::ident::QualifiedName::new(schema, name).to_string();
+                if !current.contains(&q) {
+                    current.push(q);
+                }
+            }
+        }
         let leader = job.leader_pid.load(Ordering::Relaxed);
         if leader > 0 && !pids.contains(&leader) {
             pids.insert(0, leader);
@@ -99,6 +117,7 @@ fn snapshot_progress(
             eta.map(|e| e as i64),
             workers,
             pids,
+            current,
             job.error_message(),
         ));
     }
@@ -133,6 +152,7 @@ fn snapshot_progress(
                 r.get::<i64>(13)?.unwrap_or(0),
                 Some(0),
                 0,
+                Vec::new(),
                 Vec::new(),
                 r.get::<String>(14)?,
             )))

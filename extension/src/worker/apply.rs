@@ -25,7 +25,7 @@ use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::Manifest;
 use steep_repl_engine::verify::{VerifyMode, VerifyOptions, verify_snapshot_with};
 
-use crate::job::{self, Entry, Figures};
+use crate::job::{self, Entry};
 use crate::pg::copy_from::{self, CopySource};
 use crate::pg::{self, session, xact};
 use crate::progress;
@@ -243,49 +243,20 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
-    let job = &shared.jobs[slot];
-    let id = job.id.get();
-    let (status, error) = match outcome {
-        Ok(()) => {
-            job.set_phase(Phase::Applied);
-            ("applied", None)
-        }
-        Err(msg) => {
-            job.fail(&msg);
-            let first = job.error_message().unwrap_or(msg);
-            job::stop_workers(shared, slot);
-            if job.cancelled.load(Ordering::Acquire) != 0 {
-                job.set_phase(Phase::Cancelled);
-                (
-                    "cancelled",
-                    Some(
-                        "cancelled by steep_repl.cancel_snapshot(); resume with steep_repl.resume_apply(id)"
-                            .into(),
-                    ),
-                )
-            } else {
-                job.set_phase(Phase::Failed);
-                (
-                    "failed",
-                    Some(format!(
-                        "{first}; chunks loaded so far are kept: resume with steep_repl.resume_apply('{id}')"
-                    )),
-                )
-            }
-        }
-    };
-    let recorded = xact::try_catch(|| {
-        BackgroundWorker::transaction(|| {
-            job::record_end(&id, status, error.as_deref(), &Figures::of(job));
-            progress::notify(job);
-        })
-    });
-    if let Err(e) = recorded {
-        xact::abort_after_error();
-        log!("steep_repl: could not record the end of {id} ({status}): {e}");
-    }
-    job::release(shared, slot);
+/// How an apply ends: what it loaded stays, and can be resumed.
+const ENDING: job::Ending = job::Ending {
+    success: (Phase::Applied, "applied"),
+    cleanup: |_| {},
+    cancelled: |id| {
+        format!("cancelled by steep_repl.cancel_snapshot(); resume with steep_repl.resume_apply('{id}')")
+    },
+    failed: |first, id| {
+        format!("{first}; chunks loaded so far are kept: resume with steep_repl.resume_apply('{id}')")
+    },
+};
+
+fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), String>) {
+    job::finish(shared, slot, outcome, &ENDING);
 }
 
 /// Entry point of a loading worker. `arg` carries the job slot and the worker slot.

@@ -27,9 +27,9 @@ use steep_repl_engine::manifest::{
     ChunkEntry, FORMAT_VERSION, Manifest, Mode, Parallelism, SequenceEntry, SnapshotInfo, Source, TableEntry,
 };
 use steep_repl_engine::naming::{chunk_rel_path, table_dir};
-use steep_repl_engine::plan::{self, TableStats};
+use steep_repl_engine::plan;
 
-use crate::job::{self, Entry, Figures};
+use crate::job::{self, Entry};
 use crate::pg::catalog::{self, TableMeta};
 use crate::pg::scan::{self, ScanObserver};
 use crate::pg::{self, session, xact};
@@ -115,25 +115,13 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         .unwrap_or_default();
 
     // Plan and publish.
-    let total_bytes: u64 = tables.iter().map(|t| t.heap_bytes + t.toast_bytes).sum();
-    let chunk_bytes = plan::effective_chunk_bytes(
+    let (plan, chunk_bytes) = steep_repl_engine::catalog::plan_snapshot(
+        &tables,
         job.chunk_bytes.load(Ordering::Relaxed),
-        total_bytes,
         job.parallel_requested.load(Ordering::Relaxed),
-    );
+    )
+    .map_err(|e| e.to_string())?;
     job.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
-    let stats: Vec<TableStats> = tables
-        .iter()
-        .map(|t| TableStats {
-            schema: t.schema.clone(),
-            name: t.name.clone(),
-            blocks: t.blocks,
-            heap_bytes: t.heap_bytes,
-            toast_bytes: t.toast_bytes,
-            est_rows: t.est_rows,
-        })
-        .collect();
-    let plan = plan::plan(stats, chunk_bytes).map_err(|e| e.to_string())?;
     let metas: Vec<&TableMeta> = plan
         .tables
         .iter()
@@ -411,40 +399,16 @@ fn build_manifest(
     m
 }
 
-/// Records the job's end, cleans up after a failure, and frees every slot the job held.
-fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>) {
-    let job = &shared.jobs[slot];
-    let id = job.id.get();
-    let (status, error) = match outcome {
-        Ok(()) => {
-            job.set_phase(Phase::Complete);
-            ("complete", None)
-        }
-        Err(msg) => {
-            job.fail(&msg);
-            let first = job.error_message().unwrap_or(msg);
-            job::stop_workers(shared, slot);
-            remove_output(job);
-            if job.cancelled.load(Ordering::Acquire) != 0 {
-                job.set_phase(Phase::Cancelled);
-                ("cancelled", Some("cancelled by steep_repl.cancel_snapshot()".to_string()))
-            } else {
-                job.set_phase(Phase::Failed);
-                ("failed", Some(first))
-            }
-        }
-    };
-    let recorded = xact::try_catch(|| {
-        BackgroundWorker::transaction(|| {
-            job::record_end(&id, status, error.as_deref(), &Figures::of(job));
-            progress::notify(job);
-        })
-    });
-    if let Err(e) = recorded {
-        xact::abort_after_error();
-        log!("steep_repl: could not record the end of {id} ({status}): {e}");
-    }
-    job::release(shared, slot);
+/// How a generate ends: a failed or cancelled one removes everything it wrote.
+const ENDING: job::Ending = job::Ending {
+    success: (Phase::Complete, "complete"),
+    cleanup: remove_output,
+    cancelled: |_| "cancelled by steep_repl.cancel_snapshot()".to_string(),
+    failed: |first, _| first,
+};
+
+fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), String>) {
+    job::finish(shared, slot, outcome, &ENDING);
 }
 
 /// Removes what a failed or cancelled job wrote: the manifest (if any), `data/`, leftover temp files,
