@@ -143,14 +143,17 @@ impl Figures {
     }
 }
 
-/// Updates the job's row with live figures (and status/started_at when given). Call in a transaction.
-pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
+/// Writes the job's figures into its `snapshots` row, with `status` when given (`running` also sets
+/// started_at). `end` is Some(error) when the job has ended: error and finished_at are written too.
+fn update_row(id: &str, status: Option<&str>, end: Option<Option<&str>>, f: &Figures) {
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE steep_repl.snapshots SET phase = $2, tables_total = $3, tables_done = $4, chunks_total = $5, \
              chunks_done = $6, rows_done = $7, bytes_done = $8, bytes_written = $9, updated_at = now(), \
              status = coalesce($10, status), \
-             started_at = CASE WHEN $10 = 'running' THEN coalesce(started_at, now()) ELSE started_at END \
+             started_at = CASE WHEN $10 = 'running' THEN coalesce(started_at, now()) ELSE started_at END, \
+             error = CASE WHEN $11 THEN $12 ELSE error END, \
+             finished_at = CASE WHEN $11 THEN now() ELSE finished_at END \
              WHERE id = $1",
             &[
                 id.into(),
@@ -163,10 +166,17 @@ pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
                 f.bytes.into(),
                 f.bytes_written.into(),
                 status.into(),
+                end.is_some().into(),
+                end.flatten().into(),
             ],
         )
     })
     .unwrap_or_else(|e| error!("updating steep_repl.snapshots for {id}: {e}"));
+}
+
+/// Updates the job's row with live figures (and status/started_at when given). Call in a transaction.
+pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
+    update_row(id, status, None, f);
     if status == Some("running") {
         as_owner(|| {
             Spi::run_with_args(
@@ -181,26 +191,9 @@ pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
 
 /// Records a job's end: `status` is complete, applied, failed or cancelled. Call in a transaction.
 pub fn record_end(id: &str, status: &str, error: Option<&str>, f: &Figures) {
+    update_row(id, Some(status), Some(error), f);
     let queue_status = if status == "applied" { "complete" } else { status };
     as_owner(|| {
-        Spi::run_with_args(
-            "UPDATE steep_repl.snapshots SET status = $2, phase = $3, error = $4, tables_total = $5, \
-             tables_done = $6, chunks_total = $7, chunks_done = $8, rows_done = $9, bytes_done = $10, \
-             bytes_written = $11, finished_at = now(), updated_at = now() WHERE id = $1",
-            &[
-                id.into(),
-                status.into(),
-                f.phase.as_str().into(),
-                error.into(),
-                f.tables_total.into(),
-                f.tables_done.into(),
-                f.chunks_total.into(),
-                f.chunks_done.into(),
-                f.rows.into(),
-                f.bytes.into(),
-                f.bytes_written.into(),
-            ],
-        )?;
         Spi::run_with_args(
             "UPDATE steep_repl.work_queue SET status = $2, error = $3, finished_at = now() WHERE snapshot_id = $1",
             &[id.into(), queue_status.into(), error.into()],

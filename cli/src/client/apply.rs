@@ -461,39 +461,23 @@ async fn apply(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut set = JoinSet::new();
+    let mut set: JoinSet<Result<(), CliError>> = JoinSet::new();
     for (w, client) in workers.into_iter().enumerate() {
         set.spawn(worker(w, client, Arc::clone(&work), stop_rx.clone()));
     }
-    let mut tick = tokio::time::interval(REPORT_EVERY);
-    let mut failure: Option<CliError> = None;
-    loop {
-        tokio::select! {
-            sig = interrupt.recv(), if failure.is_none() => {
-                failure = Some(cancelled(format!(
-                    "{sig}; the chunks loaded so far are kept: run the same command again to resume"
-                )));
-                stop_tx.send_replace(true);
-            }
-            joined = set.join_next() => match joined {
-                None => break,
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => {
-                    if failure.is_none() {
-                        failure = Some(e);
-                    }
-                    stop_tx.send_replace(true);
-                }
-                Some(Err(panic)) => {
-                    if failure.is_none() {
-                        failure = Some(CliError::Other(anyhow::anyhow!("a worker task failed: {panic}")));
-                    }
-                    stop_tx.send_replace(true);
-                }
-            },
-            _ = tick.tick() => reporter.update(&work.stats.update("running")),
-        }
-    }
+    let failure = super::pool::run_workers(
+        set,
+        &stop_tx,
+        interrupt,
+        |sig| {
+            cancelled(format!(
+                "{sig}; the chunks loaded so far are kept: run the same command again to resume"
+            ))
+        },
+        REPORT_EVERY,
+        || reporter.update(&work.stats.update("running")),
+    )
+    .await;
     if let Some(e) = failure {
         if !matches!(e, CliError::Cancelled { .. } | CliError::VerifyFailed { .. } | CliError::Engine { .. })
         {

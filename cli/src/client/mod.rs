@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod generate;
+mod pool;
 mod session;
 pub mod state;
 mod stats;

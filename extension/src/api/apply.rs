@@ -81,21 +81,20 @@ fn check_schema(m: &Manifest) {
 
 /// Checks the caller's privileges on every target table; one ERROR lists every table lacking one.
 fn check_privileges(m: &Manifest, truncate: bool) {
-    let mut missing = Vec::new();
-    for t in &m.tables {
-        let qn = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
-        let privs = if truncate { "INSERT, TRUNCATE" } else { "INSERT" };
-        let ok = Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.has_table_privilege($1, 'INSERT') AND ($2 = false OR pg_catalog.has_table_privilege($1, 'TRUNCATE'))",
-            &[qn.as_str().into(), truncate.into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !ok {
-            missing.push(format!("{qn} ({privs})"));
-        }
-    }
+    let names: Vec<String> =
+        m.tables.iter().map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string()).collect();
+    let privs = if truncate { "INSERT, TRUNCATE" } else { "INSERT" };
+    let missing: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT coalesce(array_agg(q ORDER BY n), '{}') FROM unnest($1::text[]) WITH ORDINALITY AS t(q, n) \
+         WHERE NOT (pg_catalog.has_table_privilege(q, 'INSERT') \
+                    AND ($2 = false OR pg_catalog.has_table_privilege(q, 'TRUNCATE')))",
+        &[names.into(), truncate.into()],
+    )
+    .unwrap_or_else(|e| error!("checking privileges on the target tables: {e}"))
+    .unwrap_or_default()
+    .into_iter()
+    .map(|q| format!("{q} ({privs})"))
+    .collect();
     if !missing.is_empty() {
         user_error(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

@@ -135,9 +135,10 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     // extension lock and the right-most pages of its indexes; into two tables they do not.
     let mut order: Vec<usize> = (0..manifest.tables.len()).collect();
     order.sort_by(|&a, &b| manifest.tables[b].raw_bytes.cmp(&manifest.tables[a].raw_bytes).then(a.cmp(&b)));
+    let done: std::collections::HashSet<(String, String, i32)> = done.into_iter().collect();
     let is_done = |t: usize, c: u32| {
         let tt = &manifest.tables[t];
-        done.iter().any(|(s, n, i)| *s == tt.schema && *n == tt.name && *i == c as i32)
+        done.contains(&(tt.schema.clone(), tt.name.clone(), c as i32))
     };
     let mut queues: Vec<std::collections::VecDeque<(usize, u32)>> = Vec::new();
     let mut tables_complete = 0u32;
