@@ -225,6 +225,97 @@ fn hex_value(digit: u8) -> Option<u8> {
     }
 }
 
+/// Reads rows `[start, start + count)` of the COPY TEXT that `inner` yields: skips the first `start`
+/// rows, then passes bytes through unchanged until `count` rows have ended, or to the end of `inner`
+/// when `count` is `None` (so that a checking reader underneath still sees its end).
+///
+/// Rows are counted by [`ROW_END`] bytes, which is exact for COPY TEXT. If `inner` ends early the
+/// reader ends too; the caller notices through its row count.
+pub struct RowRange<R> {
+    inner: R,
+    skip: u64,
+    left: Option<u64>,
+    /// Bytes read past the skipped rows while skipping, not yet handed out.
+    held: Vec<u8>,
+    held_pos: usize,
+}
+
+/// Size of the reads that skip rows.
+const SKIP_READ: usize = 256 * 1024;
+
+impl<R: std::io::Read> RowRange<R> {
+    /// Reads rows `[start, start + count)` of `inner` (all rows from `start` on when `count` is `None`).
+    pub fn new(inner: R, start: u64, count: Option<u64>) -> Self {
+        RowRange { inner, skip: start, left: count, held: Vec::new(), held_pos: 0 }
+    }
+
+    /// The reader underneath.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    fn skip_rows(&mut self) -> std::io::Result<()> {
+        let mut buf = vec![0u8; SKIP_READ];
+        while self.skip > 0 {
+            let n = self.inner.read(&mut buf)?;
+            if n == 0 {
+                self.skip = 0;
+                self.left = Some(0);
+                return Ok(());
+            }
+            let mut ends = memchr::memchr_iter(ROW_END, &buf[..n]);
+            let before = self.skip;
+            match ends.nth(usize::try_from(before - 1).unwrap_or(usize::MAX)) {
+                Some(at) => {
+                    self.skip = 0;
+                    buf.truncate(n);
+                    buf.drain(..=at);
+                    self.held = buf;
+                    self.held_pos = 0;
+                    return Ok(());
+                }
+                None => self.skip -= count_rows(&buf[..n]),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps at most the bytes of `out[..n]` up to the end of the `left`-th row, counting it down.
+    fn limit(&mut self, out: &[u8], n: usize) -> usize {
+        let Some(left) = self.left else { return n };
+        let mut ends = memchr::memchr_iter(ROW_END, &out[..n]);
+        match ends.nth(usize::try_from(left.saturating_sub(1)).unwrap_or(usize::MAX)) {
+            Some(at) if left > 0 => {
+                self.left = Some(0);
+                at + 1
+            }
+            _ => {
+                self.left = Some(left - count_rows(&out[..n]));
+                n
+            }
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for RowRange<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.skip > 0 {
+            self.skip_rows()?;
+        }
+        if self.left == Some(0) || out.is_empty() {
+            return Ok(0);
+        }
+        if self.held_pos < self.held.len() {
+            let n = out.len().min(self.held.len() - self.held_pos);
+            out[..n].copy_from_slice(&self.held[self.held_pos..self.held_pos + n]);
+            self.held_pos += n;
+            return Ok(self.limit(out, n));
+        }
+        let n = self.inner.read(out)?;
+        Ok(self.limit(out, n))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +425,64 @@ mod tests {
         for len in [0, 1, 7, 8, 9, 2039, 2040, 2041, 4096, mixed.len()] {
             let naive = mixed[..len].iter().filter(|&&b| b == b'\n').count() as u64;
             assert_eq!(count_rows(&mixed[..len]), naive, "len {len}");
+        }
+    }
+
+    /// A reader that hands out at most `step` bytes per call, to cross every boundary.
+    struct Dribble<'a>(&'a [u8], usize);
+
+    impl std::io::Read for Dribble<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.len().min(out.len()).min(self.1);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn read_range(text: &[u8], step: usize, start: u64, count: Option<u64>, out_step: usize) -> Vec<u8> {
+        let mut r = RowRange::new(Dribble(text, step), start, count);
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; out_step];
+        loop {
+            let n = std::io::Read::read(&mut r, &mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn row_range_skips_and_stops_at_row_ends() {
+        let text = b"a\tb\t1\nrow1\tx\n\n\\N\tlast\n";
+        assert_eq!(read_range(text, 3, 0, None, 5), text.to_vec());
+        assert_eq!(read_range(text, 3, 1, Some(1), 5), b"row1\tx\n".to_vec());
+        assert_eq!(read_range(text, 100, 2, Some(1), 100), b"\n".to_vec());
+        assert_eq!(read_range(text, 1, 3, None, 1), b"\\N\tlast\n".to_vec());
+        assert_eq!(read_range(text, 7, 4, None, 7), Vec::<u8>::new());
+        assert_eq!(read_range(text, 7, 9, Some(2), 7), Vec::<u8>::new());
+        assert_eq!(read_range(text, 7, 0, Some(0), 7), Vec::<u8>::new());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn row_range_is_the_slice_of_rows(
+            rows in proptest::collection::vec(proptest::collection::vec(0u8..=255, 0..40), 0..60),
+            start in 0u64..70,
+            count in proptest::option::of(0u64..70),
+            step in 1usize..300,
+            out_step in 1usize..300,
+        ) {
+            let rows: Vec<Vec<u8>> = rows
+                .into_iter()
+                .map(|r| { let mut r: Vec<u8> = r.into_iter().filter(|&b| b != ROW_END).collect(); r.push(ROW_END); r })
+                .collect();
+            let text = rows.concat();
+            let from = (start as usize).min(rows.len());
+            let to = count.map_or(rows.len(), |c| (from + c as usize).min(rows.len()));
+            let want = rows[from..to].concat();
+            proptest::prop_assert_eq!(read_range(&text, step, start, count, out_step), want);
         }
     }
 }

@@ -95,6 +95,7 @@ pub mod ident;
 pub mod manifest;
 pub mod naming;
 pub mod plan;
+pub mod schedule;
 pub mod verify;
 
 /// The `chrono` this crate's timestamps ([`Manifest::created_at`]) are made of.

@@ -59,16 +59,19 @@ CREATE INDEX work_queue_snapshot_idx ON steep_repl.work_queue (snapshot_id);
 GRANT USAGE ON SCHEMA steep_repl TO PUBLIC;
 GRANT SELECT ON steep_repl.snapshots, steep_repl.work_queue TO PUBLIC;
 
--- Chunks an apply has loaded. Each row commits in the same transaction as the chunk's rows, so a chunk
--- is either loaded and recorded or neither: resume_apply(id) loads exactly the chunks not listed here.
+-- Chunks an apply has loaded, each as one or more ranges of rows (the tail of a job is cut into smaller
+-- units, see steep_repl_engine::schedule). Each row commits in the same transaction as the rows it
+-- names, so a range is either loaded and recorded or neither: resume_apply(id) loads exactly the rows
+-- not listed here.
 CREATE TABLE steep_repl.apply_chunks (
     apply_id     text        NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
     schema_name  text        NOT NULL,
     table_name   text        NOT NULL,
     chunk_index  integer     NOT NULL,
+    row_start    bigint      NOT NULL DEFAULT 0,  -- a chunk may be loaded in several ranges of rows
     rows_loaded  bigint      NOT NULL,
     raw_bytes    bigint      NOT NULL,
-    loaded_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (apply_id, schema_name, table_name, chunk_index)
+    loaded_at    timestamptz NOT NULL DEFAULT clock_timestamp(),  -- when the chunk's load ended
+    PRIMARY KEY (apply_id, schema_name, table_name, chunk_index, row_start)
 );
 GRANT SELECT ON steep_repl.apply_chunks TO PUBLIC;

@@ -24,6 +24,12 @@ pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// The value in the caller's session when a job starts is the one the job uses.
 pub static CHUNK_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `steep_repl.apply_part_size`: the smallest unit, in kB, an apply cuts the end of its work into
+/// (default 4 MB, see `steep_repl_engine::schedule`), so that its workers finish close together. The
+/// value in the caller's session when an apply starts or resumes is the one it uses.
+pub static APPLY_PART_SIZE_KB: GucSetting<i32> =
+    GucSetting::<i32>::new((steep_repl_engine::schedule::MIN_PART_BYTES / 1024) as i32);
+
 /// Registers every setting. Safe to call in any backend: custom GUCs are per process.
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -55,6 +61,16 @@ pub fn init() {
         3_600_000,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.apply_part_size",
+        c"Smallest unit the end of an apply is cut into.",
+        c"The last chunks of an apply are loaded in ranges of rows that shrink to about this much COPY text, so that workers finish together.",
+        &APPLY_PART_SIZE_KB,
+        1,
+        i32::MAX / 2,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"steep_repl.max_workers",

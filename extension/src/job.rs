@@ -134,7 +134,7 @@ impl Figures {
             phase: job.phase().as_str().to_string(),
             tables_total: job.tables_total.load(Ordering::Relaxed) as i32,
             tables_done: job.tables_done.load(Ordering::Relaxed) as i32,
-            chunks_total: job.chunk_count.load(Ordering::Relaxed) as i32,
+            chunks_total: job.chunks_total.load(Ordering::Relaxed) as i32,
             chunks_done: job.chunks_done.load(Ordering::Relaxed) as i32,
             rows: job.rows.load(Ordering::Relaxed) as i64,
             bytes: job.raw_bytes.load(Ordering::Relaxed) as i64,
@@ -323,7 +323,7 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
     let count = job.chunk_count.load(Ordering::Acquire);
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
     loop {
-        if job.chunks_done.load(Ordering::Acquire) >= count || job.should_stop() {
+        if job.units_done.load(Ordering::Acquire) >= count || job.should_stop() {
             return;
         }
         if BackgroundWorker::sigterm_received() {
@@ -352,7 +352,7 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
                 _ => {}
             }
         }
-        if active == 0 && job.chunks_done.load(Ordering::Acquire) < count {
+        if active == 0 && job.units_done.load(Ordering::Acquire) < count {
             job.fail("every worker exited before all chunks were written");
         }
         let tables_done = count_tables_done(shared, base, count as usize);
@@ -452,6 +452,7 @@ pub fn lead(
     let job = &shared.jobs[slot];
     connect_as_caller(job);
     job.leader_pid.store(pg::my_pid(), Ordering::Release);
+    job.leader_latch.store(pg::my_latch(), Ordering::Release);
     job.state.store(shmem::job_state::RUNNING, Ordering::Release);
     let id = job.id.get();
     match pg::xact::try_catch(|| wait_for_caller(job, &id)) {
@@ -510,6 +511,12 @@ pub fn end_worker(job: &JobSlot, me: &WorkerSlot, result: Result<(), String>) {
             me.state.store(worker_state::FAILED, Ordering::Release);
         }
     }
+    wake_leader(job);
+}
+
+/// Wakes the job's leader from its nap in `watch_workers` (a unit is done, or a worker ended).
+pub fn wake_leader(job: &JobSlot) {
+    pg::set_latch(job.leader_latch.load(Ordering::Acquire));
 }
 
 /// How a kind of job ends: what success is called, what a failure cleans up, and what its messages add.

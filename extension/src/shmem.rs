@@ -19,7 +19,7 @@
 //! Created with `ShmemInitStruct` (see `pg::request_shmem`), not `pg_shmem_init!`, which builds the value
 //! on the postmaster's stack: the chunk array alone is several megabytes.
 
-use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::pg;
 
@@ -27,11 +27,13 @@ use crate::pg;
 pub const MAX_JOBS: usize = 16;
 /// Most processes steep_repl can run at once for all jobs; also the ceiling of `steep_repl.max_workers`.
 pub const MAX_WORKERS: usize = 64;
+/// Sessions that can wait for one job in `wait_snapshot` with a latch; more just poll.
+pub const MAX_WAITERS: usize = 8;
 /// Chunk slots shared by all running jobs. At the default 256 MB chunk size this plans 32 TB; a job
 /// whose plan does not fit is refused with a hint to raise `steep_repl.chunk_size`.
 pub const MAX_CHUNKS: usize = 131_072;
 
-const MAGIC: u64 = 0x5354_4545_5052_0002; // "STEEPR" + layout version 2
+const MAGIC: u64 = 0x5354_4545_5052_0003; // "STEEPR" + layout version 3
 
 /// A slot's state value meaning: free to claim.
 pub const FREE: u32 = 0;
@@ -171,6 +173,11 @@ pub struct JobSlot {
     /// Transaction id of the `start_*` call; the leader waits for it to commit.
     pub caller_xid: AtomicU32,
     pub leader_pid: AtomicI32,
+    /// The leader's latch (`pg::my_latch`): workers set it when a unit is done or they exit, so the
+    /// leader notices the end of the data phase at once.
+    pub leader_latch: AtomicUsize,
+    /// Latches of sessions in `wait_snapshot` (0 = free entry); set when the job's slot is released.
+    pub waiters: [AtomicUsize; MAX_WAITERS],
     pub phase: AtomicU32,
     /// Set by cancel_snapshot, by a failing worker, or by the leader on failure: everyone stops.
     pub stop: AtomicU32,
@@ -197,13 +204,19 @@ pub struct JobSlot {
     pub chunk_cursor: AtomicU32,
     /// 1 once the chunk plan is published and workers may claim.
     pub chunks_ready: AtomicU32,
+    /// Chunks whose every unit is done, and how many the job has (an apply may load a chunk in
+    /// several units; a generate's units are its chunks).
     pub chunks_done: AtomicU32,
+    pub chunks_total: AtomicU32,
+    /// Slots of the chunk plan done; the job's data phase ends when this reaches `chunk_count`.
+    pub units_done: AtomicU32,
     pub tables_total: AtomicU32,
     pub tables_done: AtomicU32,
     /// Units of work for percent and ETA: heap blocks for generate, raw bytes for apply.
     pub work_total: AtomicU64,
     pub work_done: AtomicU64,
-    /// Target raw bytes of a chunk (the caller's steep_repl.chunk_size).
+    /// Generate: target raw bytes of a chunk (the caller's steep_repl.chunk_size). Apply: the smallest
+    /// unit its tail is cut into (the caller's steep_repl.apply_part_size).
     pub chunk_bytes: AtomicU64,
     /// Pause before each chunk in ms (the caller's steep_repl.chunk_pause).
     pub chunk_pause_ms: AtomicU64,
@@ -265,6 +278,13 @@ pub struct ChunkSlot {
     pub rows: AtomicU64,
     pub raw_bytes: AtomicU64,
     pub file_bytes: AtomicU64,
+    /// Apply: the unit's rows `[row_start, row_end)` of the chunk (see `steep_repl_engine::schedule`).
+    pub row_start: AtomicU64,
+    pub row_end: AtomicU64,
+    /// Apply: slot index (relative to the job's base) of the first unit of the same chunk.
+    pub head: AtomicU32,
+    /// Apply, on a chunk's first unit: units of the chunk not yet loaded.
+    pub parts_left: AtomicU32,
 }
 
 /// Lifecycle of a chunk slot.
@@ -316,6 +336,8 @@ impl Shared {
             &j.chunk_cursor,
             &j.chunks_ready,
             &j.chunks_done,
+            &j.chunks_total,
+            &j.units_done,
             &j.tables_total,
             &j.tables_done,
             &j.flags,
@@ -339,6 +361,7 @@ impl Shared {
             a.store(0, Ordering::Relaxed);
         }
         j.leader_pid.store(0, Ordering::Relaxed);
+        j.leader_latch.store(0, Ordering::Relaxed);
         j.zstd_level.store(0, Ordering::Relaxed);
         for s in [&j.error as &dyn ClearStr, &j.path, &j.snapshot_name, &j.export_name, &j.timezone, &j.id] {
             s.clear_str();
@@ -355,11 +378,31 @@ impl Shared {
         self.jobs.iter().enumerate().filter(|(_, j)| j.state.load(Ordering::Acquire) != FREE)
     }
 
-    /// Releases a job slot (and its chunk range).
+    /// Releases a job slot (and its chunk range), then wakes the sessions waiting for the job to end.
+    /// A waiter registers before it checks that the slot still holds its job, so it either sees the
+    /// slot free or is woken here.
     pub fn release_job(&self, slot: usize) {
         let j = &self.jobs[slot];
         j.chunk_count.store(0, Ordering::Release);
-        j.state.store(FREE, Ordering::Release);
+        j.state.store(FREE, Ordering::SeqCst);
+        for w in &j.waiters {
+            crate::pg::set_latch(w.swap(0, Ordering::SeqCst));
+        }
+    }
+
+    /// Registers `latch` as waiting for the end of the job in `slot`; returns the entry to pass to
+    /// [`Shared::unwait`], or None when every entry is taken (the caller then just sleeps).
+    pub fn wait_on(&self, slot: usize, latch: usize) -> Option<usize> {
+        self.jobs[slot]
+            .waiters
+            .iter()
+            .position(|w| w.compare_exchange(0, latch, Ordering::SeqCst, Ordering::Relaxed).is_ok())
+    }
+
+    /// Removes a registration made by [`Shared::wait_on`], unless the release already took it.
+    pub fn unwait(&self, slot: usize, entry: usize, latch: usize) {
+        let _ =
+            self.jobs[slot].waiters[entry].compare_exchange(latch, 0, Ordering::SeqCst, Ordering::Relaxed);
     }
 
     /// Claims a free worker slot for `job_slot`, returning its index, or None when all are taken.
@@ -465,9 +508,14 @@ impl Shared {
         job.chunk_cursor.store(first as u32, Ordering::Relaxed);
         let pending = |k: &usize| self.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::PENDING;
         let window = first..count.min(first + CLAIM_WINDOW);
+        // Skipping ahead must not pull a small unit of the tail before a large one: only units at least
+        // half as large as the first pending one qualify (`raw_bytes` holds a pending unit's estimate).
+        let size = |k: usize| self.chunks[base + k].raw_bytes.load(Ordering::Relaxed);
+        let floor = if first < count { size(first) / 2 } else { 0 };
         let pick = window
             .clone()
             .filter(pending)
+            .filter(|&k| size(k) >= floor)
             .find(|&k| !busy.contains(&self.chunks[base + k].table.load(Ordering::Relaxed)))
             .or_else(|| window.clone().find(pending));
         if let Some(k) = pick {

@@ -77,7 +77,9 @@ fn round_trip_is_exact_for_types_partitions_toast_and_odd_names() {
     cluster.fresh_db("app_dst", false);
     copy_schema(cluster, "app_src", "app_dst");
     let mut d = cluster.client("app_dst");
-    let id = start_apply(&mut d, &[], &dir, ", parallel => 2").unwrap();
+    // A tiny apply_part_size cuts the end of the job into many ranges of rows of the last chunks.
+    let id =
+        start_apply(&mut d, &["SET steep_repl.apply_part_size = '1kB'"], &dir, ", parallel => 2").unwrap();
     let (status, error) = wait_for(&mut d, &id, 120);
     assert_eq!(status, "applied", "{error:?}");
     assert_same_rows(cluster, "app_src", "app_dst", &dir);
@@ -93,17 +95,70 @@ fn round_trip_is_exact_for_types_partitions_toast_and_odd_names() {
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!(seq, (987654, true));
-    let recorded: i64 = d
-        .query_one("SELECT count(*) FROM steep_repl.apply_chunks WHERE apply_id = $1", &[&id])
-        .unwrap()
-        .get(0);
-    assert_eq!(recorded as u64, m.totals.chunks);
+    let (units, chunks, rows): (i64, i64, i64) = d
+        .query_one(
+            "SELECT count(*), count(DISTINCT (schema_name, table_name, chunk_index)), sum(rows_loaded)::int8 \
+             FROM steep_repl.apply_chunks WHERE apply_id = $1",
+            &[&id],
+        )
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    assert_eq!((chunks as u64, rows as u64), (m.totals.chunks, m.totals.rows));
+    assert!(units > chunks, "the tail was cut into ranges of rows: {units} units for {chunks} chunks");
+    let (done, total): (i32, i32) = d
+        .query_one("SELECT chunks_done, chunks_total FROM steep_repl.snapshots WHERE id = $1", &[&id])
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        (done as u64, total as u64),
+        (m.totals.chunks, m.totals.chunks),
+        "progress counts chunks, not units"
+    );
     // The loaded tables were analyzed.
     let analyzed: Option<String> = d
         .query_one("SELECT last_analyze::text FROM pg_stat_user_tables WHERE relname = 'child'", &[])
         .unwrap()
         .get(0);
     assert!(analyzed.is_some());
+}
+
+#[test]
+fn text_from_a_latin1_database_is_converted_into_a_utf8_one() {
+    let cluster = preloaded();
+    let mut admin = cluster.client("postgres");
+    admin.batch_execute("DROP DATABASE IF EXISTS app_latin1_src WITH (FORCE)").unwrap();
+    admin
+        .batch_execute(
+            "CREATE DATABASE app_latin1_src ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .unwrap();
+    let mut s = cluster.client("app_latin1_src");
+    // The client speaks UTF8; the server stores LATIN1 bytes (é = 0xE9), and the snapshot holds them.
+    s.batch_execute(
+        "CREATE EXTENSION steep_repl; \
+         CREATE TABLE t (id int PRIMARY KEY, name text); \
+         INSERT INTO t VALUES (1, 'café'), (2, 'Ångström ÿ'), (3, 'plain')",
+    )
+    .unwrap();
+    let dir = generate(cluster, "app_latin1_src", "app_latin1", &[]);
+    let m = Manifest::load(&dir).unwrap();
+    assert_eq!(m.settings.get("server_encoding").map(String::as_str), Some("LATIN1"));
+    cluster.fresh_db("app_utf8_dst", true);
+    let mut d = cluster.client("app_utf8_dst");
+    d.batch_execute("CREATE TABLE t (id int PRIMARY KEY, name text)").unwrap();
+    let id = start_apply(&mut d, &[], &dir, "").unwrap();
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert_eq!(status, "applied", "{error:?}");
+    let rows: Vec<(i32, String, i32)> = d
+        .query("SELECT id, name, octet_length(name) FROM t ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        [(1, "café".to_string(), 5), (2, "Ångström ÿ".to_string(), 13), (3, "plain".to_string(), 5)]
+    );
 }
 
 #[test]
@@ -179,30 +234,50 @@ fn non_empty_targets_are_refused_unless_truncate() {
     assert_eq!((n, min), (100, 1));
 }
 
-fn interrupted_then_resumed(interrupt: &str) {
+/// Interrupts an apply (a killed worker or a cancel) once some chunks are loaded, or with
+/// `in_cut_tail` once the first range of a chunk cut into several has committed (so that chunk is
+/// partly loaded), then resumes it and checks every row arrived exactly once.
+fn interrupted_then_resumed(interrupt: &str, in_cut_tail: bool) {
     let cluster = preloaded();
-    let (src, dst) = (format!("app_{interrupt}_src"), format!("app_{interrupt}_dst"));
+    let tag = if in_cut_tail { format!("{interrupt}_tail") } else { interrupt.to_string() };
+    let (src, dst) = (format!("app_{tag}_src"), format!("app_{tag}_dst"));
     cluster.fresh_db(&src, true);
     cluster
         .client(&src)
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, h text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 60000) g")
         .unwrap();
-    let dir = generate(cluster, &src, &format!("app_{interrupt}"), &["SET steep_repl.chunk_size = '64kB'"]);
+    let dir = generate(cluster, &src, &format!("app_{tag}"), &["SET steep_repl.chunk_size = '64kB'"]);
     cluster.fresh_db(&dst, false);
     copy_schema(cluster, &src, &dst);
     let mut d = cluster.client(&dst);
-    let id = start_apply(&mut d, &["SET steep_repl.chunk_pause = '150ms'"], &dir, ", parallel => 2").unwrap();
-    // Let a few chunks commit, then interrupt.
-    let mut done = 0;
-    for _ in 0..500 {
-        done =
-            d.query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
-        if done >= 3 {
+    let setup = ["SET steep_repl.chunk_pause = '150ms'", "SET steep_repl.apply_part_size = '1kB'"];
+    let id = start_apply(&mut d, &setup, &dir, ", parallel => 2").unwrap();
+    // Let a few chunks commit (or the first cut range of a chunk), then interrupt.
+    let progressed = |d: &mut harness::postgres::Client| -> bool {
+        if in_cut_tail {
+            d.query_one(
+                "SELECT EXISTS (SELECT FROM steep_repl.apply_chunks WHERE apply_id = $1 AND row_start > 0)",
+                &[&id],
+            )
+            .unwrap()
+            .get(0)
+        } else {
+            let done: i32 = d
+                .query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id])
+                .unwrap()
+                .get(0);
+            done >= 3
+        }
+    };
+    let mut ok = false;
+    for _ in 0..1500 {
+        ok = progressed(&mut d);
+        if ok {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(done >= 3, "apply made no progress");
+    assert!(ok, "apply made no progress");
     if interrupt == "kill" {
         let pids: Vec<i32> =
             d.query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
@@ -224,6 +299,21 @@ fn interrupted_then_resumed(interrupt: &str) {
         .unwrap()
         .get(0);
     assert_eq!(partial, loaded, "every committed row is recorded, nothing more");
+    if in_cut_tail {
+        let m = Manifest::load(&dir).unwrap();
+        let per_chunk: Vec<(i32, i64)> = d
+            .query(
+                "SELECT chunk_index, sum(rows_loaded)::int8 FROM steep_repl.apply_chunks WHERE apply_id = $1 \
+                 GROUP BY 1",
+                &[&id],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let partly = per_chunk.iter().any(|&(c, n)| (n as u64) < m.tables[0].chunks[c as usize].rows);
+        assert!(partly, "a chunk is partly loaded when the apply stops: {per_chunk:?}");
+    }
     d.batch_execute("RESET steep_repl.chunk_pause").unwrap();
     let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
     assert_eq!(again, id);
@@ -236,12 +326,17 @@ fn interrupted_then_resumed(interrupt: &str) {
 
 #[test]
 fn a_killed_worker_then_resume_loads_each_row_once() {
-    interrupted_then_resumed("kill");
+    interrupted_then_resumed("kill", false);
+}
+
+#[test]
+fn a_cancel_in_the_cut_tail_then_resume_loads_each_row_once() {
+    interrupted_then_resumed("cancel", true);
 }
 
 #[test]
 fn a_cancel_then_resume_loads_each_row_once() {
-    interrupted_then_resumed("cancel");
+    interrupted_then_resumed("cancel", false);
 }
 
 #[test]

@@ -153,6 +153,7 @@ fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32) {
     job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
     job.flags.store(job_flags, Ordering::Relaxed);
     job.chunk_pause_ms.store(crate::gucs::CHUNK_PAUSE_MS.get().max(0) as u64, Ordering::Relaxed);
+    job.chunk_bytes.store(crate::gucs::APPLY_PART_SIZE_KB.get().max(1) as u64 * 1024, Ordering::Relaxed);
     job.set_phase(Phase::Queued);
     if !job::launch(Entry::ApplyLeader, id, slot, None) {
         shared.release_job(slot);

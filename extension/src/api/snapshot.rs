@@ -296,6 +296,26 @@ fn reap_interrupted() {
     job::reap_interrupted();
 }
 
+/// Sleeps until the running operation `id` ends (its job slot is released) or `timeout_ms` passes;
+/// returns at once when `id` is not running. Used by `wait_snapshot` between two looks at the row, so
+/// that it returns as soon as an operation ends instead of on a polling tick.
+#[pg_extern(volatile, name = "_wait_for_end")]
+fn wait_for_end(id: &str, timeout_ms: i32) {
+    let shared = shmem::require();
+    let Some(slot) = shared.find_job(id) else { return };
+    let latch = pg::my_latch();
+    let Some(entry) = shared.wait_on(slot, latch) else {
+        job::nap(std::time::Duration::from_millis(timeout_ms.clamp(0, 1000) as u64));
+        return;
+    };
+    // Registered first, checked second: a release after the check sets our latch.
+    if shared.find_job(id) == Some(slot) {
+        job::nap(std::time::Duration::from_millis(timeout_ms.max(0) as u64));
+    }
+    shared.unwait(slot, entry, latch);
+    pgrx::check_for_interrupts!();
+}
+
 extension_sql!(
     r#"
 -- Blocks until operation `id` (generate or apply) has ended, and returns its row. Each check reads
@@ -326,7 +346,8 @@ BEGIN
                 USING ERRCODE = 'query_canceled',
                       HINT = 'The operation keeps running; wait again, or stop it with steep_repl.cancel_snapshot(id).';
         END IF;
-        PERFORM pg_catalog.pg_sleep(0.1);
+        PERFORM steep_repl._wait_for_end(wait_snapshot.id,
+            least(1000, greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000)))::int);
     END LOOP;
 END
 $$;
@@ -349,5 +370,5 @@ END
 $$;
 "#,
     name = "wait_and_list",
-    requires = ["schema", reap_interrupted]
+    requires = ["schema", reap_interrupted, wait_for_end]
 );

@@ -55,8 +55,15 @@ impl Drop for SourceGuard {
 
 /// Loads everything `source` yields into `relid` as COPY TEXT for `columns`, as the current user, in
 /// the current transaction (which must have an active snapshot). Returns the number of rows loaded.
+/// `encoding` names the encoding of the text when it is not the database's (COPY's `ENCODING` option:
+/// PostgreSQL converts and verifies it); `None` loads the bytes as they are.
 /// Raises an ERROR when the user lacks INSERT, when row-level security applies, or on any bad row.
-pub fn copy_into(relid: pg_sys::Oid, columns: &[String], source: &mut dyn CopySource) -> u64 {
+pub fn copy_into(
+    relid: pg_sys::Oid,
+    columns: &[String],
+    encoding: Option<&str>,
+    source: &mut dyn CopySource,
+) -> u64 {
     // SAFETY: inside a transaction. The relation is opened with RowExclusiveLock (what INSERT takes)
     // and closed after EndCopyFrom; the parse state, column list and strings are palloc'd in the current
     // memory context and live until the transaction ends. The source pointer stays valid for the whole
@@ -92,6 +99,15 @@ pub fn copy_into(relid: pg_sys::Oid, columns: &[String], source: &mut dyn CopySo
             let name = CString::new(c.as_str()).unwrap_or_default();
             attnames = pg_sys::lappend(attnames, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
         }
+        let mut options: *mut pg_sys::List = std::ptr::null_mut();
+        if let Some(enc) = encoding {
+            let enc = CString::new(enc).unwrap_or_default();
+            let value = pg_sys::makeString(pg_sys::pstrdup(enc.as_ptr())).cast();
+            options = pg_sys::lappend(
+                options,
+                pg_sys::makeDefElem(pg_sys::pstrdup(c"encoding".as_ptr()), value, -1).cast(),
+            );
+        }
         let _guard = SourceGuard;
         SOURCE = Some(std::mem::transmute::<*mut dyn CopySource, *mut (dyn CopySource + 'static)>(
             source as *mut dyn CopySource,
@@ -104,7 +120,7 @@ pub fn copy_into(relid: pg_sys::Oid, columns: &[String], source: &mut dyn CopySo
             false,
             Some(copy_source_cb),
             attnames,
-            std::ptr::null_mut(),
+            options,
         );
         let rows = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);

@@ -125,6 +125,33 @@ pub fn my_pid() -> i32 {
     unsafe { pg_sys::MyProcPid }
 }
 
+/// A handle on this process's latch that other processes can set: the address of `MyProc->procLatch`,
+/// which lives in shared memory mapped at the same address in every process of the server. 0 when the
+/// process has no PGPROC.
+pub fn my_latch() -> usize {
+    // SAFETY: MyProc is set by InitProcess before any extension code runs in a backend or background
+    // worker, and stays valid (in shared memory) until the process exits; we only take an address.
+    unsafe { if pg_sys::MyProc.is_null() { 0 } else { (&raw mut (*pg_sys::MyProc).procLatch) as usize } }
+}
+
+/// Sets the latch `latch` (from [`my_latch`] of some process), waking that process if it waits on it.
+/// A latch whose process has exited belongs to a free or reused PGPROC slot: setting it then causes at
+/// most a spurious wake-up, which every latch waiter tolerates. 0 is ignored.
+pub fn set_latch(latch: usize) {
+    if latch == 0 {
+        return;
+    }
+    // SAFETY: `latch` is the address of a PGPROC's procLatch in shared memory (see my_latch), which
+    // stays mapped for the life of the server; SetLatch is safe to call on any process's latch.
+    unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) }
+}
+
+/// The name of the current database's encoding (`UTF8`, `LATIN1`, ...).
+pub fn database_encoding() -> String {
+    // SAFETY: GetDatabaseEncodingName returns a static string; valid once connected to a database.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::GetDatabaseEncodingName()).to_string_lossy().into_owned() }
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

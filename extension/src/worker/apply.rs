@@ -21,8 +21,10 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::chunk::ChunkReader;
+use steep_repl_engine::copy_text::RowRange;
 use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::Manifest;
+use steep_repl_engine::schedule::{self, ChunkWork};
 use steep_repl_engine::verify::{VerifyMode, VerifyOptions, verify_snapshot_with};
 
 use crate::job::{self, Entry};
@@ -30,6 +32,9 @@ use crate::pg::copy_from::{self, CopySource};
 use crate::pg::{self, session, xact};
 use crate::progress;
 use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
+
+/// A range of rows an earlier run recorded: (schema, table, chunk index) and rows `[start, end)`.
+type Loaded = ((String, String, i32), (u64, u64));
 
 /// Job flags of an apply.
 pub mod flags {
@@ -88,17 +93,22 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     }
 
     let (done, relids) = BackgroundWorker::transaction(|| -> Result<_, String> {
-        let done = Spi::connect(|client| -> Result<Vec<(String, String, i32)>, pgrx::spi::Error> {
+        let done = Spi::connect(|client| -> Result<Vec<Loaded>, pgrx::spi::Error> {
             let mut v = Vec::new();
             for r in client.select(
-                "SELECT schema_name, table_name, chunk_index FROM steep_repl.apply_chunks WHERE apply_id = $1",
+                "SELECT schema_name, table_name, chunk_index, row_start, rows_loaded \
+                 FROM steep_repl.apply_chunks WHERE apply_id = $1",
                 None,
                 &[id.as_str().into()],
             )? {
+                let start = r.get::<i64>(4)?.unwrap_or(0).max(0) as u64;
                 v.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<i32>(3)?.unwrap_or(-1),
+                    (
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                        r.get::<i32>(3)?.unwrap_or(-1),
+                    ),
+                    (start, start + r.get::<i64>(5)?.unwrap_or(0).max(0) as u64),
                 ));
             }
             Ok(v)
@@ -130,38 +140,37 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         })?;
     }
 
-    // The chunks still to load: largest tables first, and round-robin across tables, so that workers
-    // running at the same moment load different tables. Two COPYs into one table contend for its
-    // extension lock and the right-most pages of its indexes; into two tables they do not.
-    let mut order: Vec<usize> = (0..manifest.tables.len()).collect();
-    order.sort_by(|&a, &b| manifest.tables[b].raw_bytes.cmp(&manifest.tables[a].raw_bytes).then(a.cmp(&b)));
-    let done: std::collections::HashSet<(String, String, i32)> = done.into_iter().collect();
-    let is_done = |t: usize, c: u32| {
-        let tt = &manifest.tables[t];
-        done.contains(&(tt.schema.clone(), tt.name.clone(), c as i32))
-    };
-    let mut queues: Vec<std::collections::VecDeque<(usize, u32)>> = Vec::new();
-    let mut tables_complete = 0u32;
-    for &t in &order {
-        let pending: std::collections::VecDeque<(usize, u32)> = manifest.tables[t]
-            .chunks
-            .iter()
-            .map(|c| c.index)
-            .filter(|&c| !is_done(t, c))
-            .map(|c| (t, c))
-            .collect();
-        if pending.is_empty() {
-            tables_complete += 1;
-        } else {
-            queues.push(pending);
-        }
+    // The units still to load, in claiming order: largest tables first, round-robin across tables,
+    // small units last and a tail cut finer towards the end (steep_repl_engine::schedule).
+    let mut loaded: std::collections::HashMap<(String, String, i32), Vec<(u64, u64)>> =
+        std::collections::HashMap::new();
+    for (key, range) in done {
+        loaded.entry(key).or_default().push(range);
     }
-    let mut todo: Vec<(usize, u32)> = Vec::new();
-    while queues.iter().any(|q| !q.is_empty()) {
-        for q in queues.iter_mut() {
-            todo.extend(q.pop_front());
-        }
-    }
+    let work: Vec<ChunkWork> = manifest
+        .tables
+        .iter()
+        .enumerate()
+        .flat_map(|(t, table)| {
+            let loaded = &loaded;
+            table.chunks.iter().map(move |c| ChunkWork {
+                table: t,
+                chunk: c.index,
+                rows: c.rows,
+                raw_bytes: c.raw_bytes,
+                loaded: loaded
+                    .get(&(table.schema.clone(), table.name.clone(), c.index as i32))
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    let workers =
+        job.parallel_requested.load(Ordering::Relaxed).min(crate::gucs::MAX_WORKERS.get().max(1) as u32);
+    let part_bytes = job.chunk_bytes.load(Ordering::Relaxed).max(1);
+    let todo = schedule::schedule(&work, workers, part_bytes);
+    let pending_tables: std::collections::HashSet<usize> = todo.iter().map(|u| u.table).collect();
+    let tables_complete = (manifest.tables.len() - pending_tables.len()) as u32;
     let base = shared.alloc_chunks(slot, todo.len()).ok_or_else(|| {
         format!(
             "the snapshot has {} chunks to load, more than the free chunk slots of this server",
@@ -169,17 +178,30 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         )
     })?;
     let mut work_total = 0u64;
-    for (k, &(t, c)) in todo.iter().enumerate() {
+    let mut heads: std::collections::HashMap<(usize, u32), usize> = std::collections::HashMap::new();
+    for (k, u) in todo.iter().enumerate() {
+        let head = *heads.entry((u.table, u.chunk)).or_insert(k);
         let s = &shared.chunks[base + k];
-        s.relid.store(relids[t].to_u32(), Ordering::Relaxed);
-        s.table.store(t as u32, Ordering::Relaxed);
-        s.index.store(c, Ordering::Relaxed);
-        for a in [&s.rows, &s.raw_bytes, &s.file_bytes] {
+        s.relid.store(relids[u.table].to_u32(), Ordering::Relaxed);
+        s.table.store(u.table as u32, Ordering::Relaxed);
+        s.index.store(u.chunk, Ordering::Relaxed);
+        s.row_start.store(u.row_start, Ordering::Relaxed);
+        s.row_end.store(u.row_end, Ordering::Relaxed);
+        s.head.store(head as u32, Ordering::Relaxed);
+        s.parts_left.store(0, Ordering::Relaxed);
+        // Until the unit is done, raw_bytes holds its estimate (claims compare sizes with it).
+        s.raw_bytes.store(u.est_bytes, Ordering::Relaxed);
+        for a in [&s.rows, &s.file_bytes] {
             a.store(0, Ordering::Relaxed);
         }
-        s.state.store(chunk_state::PENDING, Ordering::Release);
-        work_total += manifest.tables[t].chunks[c as usize].raw_bytes;
+        work_total += u.est_bytes;
     }
+    for (k, u) in todo.iter().enumerate() {
+        let head = heads[&(u.table, u.chunk)];
+        shared.chunks[base + head].parts_left.fetch_add(1, Ordering::Relaxed);
+        shared.chunks[base + k].state.store(chunk_state::PENDING, Ordering::Release);
+    }
+    job.chunks_total.store(heads.len() as u32, Ordering::Relaxed);
     job.tables_total.store(manifest.tables.len() as u32, Ordering::Relaxed);
     job.tables_done.store(tables_complete, Ordering::Relaxed);
     job.work_total.store(work_total, Ordering::Relaxed);
@@ -289,11 +311,13 @@ fn pin_settings(job: &JobSlot, manifest: &Manifest) {
 
 /// Feeds one chunk to COPY FROM, folding progress into the shared counters and relaying stop requests.
 struct ChunkSource<'a> {
-    reader: ChunkReader,
+    reader: RowRange<ChunkReader>,
     file: &'a str,
     job: &'a JobSlot,
     me: &'a WorkerSlot,
     unreported: u64,
+    /// Raw bytes handed to COPY so far.
+    fed: u64,
 }
 
 impl ChunkSource<'_> {
@@ -309,6 +333,7 @@ impl CopySource for ChunkSource<'_> {
     fn read_into(&mut self, buf: &mut [u8]) -> usize {
         let n = self.reader.read(buf).unwrap_or_else(|e| error!("chunk {}: {e}", self.file));
         self.unreported += n as u64;
+        self.fed += n as u64;
         if self.unreported >= PROGRESS_STEP || n == 0 {
             self.report();
             if BackgroundWorker::sigterm_received() {
@@ -335,6 +360,14 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
     pin_settings(job, manifest);
     let id = job.id.get();
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    // Text from a database of another encoding is converted (and verified) by COPY, as pg_restore's
+    // client_encoding would have it; text of the same encoding came out of PostgreSQL in it and is
+    // covered by the chunk CRCs, so it loads as it is.
+    let encoding = manifest
+        .settings
+        .get("server_encoding")
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case(&pg::database_encoding()))
+        .cloned();
     loop {
         job::pause_before_chunk(job);
         if job.should_stop() {
@@ -346,43 +379,63 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
         let entry = &table.chunks[s.index.load(Ordering::Relaxed) as usize];
         let relid = pg_sys::Oid::from(s.relid.load(Ordering::Relaxed));
         let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
+        let (row_start, row_end) = (s.row_start.load(Ordering::Relaxed), s.row_end.load(Ordering::Relaxed));
+        let whole = row_start == 0 && row_end == entry.rows;
+        let part = if whole { String::new() } else { format!(" (rows {row_start} to {row_end})") };
 
         xact::begin_read_committed();
         xact::push_transaction_snapshot();
         let reader = ChunkReader::open_in(dir, entry)
             .unwrap_or_else(|e| error!("chunk {} of {}: {e}", entry.file, table.label()));
-        let mut source = ChunkSource { reader, file: &entry.file, job, me, unreported: 0 };
-        let rows = copy_from::copy_into(relid, &columns, &mut source);
+        // A unit that runs to the chunk's end reads it to the end, where the reader checks the raw
+        // CRC, size and row count; one that stops earlier is covered by the file CRC checked at open.
+        let count = (row_end != entry.rows).then_some(row_end - row_start);
+        let reader = RowRange::new(reader, row_start, count);
+        let mut source = ChunkSource { reader, file: &entry.file, job, me, unreported: 0, fed: 0 };
+        let rows = copy_from::copy_into(relid, &columns, encoding.as_deref(), &mut source);
         source.report();
-        if rows != entry.rows {
-            error!("chunk {}: loaded {rows} rows, the manifest says {}", entry.file, entry.rows);
+        if rows != row_end - row_start {
+            error!(
+                "chunk {}{part}: loaded {rows} rows, the manifest says {}",
+                entry.file,
+                row_end - row_start
+            );
         }
+        let fed = source.fed;
         job::as_owner(|| {
             Spi::run_with_args(
-                "INSERT INTO steep_repl.apply_chunks (apply_id, schema_name, table_name, chunk_index, rows_loaded, raw_bytes) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO steep_repl.apply_chunks \
+                 (apply_id, schema_name, table_name, chunk_index, row_start, rows_loaded, raw_bytes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[
                     id.as_str().into(),
                     table.schema.as_str().into(),
                     table.name.as_str().into(),
                     (entry.index as i32).into(),
+                    (row_start as i64).into(),
                     (rows as i64).into(),
-                    (entry.raw_bytes as i64).into(),
+                    (fed as i64).into(),
                 ],
             )
         })
-        .unwrap_or_else(|e| error!("recording chunk {} as loaded: {e}", entry.file));
+        .unwrap_or_else(|e| error!("recording chunk {}{part} as loaded: {e}", entry.file));
         xact::pop_snapshot();
         xact::commit();
 
+        let head = &shared.chunks[base + s.head.load(Ordering::Relaxed) as usize];
+        let chunk_complete = head.parts_left.fetch_sub(1, Ordering::AcqRel) == 1;
         s.rows.store(rows, Ordering::Relaxed);
-        s.raw_bytes.store(entry.raw_bytes, Ordering::Relaxed);
-        s.file_bytes.store(entry.file_bytes, Ordering::Relaxed);
+        s.raw_bytes.store(fed, Ordering::Relaxed);
         s.state.store(chunk_state::DONE, Ordering::Release);
         me.rows.fetch_add(rows, Ordering::Relaxed);
         job.rows.fetch_add(rows, Ordering::Relaxed);
-        job.file_bytes.fetch_add(entry.file_bytes, Ordering::Relaxed);
-        job.chunks_done.fetch_add(1, Ordering::AcqRel);
+        if chunk_complete {
+            s.file_bytes.store(entry.file_bytes, Ordering::Relaxed);
+            job.file_bytes.fetch_add(entry.file_bytes, Ordering::Relaxed);
+            job.chunks_done.fetch_add(1, Ordering::AcqRel);
+        }
+        job.units_done.fetch_add(1, Ordering::AcqRel);
+        job::wake_leader(job);
         me.current_chunk.store(0, Ordering::Relaxed);
         progress::publish_if_due(job, false);
     }

@@ -161,6 +161,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     job.work_total.store(metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(), Ordering::Relaxed);
     job.export_name.set(&exported).map_err(|_| format!("snapshot name {exported:?} too long"))?;
     job.chunk_cursor.store(0, Ordering::Relaxed);
+    job.chunks_total.store(plan.chunks.len() as u32, Ordering::Relaxed);
     job.chunks_ready.store(1, Ordering::Release);
     job.set_phase(Phase::Data);
 
@@ -311,6 +312,8 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         me.file_bytes.fetch_add(stats.file_bytes, Ordering::Relaxed);
         job.file_bytes.fetch_add(stats.file_bytes, Ordering::Relaxed);
         job.chunks_done.fetch_add(1, Ordering::AcqRel);
+        job.units_done.fetch_add(1, Ordering::AcqRel);
+        job::wake_leader(job);
         me.current_chunk.store(0, Ordering::Relaxed);
         if own_transactions {
             progress::publish_if_due(job, false);
