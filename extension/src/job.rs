@@ -484,6 +484,8 @@ pub fn lead(
         pg::xact::abort_after_error();
     }
     finish(shared, slot, outcome);
+    // An apply leader holds session locks on its tables during the data phase; never leave them behind.
+    pg::xact::release_all_locks();
 }
 
 /// The start of a data worker's life, the same for generate and apply: returns the job slot and this

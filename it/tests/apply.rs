@@ -278,6 +278,17 @@ fn interrupted_then_resumed(interrupt: &str, in_cut_tail: bool) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(ok, "apply made no progress");
+    // While the data loads, the leader keeps autovacuum (and other VACUUM, ANALYZE, DDL) off the table.
+    let sue_locks = |d: &mut harness::postgres::Client| -> i64 {
+        d.query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND relation = 't'::regclass \
+             AND mode = 'ShareUpdateExclusiveLock' AND granted",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(sue_locks(&mut d), 1);
     if interrupt == "kill" {
         let pids: Vec<i32> =
             d.query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
@@ -289,6 +300,16 @@ fn interrupted_then_resumed(interrupt: &str, in_cut_tail: bool) {
     }
     let (status, _) = wait_for(&mut d, &id, 60);
     assert_eq!(status, if interrupt == "kill" { "failed" } else { "cancelled" });
+    // ... and lets go when the job ends, however it ends.
+    let mut left = sue_locks(&mut d);
+    for _ in 0..250 {
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = sue_locks(&mut d);
+    }
+    assert_eq!(left, 0, "the leader released its session lock");
     let partial: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
     assert!(partial > 0 && partial < 60000, "partially loaded: {partial}");
     let loaded: i64 = d

@@ -206,6 +206,27 @@ pub fn lock_relation(relid: pg_sys::Oid, lockmode: u32) {
     unsafe { pg_sys::LockRelationOid(relid, lockmode as pg_sys::LOCKMODE) };
 }
 
+/// Takes `lockmode` on a relation of the current database for the rest of the session: unlike
+/// [`lock_relation`] it survives the commits of later transactions. Released by
+/// [`unlock_relation_for_session`], or when the process exits (also after an ERROR).
+pub fn lock_relation_for_session(relid: pg_sys::Oid, lockmode: u32) {
+    // SAFETY: called inside a transaction of a process connected to a database (MyDatabaseId is set);
+    // LockRelationIdForSession waits for the lock or raises an ERROR on deadlock or cancel.
+    unsafe {
+        let mut id = pg_sys::LockRelId { relId: relid, dbId: pg_sys::MyDatabaseId };
+        pg_sys::LockRelationIdForSession(&mut id, lockmode as pg_sys::LOCKMODE);
+    }
+}
+
+/// Releases a lock taken by [`lock_relation_for_session`].
+pub fn unlock_relation_for_session(relid: pg_sys::Oid, lockmode: u32) {
+    // SAFETY: releases a session lock this process holds (taken by lock_relation_for_session).
+    unsafe {
+        let mut id = pg_sys::LockRelId { relId: relid, dbId: pg_sys::MyDatabaseId };
+        pg_sys::UnlockRelationIdForSession(&mut id, lockmode as pg_sys::LOCKMODE);
+    }
+}
+
 /// Sends SIGTERM to a process (a worker of ours that must stop now).
 pub fn terminate_process(pid: i32) {
     // SAFETY: sends a signal; the pid belongs to one of our own workers, recorded in shared memory.

@@ -20,6 +20,19 @@ pub fn begin_repeatable_read(read_only: bool) {
     }
 }
 
+/// Releases every heavyweight lock this process holds, session-level ones included, by starting a
+/// transaction and aborting it (an abort releases session locks too). For the end of a process that
+/// took session locks (`pg::lock_relation_for_session`): a clean exit with no transaction open would
+/// leave them in the shared lock table.
+pub fn release_all_locks() {
+    // SAFETY: called outside any transaction; StartTransactionCommand followed by
+    // AbortCurrentTransaction is a complete, empty transaction whose abort runs ProcReleaseLocks.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        pg_sys::AbortCurrentTransaction();
+    }
+}
+
 /// Starts a READ COMMITTED read-write transaction (for COPY FROM, bookkeeping).
 pub fn begin_read_committed() {
     // SAFETY: called outside any transaction; defaults of a new transaction are the session's (READ

@@ -140,6 +140,18 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         })?;
     }
 
+    // While the data loads, the leader holds SHARE UPDATE EXCLUSIVE on every target table, for the
+    // session: it does not conflict with the workers' inserts (ROW EXCLUSIVE), but autovacuum skips a
+    // table it cannot lock, so it neither vacuums nor analyzes half-loaded tables while competing with
+    // the load for CPU and I/O (pg_restore gets the same by loading a table in one transaction, whose
+    // rows autovacuum only sees at its commit). Other sessions' VACUUM, ANALYZE and DDL on these tables
+    // wait until the data is in. Released after the data phase, or when the leader exits.
+    BackgroundWorker::transaction(|| {
+        for &relid in &relids {
+            pg::lock_relation_for_session(relid, pg_sys::ShareUpdateExclusiveLock);
+        }
+    });
+
     // The units still to load, in claiming order: largest tables first, round-robin across tables,
     // small units last and a tail cut finer towards the end (steep_repl_engine::schedule).
     let mut loaded: std::collections::HashMap<(String, String, i32), Vec<(u64, u64)>> =
@@ -231,6 +243,11 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
     }
     job.tables_done.store(manifest.tables.len() as u32, Ordering::Relaxed);
+    BackgroundWorker::transaction(|| {
+        for &relid in &relids {
+            pg::unlock_relation_for_session(relid, pg_sys::ShareUpdateExclusiveLock);
+        }
+    });
 
     if !manifest.sequences.is_empty() {
         job.set_phase(Phase::Sequences);
