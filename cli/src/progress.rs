@@ -118,6 +118,35 @@ pub struct Summary {
     pub bytes_per_s: f64,
 }
 
+impl Summary {
+    /// The summary of a client-mode `op` that ended with `error` (cancelled or failed) after `elapsed_s`.
+    pub fn failed(
+        op: &str,
+        id: String,
+        path: String,
+        error: &crate::error::CliError,
+        elapsed_s: f64,
+    ) -> Summary {
+        let cancelled = matches!(error, crate::error::CliError::Cancelled { .. });
+        Summary {
+            op: op.into(),
+            id,
+            mode: "client".into(),
+            status: if cancelled { "cancelled" } else { "failed" }.into(),
+            path: Some(path),
+            error: Some(error.to_string()),
+            exit_code: error.exit_code(),
+            elapsed_s,
+            tables: 0,
+            chunks: 0,
+            rows: 0,
+            bytes: 0,
+            bytes_written: 0,
+            bytes_per_s: 0.0,
+        }
+    }
+}
+
 /// Where progress goes.
 pub trait Reporter: Send {
     /// The operation started.

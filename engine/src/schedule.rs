@@ -99,6 +99,7 @@ pub fn schedule(chunks: &[ChunkWork], workers: u32, min_part_bytes: u64) -> Vec<
 
     // Per table, its big units in row order; the table's weight is what is left of it.
     let mut tables: Vec<(u64, usize, std::collections::VecDeque<Unit>)> = Vec::new();
+    let mut position: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
     let mut small: Vec<Unit> = Vec::new();
     for c in &chunks {
         for u in units_of(c) {
@@ -106,21 +107,22 @@ pub fn schedule(chunks: &[ChunkWork], workers: u32, min_part_bytes: u64) -> Vec<
                 small.push(u);
                 continue;
             }
-            match tables.iter_mut().find(|(_, t, _)| *t == u.table) {
-                Some((w, _, q)) => {
-                    *w += u.est_bytes;
-                    q.push_back(u);
-                }
-                None => tables.push((u.est_bytes, u.table, std::collections::VecDeque::from([u]))),
-            }
+            let k = *position.entry(u.table).or_insert_with(|| {
+                tables.push((0, u.table, std::collections::VecDeque::new()));
+                tables.len() - 1
+            });
+            tables[k].0 += u.est_bytes;
+            tables[k].2.push_back(u);
         }
     }
     tables.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut order: Vec<Unit> = Vec::new();
-    while tables.iter().any(|(_, _, q)| !q.is_empty()) {
+    // Each round takes one unit of every table that has any left; emptied tables leave the rotation.
+    while !tables.is_empty() {
         for (_, _, q) in tables.iter_mut() {
             order.extend(q.pop_front());
         }
+        tables.retain(|(_, _, q)| !q.is_empty());
     }
     small.sort_by(|a, b| {
         b.est_bytes.cmp(&a.est_bytes).then((a.table, a.chunk, a.row_start).cmp(&(

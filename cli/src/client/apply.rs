@@ -99,23 +99,7 @@ pub async fn run(
             Ok(())
         }
         Err(e) => {
-            let cancelled = matches!(e, CliError::Cancelled { .. });
-            reporter.finish(&Summary {
-                op: "apply".into(),
-                id,
-                mode: "client".into(),
-                status: if cancelled { "cancelled" } else { "failed" }.into(),
-                path: Some(path),
-                error: Some(e.to_string()),
-                exit_code: e.exit_code(),
-                elapsed_s: started.elapsed().as_secs_f64(),
-                tables: 0,
-                chunks: 0,
-                rows: 0,
-                bytes: 0,
-                bytes_written: 0,
-                bytes_per_s: 0.0,
-            });
+            reporter.finish(&Summary::failed("apply", id, path, &e, started.elapsed().as_secs_f64()));
             Err(e)
         }
     }

@@ -107,23 +107,13 @@ pub async fn run(
             if let Err(cleanup) = out.remove_partial() {
                 reporter.note(&format!("could not remove the partial snapshot {path}: {cleanup}"));
             }
-            let cancelled = matches!(e, CliError::Cancelled { .. });
-            reporter.finish(&Summary {
-                op: "generate".into(),
-                id: id.clone(),
-                mode: "client".into(),
-                status: if cancelled { "cancelled" } else { "failed" }.into(),
-                path: Some(path),
-                error: Some(e.to_string()),
-                exit_code: e.exit_code(),
-                elapsed_s: started.elapsed().as_secs_f64(),
-                tables: 0,
-                chunks: 0,
-                rows: 0,
-                bytes: 0,
-                bytes_written: 0,
-                bytes_per_s: 0.0,
-            });
+            reporter.finish(&Summary::failed(
+                "generate",
+                id.clone(),
+                path,
+                &e,
+                started.elapsed().as_secs_f64(),
+            ));
             Err(e)
         }
     }
