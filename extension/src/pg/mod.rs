@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod copy_from;
 pub mod scan;
 pub mod session;
+pub mod wal;
 pub mod xact;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -7,6 +7,8 @@
 //! PostgreSQL's COPY FROM (parser, type input, constraints, indexes), checks the raw CRC, size and row
 //! count at the end, and records the chunk in `steep_repl.apply_chunks`. A chunk is therefore loaded
 //! and recorded, or neither: `resume_apply` after any failure loads exactly the chunks not recorded.
+//! While it feeds COPY, a worker keeps the WAL writer writing its WAL out (`pg::wal`), so that it does
+//! not end up writing WAL pages one at a time itself, waiting on `WALWriteLock`.
 //!
 //! When the caller is a superuser, workers run with `session_replication_role = replica`, as logical
 //! replication's apply workers do: foreign-key and user triggers do not fire, so chunks of parent and
@@ -29,6 +31,7 @@ use steep_repl_engine::verify::{VerifyMode, VerifyOptions, verify_snapshot_with}
 
 use crate::job::{self, Entry};
 use crate::pg::copy_from::{self, CopySource};
+use crate::pg::wal::WalWriterNudge;
 use crate::pg::{self, session, xact};
 use crate::progress;
 use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
@@ -335,6 +338,7 @@ struct ChunkSource<'a> {
     unreported: u64,
     /// Raw bytes handed to COPY so far.
     fed: u64,
+    wal: WalWriterNudge,
 }
 
 impl ChunkSource<'_> {
@@ -349,6 +353,7 @@ impl ChunkSource<'_> {
 impl CopySource for ChunkSource<'_> {
     fn read_into(&mut self, buf: &mut [u8]) -> usize {
         let n = self.reader.read(buf).unwrap_or_else(|e| error!("chunk {}: {e}", self.file));
+        self.wal.tick();
         self.unreported += n as u64;
         self.fed += n as u64;
         if self.unreported >= PROGRESS_STEP || n == 0 {
@@ -408,7 +413,15 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
         // CRC, size and row count; one that stops earlier is covered by the file CRC checked at open.
         let count = (row_end != entry.rows).then_some(row_end - row_start);
         let reader = RowRange::new(reader, row_start, count);
-        let mut source = ChunkSource { reader, file: &entry.file, job, me, unreported: 0, fed: 0 };
+        let mut source = ChunkSource {
+            reader,
+            file: &entry.file,
+            job,
+            me,
+            unreported: 0,
+            fed: 0,
+            wal: WalWriterNudge::new(),
+        };
         let rows = copy_from::copy_into(relid, &columns, encoding.as_deref(), &mut source);
         source.report();
         if rows != row_end - row_start {
