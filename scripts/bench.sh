@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]
+#   scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N]
+#                    [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
@@ -14,24 +15,27 @@
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
 # a hundred small tables) and `onebig` (one large table), scaled to take tens of seconds here. Data is
 # VACUUM FREEZE ANALYZEd and prewarmed into shared_buffers before timing, so every tool reads the same
-# warm pages. Each measurement runs twice, alternating tools; the faster run counts. Prints wall times,
-# ratios and output sizes, and appends them to target/bench/results.txt.
+# warm pages. Each measurement runs --rounds times (default 3), alternating the tools run by run so
+# that a drift of the machine's speed hits both alike; each tool's fastest run counts, and every run is
+# printed. Prints wall times, ratios and output sizes, and appends them to target/bench/results.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; mixed_scale=64; onebig_scale=40; parallel=2; keep=0
+what=all; mixed_scale=64; onebig_scale=40; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
     generate|apply|client|copy|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
+    --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
+case "$rounds" in ''|*[!0-9]*|0) echo "bench: --rounds wants a positive number, not '$rounds'" >&2; exit 2 ;; esac
 
 bash scripts/setup.sh >/dev/null
 if [ "${STEEP_BENCH_SKIP_BUILD:-0}" != 1 ]; then
@@ -101,21 +105,29 @@ empty_target() { # target db
   q "$1" "CHECKPOINT"
 }
 
+# WAL pages that backends had to write themselves because the WAL buffers were full (pg_stat_wal).
+wal_full() { q "$1" "SELECT wal_buffers_full FROM pg_stat_wal"; }
+
 time_ours_apply() { # target snapdir
   empty_target "$1"
-  local t0 id status
+  local t0 id status w0
+  w0=$(wal_full "$1")
   t0=$(now)
   id=$(q "$1" "SELECT steep_repl.start_apply('$2', parallel => $parallel, analyze_tables => false)")
   status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
   [ "$status" = applied ] || { echo "bench: steep-repl apply failed: $status" >&2; exit 1; }
   echo "$(now) - $t0" | bc
+  sleep 1 # backends report WAL statistics at most once a second
+  echo $(( $(wal_full "$1") - w0 )) > "$work/wal_full.ours"
 }
 
 time_pg_restore() { # target dumpdir
   empty_target "$1"
-  local t0; t0=$(now)
+  local t0 w0; w0=$(wal_full "$1"); t0=$(now)
   pg_restore -j "$parallel" --data-only -d "$(db "$1")" "$2"
   echo "$(now) - $t0" | bc
+  sleep 1
+  echo $(( $(wal_full "$1") - w0 )) > "$work/wal_full.peer"
 }
 
 time_ours_client() { # db outdir
@@ -152,6 +164,18 @@ time_pgcopydb() { # source target workdir
 }
 
 min() { echo "if ($1 < $2) $1 else $2" | bc; }
+
+# alternate "OURS COMMAND" "PEER COMMAND": runs them one after the other, $rounds times. Sets a and b
+# (each one's fastest wall time) and runs_a and runs_b (every run, in order).
+alternate() {
+  local i x y
+  a=""; b=""; runs_a=""; runs_b=""
+  for i in $(seq 1 "$rounds"); do
+    x=$(eval "$1"); y=$(eval "$2")
+    runs_a="$runs_a${runs_a:+, }${x}s"; runs_b="$runs_b${runs_b:+, }${y}s"
+    if [ -z "$a" ]; then a=$x; b=$y; else a=$(min "$a" "$x"); b=$(min "$b" "$y"); fi
+  done
+}
 ratio() { echo "scale=3; $1 / $2" | bc; }
 size() { du -sb "$1" | cut -f1; }
 mb() { echo "scale=1; $1 / 1048576" | bc; }
@@ -183,12 +207,10 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
 
   if [ "$what" = client ] || [ "$what" = all ]; then
     if [ "$name" = mixed ]; then
-      a1=$(time_ours_client "$dbname" "$ours_dir.client"); b1=$(time_pg_dump "$dbname" "$dump_dir")
-      a2=$(time_ours_client "$dbname" "$ours_dir.client"); b2=$(time_pg_dump "$dbname" "$dump_dir")
-      a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+      alternate 'time_ours_client "$dbname" "$ours_dir.client"' 'time_pg_dump "$dbname" "$dump_dir"'
       report "client-mode generate $name (the CLI runs the engine over $parallel connections):"
-      report "  steep-repl --client        ${a}s (runs ${a1}s, ${a2}s)  output $(mb "$(size "$ours_dir.client")") MB"
-      report "  pg_dump -Fd -j$parallel -Z1      ${b}s (runs ${b1}s, ${b2}s)"
+      report "  steep-repl --client        ${a}s (runs $runs_a)  output $(mb "$(size "$ours_dir.client")") MB"
+      report "  pg_dump -Fd -j$parallel -Z1      ${b}s (runs $runs_b)"
       report "  ratio steep-repl client / pg_dump: $(ratio "$a" "$b")x"
       rm -rf "$ours_dir.client"
     fi
@@ -196,12 +218,10 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
 
   if [ "$what" = copy ] || [ "$what" = all ]; then
     if [ "$name" = mixed ]; then
-      a1=$(time_ours_copy "$dbname" "$target" "$ours_dir.copy"); b1=$(time_pgcopydb "$dbname" "$target" "$work/pgcopydb")
-      a2=$(time_ours_copy "$dbname" "$target" "$ours_dir.copy"); b2=$(time_pgcopydb "$dbname" "$target" "$work/pgcopydb")
-      a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+      alternate 'time_ours_copy "$dbname" "$target" "$ours_dir.copy"' 'time_pgcopydb "$dbname" "$target" "$work/pgcopydb"'
       report "full copy $name (generate + apply into the pre-created schema):"
-      report "  steep-repl generate+apply  ${a}s (runs ${a1}s, ${a2}s)"
-      report "  pgcopydb copy table-data --table-jobs $parallel  ${b}s (runs ${b1}s, ${b2}s)"
+      report "  steep-repl generate+apply  ${a}s (runs $runs_a)"
+      report "  pgcopydb copy table-data --table-jobs $parallel  ${b}s (runs $runs_b)"
       report "  ratio steep-repl / pgcopydb: $(ratio "$a" "$b")x"
       rm -rf "$ours_dir.copy" "$work/pgcopydb"
     fi
@@ -209,27 +229,24 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
 
   case "$what" in client|copy) continue ;; esac
   if [ "$what" != apply ] || [ ! -f "$ours_dir/manifest.json" ] || [ ! -f "$dump_dir/toc.dat" ]; then
-    a1=$(time_ours_generate "$dbname" "$ours_dir"); b1=$(time_pg_dump "$dbname" "$dump_dir")
-    a2=$(time_ours_generate "$dbname" "$ours_dir"); b2=$(time_pg_dump "$dbname" "$dump_dir")
-    a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+    alternate 'time_ours_generate "$dbname" "$ours_dir"' 'time_pg_dump "$dbname" "$dump_dir"'
     rows=$(python3 -c "import json,sys; m=json.load(open('$ours_dir/manifest.json')); t=m['totals']; print(t['rows'], t['raw_bytes'])")
     read -r nrows rawbytes <<<"$rows"
     if [ "$what" != apply ]; then
       report "generate $name (tables $raw on disk, $nrows rows, $(mb "$rawbytes") MB COPY text):"
-      report "  steep-repl start_snapshot  ${a}s (runs ${a1}s, ${a2}s)  output $(mb "$(size "$ours_dir")") MB"
-      report "  pg_dump -Fd -j$parallel -Z1      ${b}s (runs ${b1}s, ${b2}s)  output $(mb "$(size "$dump_dir")") MB"
+      report "  steep-repl start_snapshot  ${a}s (runs $runs_a)  output $(mb "$(size "$ours_dir")") MB"
+      report "  pg_dump -Fd -j$parallel -Z1      ${b}s (runs $runs_b)  output $(mb "$(size "$dump_dir")") MB"
       report "  ratio steep-repl / pg_dump: $(ratio "$a" "$b")x   throughput $(echo "scale=1; $rawbytes / 1048576 / $a" | bc) MB/s of COPY text"
     fi
   fi
 
   if [ "$what" != generate ]; then
-    a1=$(time_ours_apply "$target" "$ours_dir"); b1=$(time_pg_restore "$target" "$dump_dir")
-    a2=$(time_ours_apply "$target" "$ours_dir"); b2=$(time_pg_restore "$target" "$dump_dir")
-    a=$(min "$a1" "$a2"); b=$(min "$b1" "$b2")
+    alternate 'time_ours_apply "$target" "$ours_dir"' 'time_pg_restore "$target" "$dump_dir"'
     report "apply $name (into the pre-created schema with its indexes and keys):"
-    report "  steep-repl start_apply     ${a}s (runs ${a1}s, ${a2}s)"
-    report "  pg_restore -j$parallel --data-only ${b}s (runs ${b1}s, ${b2}s)"
+    report "  steep-repl start_apply     ${a}s (runs $runs_a)"
+    report "  pg_restore -j$parallel --data-only ${b}s (runs $runs_b)"
     report "  ratio steep-repl / pg_restore: $(ratio "$a" "$b")x"
+    report "  WAL pages written by backends because the WAL buffers were full (last run): steep-repl $(cat "$work/wal_full.ours"), pg_restore $(cat "$work/wal_full.peer")"
   fi
 done
 
