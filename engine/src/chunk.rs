@@ -25,8 +25,10 @@
 //! after the rename), so a final name never holds a partial file. A writer dropped before
 //! [`ChunkWriter::finish`] removes its temporary file.
 //!
-//! Reading ([`ChunkReader`]) maps the file, checks its size and CRC before handing out a single
-//! byte, then streams decompressed bytes while checking size, CRC and row count as they pass.
+//! Reading ([`ChunkReader`]) reads the file with plain `read(2)` calls (never a memory map, so a
+//! file changed under the reader gives an error, not a `SIGBUS`) and streams decompressed bytes
+//! while checking the file's CRC and length and the decompressed size, CRC and row count as they
+//! pass.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -35,7 +37,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::{Mmap, MmapOptions};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zstd::bulk::Compressor;
 use zstd::stream::raw::{self, InBuffer, Operation, OutBuffer};
@@ -158,6 +159,42 @@ pub struct ChunkStats {
     pub raw_crc32: u32,
     /// CRC-32 of the file's bytes.
     pub file_crc32: u32,
+    /// Whether the file (and its name) is already durable; false when [`Durability::DeferSmall`] left
+    /// it to a later [`sync_filesystem`].
+    pub synced: bool,
+}
+
+/// When a finished chunk becomes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file, rename it, fsync its directory, before `finish` returns.
+    Now,
+    /// As `Now` for files of at least [`SYNC_NOW_BYTES`]; smaller files are renamed without fsync,
+    /// and the writer of the snapshot must call [`sync_filesystem`] before the manifest is written.
+    /// An fsync of a file and of its directory costs about a millisecond whatever the size, which for
+    /// a database of 20 000 small tables was most of a snapshot's time; one `syncfs` at the end makes
+    /// them all durable for the price of a few. The manifest is written last either way, so a crash
+    /// before it leaves an incomplete snapshot, never a complete one with a missing chunk.
+    DeferSmall,
+}
+
+/// Files at least this large are fsynced when finished even under [`Durability::DeferSmall`]: their
+/// fsync costs little next to their writing, and it keeps the work left for the end bounded.
+pub const SYNC_NOW_BYTES: u64 = 8 << 20;
+
+/// Makes durable every file written on the file system holding `dir` (Linux `syncfs`): the end of a
+/// snapshot whose small chunks were finished with [`Durability::DeferSmall`]. Errors of the write-back
+/// of any of them are reported here.
+#[allow(unsafe_code)]
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
+    let d = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+    // SAFETY: syncfs takes a file descriptor we own for the duration of the call and touches no memory
+    // of ours.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) };
+    if rc != 0 {
+        return Err(Error::io("syncfs", dir, io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// A file being written that CRCs and counts every byte it passes on.
@@ -413,7 +450,12 @@ impl ChunkWriter {
     /// fsyncs the directory, and returns what the manifest records about it.
     ///
     /// On error the temporary file is removed and nothing appears under the final name.
-    pub fn finish(mut self) -> Result<ChunkStats> {
+    pub fn finish(self) -> Result<ChunkStats> {
+        self.finish_with(Durability::Now)
+    }
+
+    /// [`finish`](Self::finish), with the fsyncs as `durability` says.
+    pub fn finish_with(mut self, durability: Durability) -> Result<ChunkStats> {
         self.consume_pending().map_err(|e| Error::io("write", &self.tmp_path, e))?;
         let Some(sink) = self.sink.take() else {
             return Err(Error::io(
@@ -424,9 +466,13 @@ impl ChunkWriter {
         };
         let is_plain = matches!(sink, Sink::Plain(_));
         // From here on `self.sink` is None, so drop would not remove the file: do it on error.
+        let mut synced = false;
         let result = (|| {
             let file = sink.finish().map_err(|e| Error::io("write", &self.tmp_path, e))?;
-            file.file.sync_all().map_err(|e| Error::io("fsync", &self.tmp_path, e))?;
+            if durability == Durability::Now || file.bytes >= SYNC_NOW_BYTES {
+                file.file.sync_all().map_err(|e| Error::io("fsync", &self.tmp_path, e))?;
+                synced = true;
+            }
             Ok::<_, Error>(file)
         })();
         let file = match result {
@@ -442,7 +488,9 @@ impl ChunkWriter {
             remove_best_effort(&self.tmp_path);
             return Err(Error::io("rename to final name", &self.tmp_path, e));
         }
-        fsync_dir(&self.dir_path).map_err(|e| Error::io("fsync directory", &self.dir_path, e))?;
+        if synced {
+            fsync_dir(&self.dir_path).map_err(|e| Error::io("fsync directory", &self.dir_path, e))?;
+        }
         let file_crc32 = crc.finalize();
         let raw_crc32 = if is_plain { file_crc32 } else { self.raw_crc.clone().finalize() };
         Ok(ChunkStats {
@@ -452,6 +500,7 @@ impl ChunkWriter {
             file_bytes,
             raw_crc32,
             file_crc32,
+            synced,
         })
     }
 
@@ -516,73 +565,136 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
-/// The bytes of a file opened for checking: a read-only map, or nothing for an empty file
-/// (mapping 0 bytes is an error on Linux).
-pub(crate) enum FileBytes {
-    Empty,
-    Mapped(Mmap),
+/// Bytes read from a chunk file per `read(2)`: large enough that the system call and the copy out
+/// of the page cache cost little next to the CRC and the decompression, small enough that a reader
+/// holds about 1 MiB.
+const FILE_READ_BYTES: usize = 1 << 20;
+
+/// A chunk file read front to back with plain `read(2)` calls, every byte passing through a running
+/// CRC-32, its length held to what the manifest records.
+///
+/// Never a memory map: a file that is truncated, rewritten or deleted while it is read gives an
+/// error naming the file and what changed, never a `SIGBUS` (a mapped file that shrinks faults on
+/// the next page touched, which inside PostgreSQL kills the server; PRODUCT.md §6).
+struct CheckedFile {
+    path: PathBuf,
+    file: File,
+    expected_len: u64,
+    expected_crc: u32,
+    read: u64,
+    crc: crc32fast::Hasher,
+    /// Set once the end was reached and checked.
+    ended: bool,
 }
 
-impl std::ops::Deref for FileBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            FileBytes::Empty => &[],
-            FileBytes::Mapped(map) => map,
+impl CheckedFile {
+    /// Opens `path`, refusing anything but a regular file of exactly `expected.file_bytes` bytes.
+    ///
+    /// Missing or unreadable files give [`Error::Io`] (kind `NotFound` for a missing one); a size
+    /// that differs gives [`Error::Chunk`].
+    fn open(path: &Path, expected: &ChunkEntry) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+        if !meta.is_file() {
+            return Err(Error::io(
+                "open",
+                path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
         }
+        if meta.len() != expected.file_bytes {
+            return Err(Error::Chunk(ChunkError {
+                file: path.to_path_buf(),
+                check: ChunkCheck::FileSize { expected: expected.file_bytes, found: meta.len() },
+            }));
+        }
+        Ok(CheckedFile {
+            path: path.to_path_buf(),
+            file,
+            expected_len: expected.file_bytes,
+            expected_crc: expected.file_crc32,
+            read: 0,
+            crc: crc32fast::Hasher::new(),
+            ended: false,
+        })
+    }
+
+    fn error(&self, check: ChunkCheck) -> ChunkError {
+        ChunkError { file: self.path.clone(), check }
+    }
+
+    /// Reads the next bytes of the file into `buf` (which must not be empty); 0 once all the
+    /// recorded bytes were read, the file was found to end there and its CRC matched.
+    fn read_block(&mut self, buf: &mut [u8]) -> Result<usize, ChunkError> {
+        if self.read == self.expected_len {
+            self.check_end()?;
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(self.expected_len - self.read).unwrap_or(usize::MAX));
+        let n = loop {
+            match self.file.read(&mut buf[..want]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.error(ChunkCheck::Read(e.to_string()))),
+            }
+        };
+        if n == 0 {
+            // The file shrank after it was opened.
+            return Err(self.error(ChunkCheck::FileSize { expected: self.expected_len, found: self.read }));
+        }
+        self.crc.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+
+    /// At the recorded end: the file must end here (it did not grow) and its CRC must match.
+    fn check_end(&mut self) -> Result<(), ChunkError> {
+        if self.ended {
+            return Ok(());
+        }
+        let mut probe = [0u8; 1];
+        let more = loop {
+            match self.file.read(&mut probe) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.error(ChunkCheck::Read(e.to_string()))),
+            }
+        };
+        if more > 0 {
+            let found = self.file.metadata().map(|m| m.len()).unwrap_or(self.expected_len + 1);
+            return Err(self.error(ChunkCheck::FileSize {
+                expected: self.expected_len,
+                found: found.max(self.expected_len + 1),
+            }));
+        }
+        let crc = self.crc.clone().finalize();
+        if crc != self.expected_crc {
+            return Err(self.error(ChunkCheck::FileCrc { expected: self.expected_crc, found: crc }));
+        }
+        self.ended = true;
+        Ok(())
+    }
+
+    /// Reads whatever is left of the file through the CRC alone and runs the end checks.
+    fn check_rest(&mut self, buf: &mut Vec<u8>) -> Result<(), ChunkError> {
+        if buf.len() < FILE_READ_BYTES {
+            buf.resize(FILE_READ_BYTES, 0);
+        }
+        while self.read_block(buf)? > 0 {}
+        Ok(())
     }
 }
 
-/// Maps `file` (of `len` bytes) read-only.
-#[allow(unsafe_code)]
-fn map_read_only(file: &File, len: u64) -> io::Result<FileBytes> {
-    if len == 0 {
-        return Ok(FileBytes::Empty);
-    }
-    // SAFETY: memmap2 requires that the mapped file is not modified or truncated while the map is
-    // alive, or reads through it may see changing bytes or fault (SIGBUS). Chunk files are written
-    // once under a temporary name and never modified after the rename to their final name; only
-    // an outside process tampering with a finished snapshot can break this, as for any reader of
-    // a memory-mapped file. The map is read-only and private to this process.
-    let map = unsafe { MmapOptions::new().populate().map(file)? };
-    // Advice only tunes read-ahead; the map is correct whether or not the kernel takes it.
-    if map.advise(memmap2::Advice::Sequential).is_err() {
-        // Ignored on purpose, see above.
-    }
-    Ok(FileBytes::Mapped(map))
-}
-
-/// Opens `path` and checks its size and CRC against `expected`; returns its bytes.
+/// Checks that the chunk file at `path` is a regular file of the recorded size and CRC-32, reading
+/// it through once (no map, see [`ChunkReader`]). Returns the number of bytes checked.
 ///
 /// Missing or unreadable files give [`Error::Io`] (kind `NotFound` for a missing one); size and
-/// CRC failures give [`Error::Chunk`].
-pub(crate) fn open_checked(path: &Path, expected: &ChunkEntry) -> Result<(FileBytes, u32)> {
-    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
-    if !meta.is_file() {
-        return Err(Error::io(
-            "open",
-            path,
-            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-        ));
-    }
-    let chunk_error = |check| Error::Chunk(ChunkError { file: path.to_path_buf(), check });
-    if meta.len() != expected.file_bytes {
-        return Err(chunk_error(ChunkCheck::FileSize { expected: expected.file_bytes, found: meta.len() }));
-    }
-    let bytes = map_read_only(&file, meta.len()).map_err(|e| Error::io("map", path, e))?;
-    if bytes.len() as u64 != expected.file_bytes {
-        // The file changed between stat and map.
-        return Err(chunk_error(ChunkCheck::FileSize {
-            expected: expected.file_bytes,
-            found: bytes.len() as u64,
-        }));
-    }
-    let crc = crc32fast::hash(&bytes);
-    if crc != expected.file_crc32 {
-        return Err(chunk_error(ChunkCheck::FileCrc { expected: expected.file_crc32, found: crc }));
-    }
-    Ok((bytes, crc))
+/// CRC failures, also those caused by the file changing while it is read, give [`Error::Chunk`].
+pub fn check_file(path: &Path, expected: &ChunkEntry) -> Result<u64> {
+    let mut file = CheckedFile::open(path, expected)?;
+    let mut buf = Vec::new();
+    file.check_rest(&mut buf)?;
+    Ok(file.read)
 }
 
 /// Where a [`ChunkReader`] stands.
@@ -594,24 +706,34 @@ enum ReadState {
 
 /// Checked streaming reader of one chunk file.
 ///
-/// [`open`](Self::open) fails unless the file's size and CRC-32 match the manifest entry, so no byte
-/// of a damaged file is ever handed out. `Read` then yields the decompressed COPY TEXT while
-/// checking it; at the end of the stream (or as soon as it grows past the recorded size) it checks
-/// the decompressed size, CRC-32 and row count, and reports a failure as an `io::Error` of kind
-/// `InvalidData` wrapping a [`ChunkError`] (see [`ChunkError::from_io`]). A consumer that loads
-/// data must treat that error as fatal for everything read from this chunk (the extension rolls
-/// back the chunk's transaction).
+/// [`open`](Self::open) fails unless the file is a regular file of the size the manifest records.
+/// `Read` then yields the decompressed COPY TEXT while checking everything as it passes: the
+/// file's CRC-32 over every byte read, and at the end of the stream (or as soon as it grows past
+/// the recorded size) the file's length, the decompressed size, CRC-32 and row count. A failure
+/// comes as an `io::Error` of kind `InvalidData` wrapping a [`ChunkError`] (see
+/// [`ChunkError::from_io`]).
+///
+/// Bytes are handed out before the whole file has been checked, so a consumer that loads data must
+/// treat an error as fatal for everything read from this chunk (the extension loads a chunk in one
+/// transaction and rolls it back). A consumer that stops before the end of the stream (a range of
+/// rows, [`crate::copy_text::RowRange`]) calls [`check_file_to_end`](Self::check_file_to_end)
+/// before it keeps what it read.
+///
+/// The file is read with `read(2)`, never mapped: a file truncated or rewritten under the reader
+/// (an rsync still running, a network file system, an operator's mistake) gives a size or CRC error
+/// naming the file, not a `SIGBUS`.
 ///
 /// The encoding (zstd or plain) is taken from the suffix of `expected.file`.
 pub struct ChunkReader {
-    path: PathBuf,
-    bytes: FileBytes,
-    file_crc32: u32,
+    file: CheckedFile,
+    /// Bytes read from the file and not yet passed on: `input[input_pos..input_len]`.
+    input: Vec<u8>,
+    input_pos: usize,
+    input_len: usize,
     expected_raw_bytes: u64,
     expected_raw_crc32: u32,
     expected_rows: u64,
     decoder: Option<raw::Decoder<'static>>,
-    pos: usize,
     frame_done: bool,
     raw_crc: crc32fast::Hasher,
     raw_bytes: u64,
@@ -620,8 +742,8 @@ pub struct ChunkReader {
 }
 
 impl ChunkReader {
-    /// Opens the chunk file at `path` (the snapshot directory joined with `expected.file`), maps
-    /// it, and checks its size and then its CRC against `expected`.
+    /// Opens the chunk file at `path` (the snapshot directory joined with `expected.file`) and
+    /// checks that it is a regular file of the recorded size.
     pub fn open(path: &Path, expected: &ChunkEntry) -> Result<Self> {
         let zstd = if expected.file.ends_with(ZSTD_SUFFIX) {
             true
@@ -633,21 +755,21 @@ impl ChunkReader {
                 check: ChunkCheck::UnknownEncoding,
             }));
         };
-        let (bytes, file_crc32) = open_checked(path, expected)?;
+        let file = CheckedFile::open(path, expected)?;
         let decoder = if zstd {
             Some(raw::Decoder::new().map_err(|e| Error::io("start zstd decoder for", path, e))?)
         } else {
             None
         };
         Ok(ChunkReader {
-            path: path.to_path_buf(),
-            bytes,
-            file_crc32,
+            file,
+            input: Vec::new(),
+            input_pos: 0,
+            input_len: 0,
             expected_raw_bytes: expected.raw_bytes,
             expected_raw_crc32: expected.raw_crc32,
             expected_rows: expected.rows,
             decoder,
-            pos: 0,
             frame_done: true,
             raw_crc: crc32fast::Hasher::new(),
             raw_bytes: 0,
@@ -677,28 +799,35 @@ impl ChunkReader {
 
     /// Size of the chunk file.
     pub fn file_bytes(&self) -> u64 {
-        self.bytes.len() as u64
+        self.file.expected_len
     }
 
     fn error(&self, check: ChunkCheck) -> ChunkError {
-        ChunkError { file: self.path.clone(), check }
+        self.file.error(check)
     }
 
     /// Reads to the end without handing anything out, running every check.
-    ///
-    /// Plain chunks are checked in place, without copying.
     pub fn check_to_end(&mut self) -> Result<(), ChunkError> {
-        if self.decoder.is_none() && self.pos == 0 && matches!(self.state, ReadState::Reading) {
-            let bytes: &[u8] = &self.bytes;
-            let rows = copy_text::count_rows(bytes);
-            let len = bytes.len();
-            self.rows = rows;
-            self.raw_bytes = len as u64;
-            self.pos = len;
-        }
         let mut buf = vec![0u8; DRAIN_BUFFER_BYTES];
         while self.read_checked(&mut buf)? > 0 {}
         Ok(())
+    }
+
+    /// For a consumer that stopped before the end of the stream: reads the rest of the file
+    /// through its CRC alone (no decompression) and checks the file's length and CRC-32, so that
+    /// what was read is known to come from the file the manifest describes.
+    pub fn check_file_to_end(&mut self) -> Result<(), ChunkError> {
+        if let ReadState::Failed(e) = &self.state {
+            return Err(e.clone());
+        }
+        let mut buf = std::mem::take(&mut self.input);
+        let result = self.file.check_rest(&mut buf);
+        self.input_pos = 0;
+        self.input_len = 0;
+        if let Err(e) = &result {
+            self.state = ReadState::Failed(e.clone());
+        }
+        result
     }
 
     /// `Read::read` with the typed error.
@@ -722,49 +851,58 @@ impl ChunkReader {
         result
     }
 
+    /// Makes sure unread file bytes are buffered; false at the end of the file (its length and
+    /// CRC then checked).
+    fn fill_input(&mut self) -> Result<bool, ChunkError> {
+        if self.input_pos < self.input_len {
+            return Ok(true);
+        }
+        if self.input.len() < FILE_READ_BYTES {
+            self.input.resize(FILE_READ_BYTES, 0);
+        }
+        let n = self.file.read_block(&mut self.input)?;
+        self.input_pos = 0;
+        self.input_len = n;
+        Ok(n > 0)
+    }
+
     /// Fills `buf` with the next decompressed bytes; 0 at the end of the stream.
     fn next_bytes(&mut self, buf: &mut [u8]) -> Result<usize, ChunkError> {
-        let data: &[u8] = &self.bytes;
-        let Some(decoder) = self.decoder.as_mut() else {
-            let n = buf.len().min(data.len() - self.pos);
-            buf[..n].copy_from_slice(&data[self.pos..self.pos + n]);
-            self.pos += n;
+        if self.decoder.is_none() {
+            if !self.fill_input()? {
+                return Ok(0);
+            }
+            let n = buf.len().min(self.input_len - self.input_pos);
+            buf[..n].copy_from_slice(&self.input[self.input_pos..self.input_pos + n]);
+            self.input_pos += n;
             return Ok(n);
-        };
+        }
         loop {
-            let mut input = InBuffer::around(&data[self.pos..]);
+            if !self.fill_input()? {
+                if !self.frame_done {
+                    return Err(
+                        self.error(ChunkCheck::Decompress("the file ends inside a zstd frame".to_string()))
+                    );
+                }
+                return Ok(0);
+            }
+            let decoder = self.decoder.as_mut().expect("checked above");
+            let mut input = InBuffer::around(&self.input[self.input_pos..self.input_len]);
             let mut output = OutBuffer::around(&mut *buf);
             let hint = match decoder.run(&mut input, &mut output) {
                 Ok(hint) => hint,
-                Err(e) => {
-                    return Err(ChunkError {
-                        file: self.path.clone(),
-                        check: ChunkCheck::Decompress(e.to_string()),
-                    });
-                }
+                Err(e) => return Err(self.error(ChunkCheck::Decompress(e.to_string()))),
             };
             let (consumed, produced) = (input.pos(), output.pos());
-            self.pos += consumed;
+            self.input_pos += consumed;
             if consumed > 0 || produced > 0 {
                 self.frame_done = hint == 0;
             }
             if produced > 0 {
                 return Ok(produced);
             }
-            if self.pos == data.len() {
-                if !self.frame_done {
-                    return Err(ChunkError {
-                        file: self.path.clone(),
-                        check: ChunkCheck::Decompress("the file ends inside a zstd frame".to_string()),
-                    });
-                }
-                return Ok(0);
-            }
             if consumed == 0 {
-                return Err(ChunkError {
-                    file: self.path.clone(),
-                    check: ChunkCheck::Decompress("the decoder makes no progress".to_string()),
-                });
+                return Err(self.error(ChunkCheck::Decompress("the decoder makes no progress".to_string())));
             }
         }
     }
@@ -776,9 +914,7 @@ impl ChunkReader {
                 self.error(ChunkCheck::RawSize { expected: self.expected_raw_bytes, found: self.raw_bytes })
             );
         }
-        if self.decoder.is_some() {
-            self.raw_crc.update(raw);
-        }
+        self.raw_crc.update(raw);
         self.rows += copy_text::count_rows(raw);
         Ok(())
     }
@@ -789,7 +925,7 @@ impl ChunkReader {
                 self.error(ChunkCheck::RawSize { expected: self.expected_raw_bytes, found: self.raw_bytes })
             );
         }
-        let raw_crc = if self.decoder.is_some() { self.raw_crc.clone().finalize() } else { self.file_crc32 };
+        let raw_crc = self.raw_crc.clone().finalize();
         if raw_crc != self.expected_raw_crc32 {
             return Err(self.error(ChunkCheck::RawCrc { expected: self.expected_raw_crc32, found: raw_crc }));
         }

@@ -88,6 +88,16 @@ pub fn base_type(type_name: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Whether a column of the snapshot's type `snapshot` loads into the target's type `target` (type
+/// modifiers aside). Both are `format_type` text. steep-repl reads the catalog with `search_path` pinned
+/// to `pg_catalog, pg_temp`, so a type outside `pg_catalog` is schema-qualified on both sides; snapshots
+/// written before that carry the name as the source's search path showed it, possibly unqualified, which
+/// matches a target type of that name in any schema.
+pub fn types_match(snapshot: &str, target: &str) -> bool {
+    let (s, t) = (base_type(snapshot), base_type(target));
+    s == t || (!s.contains('.') && t.ends_with(&s) && t[..t.len() - s.len()].ends_with('.'))
+}
+
 /// Every problem that keeps `manifest` from loading into the target described by `tables` and
 /// `sequences` (the qualified names of sequences that exist there). Empty: compatible.
 pub fn check_target(
@@ -96,9 +106,12 @@ pub fn check_target(
     sequences: &[QualifiedName],
 ) -> Vec<Mismatch> {
     let mut problems = Vec::new();
+    let by_name: std::collections::HashMap<(&str, &str), &TargetTable> =
+        tables.iter().map(|x| ((x.schema.as_str(), x.name.as_str()), x)).collect();
+    let sequences: std::collections::HashSet<&QualifiedName> = sequences.iter().collect();
     for t in &manifest.tables {
         let qn = QualifiedName::new(t.schema.clone(), t.name.clone());
-        let Some(target) = tables.iter().find(|x| x.schema == t.schema && x.name == t.name) else {
+        let Some(target) = by_name.get(&(t.schema.as_str(), t.name.as_str())) else {
             problems.push(Mismatch::MissingTable(qn));
             continue;
         };
@@ -108,7 +121,7 @@ pub fn check_target(
                 Some(x) if x.generated => {
                     problems.push(Mismatch::GeneratedColumn { table: qn.clone(), column: c.name.clone() })
                 }
-                Some(x) if base_type(&x.type_name) != base_type(&c.type_name) => {
+                Some(x) if !types_match(&c.type_name, &x.type_name) => {
                     problems.push(Mismatch::TypeMismatch {
                         table: qn.clone(),
                         column: c.name.clone(),
@@ -132,6 +145,18 @@ pub fn check_target(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qualified_and_old_unqualified_type_names() {
+        assert!(types_match("public.mood", "public.mood"));
+        assert!(types_match("mood", "public.mood"));
+        assert!(types_match("mood[]", "public.mood[]"));
+        assert!(types_match("\"My Type\"", "\"S\".\"My Type\""));
+        assert!(!types_match("a.mood", "b.mood"));
+        assert!(!types_match("public.mood", "mood2"));
+        assert!(!types_match("ood", "public.mood"));
+        assert!(types_match("character varying(3)", "character varying(10)"));
+    }
 
     #[test]
     fn base_types() {

@@ -254,6 +254,12 @@ impl<R: std::io::Read> RowRange<R> {
         &self.inner
     }
 
+    /// The reader underneath, mutably (to run its end-of-file checks after a range that stops
+    /// before the end).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     fn skip_rows(&mut self) -> std::io::Result<()> {
         let mut buf = vec![0u8; SKIP_READ];
         while self.skip > 0 {

@@ -154,6 +154,8 @@ pub enum ChunkCheck {
     },
     /// The zstd stream could not be decoded.
     Decompress(String),
+    /// Reading the file failed after it was opened (an I/O error of the device or file system).
+    Read(String),
     /// The file name ends neither in `.copy.zst` nor in `.copy`, so its encoding is unknown.
     UnknownEncoding,
 }
@@ -180,6 +182,7 @@ impl fmt::Display for ChunkCheck {
                 write!(f, "row count mismatch: expected {expected} rows, found {found}")
             }
             ChunkCheck::Decompress(reason) => write!(f, "zstd decompression failed: {reason}"),
+            ChunkCheck::Read(reason) => write!(f, "read failed: {reason}"),
             ChunkCheck::UnknownEncoding => {
                 write!(f, "file name ends neither in .copy.zst nor in .copy")
             }

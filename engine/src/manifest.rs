@@ -67,6 +67,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// File name of the manifest in the snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// The largest manifest any reader accepts: 1 GiB, about ten million chunks. A snapshot directory is
+/// untrusted input (the server reads it inside PostgreSQL): a larger file is refused before it is read.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
 /// A snapshot's manifest. See the module documentation for the meaning of every field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -462,16 +466,42 @@ impl Manifest {
     /// [`validate`](Self::validate). For tools that want to report validation problems themselves
     /// (verify); everything else uses [`load`](Self::load).
     pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
+        Self::read_text(dir).and_then(|(path, text)| Self::parse(path, &text))
+    }
+
+    /// The bytes of `dir/manifest.json`, refusing one larger than [`MAX_MANIFEST_BYTES`] before reading it.
+    fn read_text(dir: &Path) -> Result<(PathBuf, Vec<u8>), ManifestError> {
         let path = dir.join(MANIFEST_FILE);
-        let text = match fs::read(&path) {
-            Ok(text) => text,
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ManifestError::Missing { dir: dir.to_path_buf() });
             }
-            Err(source) => {
-                return Err(ManifestError::Io { op: "read", path, source });
-            }
+            Err(source) => return Err(ManifestError::Io { op: "open", path, source }),
         };
+        let len = file
+            .metadata()
+            .map_err(|source| ManifestError::Io { op: "stat", path: path.clone(), source })?
+            .len();
+        if len > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::Malformed {
+                path,
+                reason: format!("{len} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have"),
+            });
+        }
+        let mut text = Vec::with_capacity(len as usize);
+        io::Read::read_to_end(&mut io::Read::take(file, MAX_MANIFEST_BYTES + 1), &mut text)
+            .map_err(|source| ManifestError::Io { op: "read", path: path.clone(), source })?;
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::Malformed {
+                path,
+                reason: format!("more than the {MAX_MANIFEST_BYTES} bytes a manifest may have"),
+            });
+        }
+        Ok((path, text))
+    }
+
+    fn parse(path: PathBuf, text: &[u8]) -> Result<Manifest, ManifestError> {
         let malformed =
             |e: serde_json::Error| ManifestError::Malformed { path: path.clone(), reason: e.to_string() };
         // The version decides how to read the rest, so look at it first.
@@ -479,7 +509,7 @@ impl Manifest {
         struct VersionOnly {
             format_version: Option<serde_json::Value>,
         }
-        let version: VersionOnly = serde_json::from_slice(&text).map_err(malformed)?;
+        let version: VersionOnly = serde_json::from_slice(text).map_err(malformed)?;
         match version.format_version {
             None => {
                 return Err(ManifestError::UnknownFormat { path, found: "missing".to_string() });
@@ -494,19 +524,28 @@ impl Manifest {
                 }
             },
         }
-        serde_json::from_slice(&text).map_err(malformed)
+        serde_json::from_slice(text).map_err(malformed)
+    }
+
+    /// [`load`](Self::load), also returning the SHA-256 (lower-case hex) of the manifest's bytes: the
+    /// identity of a snapshot, so that a job started on one can refuse another put in its place.
+    pub fn load_with_sha256(dir: &Path) -> Result<(Manifest, String), ManifestError> {
+        use sha2::Digest;
+        let (path, text) = Self::read_text(dir)?;
+        let digest = sha2::Sha256::digest(&text);
+        let hex = digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let manifest = Self::parse(path.clone(), &text)?;
+        let problems = manifest.validate();
+        if !problems.is_empty() {
+            return Err(ManifestError::Invalid { path, problems });
+        }
+        Ok((manifest, hex))
     }
 
     /// Reads `dir/manifest.json` and refuses it unless it is complete, of format version 1 and
     /// passes every rule of [`validate`](Self::validate) (all problems are listed in the error).
     pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
-        let manifest = Self::read(dir)?;
-        let problems = manifest.validate();
-        if problems.is_empty() {
-            Ok(manifest)
-        } else {
-            Err(ManifestError::Invalid { path: dir.join(MANIFEST_FILE), problems })
-        }
+        Self::load_with_sha256(dir).map(|(manifest, _)| manifest)
     }
 
     /// Validates the manifest, then writes it as `dir/manifest.json` atomically: pretty JSON to a

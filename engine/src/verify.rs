@@ -1,7 +1,8 @@
 //! Snapshot verification: the checks behind `steep-repl snapshot verify` and apply's pre-check.
 //!
 //! - [`VerifyMode::Quick`]: for every chunk of the manifest, the file exists, is a regular file,
-//!   has the recorded size and the recorded CRC-32 of its bytes (read through a memory map).
+//!   has the recorded size and the recorded CRC-32 of its bytes (read with `read(2)`, never
+//!   mapped, so a file changed during the check is a problem, never a `SIGBUS`).
 //! - [`VerifyMode::Deep`]: Quick, then decompresses each chunk and checks the recorded raw size,
 //!   raw CRC-32 and row count ([`ChunkReader`]).
 //!
@@ -20,7 +21,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::chunk::{ChunkReader, is_temp_file_name, open_checked};
+use crate::chunk::{ChunkReader, check_file, is_temp_file_name};
 use crate::error::{ChunkCheck, Error, ManifestError};
 use crate::manifest::{ChunkEntry, Manifest, TableEntry};
 use crate::naming::{DATA_DIR, check_rel_path};
@@ -42,6 +43,10 @@ pub struct VerifyOptions {
     pub mode: VerifyMode,
     /// Threads checking chunks; `None` uses rayon's global pool (one thread per core).
     pub threads: Option<usize>,
+    /// With `threads`: the helper threads block every signal that can be blocked, so that signals sent
+    /// to the process are handled by the thread that called, never by a helper. Needed inside a
+    /// process whose signal handlers assume one thread (a PostgreSQL backend).
+    pub signals_to_caller: bool,
 }
 
 /// What kind of problem a [`Problem`] is.
@@ -189,13 +194,26 @@ pub fn verify_snapshot_with(dir: &Path, options: &VerifyOptions) -> Result<Verif
     match options.threads {
         None => Ok(run(dir, options.mode)),
         Some(threads) => {
-            let pool = rayon::ThreadPoolBuilder::new()
+            let mut builder = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
-                .thread_name(|i| format!("steep-verify-{i}"))
-                .build()
-                .map_err(|e| Error::ThreadPool { threads, reason: e.to_string() })?;
+                .thread_name(|i| format!("steep-verify-{i}"));
+            if options.signals_to_caller {
+                builder = builder.start_handler(|_| block_all_signals());
+            }
+            let pool = builder.build().map_err(|e| Error::ThreadPool { threads, reason: e.to_string() })?;
             Ok(pool.install(|| run(dir, options.mode)))
         }
+    }
+}
+
+/// Blocks, in the calling thread, every signal that can be blocked (SIGKILL and SIGSTOP cannot).
+#[allow(unsafe_code)]
+fn block_all_signals() {
+    // SAFETY: sigfillset initialises the set we own; pthread_sigmask changes this thread's mask only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -298,8 +316,7 @@ fn check_chunk(
         Err(e) => return Err(located(io_problem(&e))),
     }
     let result = match mode {
-        VerifyMode::Quick => open_checked(&path, chunk)
-            .map(|(bytes, _)| Checked { file_bytes: bytes.len() as u64, raw_bytes: 0 }),
+        VerifyMode::Quick => check_file(&path, chunk).map(|file_bytes| Checked { file_bytes, raw_bytes: 0 }),
         VerifyMode::Deep => ChunkReader::open(&path, chunk).and_then(|mut reader| {
             reader.check_to_end()?;
             Ok(Checked { file_bytes: reader.file_bytes(), raw_bytes: reader.raw_bytes_read() })
@@ -327,6 +344,7 @@ fn error_problem(e: &Error) -> Problem {
                 ChunkCheck::RawSize { .. } => ProblemKind::RawSizeMismatch,
                 ChunkCheck::RowCount { .. } => ProblemKind::RowCountMismatch,
                 ChunkCheck::Decompress(_) => ProblemKind::Decompress,
+                ChunkCheck::Read(_) => ProblemKind::Io,
                 ChunkCheck::UnknownEncoding => ProblemKind::InvalidManifest,
             };
             Problem::new(kind, chunk.check.to_string())

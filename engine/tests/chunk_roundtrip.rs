@@ -124,8 +124,11 @@ proptest! {
         prop_assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
         prop_assert_eq!(report.problems[0].kind, expected_kind);
         prop_assert_eq!(report.problems[0].file.as_deref(), Some(entry.file.as_str()));
-        // The reader refuses the file before handing out a byte.
-        prop_assert!(ChunkReader::open(&path, entry).is_err());
+        // The reader fails too, at open (size) or by the end of the stream (CRC).
+        let read = ChunkReader::open(&path, entry)
+            .map_err(|e| e.to_string())
+            .and_then(|mut r| r.check_to_end().map_err(|e| e.to_string()));
+        prop_assert!(read.is_err());
     }
 }
 
@@ -174,6 +177,126 @@ fn reader_reports_each_raw_check() {
         };
         assert!(matches!(err.check, ChunkCheck::RawSize { expected: 10, .. }), "{err}");
         assert!(reader.raw_bytes_read() <= 4096 + 10);
+        fs::remove_file(&path).unwrap();
+    }
+}
+
+/// Incompressible bytes, so that a chunk file is several of the reader's 1 MiB reads long.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Opens the chunk, reads `first` bytes, lets `change` alter the file, then reads on: the error,
+/// which must name the file.
+fn read_while_changing(
+    path: &std::path::Path,
+    entry: &ChunkEntry,
+    first: usize,
+    change: impl FnOnce(),
+) -> Result<Vec<u8>, ChunkError> {
+    let mut reader = ChunkReader::open(path, entry).unwrap();
+    let mut out = vec![0u8; first];
+    let mut got = 0;
+    while got < first {
+        let n = reader.read_checked(&mut out[got..])?;
+        assert!(n > 0, "the stream ended before {first} bytes");
+        got += n;
+    }
+    change();
+    let mut rest = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read_checked(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        rest.extend_from_slice(&buf[..n]);
+    }
+    out.extend(rest);
+    Ok(out)
+}
+
+#[test]
+fn a_file_changed_under_the_reader_is_an_error_never_a_fault() {
+    // Chunks used to be read through a memory map: a file truncated under it raised SIGBUS, which
+    // inside PostgreSQL killed the server. Every change must now be an error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let data = noise(5 << 20);
+    for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+        let entry = write_chunk(dir.path(), compression, &data, &[1 << 20]);
+        let path = entry.path_in(dir.path());
+        let original = fs::read(&path).unwrap();
+        assert!(original.len() > 3 << 20, "the file must span several reads");
+
+        // Truncated to 100 bytes after the first megabyte was handed out.
+        let err = read_while_changing(&path, &entry, 1 << 20, || {
+            fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100).unwrap();
+        })
+        .unwrap_err();
+        assert!(matches!(err.check, ChunkCheck::FileSize { found, .. } if found < entry.file_bytes), "{err}");
+        assert!(err.to_string().contains("000000.copy"), "{err}");
+
+        // Rewritten in place with other bytes of the same length.
+        fs::write(&path, &original).unwrap();
+        let err = read_while_changing(&path, &entry, 1 << 20, || {
+            let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(original.len() as u64 - 10)).unwrap();
+            f.write_all(&[0xAA; 10]).unwrap();
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                err.check,
+                ChunkCheck::FileCrc { .. } | ChunkCheck::Decompress(_) | ChunkCheck::RawCrc { .. }
+            ),
+            "{err}"
+        );
+
+        // Grown at the end.
+        fs::write(&path, &original).unwrap();
+        let err = read_while_changing(&path, &entry, 1 << 20, || {
+            fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"more").unwrap();
+        })
+        .unwrap_err();
+        assert!(matches!(err.check, ChunkCheck::FileSize { found, .. } if found > entry.file_bytes), "{err}");
+
+        // Removed: the open file still reads whole and checks out (nothing was lost).
+        fs::write(&path, &original).unwrap();
+        let back = read_while_changing(&path, &entry, 1 << 20, || fs::remove_file(&path).unwrap()).unwrap();
+        assert_eq!(back, data);
+    }
+}
+
+#[test]
+fn a_partial_read_checks_the_rest_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = noise(4 << 20);
+    for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+        let entry = write_chunk(dir.path(), compression, &data, &[1 << 20]);
+        let path = entry.path_in(dir.path());
+        let mut file = fs::read(&path).unwrap();
+        // Sound: the rest of the file checks out.
+        let mut reader = ChunkReader::open(&path, &entry).unwrap();
+        reader.read_exact(&mut [0u8; 1000]).unwrap();
+        assert_eq!(reader.check_file_to_end(), Ok(()));
+        // Damaged past the part read: the partial reader still finds it.
+        let last = file.len() - 1;
+        file[last] ^= 0x01;
+        fs::write(&path, &file).unwrap();
+        let mut reader = ChunkReader::open(&path, &entry).unwrap();
+        reader.read_exact(&mut [0u8; 1000]).unwrap();
+        let err = reader.check_file_to_end().unwrap_err();
+        assert!(matches!(err.check, ChunkCheck::FileCrc { .. }), "{err}");
+        // And the failure sticks.
+        assert!(reader.read(&mut [0u8; 16]).is_err());
         fs::remove_file(&path).unwrap();
     }
 }

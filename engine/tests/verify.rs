@@ -48,9 +48,11 @@ fn sound_snapshot_passes_both_modes() {
             assert_eq!(report.raw_bytes_checked, raw);
             assert_eq!(report.manifest.as_ref(), Some(&manifest));
         }
-        let report =
-            verify_snapshot_with(dir.path(), &VerifyOptions { mode: VerifyMode::Deep, threads: Some(3) })
-                .unwrap();
+        let report = verify_snapshot_with(
+            dir.path(),
+            &VerifyOptions { mode: VerifyMode::Deep, threads: Some(3), signals_to_caller: true },
+        )
+        .unwrap();
         assert!(report.is_ok());
     }
 }
