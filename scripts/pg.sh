@@ -2,7 +2,7 @@
 # Local PostgreSQL 15 clusters for tests, the demo and benchmarks.
 #
 #   scripts/pg.sh start NAME [--no-preload]  initdb if needed, start, print a conninfo on stdout
-#   scripts/pg.sh stop NAME                  stop (data kept)
+#   scripts/pg.sh stop NAME [--immediate]    stop (data kept); --immediate: no shutdown checkpoint, as a crash
 #   scripts/pg.sh destroy NAME               stop and remove everything
 #   scripts/pg.sh url NAME                   print the conninfo of a running cluster
 #   scripts/pg.sh psql NAME [psql args...]   run psql against it
@@ -84,9 +84,10 @@ cmd_start() {
 }
 
 cmd_stop() {
-  valid_name "$1"; local dir="$BASE/$1"
+  valid_name "$1"; local dir="$BASE/$1"; local mode=fast
+  case "${2:-}" in "") ;; --immediate) mode=immediate ;; *) die "unknown option $2" ;; esac
   [ -d "$dir/data" ] || return 0
-  as_pg "$PGBIN/pg_ctl" -D "$dir/data" -w -m fast stop >/dev/null 2>&1 || true
+  as_pg "$PGBIN/pg_ctl" -D "$dir/data" -w -m "$mode" stop >/dev/null 2>&1 || true
 }
 
 cmd_destroy() { cmd_stop "$1"; rm -rf "${BASE:?}/$1"; }
@@ -101,7 +102,7 @@ cmd_url() {
 cmd="$1"; shift
 case "$cmd" in
   start) [ $# -ge 1 ] || usage; cmd_start "$@" ;;
-  stop) [ $# -eq 1 ] || usage; cmd_stop "$1" ;;
+  stop) [ $# -ge 1 ] && [ $# -le 2 ] || usage; cmd_stop "$@" ;;
   destroy) [ $# -eq 1 ] || usage; cmd_destroy "$1" ;;
   url) [ $# -eq 1 ] || usage; cmd_url "$1" ;;
   psql) [ $# -ge 1 ] || usage; n="$1"; shift; psql "$(cmd_url "$n")" -X -v ON_ERROR_STOP=1 "$@" ;;

@@ -16,6 +16,9 @@ use tokio_postgres::{AsyncMessage, Client, Config, Connection};
 
 use crate::error::CliError;
 
+/// Run on every connection the CLI opens (see `ConnSpec::connect`).
+const SAFE_SEARCH_PATH: &str = "SET search_path = pg_catalog, pg_temp";
+
 /// Default time to wait for a server before giving up (libpq waits forever; a CLI should not).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,17 +64,15 @@ impl ConnSpec {
         let mut tls = None;
         let mut config = match dbname_arg {
             None => Config::new(),
-            Some(s) => {
-                let (rest, mode) = take_sslmode(s);
+            Some(s) if is_uri(s) || s.contains('=') => {
+                let (rest, mode) = if is_uri(s) { take_uri_sslmode(s) } else { take_keyword_sslmode(s)? };
                 tls = mode.map(|m| TlsMode::parse(&m)).transpose()?;
-                if rest.starts_with("postgres://") || rest.starts_with("postgresql://") || rest.contains('=')
-                {
-                    rest.parse::<Config>().map_err(|e| CliError::ConnParams(format!("-d: {e}")))?
-                } else {
-                    let mut c = Config::new();
-                    c.dbname(rest.trim());
-                    c
-                }
+                rest.parse::<Config>().map_err(|e| CliError::ConnParams(format!("-d: {e}")))?
+            }
+            Some(s) => {
+                let mut c = Config::new();
+                c.dbname(s.trim());
+                c
             }
         };
         let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
@@ -202,6 +203,18 @@ impl ConnSpec {
     }
 
     async fn connect_with(&self, events: Option<Events>) -> Result<Client, CliError> {
+        let client = self.open(events).await?;
+        // Every statement of the CLI names its objects with their schema; with the search path pinned,
+        // nothing resolves through a schema the role controls, and catalog text (type names in the
+        // manifest) comes out the same as from the server's workers, which pin the same path.
+        client
+            .batch_execute(SAFE_SEARCH_PATH)
+            .await
+            .map_err(CliError::query("pinning the search path".to_string()))?;
+        Ok(client)
+    }
+
+    async fn open(&self, events: Option<Events>) -> Result<Client, CliError> {
         let fail = |e: tokio_postgres::Error| CliError::Connect {
             target: self.target(),
             reason: connect_reason(&e),
@@ -309,21 +322,113 @@ fn connect_reason(e: &tokio_postgres::Error) -> String {
     reason
 }
 
-/// Removes `sslmode=VALUE` from a conninfo string or URI query, returning the rest and the value.
-fn take_sslmode(s: &str) -> (String, Option<String>) {
-    let Some(pos) = s.find("sslmode=") else {
-        return (s.to_string(), None);
+fn is_uri(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// Splits a libpq keyword/value connection string into its pairs, as libpq reads it: `keyword = value`
+/// separated by white space; a value is a run of non-space characters, or single-quoted; a backslash
+/// takes the next character literally in both. The errors never quote the string (it may hold a
+/// password).
+fn parse_keywords(s: &str) -> Result<Vec<(String, String)>, CliError> {
+    let syntax = |what: &str| {
+        CliError::ConnParams(format!(
+            "-d: {what} in the connection string (quote values with spaces: keyword='a value')"
+        ))
     };
-    let value_start = pos + "sslmode=".len();
-    let value_len =
-        s[value_start..].find(|c: char| c.is_whitespace() || c == '&').unwrap_or(s.len() - value_start);
-    let value = s[value_start..value_start + value_len].trim_matches('\'').to_string();
-    let mut rest = String::with_capacity(s.len());
-    rest.push_str(&s[..pos]);
-    let after = &s[value_start + value_len..];
-    rest.push_str(after.strip_prefix('&').unwrap_or(after));
-    let rest = rest.trim_end_matches(['?', '&']).to_string();
-    (rest, Some(value))
+    let mut pairs = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') || key.is_empty() {
+            return Err(syntax("a keyword without \"=\""));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err(syntax("a quoted value without its closing quote")),
+                    Some('\\') => value.extend(chars.next()),
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// Takes `sslmode` (the last one, as libpq) out of a keyword/value connection string: (the rest,
+/// rewritten with libpq's quoting; the mode).
+fn take_keyword_sslmode(s: &str) -> Result<(String, Option<String>), CliError> {
+    let mut mode = None;
+    let mut rest = Vec::new();
+    for (key, value) in parse_keywords(s)? {
+        if key == "sslmode" {
+            mode = Some(value);
+        } else {
+            rest.push(format!("{key}={}", conninfo_value(&value)));
+        }
+    }
+    Ok((rest.join(" "), mode))
+}
+
+/// Takes `sslmode` out of a URI's query (`?a=b&sslmode=...`): (the URI without it, the mode). Only the
+/// query is looked at: the user name and password before the host are never taken apart.
+fn take_uri_sslmode(uri: &str) -> (String, Option<String>) {
+    let Some((base, query)) = uri.split_once('?') else {
+        return (uri.to_string(), None);
+    };
+    let mut mode = None;
+    let mut kept = Vec::new();
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        if percent_decode(key) == "sslmode" {
+            mode = Some(percent_decode(value));
+        } else {
+            kept.push(param);
+        }
+    }
+    let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+    (rest, mode)
+}
+
+/// Decodes `%XX` escapes (anything malformed is kept as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) =
+                (b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c)))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -401,6 +506,44 @@ mod tests {
         let again = ConnSpec::resolve(Some(&shown), env_of(&[])).unwrap();
         assert_eq!(again.target(), spec.target());
         assert_eq!(conninfo_value("it's"), "'it\\'s'");
+    }
+
+    #[test]
+    fn sslmode_is_a_keyword_never_a_substring() {
+        // A password holding "sslmode=" neither turns TLS off nor shows up in an error.
+        let spec = ConnSpec::resolve(
+            Some("host=h dbname=x password='pa sslmode=disable ss' sslmode=require"),
+            env_of(&[]),
+        )
+        .unwrap();
+        assert_eq!(spec.tls, TlsMode::Require);
+        assert_eq!(spec.config.get_password(), Some(&b"pa sslmode=disable ss"[..]));
+        let spec = ConnSpec::resolve(Some("host=h dbname=x password=sslmode=disable"), env_of(&[])).unwrap();
+        assert_eq!(spec.tls, TlsMode::Prefer);
+        assert_eq!(spec.config.get_password(), Some(&b"sslmode=disable"[..]));
+        let err =
+            ConnSpec::resolve(Some("host=h password='hunter2 sslmode=bogus' sslmode=nope"), env_of(&[]))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("\"nope\"") && !err.contains("hunter2"), "{err}");
+        let err = ConnSpec::resolve(Some("host=h password='hunter2"), env_of(&[])).unwrap_err().to_string();
+        assert!(!err.contains("hunter2") && err.contains("closing quote"), "{err}");
+        // In a URI only the query is read; the password stays whole.
+        let spec =
+            ConnSpec::resolve(Some("postgresql://u:pw%26sslmode%3Ddisable@h/x?sslmode=require"), env_of(&[]))
+                .unwrap();
+        assert_eq!(spec.tls, TlsMode::Require);
+        assert_eq!(spec.config.get_password(), Some(&b"pw&sslmode=disable"[..]));
+        let spec =
+            ConnSpec::resolve(Some("postgresql://h/x?application_name=a&sslmode=verify-ca"), env_of(&[]))
+                .unwrap();
+        assert_eq!(spec.tls, TlsMode::VerifyCa);
+        // Backslashes escape, as in libpq.
+        let pairs = parse_keywords(r"a=x\ y b = 'it\'s' c=''").unwrap();
+        assert_eq!(
+            pairs,
+            vec![("a".into(), "x y".into()), ("b".into(), "it's".into()), ("c".into(), "".into())]
+        );
     }
 
     #[test]

@@ -75,3 +75,24 @@ CREATE TABLE steep_repl.apply_chunks (
     PRIMARY KEY (apply_id, schema_name, table_name, chunk_index, row_start)
 );
 GRANT SELECT ON steep_repl.apply_chunks TO PUBLIC;
+
+-- Which apply last loaded each table (by oid): the one that may resume into it. start_apply takes a table
+-- over only from an apply that is no longer pending or running (two concurrent applies into one table
+-- serialise on its row here, and the second is refused); resume_apply needs every table still held by
+-- itself, so it never loads into a table another apply has loaded since it stopped.
+CREATE TABLE steep_repl.apply_targets (
+    relid     oid  PRIMARY KEY,
+    apply_id  text NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE
+);
+CREATE INDEX apply_targets_apply_idx ON steep_repl.apply_targets (apply_id);
+GRANT SELECT ON steep_repl.apply_targets TO PUBLIC;
+
+-- The full text of an operation's error where it differs from steep_repl.snapshots.error, which every
+-- role may read and which therefore never holds row data (a failed load's "Key (ssn)=(...) already
+-- exists", a value that failed to parse). Readable by the extension owner alone; the job's role and
+-- superusers read it through steep_repl.operation_error(id), wait_snapshot and snapshot_progress.
+CREATE TABLE steep_repl.operation_errors (
+    id     text PRIMARY KEY REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
+    error  text NOT NULL
+);
+REVOKE ALL ON steep_repl.operation_errors FROM PUBLIC;

@@ -30,8 +30,31 @@ pub static CHUNK_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static APPLY_PART_SIZE_KB: GucSetting<i32> =
     GucSetting::<i32>::new((steep_repl_engine::schedule::MIN_PART_BYTES / 1024) as i32);
 
-/// Registers every setting. Safe to call in any backend: custom GUCs are per process.
+/// `steep_repl.max_chunk_slots`: chunk slots in shared memory, shared by all running jobs (each chunk
+/// of a running generate, each unit of a running apply takes one). Set at server start. The default,
+/// 131 072 slots (about 11 MB), plans 32 TB at the default chunk size, or a database of about 130 000
+/// tables (every table is at least one chunk).
+pub static MAX_CHUNK_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_CHUNK_SLOTS);
+
+/// Default of `steep_repl.max_chunk_slots`.
+pub const DEFAULT_MAX_CHUNK_SLOTS: i32 = 131_072;
+
+/// Registers every setting. Safe to call in any backend: custom GUCs are per process. Settings that
+/// size shared memory exist only when the library is preloaded (PostgreSQL refuses to define a
+/// server-start setting later, and without the preload there is no shared memory to size).
 pub fn init() {
+    if crate::pg::loading_for_preload() {
+        GucRegistry::define_int_guc(
+            c"steep_repl.max_chunk_slots",
+            c"Chunk slots in shared memory, shared by all running jobs.",
+            c"Each chunk of a running snapshot, each unit of a running apply takes one; every table is at least one chunk. Needs a restart.",
+            &MAX_CHUNK_SLOTS,
+            1024,
+            64 * 1024 * 1024,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"steep_repl.chunk_size",
         c"Target uncompressed size of one snapshot chunk.",

@@ -1,36 +1,107 @@
-//! What generate and apply jobs share: ids, launching workers, bookkeeping rows, and the reaper that
-//! turns jobs interrupted by a crash or restart into `failed` rows.
+//! What generate and apply jobs share: ids, launching processes, the lives of leaders and workers
+//! (attach, exit callbacks, release), job errors, and the reaping of jobs interrupted by a crash or a
+//! restart.
 //!
-//! Bookkeeping (`steep_repl.snapshots`, `steep_repl.work_queue`) is written as the extension's owner, so
-//! a caller needs no privileges on those tables; everything else a job does runs as the caller.
+//! The life of a job, and who frees what (the slot state machine is described in `crate::shmem`):
+//!
+//! 1. `start_*` (the caller's backend) claims a job slot (STARTING), fills it, launches the leader and
+//!    waits until the postmaster has started it, recording its pid. Any ERROR before that frees the
+//!    slot again ([`StartGuard`]); a backend that dies in between leaves a slot whose claimer is dead,
+//!    which the supervisor frees.
+//! 2. The leader attaches (STARTING → RUNNING of its generation), registers an exit callback, connects
+//!    as the caller, and waits for the caller's transaction: a rollback means the job never existed.
+//! 3. The leader launches workers, each confirmed started before it counts; each worker attaches to
+//!    its slot (LAUNCHING → RUNNING) and registers an exit callback that marks the slot FAILED and fails
+//!    the job if the process ends without finishing (ERROR, FATAL, terminate).
+//! 4. At the end the leader records the outcome, stops the workers (SIGTERM after a grace period:
+//!    workers die at the next interrupt check, lock waits included), and frees every slot whose process
+//!    has exited. Slots of a process that would not exit are left to the supervisor, which frees them
+//!    once it has; nothing is ever freed under a live process.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pgrx::bgworkers::BackgroundWorkerBuilder;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use pgrx::bgworkers::BackgroundWorker;
-
-use crate::pg;
-use crate::shmem::{self, JobKind, JobSlot, Shared, WorkerSlot, chunk_state, worker_state};
+use crate::bookkeeping::{self, Figures};
+use crate::pg::xact::{self, Caught};
+use crate::pg::{self, rights};
+use crate::shmem::{self, JobKind, JobSlot, Shared, WorkerSlot, chunk_state, job_state, worker_state};
 
 /// A new job id: `gen-` or `app-` and 16 hex digits from the server's strong random source.
 pub fn new_job_id(kind: JobKind) -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: writes 8 bytes into a local buffer; returns false only when no random source exists.
     let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
-    let n = if ok {
-        u64::from_le_bytes(bytes)
-    } else {
-        crate::pg::now_ms() ^ ((crate::pg::my_pid() as u64) << 40)
-    };
+    let n = if ok { u64::from_le_bytes(bytes) } else { pg::now_ms() ^ ((pg::my_pid() as u64) << 40) };
     let prefix = match kind {
         JobKind::Generate => "gen",
         JobKind::Apply => "app",
     };
     format!("{prefix}-{n:016x}")
+}
+
+/// An error that ends a job: `public` is what every role may read (steep_repl.snapshots.error, NOTIFY,
+/// snapshot_progress for others), `full` what the job's role and superusers read. They differ only when
+/// the error came from PostgreSQL while it handled row data (see [`Caught::public`]).
+#[derive(Debug, Clone)]
+pub struct JobError {
+    pub public: String,
+    pub full: String,
+}
+
+impl JobError {
+    /// An error of steep_repl's own, which holds no row data.
+    pub fn plain(message: impl Into<String>) -> JobError {
+        let m = message.into();
+        JobError { public: m.clone(), full: m }
+    }
+
+    /// An error caught from PostgreSQL, with `context` (what was being done) in front when given.
+    pub fn caught(context: Option<&str>, c: &Caught) -> JobError {
+        match context {
+            Some(ctx) => {
+                JobError { public: format!("{ctx}: {}", c.public()), full: format!("{ctx}: {}", c.full()) }
+            }
+            None => JobError { public: c.public(), full: c.full() },
+        }
+    }
+
+    /// Both texts passed through `f` (which adds words of steep_repl's own).
+    pub fn map(self, f: impl Fn(String) -> String) -> JobError {
+        JobError { public: f(self.public), full: f(self.full) }
+    }
+}
+
+impl From<String> for JobError {
+    fn from(m: String) -> Self {
+        JobError::plain(m)
+    }
+}
+
+impl From<&str> for JobError {
+    fn from(m: &str) -> Self {
+        JobError::plain(m)
+    }
+}
+
+impl JobSlot {
+    /// Records `e` as the job's first error (later ones are dropped) and tells every process to stop.
+    pub fn fail_job(&self, e: &JobError) {
+        self.fail_with(&e.public, &e.full);
+    }
+
+    /// The job's first error, both texts.
+    pub fn job_error(&self) -> Option<JobError> {
+        Some(JobError { public: self.error_message()?, full: self.error_message_full()? })
+    }
+
+    /// The generation of this slot now; meaningful to the slot's leader, which holds it.
+    pub fn generation(&self) -> u32 {
+        self.word.get().0
+    }
 }
 
 /// Which worker entry point to start.
@@ -40,6 +111,7 @@ pub enum Entry {
     GenerateWorker,
     ApplyLeader,
     ApplyWorker,
+    Reaper,
 }
 
 impl Entry {
@@ -49,203 +121,145 @@ impl Entry {
             Entry::GenerateWorker => "steep_repl_generate_worker",
             Entry::ApplyLeader => "steep_repl_apply_leader",
             Entry::ApplyWorker => "steep_repl_apply_worker",
+            Entry::Reaper => "steep_repl_reaper",
         }
     }
 
-    fn kind(self) -> &'static str {
+    pub fn kind(self) -> &'static str {
         match self {
             Entry::GenerateLeader | Entry::ApplyLeader => "steep_repl leader",
             Entry::GenerateWorker | Entry::ApplyWorker => "steep_repl worker",
+            Entry::Reaper => "steep_repl reaper",
         }
     }
 }
 
-/// The argument a worker receives: its job slot, and its worker slot (0xFFFF for a leader).
-pub fn pack_arg(job_slot: usize, worker_slot: Option<usize>) -> pg_sys::Datum {
-    let w = worker_slot.unwrap_or(0xFFFF);
-    pg_sys::Datum::from(((job_slot as u64) << 16) | w as u64)
+/// The argument a leader or worker receives: its job slot, its worker slot (None for a leader), and
+/// the generation of the slot it is to attach to (the job slot's for a leader, the worker slot's for a
+/// worker). Packed into one Datum: generation in bits 32..64, job slot in 16..32, worker slot in 0..16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arg {
+    pub job_slot: usize,
+    pub worker_slot: Option<usize>,
+    pub generation: u32,
 }
 
-/// Inverse of [`pack_arg`].
-pub fn unpack_arg(arg: pg_sys::Datum) -> (usize, Option<usize>) {
-    let v = arg.value() as u64;
-    let w = (v & 0xFFFF) as usize;
-    (((v >> 16) & 0xFFFF) as usize, (w != 0xFFFF).then_some(w))
+impl Arg {
+    const LEADER: u64 = 0xFFFF;
+
+    pub fn pack(self) -> pg_sys::Datum {
+        let w = self.worker_slot.map_or(Self::LEADER, |w| w as u64);
+        pg_sys::Datum::from((u64::from(self.generation) << 32) | ((self.job_slot as u64 & 0xFFFF) << 16) | w)
+    }
+
+    pub fn unpack(d: pg_sys::Datum) -> Arg {
+        let v = d.value() as u64;
+        let w = v & 0xFFFF;
+        Arg {
+            job_slot: ((v >> 16) & 0xFFFF) as usize,
+            worker_slot: (w != Self::LEADER).then_some(w as usize),
+            generation: (v >> 32) as u32,
+        }
+    }
 }
 
-/// Starts one dynamic background worker; false when the server has no free worker slot.
-pub fn launch(entry: Entry, job_id: &str, job_slot: usize, worker_slot: Option<usize>) -> bool {
-    let name = match worker_slot {
-        Some(w) => format!("{} {job_id} #{w}", entry.kind()),
-        None => format!("{} {job_id}", entry.kind()),
-    };
-    BackgroundWorkerBuilder::new(&name)
+/// Why a process could not be launched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchError {
+    /// No background worker slot was free (`max_worker_processes`).
+    NoSlot,
+    /// The postmaster started it but it exited at once (see the server log), or could not start it.
+    ExitedAtOnce,
+    PostmasterDied,
+}
+
+/// Starts one dynamic background worker and waits until the postmaster has started it; returns its pid.
+pub fn launch(entry: Entry, name: &str, arg: pg_sys::Datum) -> Result<i32, LaunchError> {
+    let handle = BackgroundWorkerBuilder::new(name)
         .set_type(entry.kind())
         .set_library("steep_repl")
         .set_function(entry.function())
-        .set_argument(Some(pack_arg(job_slot, worker_slot)))
+        .set_argument(Some(arg))
         .enable_spi_access()
+        .set_notify_pid(pg::my_pid())
         .load_dynamic()
-        .is_ok()
-}
-
-/// Runs `f` as the extension's owner (for bookkeeping rows), restoring the user afterwards.
-pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'steep_repl'",
-    )
-    .ok()
-    .flatten();
-    let Some(owner) = owner else {
-        error!("the steep_repl extension is not installed in this database; run CREATE EXTENSION steep_repl");
-    };
-    let mut saved_user = pg_sys::InvalidOid;
-    let mut saved_ctx = 0;
-    // SAFETY: the documented way to switch the current user for internal operations (as PostgreSQL does
-    // for RI triggers); SECURITY_LOCAL_USERID_CHANGE forbids SET ROLE meanwhile. Restored below; if `f`
-    // raises an ERROR, transaction abort restores the user.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(owner, saved_ctx | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        .map_err(|_| LaunchError::NoSlot)?;
+    match handle.wait_for_startup() {
+        Ok(pid) => Ok(pid),
+        Err(BackgroundWorkerStatus::PostmasterDied) => Err(LaunchError::PostmasterDied),
+        Err(_) => Err(LaunchError::ExitedAtOnce),
     }
-    let r = f();
-    // SAFETY: restores exactly what was saved above.
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx) };
-    r
 }
 
-/// Figures persisted in the `snapshots` row.
-#[derive(Debug, Default, Clone)]
-pub struct Figures {
-    pub phase: String,
-    pub tables_total: i32,
-    pub tables_done: i32,
-    pub chunks_total: i32,
-    pub chunks_done: i32,
-    pub rows: i64,
-    pub bytes: i64,
-    pub bytes_written: i64,
+/// Frees a job slot claimed by `start_*` unless [`StartGuard::launched`] was called: any ERROR between
+/// claiming the slot and launching its leader (a read-only transaction, a failed insert, no worker
+/// slot) leaves no slot behind. Also removes the output directory the call created, when given.
+pub struct StartGuard {
+    slot: usize,
+    generation: u32,
+    created_dir: Option<String>,
+    armed: bool,
 }
 
-impl Figures {
-    /// The job's live figures from shared memory.
-    pub fn of(job: &JobSlot) -> Figures {
-        Figures {
-            phase: job.phase().as_str().to_string(),
-            tables_total: job.tables_total.load(Ordering::Relaxed) as i32,
-            tables_done: job.tables_done.load(Ordering::Relaxed) as i32,
-            chunks_total: job.chunks_total.load(Ordering::Relaxed) as i32,
-            chunks_done: job.chunks_done.load(Ordering::Relaxed) as i32,
-            rows: job.rows.load(Ordering::Relaxed) as i64,
-            bytes: job.raw_bytes.load(Ordering::Relaxed) as i64,
-            bytes_written: job.file_bytes.load(Ordering::Relaxed) as i64,
+impl StartGuard {
+    pub fn new(slot: usize, generation: u32) -> StartGuard {
+        StartGuard { slot, generation, created_dir: None, armed: true }
+    }
+
+    /// Also remove `dir` (created by this call) if the start fails.
+    pub fn remove_dir_on_failure(&mut self, dir: &str) {
+        self.created_dir = Some(dir.to_string());
+    }
+
+    /// The leader runs: from now on it owns the slot and the directory.
+    pub fn launched(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Only atomics and a directory removal: safe while an ERROR unwinds.
+        if let Some(shared) = shmem::get() {
+            shared.release_job(self.slot, self.generation);
+        }
+        if let Some(dir) = &self.created_dir {
+            let _not_empty_or_gone = std::fs::remove_dir(dir);
         }
     }
 }
 
-/// Writes the job's figures into its `snapshots` row, with `status` when given (`running` also sets
-/// started_at). `end` is Some(error) when the job has ended: error and finished_at are written too.
-fn update_row(id: &str, status: Option<&str>, end: Option<Option<&str>>, f: &Figures) {
-    as_owner(|| {
-        Spi::run_with_args(
-            "UPDATE steep_repl.snapshots SET phase = $2, tables_total = $3, tables_done = $4, chunks_total = $5, \
-             chunks_done = $6, rows_done = $7, bytes_done = $8, bytes_written = $9, updated_at = now(), \
-             status = coalesce($10, status), \
-             started_at = CASE WHEN $10 = 'running' THEN coalesce(started_at, now()) ELSE started_at END, \
-             error = CASE WHEN $11 THEN $12 ELSE error END, \
-             finished_at = CASE WHEN $11 THEN now() ELSE finished_at END \
-             WHERE id = $1",
-            &[
-                id.into(),
-                f.phase.as_str().into(),
-                f.tables_total.into(),
-                f.tables_done.into(),
-                f.chunks_total.into(),
-                f.chunks_done.into(),
-                f.rows.into(),
-                f.bytes.into(),
-                f.bytes_written.into(),
-                status.into(),
-                end.is_some().into(),
-                end.flatten().into(),
-            ],
-        )
-    })
-    .unwrap_or_else(|e| error!("updating steep_repl.snapshots for {id}: {e}"));
-}
-
-/// Updates the job's row with live figures (and status/started_at when given). Call in a transaction.
-pub fn persist(id: &str, status: Option<&str>, f: &Figures) {
-    update_row(id, status, None, f);
-    if status == Some("running") {
-        as_owner(|| {
-            Spi::run_with_args(
-                "UPDATE steep_repl.work_queue SET status = 'running', started_at = coalesce(started_at, now()) \
-                 WHERE snapshot_id = $1",
-                &[id.into()],
-            )
-        })
-        .unwrap_or_else(|e| error!("updating steep_repl.work_queue for {id}: {e}"));
-    }
-}
-
-/// Records a job's end: `status` is complete, applied, failed or cancelled. Call in a transaction.
-pub fn record_end(id: &str, status: &str, error: Option<&str>, f: &Figures) {
-    update_row(id, Some(status), Some(error), f);
-    let queue_status = if status == "applied" { "complete" } else { status };
-    as_owner(|| {
-        Spi::run_with_args(
-            "UPDATE steep_repl.work_queue SET status = $2, error = $3, finished_at = now() WHERE snapshot_id = $1",
-            &[id.into(), queue_status.into(), error.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("recording the end of {id}: {e}"));
-}
-
-/// Marks `pending`/`running` rows whose job no longer runs as failed: after a server restart (the row's
-/// postmaster start differs), or when no job slot holds them any more (the leader died). Rows of this
-/// database only; cheap when nothing is running.
-pub fn reap_interrupted() {
-    let running = Spi::connect(|client| -> Result<Vec<(String, bool)>, pgrx::spi::Error> {
-        let mut v = Vec::new();
-        for row in client.select(
-            "SELECT id, postmaster_start = pg_catalog.pg_postmaster_start_time() FROM steep_repl.snapshots \
-             WHERE status IN ('pending', 'running')",
-            None,
-            &[],
-        )? {
-            v.push((row.get::<String>(1)?.unwrap_or_default(), row.get::<bool>(2)?.unwrap_or(false)));
+/// Launches the leader of the job in `slot` (claimed by the caller, generation `generation`) and
+/// records its pid; an ERROR naming what to raise when it cannot start.
+pub fn launch_leader(entry: Entry, shared: &Shared, slot: usize, generation: u32) {
+    let job = &shared.jobs[slot];
+    let id = job.id.get();
+    let arg = Arg { job_slot: slot, worker_slot: None, generation };
+    match launch(entry, &format!("{} {id}", entry.kind()), arg.pack()) {
+        Ok(pid) => {
+            let _attached_first =
+                job.leader_pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed);
         }
-        Ok(v)
-    })
-    .unwrap_or_default();
-    if running.is_empty() {
-        return;
-    }
-    let shared = shmem::get();
-    for (id, same_start) in running {
-        let alive = same_start && shared.is_some_and(|s| s.find_job(&id).is_some());
-        if alive {
-            continue;
+        Err(LaunchError::NoSlot) => crate::api::user_error(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("no background worker slot is free to start the leader of {id}"),
+            Some(&crate::limits::worker_slots_hint(
+                1 + job.parallel_requested.load(Ordering::Relaxed) as usize,
+            )),
+        ),
+        Err(LaunchError::ExitedAtOnce) => crate::api::user_error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("the leader of {id} exited as soon as it started"),
+            Some(
+                "The server log says why (for example a role that may not log in, or a database that does not allow connections).",
+            ),
+        ),
+        Err(LaunchError::PostmasterDied) => {
+            crate::api::user_error(PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN, "the postmaster died".into(), None)
         }
-        let reason = if same_start {
-            "interrupted: the job's leader process ended without recording a result"
-        } else {
-            "interrupted by a server restart; for an apply, run steep_repl.resume_apply(id) to continue"
-        };
-        as_owner(|| {
-            Spi::run_with_args(
-                "UPDATE steep_repl.snapshots SET status = 'failed', error = $2, finished_at = now(), updated_at = now() \
-                 WHERE id = $1 AND status IN ('pending', 'running')",
-                &[id.as_str().into(), reason.into()],
-            )?;
-            Spi::run_with_args(
-                "UPDATE steep_repl.work_queue SET status = 'failed', error = $2, finished_at = now() \
-                 WHERE snapshot_id = $1 AND status IN ('pending', 'running')",
-                &[id.as_str().into(), reason.into()],
-            )
-        })
-        .unwrap_or_else(|e| error!("marking {id} interrupted: {e}"));
     }
 }
 
@@ -269,16 +283,8 @@ pub fn nap(timeout: Duration) {
 pub fn wait_for_caller(job: &JobSlot, id: &str) -> bool {
     let xid = job.caller_xid.load(Ordering::Acquire);
     loop {
-        let in_progress = crate::pg::xact::xid_in_progress(xid);
-        let visible = pgrx::bgworkers::BackgroundWorker::transaction(|| {
-            Spi::get_one_with_args::<bool>(
-                "SELECT true FROM steep_repl.snapshots WHERE id = $1",
-                &[id.into()],
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-        });
+        let in_progress = xact::xid_in_progress(xid);
+        let visible = BackgroundWorker::transaction(|| bookkeeping::operation(id).is_some());
         if visible {
             return true;
         }
@@ -289,39 +295,63 @@ pub fn wait_for_caller(job: &JobSlot, id: &str) -> bool {
     }
 }
 
-/// How long a launched worker may take to report in before the job fails.
-const WORKER_START_TIMEOUT_MS: u64 = 30_000;
 /// How long a leader waits for workers to stop after a failure before sending SIGTERM.
 const STOP_GRACE_MS: u64 = 5_000;
 /// How often a leader looks at its workers.
 const LEADER_TICK: Duration = Duration::from_millis(100);
 
 /// Launches up to `max_useful` workers of `entry` for the job: as many as it asked for, capped by
-/// `steep_repl.max_workers` and the server's free worker slots. Returns how many started.
+/// `steep_repl.max_workers` and the server's free worker slots. Each counts once the postmaster has
+/// started it. Returns how many started.
 pub fn launch_workers(shared: &Shared, slot: usize, entry: Entry, max_useful: usize) -> usize {
     let job = &shared.jobs[slot];
+    let generation = job.generation();
     let id = job.id.get();
     let want = (job.parallel_requested.load(Ordering::Relaxed) as usize).min(max_useful);
     let cap = (crate::gucs::MAX_WORKERS.get().max(1) as usize).saturating_sub(shared.workers_in_use());
     let mut launched = 0usize;
     for _ in 0..want.min(cap) {
-        let Some(ws) = shared.claim_worker_slot(slot) else { break };
-        if !launch(entry, &id, slot, Some(ws)) {
-            shared.workers[ws].state.store(worker_state::FREE, Ordering::Release);
-            break;
+        let Some((ws, wgen)) = shared.claim_worker_slot(slot, generation) else { break };
+        let w = &shared.workers[ws];
+        let arg = Arg { job_slot: slot, worker_slot: Some(ws), generation: wgen };
+        match launch(entry, &format!("{} {id} #{ws}", entry.kind()), arg.pack()) {
+            Ok(pid) => {
+                let _attached_first = w.pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed);
+                launched += 1;
+            }
+            Err(e) => {
+                // Its process has exited (or never started): a slot it never attached to is free again;
+                // one it attached to was marked DONE or FAILED by the process itself.
+                if w.word.is(wgen, worker_state::LAUNCHING) {
+                    w.word.free(wgen);
+                } else {
+                    launched += 1;
+                }
+                if e != LaunchError::ExitedAtOnce {
+                    if e == LaunchError::NoSlot && launched < want {
+                        log!(
+                            "steep_repl: {id} runs with {launched} of {want} workers: no background worker slot is \
+                             free. {}",
+                            crate::limits::worker_slots_hint(want - launched)
+                        );
+                    }
+                    break;
+                }
+            }
         }
-        launched += 1;
     }
     job.workers_launched.store(launched as u32, Ordering::Relaxed);
     launched
 }
 
-/// Waits until every chunk is done or the job stops, failing the job when a worker dies or never starts;
-/// calls `on_tick` about every 100 ms (an apply leader publishes progress there).
-pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: impl FnMut(&JobSlot)) {
+/// Waits until every chunk is done or the job stops, failing the job when a worker dies; calls
+/// `on_tick` about every 100 ms (an apply leader publishes progress there).
+pub fn watch_workers(shared: &Shared, slot: usize, mut on_tick: impl FnMut(&JobSlot)) {
     let job = &shared.jobs[slot];
+    let generation = job.generation();
     let count = job.chunk_count.load(Ordering::Acquire);
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let me = pg::my_pid();
     loop {
         if job.units_done.load(Ordering::Acquire) >= count || job.should_stop() {
             return;
@@ -331,20 +361,11 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
             return;
         }
         let mut active = 0;
-        for (i, w) in shared.job_workers(slot) {
-            match w.state.load(Ordering::Acquire) {
-                worker_state::LAUNCHING => {
+        for (i, w, _) in shared.job_workers(slot, Some(generation)) {
+            let pid = w.pid.load(Ordering::Acquire);
+            match w.word.state() {
+                worker_state::LAUNCHING | worker_state::RUNNING if pid != me => {
                     active += 1;
-                    if pg::now_ms().saturating_sub(launch_ms) > WORKER_START_TIMEOUT_MS {
-                        job.fail(&format!(
-                            "worker #{i} did not start within {} s",
-                            WORKER_START_TIMEOUT_MS / 1000
-                        ));
-                    }
-                }
-                worker_state::RUNNING => {
-                    active += 1;
-                    let pid = w.pid.load(Ordering::Acquire);
                     if pid > 0 && !pg::process_alive(pid) {
                         job.fail(&format!("worker #{i} (pid {pid}) exited unexpectedly"));
                     }
@@ -353,10 +374,9 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
             }
         }
         if active == 0 && job.units_done.load(Ordering::Acquire) < count {
-            job.fail("every worker exited before all chunks were written");
+            job.fail("every worker exited before all chunks were done");
         }
-        let tables_done = count_tables_done(shared, base, count as usize);
-        job.tables_done.store(tables_done, Ordering::Relaxed);
+        job.tables_done.store(count_tables_done(shared, base, count as usize), Ordering::Relaxed);
         on_tick(job);
         nap(LEADER_TICK);
     }
@@ -364,7 +384,7 @@ pub fn watch_workers(shared: &Shared, slot: usize, launch_ms: u64, mut on_tick: 
 
 /// Tables all of whose chunks are done, whatever order the chunks were planned in.
 pub fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
-    let slots = &shared.chunks[base..base + count];
+    let Some(slots) = shared.chunks().get(base..base + count) else { return 0 };
     let tables = slots.iter().map(|c| c.table.load(Ordering::Relaxed) as usize + 1).max().unwrap_or(0);
     let (mut seen, mut all_done) = (vec![false; tables], vec![true; tables]);
     for c in slots {
@@ -375,142 +395,229 @@ pub fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
     seen.iter().zip(&all_done).filter(|(s, d)| **s && **d).count() as u32
 }
 
-/// Waits for the job's workers to exit; SIGTERMs any still running after the grace period.
+/// Pids of the job's worker processes still alive (this process excluded).
+fn live_workers(shared: &Shared, slot: usize, generation: u32) -> Vec<i32> {
+    let me = pg::my_pid();
+    shared
+        .job_workers(slot, Some(generation))
+        .map(|(_, w, _)| w.pid.load(Ordering::Acquire))
+        .filter(|&pid| pid > 0 && pid != me && pg::process_alive(pid))
+        .collect()
+}
+
+/// Waits for the job's workers to exit; SIGTERMs those still running after the grace period (they die
+/// at their next interrupt check, also inside a lock wait) and gives them as long again.
 pub fn stop_workers(shared: &Shared, slot: usize) {
+    let generation = shared.jobs[slot].generation();
     let start = pg::now_ms();
+    let mut signalled = false;
     loop {
-        let running: Vec<i32> = shared
-            .job_workers(slot)
-            .filter(|(_, w)| {
-                matches!(w.state.load(Ordering::Acquire), worker_state::RUNNING | worker_state::LAUNCHING)
-            })
-            .map(|(_, w)| w.pid.load(Ordering::Acquire))
-            .filter(|&pid| pid == 0 || pg::process_alive(pid))
-            .collect();
+        let running = live_workers(shared, slot, generation);
         if running.is_empty() {
             return;
         }
         let waited = pg::now_ms().saturating_sub(start);
-        if waited > STOP_GRACE_MS {
-            for pid in running.into_iter().filter(|&p| p > 0) {
+        if waited > STOP_GRACE_MS && !signalled {
+            for &pid in &running {
                 pg::terminate_process(pid);
             }
-            if waited > 2 * STOP_GRACE_MS {
-                return;
-            }
+            signalled = true;
+        }
+        if waited > 2 * STOP_GRACE_MS {
+            return;
         }
         nap(Duration::from_millis(50));
     }
 }
 
-/// Waits for the job's workers, frees their slots and then the job's slot, after the job has ended.
+/// After the job has ended: waits for its workers, frees the slot of every worker whose process has
+/// exited, and then the job's slot. If a worker is still alive, its slot and the job's are left to
+/// the supervisor, which frees them once it has exited.
 pub fn release(shared: &Shared, slot: usize) {
+    let job = &shared.jobs[slot];
+    let generation = job.generation();
     stop_workers(shared, slot);
-    for (_, w) in shared.job_workers(slot) {
-        w.state.store(worker_state::FREE, Ordering::Release);
+    let me = pg::my_pid();
+    let mut alive = Vec::new();
+    for (i, w, wgen) in shared.job_workers(slot, Some(generation)) {
+        let pid = w.pid.load(Ordering::Acquire);
+        if pid > 0 && pid != me && pg::process_alive(pid) {
+            alive.push((i, pid));
+        } else {
+            w.word.free(wgen);
+        }
     }
-    shared.release_job(slot);
+    if alive.is_empty() {
+        shared.release_job(slot, generation);
+    } else {
+        log!(
+            "steep_repl: {} ended but workers {alive:?} (slot, pid) have not exited yet; the supervisor frees \
+             their slots once they have",
+            job.id.get()
+        );
+    }
 }
 
 /// Sleeps `steep_repl.chunk_pause` (as set when the job started), waking early to stop.
 pub fn pause_before_chunk(job: &JobSlot) {
     let pause = job.chunk_pause_ms.load(Ordering::Relaxed);
-    let until = crate::pg::now_ms() + pause;
-    while pause > 0 && !job.should_stop() && crate::pg::now_ms() < until {
+    let until = pg::now_ms() + pause;
+    while pause > 0 && !job.should_stop() && pg::now_ms() < until {
+        pgrx::check_for_interrupts!();
         if BackgroundWorker::sigterm_received() {
             job.fail(&format!(
-                "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
-                crate::pg::my_pid()
+                "pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
+                pg::my_pid()
             ));
             return;
         }
-        nap(Duration::from_millis((until - crate::pg::now_ms()).clamp(1, 50)));
+        nap(Duration::from_millis((until - pg::now_ms()).clamp(1, 50)));
     }
 }
 
-/// Connects this worker to the job's database as the job's role: the caller's privileges, exactly.
+/// Connects this worker to the job's database as the job's role (the caller's privileges, exactly),
+/// and pins the session's search path.
 pub fn connect_as_caller(job: &JobSlot) {
     let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
     let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
+    BackgroundWorker::transaction(rights::pin_search_path);
 }
 
-/// The life of a job's leader, the same for generate and apply: connect as the caller, wait for the
-/// caller's transaction (`on_rollback` cleans up if it rolled back), mark the job running, run `body`
-/// under error capture, end any transaction an error or stop left open, then `finish` with the outcome.
+/// Exit callback of a leader: a leader that ends without having ended its job (FATAL, terminate, a
+/// crash of its Rust code outside the error handling) fails the job so that its workers stop; the
+/// supervisor then frees the slots and has the job's row marked failed.
+#[pg_guard]
+unsafe extern "C-unwind" fn leader_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    let a = Arg::unpack(arg);
+    let Some(shared) = shmem::get() else { return };
+    let Some(job) = shared.jobs.get(a.job_slot) else { return };
+    if job.word.is(a.generation, job_state::RUNNING) && job.leader_pid.load(Ordering::Acquire) == pg::my_pid()
+    {
+        if !job.phase().is_terminal() {
+            job.fail(&format!(
+                "the job's leader (pid {}) exited before the job ended{}",
+                pg::my_pid(),
+                if pg::dying() { " (terminated: server shutdown or pg_terminate_backend)" } else { "" }
+            ));
+        }
+        pg::set_latch(shared.supervisor_latch.load(Ordering::Acquire));
+    }
+}
+
+/// Exit callback of a data worker: a worker that ends while its slot still says RUNNING (an ERROR
+/// outside the error handling, FATAL, terminate) marks it FAILED and fails the job, naming itself.
+#[pg_guard]
+unsafe extern "C-unwind" fn worker_exit(code: std::ffi::c_int, arg: pg_sys::Datum) {
+    let a = Arg::unpack(arg);
+    let (Some(shared), Some(ws)) = (shmem::get(), a.worker_slot) else { return };
+    let Some(w) = shared.workers.get(ws) else { return };
+    if w.pid.load(Ordering::Acquire) != pg::my_pid() || !w.word.is(a.generation, worker_state::RUNNING) {
+        return;
+    }
+    let job = &shared.jobs[w.job_slot.load(Ordering::Relaxed) as usize];
+    let why = if pg::dying() {
+        " (terminated: server shutdown, pg_terminate_backend, or the leader stopping it)".to_string()
+    } else {
+        format!(" (exit code {code}; the server log says why)")
+    };
+    job.fail(&format!("worker #{ws} (pid {}) exited before its work was done{why}", pg::my_pid()));
+    w.word.transition(a.generation, worker_state::RUNNING, worker_state::FAILED);
+    wake_leader(job);
+}
+
+/// The life of a job's leader, the same for generate and apply: attach to the slot, connect as the
+/// caller, wait for the caller's transaction (`on_rollback` cleans up if it rolled back), mark the job
+/// running, run `body` under error capture, end any transaction an error or stop left open, then
+/// `finish` with the outcome.
 pub fn lead(
     arg: pg_sys::Datum,
     on_rollback: impl FnOnce(&JobSlot),
-    body: impl FnOnce(&'static Shared, usize) -> Result<(), String> + std::panic::UnwindSafe,
-    finish: impl FnOnce(&'static Shared, usize, Result<(), String>),
+    body: impl FnOnce(&'static Shared, usize) -> Result<(), JobError> + std::panic::UnwindSafe,
+    finish: impl FnOnce(&'static Shared, usize, Result<(), JobError>),
 ) {
-    let (slot, _) = unpack_arg(arg);
-    BackgroundWorker::attach_signal_handlers(
-        pgrx::bgworkers::SignalWakeFlags::SIGHUP | pgrx::bgworkers::SignalWakeFlags::SIGTERM,
-    );
+    let a = Arg::unpack(arg);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let shared = shmem::require();
-    let job = &shared.jobs[slot];
-    connect_as_caller(job);
+    let Some(job) = shared.jobs.get(a.job_slot) else { return };
+    if a.worker_slot.is_some() || !job.word.transition(a.generation, job_state::STARTING, job_state::RUNNING)
+    {
+        log!(
+            "steep_repl: a leader for job slot {} found the slot no longer waiting for it; exiting",
+            a.job_slot
+        );
+        return;
+    }
     job.leader_pid.store(pg::my_pid(), Ordering::Release);
     job.leader_latch.store(pg::my_latch(), Ordering::Release);
-    job.state.store(shmem::job_state::RUNNING, Ordering::Release);
+    pg::on_exit(leader_exit, arg);
+    connect_as_caller(job);
     let id = job.id.get();
-    match pg::xact::try_catch(|| wait_for_caller(job, &id)) {
+    match xact::try_catch(|| wait_for_caller(job, &id)) {
         Ok(true) => {}
         Ok(false) => {
             on_rollback(job);
-            release(shared, slot);
+            release(shared, a.job_slot);
             return;
         }
-        Err(msg) => {
-            pg::xact::abort_after_error();
-            log!("steep_repl: leader of {id} could not see its job row: {msg}");
+        Err(c) => {
+            xact::abort_after_error();
+            log!("steep_repl: leader of {id} could not see its job row: {}", c.full());
             on_rollback(job);
-            release(shared, slot);
+            release(shared, a.job_slot);
             return;
         }
     }
     job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
     job.set_phase(shmem::Phase::Plan);
-    let outcome = pg::xact::try_catch(|| {
-        BackgroundWorker::transaction(|| persist(&id, Some("running"), &Figures::of(job)));
+    let outcome = xact::try_catch(|| {
+        BackgroundWorker::transaction(|| bookkeeping::persist(&id, Some("running"), &Figures::of(job)));
         crate::progress::publish_if_due(job, true);
-        body(shared, slot)
+        body(shared, a.job_slot)
     })
+    .map_err(|c| JobError::caught(None, &c))
     .and_then(|r| r);
     if outcome.is_err() {
-        // An ERROR, or a stop while a transaction was still open: end it (and its locks) before anything
-        // is recorded. A no-op when no transaction is open.
-        pg::xact::abort_after_error();
+        // An ERROR, or a stop while a transaction was still open: end it (and its locks, the apply
+        // leader's session locks included) before anything is recorded.
+        xact::abort_after_error();
+        xact::release_all_locks();
     }
-    finish(shared, slot, outcome);
-    // An apply leader holds session locks on its tables during the data phase; never leave them behind.
-    pg::xact::release_all_locks();
+    finish(shared, a.job_slot, outcome);
+    xact::release_all_locks();
 }
 
-/// The start of a data worker's life, the same for generate and apply: returns the job slot and this
-/// worker's slot, marked running with its pid, connected as the caller.
+/// The start of a data worker's life, the same for generate and apply: attach to the worker slot
+/// (exiting at once if it is not ours any more), register the exit callback, make SIGTERM interrupt
+/// anything (lock waits included), connect as the caller. Returns the job slot and this worker's slot.
 pub fn start_worker(arg: pg_sys::Datum) -> Option<(&'static Shared, usize, &'static WorkerSlot)> {
-    let (slot, Some(ws)) = unpack_arg(arg) else { return None };
-    BackgroundWorker::attach_signal_handlers(
-        pgrx::bgworkers::SignalWakeFlags::SIGHUP | pgrx::bgworkers::SignalWakeFlags::SIGTERM,
-    );
+    let a = Arg::unpack(arg);
+    let ws = a.worker_slot?;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    pg::die_on_sigterm();
     let shared = shmem::require();
-    let me = &shared.workers[ws];
+    let me = shared.workers.get(ws)?;
+    if !me.word.transition(a.generation, worker_state::LAUNCHING, worker_state::RUNNING) {
+        return None;
+    }
     me.pid.store(pg::my_pid(), Ordering::Release);
-    me.state.store(worker_state::RUNNING, Ordering::Release);
+    pg::on_exit(worker_exit, arg);
+    let slot = me.job_slot.load(Ordering::Relaxed) as usize;
     connect_as_caller(&shared.jobs[slot]);
     Some((shared, slot, me))
 }
 
 /// The end of a data worker's life: DONE, or FAILED with the error recorded as the job's.
-pub fn end_worker(job: &JobSlot, me: &WorkerSlot, result: Result<(), String>) {
+pub fn end_worker(job: &JobSlot, me: &WorkerSlot, result: Result<(), JobError>) {
+    let generation = me.word.get().0;
     match result {
-        Ok(()) => me.state.store(worker_state::DONE, Ordering::Release),
-        Err(msg) => {
-            pg::xact::abort_after_error();
-            job.fail(&msg);
-            me.state.store(worker_state::FAILED, Ordering::Release);
+        Ok(()) => {
+            me.word.transition(generation, worker_state::RUNNING, worker_state::DONE);
+        }
+        Err(e) => {
+            xact::abort_after_error();
+            job.fail_job(&e);
+            me.word.transition(generation, worker_state::RUNNING, worker_state::FAILED);
         }
     }
     wake_leader(job);
@@ -534,8 +641,8 @@ pub struct Ending {
 }
 
 /// Ends a job: on failure, stops its workers and cleans up; records the status and error in its row,
-/// sends the last notification, and frees every slot the job held.
-pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>, ending: &Ending) {
+/// sends the last notification, and frees every slot the job held whose process has exited.
+pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), JobError>, ending: &Ending) {
     let job = &shared.jobs[slot];
     let id = job.id.get();
     let (status, error) = match outcome {
@@ -543,29 +650,55 @@ pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), String>, ending:
             job.set_phase(ending.success.0);
             (ending.success.1, None)
         }
-        Err(msg) => {
-            job.fail(&msg);
-            let first = job.error_message().unwrap_or(msg);
+        Err(e) => {
+            job.fail_job(&e);
+            let first = job.job_error().unwrap_or(e);
             stop_workers(shared, slot);
             (ending.cleanup)(job);
             if job.cancelled.load(Ordering::Acquire) != 0 {
                 job.set_phase(shmem::Phase::Cancelled);
-                ("cancelled", Some((ending.cancelled)(&id)))
+                ("cancelled", Some(JobError::plain((ending.cancelled)(&id))))
             } else {
                 job.set_phase(shmem::Phase::Failed);
-                ("failed", Some((ending.failed)(first, &id)))
+                ("failed", Some(first.map(|m| (ending.failed)(m, &id))))
             }
         }
     };
-    let recorded = pg::xact::try_catch(|| {
+    let recorded = xact::try_catch(|| {
         BackgroundWorker::transaction(|| {
-            record_end(&id, status, error.as_deref(), &Figures::of(job));
+            let e = error.as_ref().map(|e| (e.public.as_str(), e.full.as_str()));
+            bookkeeping::record_end(&id, status, e, &Figures::of(job));
             crate::progress::notify(job);
         })
     });
-    if let Err(e) = recorded {
-        pg::xact::abort_after_error();
-        log!("steep_repl: could not record the end of {id} ({status}): {e}");
+    if let Err(c) = recorded {
+        xact::abort_after_error();
+        log!("steep_repl: could not record the end of {id} ({status}): {}", c.full());
     }
     release(shared, slot);
+}
+
+/// Marks `pending`/`running` rows of this database whose job no longer runs as failed: after a server
+/// restart (the row's postmaster start differs), or when no job slot holds them any more (the leader
+/// died). Cheap when nothing is running. Called by the reaper the supervisor starts, and by the
+/// functions that read job status.
+pub fn reap_interrupted() {
+    let running = bookkeeping::unfinished_operations();
+    if running.is_empty() {
+        return;
+    }
+    let shared = shmem::get();
+    for (id, same_start) in running {
+        let alive = same_start && shared.is_some_and(|s| s.find_job(&id).is_some());
+        if alive {
+            continue;
+        }
+        let reason = if same_start {
+            "interrupted: the job's leader process ended without recording a result; for an apply, run \
+             steep_repl.resume_apply(id) to continue"
+        } else {
+            "interrupted by a server restart; for an apply, run steep_repl.resume_apply(id) to continue"
+        };
+        bookkeeping::mark_interrupted(&id, reason);
+    }
 }

@@ -4,6 +4,10 @@
 //! `steep_repl_engine`. Layout:
 //! - [`api`]: the SQL surface, one file per family of functions;
 //! - [`pg`]: every call into PostgreSQL's C API that needs `unsafe`, each wrapped once with its invariant;
+//!   [`pg::rights`] is the one place where rights change;
+//! - [`bookkeeping`]: every statement on steep_repl's own tables;
+//! - [`job`]: the lives of leaders and workers, shared by every kind of job; [`limits`]: the server
+//!   limits a job can hit and the settings to raise;
 //! - [`shmem`]: the shared-memory slot arrays that workers coordinate through;
 //! - [`worker`]: background worker entry points;
 //! - [`gucs`]: the `steep_repl.*` settings.
@@ -15,8 +19,10 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod bookkeeping;
 pub mod gucs;
 pub mod job;
+pub mod limits;
 pub mod pg;
 pub mod progress;
 pub mod shmem;

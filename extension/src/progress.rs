@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use pgrx::prelude::*;
 use serde_json::json;
 
+use crate::bookkeeping::{self, Figures};
 use crate::gucs;
-use crate::job::{self, Figures};
 use crate::shmem::{JobKind, JobSlot, Phase};
 
 /// The notification channel.
@@ -132,7 +132,7 @@ pub fn publish_if_due(job: &JobSlot, force: bool) {
     let id = job.id.get();
     pgrx::bgworkers::BackgroundWorker::transaction(|| {
         if persist {
-            job::persist(&id, None, &Figures::of(job));
+            bookkeeping::persist(&id, None, &Figures::of(job));
         }
         notify(job);
     });

@@ -1,25 +1,44 @@
 //! Shared memory: fixed slot arrays that leaders, workers and any backend reading progress share.
 //!
-//! Layout (one `#[repr(C)]` block, zero-filled at server start; every field is an atomic, so any process
-//! may read any figure without a lock):
+//! Layout (zero-filled at server start; every field is an atomic, so any process may read any figure
+//! without a lock):
 //!
 //! ```text
-//! Shared
-//! ├── magic, supervisor pid and heartbeat, chunk allocator lock
+//! Shared                                     one block of fixed size
+//! ├── magic, supervisor pid and heartbeat, reaper requests, chunk allocator lock
 //! ├── jobs:    [JobSlot; MAX_JOBS]          one per running operation (generate or apply)
-//! ├── workers: [WorkerSlot; MAX_WORKERS]    one per process working for a job, its own progress
-//! └── chunks:  [ChunkSlot; MAX_CHUNKS]      the chunk plans of running jobs, a contiguous range each
+//! └── workers: [WorkerSlot; MAX_WORKERS]    one per process working for a job, its own progress
+//! chunks: [ChunkSlot; steep_repl.max_chunk_slots]   a second block: the chunk plans of running
+//!                                            jobs, a contiguous range each
 //! ```
 //!
-//! Ownership: a slot is claimed by compare-and-swap of its `state` from FREE and released by storing FREE
-//! last. Fixed fields of a job (ids, path, snapshot name) are written by the process that claims the slot
-//! before it publishes the slot with a Release store of `state`; readers load `state` with Acquire first.
+//! ## The slot state machine
+//!
+//! Job and worker slots carry one [`SlotWord`]: a generation number in its high 32 bits and a state
+//! in its low 32, changed only by compare-and-swap. Claiming a free slot moves it to the next
+//! generation; every later transition and the final release name the generation they expect, so a
+//! process holding a stale view (a worker that outlived its job, a supervisor that looked a moment
+//! too early) changes nothing. Rules that every path follows:
+//!
+//! - A slot is claimed by CAS from FREE ([`SlotWord::claim`]); its fixed fields are written by the
+//!   claimer before it publishes the slot by launching the process that will use it.
+//! - A process attaches to its slot by CAS from the state its launcher left (STARTING, LAUNCHING) to
+//!   RUNNING with the generation it was given; if that fails, the slot is not its own and it exits
+//!   without writing anything.
+//! - A slot is freed ([`SlotWord::free`]) only when no live process can still write to it: a worker
+//!   slot once its process has exited, a job slot once its leader has ended and every worker slot of
+//!   the job is free. The leader frees both on a normal end; when a process will not exit, the
+//!   supervisor frees the slots after it has (see `worker::supervisor`).
+//! - Every process registers an exit callback when it attaches (`job::on_exit`), so an ERROR, a
+//!   FATAL or a terminate marks its slot and fails its job even where no Rust code gets to run.
+//!
 //! Counters are updated with relaxed `fetch_add`s; readers tolerate figures a moment old.
 //!
 //! Created with `ShmemInitStruct` (see `pg::request_shmem`), not `pg_shmem_init!`, which builds the value
 //! on the postmaster's stack: the chunk array alone is several megabytes.
 
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::pg;
 
@@ -29,11 +48,15 @@ pub const MAX_JOBS: usize = 16;
 pub const MAX_WORKERS: usize = 64;
 /// Sessions that can wait for one job in `wait_snapshot` with a latch; more just poll.
 pub const MAX_WAITERS: usize = 8;
-/// Chunk slots shared by all running jobs. At the default 256 MB chunk size this plans 32 TB; a job
-/// whose plan does not fit is refused with a hint to raise `steep_repl.chunk_size`.
-pub const MAX_CHUNKS: usize = 131_072;
+/// Databases whose interrupted jobs the supervisor can have a reaper look at without waiting; more
+/// are taken at the next tick.
+pub const MAX_REAP_REQUESTS: usize = 16;
 
-const MAGIC: u64 = 0x5354_4545_5052_0003; // "STEEPR" + layout version 3
+/// Longest path (bytes) a job can be given: the capacity of [`JobSlot::path`]. Longer paths are
+/// refused when the job starts, never cut.
+pub const MAX_PATH_BYTES: usize = 1024;
+
+const MAGIC: u64 = 0x5354_4545_5052_0004; // "STEEPR" + layout version 4
 
 /// A slot's state value meaning: free to claim.
 pub const FREE: u32 = 0;
@@ -41,7 +64,110 @@ pub const FREE: u32 = 0;
 /// Value of `ChunkSlot::block_end` for the open-ended last chunk of a table.
 pub const OPEN_END: u32 = u32::MAX;
 
-/// A fixed-capacity string in shared memory, written once by a slot's owner before publication.
+/// A slot's generation and state in one atomic word, changed only by compare-and-swap (see the module
+/// documentation).
+#[repr(C)]
+pub struct SlotWord(AtomicU64);
+
+impl SlotWord {
+    fn pack(generation: u32, state: u32) -> u64 {
+        (u64::from(generation) << 32) | u64::from(state)
+    }
+
+    /// (generation, state) as they are now.
+    pub fn get(&self) -> (u32, u32) {
+        let w = self.0.load(Ordering::Acquire);
+        ((w >> 32) as u32, w as u32)
+    }
+
+    pub fn state(&self) -> u32 {
+        self.get().1
+    }
+
+    /// Whether the slot is in state `state` of generation `generation`.
+    pub fn is(&self, generation: u32, state: u32) -> bool {
+        self.get() == (generation, state)
+    }
+
+    /// Claims a free slot, moving it to the next generation in state `to`; returns that generation.
+    pub fn claim(&self, to: u32) -> Option<u32> {
+        let w = self.0.load(Ordering::Acquire);
+        if w as u32 != FREE {
+            return None;
+        }
+        // Generation 0 is never handed out, so a zeroed argument can never match a live slot.
+        let generation = ((w >> 32) as u32).wrapping_add(1).max(1);
+        self.0
+            .compare_exchange(w, Self::pack(generation, to), Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            .then_some(generation)
+    }
+
+    /// Moves the slot from `from` to `to` if it is still in `from` of `generation`.
+    pub fn transition(&self, generation: u32, from: u32, to: u32) -> bool {
+        self.0
+            .compare_exchange(
+                Self::pack(generation, from),
+                Self::pack(generation, to),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// Frees the slot if it still belongs to `generation` (whatever its state); false when it was
+    /// already free or belongs to another generation by now.
+    pub fn free(&self, generation: u32) -> bool {
+        loop {
+            let w = self.0.load(Ordering::Acquire);
+            if (w >> 32) as u32 != generation || w as u32 == FREE {
+                return false;
+            }
+            if self
+                .0
+                .compare_exchange(w, Self::pack(generation, FREE), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+}
+
+/// A spin lock in shared memory for sections of a few hundred instructions that allocate nothing and
+/// call nothing that can raise an ERROR. Released by its guard, also when a panic unwinds through it.
+/// Waiters back off to `sched_yield` and then to short sleeps, so a holder that is descheduled does not
+/// have every other process burning a core.
+#[repr(C)]
+pub struct SpinLock(AtomicU32);
+
+/// Holds a [`SpinLock`] until dropped.
+pub struct SpinGuard<'a>(&'a SpinLock);
+
+impl SpinLock {
+    pub fn lock(&self) -> SpinGuard<'_> {
+        let mut tries = 0u32;
+        while self.0.compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            tries += 1;
+            if tries < 64 {
+                std::hint::spin_loop();
+            } else if tries < 128 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        SpinGuard(self)
+    }
+}
+
+impl Drop for SpinGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.store(0, Ordering::Release);
+    }
+}
+
+/// A fixed-capacity string in shared memory, written by a slot's owner before publication.
 #[repr(C)]
 pub struct ShmemStr<const N: usize> {
     len: AtomicU32,
@@ -49,6 +175,9 @@ pub struct ShmemStr<const N: usize> {
 }
 
 impl<const N: usize> ShmemStr<N> {
+    /// Capacity in bytes.
+    pub const CAPACITY: usize = N;
+
     /// Stores `s`; fails (storing nothing) if it does not fit.
     pub fn set(&self, s: &str) -> Result<(), usize> {
         let b = s.as_bytes();
@@ -62,7 +191,8 @@ impl<const N: usize> ShmemStr<N> {
         Ok(())
     }
 
-    /// Stores as much of `s` as fits, cut at a character boundary.
+    /// Stores as much of `s` as fits, cut at a character boundary. Only for text shown to people
+    /// (errors), never for anything a job acts on.
     pub fn set_truncated(&self, s: &str) {
         let mut end = s.len().min(N);
         while !s.is_char_boundary(end) {
@@ -91,12 +221,12 @@ pub enum JobKind {
     Apply = 2,
 }
 
-/// Lifecycle of a job slot.
+/// Lifecycle of a job slot (the state part of its [`SlotWord`]).
 pub mod job_state {
     pub const FREE: u32 = super::FREE;
-    /// Claimed by `start_*`, leader not yet running.
+    /// Claimed by `start_*`; the leader is being launched or has not attached yet.
     pub const STARTING: u32 = 1;
-    /// The leader runs the job.
+    /// The leader attached and runs the job.
     pub const RUNNING: u32 = 2;
 }
 
@@ -165,13 +295,16 @@ pub const JOB_ID_LEN: usize = 20;
 /// One running operation.
 #[repr(C, align(64))]
 pub struct JobSlot {
-    pub state: AtomicU32,
+    pub word: SlotWord,
     pub kind: AtomicU32,
     pub id: ShmemStr<JOB_ID_LEN>,
     pub database_oid: AtomicU32,
     pub role_oid: AtomicU32,
     /// Transaction id of the `start_*` call; the leader waits for it to commit.
     pub caller_xid: AtomicU32,
+    /// The backend that claimed the slot in `start_*`; while the leader is not known yet, a dead
+    /// claimer means the slot was abandoned (its backend died between claim and launch).
+    pub claimer_pid: AtomicI32,
     pub leader_pid: AtomicI32,
     /// The leader's latch (`pg::my_latch`): workers set it when a unit is done or they exit, so the
     /// leader notices the end of the data phase at once.
@@ -183,21 +316,26 @@ pub struct JobSlot {
     pub stop: AtomicU32,
     /// 1 when `stop` was a user's cancel rather than a failure.
     pub cancelled: AtomicU32,
-    /// First error of any process of the job (first writer wins through `error_claimed`).
+    /// First error of any process of the job (first writer wins through `error_claimed`): `error` as
+    /// every role may read it (no row data), `error_full` for the job's role and superusers.
     pub error_claimed: AtomicU32,
     pub error: ShmemStr<1024>,
-    pub path: ShmemStr<1024>,
+    pub error_full: ShmemStr<2048>,
+    pub path: ShmemStr<MAX_PATH_BYTES>,
     /// Snapshot to import: given by the caller (empty = export a new one), then the exported one.
     pub snapshot_name: ShmemStr<64>,
     /// Snapshot the data workers import; set by the leader when chunks are published.
     pub export_name: ShmemStr<64>,
     /// The caller's TimeZone, pinned in every worker.
     pub timezone: ShmemStr<64>,
+    /// Apply: SHA-256 (hex) of the manifest the job was started on; every process that reads the
+    /// manifest checks it, so a snapshot directory replaced under a job is refused, not mixed.
+    pub manifest_sha256: ShmemStr<64>,
     /// Compression: 0 = none, otherwise the zstd level.
     pub zstd_level: AtomicI32,
     pub parallel_requested: AtomicU32,
     pub workers_launched: AtomicU32,
-    /// Chunk plan: slots [chunk_base, chunk_base + chunk_count) of `Shared::chunks`.
+    /// Chunk plan: slots [chunk_base, chunk_base + chunk_count) of the chunk array.
     pub chunk_base: AtomicU32,
     pub chunk_count: AtomicU32,
     /// Next chunk index (relative to chunk_base) to hand out.
@@ -230,18 +368,21 @@ pub struct JobSlot {
     pub notified_phase: AtomicU32,
     /// Unix ms of the last write of figures into the job's row.
     pub last_persist_ms: AtomicU64,
-    /// Options of an apply job (bit 0 verify, bit 1 truncate, bit 2 analyze).
+    /// Options of a job (apply: `worker::apply::flags`; generate: `api::snapshot::FLAG_*`).
     pub flags: AtomicU32,
-    /// Spin lock (0/1) around an apply's chunk claims (see `Shared::claim_chunk_preferring_idle_tables`).
-    pub claim_lock: AtomicU32,
+    /// Around an apply's chunk claims (see `Shared::claim_chunk_preferring_idle_tables`).
+    pub claim_lock: SpinLock,
 }
 
-/// One process working for a job. Written by that process alone.
+/// One process working for a job. Written by that process alone (counters), and by its launcher and
+/// the supervisor only through the slot word.
 #[repr(C, align(64))]
 pub struct WorkerSlot {
-    pub state: AtomicU32,
+    pub word: SlotWord,
     pub pid: AtomicI32,
+    /// The job this worker serves: its slot index and generation.
     pub job_slot: AtomicU32,
+    pub job_gen: AtomicU32,
     /// Chunk being worked on (absolute slot index + 1; 0 = none).
     pub current_chunk: AtomicU32,
     pub rows: AtomicU64,
@@ -249,7 +390,7 @@ pub struct WorkerSlot {
     pub file_bytes: AtomicU64,
 }
 
-/// Lifecycle of a worker slot.
+/// Lifecycle of a worker slot (the state part of its [`SlotWord`]).
 pub mod worker_state {
     pub const FREE: u32 = super::FREE;
     /// Reserved by the leader for a worker being launched.
@@ -294,7 +435,7 @@ pub mod chunk_state {
     pub const DONE: u32 = 2;
 }
 
-/// The whole shared block.
+/// The fixed-size shared block.
 #[repr(C)]
 pub struct Shared {
     magic: AtomicU64,
@@ -302,92 +443,68 @@ pub struct Shared {
     pub supervisor_pid: AtomicI32,
     /// Unix time in ms of the supervisor's last wake-up.
     pub supervisor_heartbeat_ms: AtomicU64,
-    /// Spin lock (0/1) around allocating chunk ranges; held for a scan of MAX_JOBS entries only.
-    chunk_alloc_lock: AtomicU32,
+    /// The supervisor's latch, so that a request for it is acted on at once.
+    pub supervisor_latch: AtomicUsize,
+    /// 1 once the interrupted jobs of every database were reaped after this server start.
+    pub startup_reaped: AtomicU32,
+    /// Databases (oids) whose `pending`/`running` rows a reaper must look at; 0 = empty entry.
+    pub reap_requests: [AtomicU32; MAX_REAP_REQUESTS],
+    /// Around allocating chunk ranges; held for a scan of MAX_JOBS entries only.
+    chunk_alloc_lock: SpinLock,
     pub jobs: [JobSlot; MAX_JOBS],
     pub workers: [WorkerSlot; MAX_WORKERS],
-    pub chunks: [ChunkSlot; MAX_CHUNKS],
 }
 
+/// The chunk array, in a block of its own sized by `steep_repl.max_chunk_slots`.
+static mut CHUNKS: (*const ChunkSlot, usize) = (std::ptr::null(), 0);
+
 impl Shared {
-    /// Claims a free job slot for a new job, returning its index.
-    pub fn claim_job_slot(&self) -> Option<usize> {
-        self.jobs.iter().position(|j| {
-            j.state.compare_exchange(FREE, job_state::STARTING, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    /// The chunk slots shared by all running jobs.
+    pub fn chunks(&self) -> &'static [ChunkSlot] {
+        // SAFETY: CHUNKS is written once per process at shared-memory startup, before any SQL function
+        // or worker of this library runs, and points to `len` initialised slots that live as long as the
+        // server. A `Shared` exists only after that startup.
+        unsafe {
+            let (ptr, len) = CHUNKS;
+            if ptr.is_null() { &[] } else { std::slice::from_raw_parts(ptr, len) }
+        }
+    }
+
+    /// Claims a free job slot for a new job: (slot index, generation), the slot in STARTING with
+    /// every field reset and `claimer_pid` set to this process.
+    pub fn claim_job_slot(&self) -> Option<(usize, u32)> {
+        self.jobs.iter().enumerate().find_map(|(i, j)| {
+            j.word.claim(job_state::STARTING).map(|generation| {
+                j.reset();
+                j.claimer_pid.store(pg::my_pid(), Ordering::Release);
+                (i, generation)
+            })
         })
     }
 
-    /// Resets every field of a freshly claimed job slot.
-    pub fn reset_job(&self, slot: usize) {
-        let j = &self.jobs[slot];
-        for a in [
-            &j.kind,
-            &j.database_oid,
-            &j.role_oid,
-            &j.caller_xid,
-            &j.phase,
-            &j.stop,
-            &j.cancelled,
-            &j.error_claimed,
-            &j.parallel_requested,
-            &j.workers_launched,
-            &j.chunk_base,
-            &j.chunk_count,
-            &j.chunk_cursor,
-            &j.chunks_ready,
-            &j.chunks_done,
-            &j.chunks_total,
-            &j.units_done,
-            &j.tables_total,
-            &j.tables_done,
-            &j.flags,
-            &j.notified_phase,
-            &j.claim_lock,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
-        for a in [
-            &j.work_total,
-            &j.work_done,
-            &j.chunk_bytes,
-            &j.chunk_pause_ms,
-            &j.last_persist_ms,
-            &j.rows,
-            &j.raw_bytes,
-            &j.file_bytes,
-            &j.started_ms,
-            &j.last_notify_ms,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
-        j.leader_pid.store(0, Ordering::Relaxed);
-        j.leader_latch.store(0, Ordering::Relaxed);
-        j.zstd_level.store(0, Ordering::Relaxed);
-        for s in [&j.error as &dyn ClearStr, &j.path, &j.snapshot_name, &j.export_name, &j.timezone, &j.id] {
-            s.clear_str();
-        }
-    }
-
-    /// The slot of the job with this text id, if it is running.
+    /// The slot of the job with this text id, if a job slot holds it.
     pub fn find_job(&self, id: &str) -> Option<usize> {
-        self.jobs.iter().position(|j| j.state.load(Ordering::Acquire) != FREE && j.id.get() == id)
+        self.jobs.iter().position(|j| j.word.state() != FREE && j.id.get() == id)
     }
 
     /// Jobs currently holding a slot, as (slot index, slot).
     pub fn active_jobs(&self) -> impl Iterator<Item = (usize, &JobSlot)> {
-        self.jobs.iter().enumerate().filter(|(_, j)| j.state.load(Ordering::Acquire) != FREE)
+        self.jobs.iter().enumerate().filter(|(_, j)| j.word.state() != FREE)
     }
 
-    /// Releases a job slot (and its chunk range), then wakes the sessions waiting for the job to end.
-    /// A waiter registers before it checks that the slot still holds its job, so it either sees the
-    /// slot free or is woken here.
-    pub fn release_job(&self, slot: usize) {
+    /// Frees job slot `slot` of `generation` (and with it its chunk range), then wakes the sessions
+    /// waiting for the job to end. Only for a job whose leader has ended or never started and none of
+    /// whose workers can still write (see the module documentation). A waiter registers before it
+    /// checks that the slot still holds its job, so it either sees the slot free or is woken here.
+    pub fn release_job(&self, slot: usize, generation: u32) -> bool {
         let j = &self.jobs[slot];
-        j.chunk_count.store(0, Ordering::Release);
-        j.state.store(FREE, Ordering::SeqCst);
+        if !j.word.free(generation) {
+            return false;
+        }
         for w in &j.waiters {
             crate::pg::set_latch(w.swap(0, Ordering::SeqCst));
         }
+        true
     }
 
     /// Registers `latch` as waiting for the end of the job in `slot`; returns the entry to pass to
@@ -401,65 +518,74 @@ impl Shared {
 
     /// Removes a registration made by [`Shared::wait_on`], unless the release already took it.
     pub fn unwait(&self, slot: usize, entry: usize, latch: usize) {
-        let _ =
+        let _taken_by_release =
             self.jobs[slot].waiters[entry].compare_exchange(latch, 0, Ordering::SeqCst, Ordering::Relaxed);
     }
 
-    /// Claims a free worker slot for `job_slot`, returning its index, or None when all are taken.
-    pub fn claim_worker_slot(&self, job_slot: usize) -> Option<usize> {
-        self.workers.iter().position(|w| {
-            w.state
-                .compare_exchange(FREE, worker_state::LAUNCHING, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-                && {
-                    w.job_slot.store(job_slot as u32, Ordering::Relaxed);
-                    w.pid.store(0, Ordering::Relaxed);
-                    w.current_chunk.store(0, Ordering::Relaxed);
-                    w.rows.store(0, Ordering::Relaxed);
-                    w.raw_bytes.store(0, Ordering::Relaxed);
-                    w.file_bytes.store(0, Ordering::Relaxed);
-                    true
-                }
+    /// Claims a free worker slot for job `job_slot` of generation `job_gen`: (slot index, the worker
+    /// slot's generation), or None when all are taken.
+    pub fn claim_worker_slot(&self, job_slot: usize, job_gen: u32) -> Option<(usize, u32)> {
+        self.workers.iter().enumerate().find_map(|(i, w)| {
+            w.word.claim(worker_state::LAUNCHING).map(|generation| {
+                w.job_slot.store(job_slot as u32, Ordering::Relaxed);
+                w.job_gen.store(job_gen, Ordering::Relaxed);
+                w.pid.store(0, Ordering::Relaxed);
+                w.current_chunk.store(0, Ordering::Relaxed);
+                w.rows.store(0, Ordering::Relaxed);
+                w.raw_bytes.store(0, Ordering::Relaxed);
+                w.file_bytes.store(0, Ordering::Release);
+                (i, generation)
+            })
         })
     }
 
     /// Number of worker slots in use, by every job.
     pub fn workers_in_use(&self) -> usize {
-        self.workers.iter().filter(|w| w.state.load(Ordering::Acquire) != FREE).count()
+        self.workers.iter().filter(|w| w.word.state() != FREE).count()
     }
 
-    /// Worker slots of one job, as (slot index, slot), whatever their state.
-    pub fn job_workers(&self, job_slot: usize) -> impl Iterator<Item = (usize, &WorkerSlot)> {
-        self.workers.iter().enumerate().filter(move |(_, w)| {
-            w.state.load(Ordering::Acquire) != FREE && w.job_slot.load(Ordering::Relaxed) as usize == job_slot
+    /// Worker slots of job `job_slot` (any generation of it when `job_gen` is None), as (slot index,
+    /// slot, the worker slot's generation), whatever their state.
+    pub fn job_workers(
+        &self,
+        job_slot: usize,
+        job_gen: Option<u32>,
+    ) -> impl Iterator<Item = (usize, &WorkerSlot, u32)> {
+        self.workers.iter().enumerate().filter_map(move |(i, w)| {
+            let (generation, state) = w.word.get();
+            let mine = state != FREE
+                && w.job_slot.load(Ordering::Relaxed) as usize == job_slot
+                && job_gen.is_none_or(|g| w.job_gen.load(Ordering::Relaxed) == g);
+            mine.then_some((i, w, generation))
         })
     }
 
-    /// Allocates `n` contiguous chunk slots for a job, returning the first index.
+    /// Allocates `n` contiguous chunk slots for a job, returning the first index, or None when no
+    /// free range is large enough.
     pub fn alloc_chunks(&self, job_slot: usize, n: usize) -> Option<usize> {
+        let capacity = self.chunks().len();
         if n == 0 {
             return Some(0);
         }
-        while self.chunk_alloc_lock.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            std::hint::spin_loop();
+        let _guard = self.chunk_alloc_lock.lock();
+        // Ranges of the other jobs, on the stack: nothing is allocated while the lock is held.
+        let mut used = [(0usize, 0usize); MAX_JOBS];
+        let mut k = 0;
+        for (i, j) in self.jobs.iter().enumerate() {
+            if i == job_slot || j.word.state() == FREE {
+                continue;
+            }
+            let c = j.chunk_count.load(Ordering::Relaxed) as usize;
+            if c > 0 {
+                used[k] = (j.chunk_base.load(Ordering::Relaxed) as usize, c);
+                k += 1;
+            }
         }
-        let mut used: Vec<(usize, usize)> = self
-            .jobs
-            .iter()
-            .enumerate()
-            .filter(|(i, j)| *i != job_slot && j.state.load(Ordering::Acquire) != FREE)
-            .map(|(_, j)| {
-                (
-                    j.chunk_base.load(Ordering::Relaxed) as usize,
-                    j.chunk_count.load(Ordering::Relaxed) as usize,
-                )
-            })
-            .filter(|(_, c)| *c > 0)
-            .collect();
+        let used = &mut used[..k];
         used.sort_unstable();
         let mut start = 0usize;
         let mut found = None;
-        for (b, c) in used.iter().copied().chain(std::iter::once((MAX_CHUNKS, 0))) {
+        for &(b, c) in used.iter().chain(std::iter::once(&(capacity, 0))) {
             if b >= start && b - start >= n {
                 found = Some(start);
                 break;
@@ -471,8 +597,32 @@ impl Shared {
             j.chunk_base.store(base as u32, Ordering::Relaxed);
             j.chunk_count.store(n as u32, Ordering::Release);
         }
-        self.chunk_alloc_lock.store(0, Ordering::Release);
         found
+    }
+
+    /// The largest number of chunk slots free in one range now (for error hints).
+    pub fn free_chunk_slots(&self) -> usize {
+        let used: usize = self
+            .jobs
+            .iter()
+            .filter(|j| j.word.state() != FREE)
+            .map(|j| j.chunk_count.load(Ordering::Relaxed) as usize)
+            .sum();
+        self.chunks().len().saturating_sub(used)
+    }
+
+    /// Asks the supervisor to have the interrupted jobs of database `db` reaped.
+    pub fn request_reap(&self, db: u32) {
+        if db == 0 || self.reap_requests.iter().any(|r| r.load(Ordering::Acquire) == db) {
+            pg::set_latch(self.supervisor_latch.load(Ordering::Acquire));
+            return;
+        }
+        for r in &self.reap_requests {
+            if r.compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                break;
+            }
+        }
+        pg::set_latch(self.supervisor_latch.load(Ordering::Acquire));
     }
 }
 
@@ -487,42 +637,45 @@ impl Shared {
     /// chunk's index relative to the job's base, or None when no chunk is pending.
     pub fn claim_chunk_preferring_idle_tables(&self, slot: usize, me: usize) -> Option<u32> {
         let job = &self.jobs[slot];
+        let chunks = self.chunks();
         let base = job.chunk_base.load(Ordering::Acquire) as usize;
         let count = job.chunk_count.load(Ordering::Acquire) as usize;
-        while job.claim_lock.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            std::hint::spin_loop();
+        let _guard = job.claim_lock.lock();
+        // Tables other workers of the job load now, on the stack: nothing is allocated under the lock.
+        let mut busy = [u32::MAX; MAX_WORKERS];
+        let mut nbusy = 0;
+        for (i, w) in self.workers.iter().enumerate() {
+            if i == me || w.word.state() == FREE || w.job_slot.load(Ordering::Relaxed) as usize != slot {
+                continue;
+            }
+            let c = w.current_chunk.load(Ordering::Acquire) as usize;
+            if c > 0 && c <= chunks.len() {
+                busy[nbusy] = chunks[c - 1].table.load(Ordering::Relaxed);
+                nbusy += 1;
+            }
         }
-        let busy: Vec<u32> = self
-            .job_workers(slot)
-            .filter(|(i, _)| *i != me)
-            .filter_map(|(_, w)| match w.current_chunk.load(Ordering::Acquire) {
-                0 => None,
-                c => Some(self.chunks[c as usize - 1].table.load(Ordering::Relaxed)),
-            })
-            .collect();
+        let busy = &busy[..nbusy];
         let mut first = job.chunk_cursor.load(Ordering::Relaxed) as usize;
-        while first < count && self.chunks[base + first].state.load(Ordering::Acquire) != chunk_state::PENDING
-        {
+        while first < count && chunks[base + first].state.load(Ordering::Acquire) != chunk_state::PENDING {
             first += 1;
         }
         job.chunk_cursor.store(first as u32, Ordering::Relaxed);
-        let pending = |k: &usize| self.chunks[base + k].state.load(Ordering::Acquire) == chunk_state::PENDING;
+        let pending = |k: &usize| chunks[base + k].state.load(Ordering::Acquire) == chunk_state::PENDING;
         let window = first..count.min(first + CLAIM_WINDOW);
         // Skipping ahead must not pull a small unit of the tail before a large one: only units at least
         // half as large as the first pending one qualify (`raw_bytes` holds a pending unit's estimate).
-        let size = |k: usize| self.chunks[base + k].raw_bytes.load(Ordering::Relaxed);
+        let size = |k: usize| chunks[base + k].raw_bytes.load(Ordering::Relaxed);
         let floor = if first < count { size(first) / 2 } else { 0 };
         let pick = window
             .clone()
             .filter(pending)
             .filter(|&k| size(k) >= floor)
-            .find(|&k| !busy.contains(&self.chunks[base + k].table.load(Ordering::Relaxed)))
+            .find(|&k| !busy.contains(&chunks[base + k].table.load(Ordering::Relaxed)))
             .or_else(|| window.clone().find(pending));
         if let Some(k) = pick {
-            self.chunks[base + k].state.store(chunk_state::CLAIMED, Ordering::Release);
+            chunks[base + k].state.store(chunk_state::CLAIMED, Ordering::Release);
             self.workers[me].current_chunk.store((base + k + 1) as u32, Ordering::Release);
         }
-        job.claim_lock.store(0, Ordering::Release);
         pick.map(|k| k as u32)
     }
 }
@@ -539,17 +692,88 @@ impl<const N: usize> ClearStr for ShmemStr<N> {
 }
 
 impl JobSlot {
+    /// Resets every field but the slot word, for a slot just claimed.
+    fn reset(&self) {
+        for a in [
+            &self.kind,
+            &self.database_oid,
+            &self.role_oid,
+            &self.caller_xid,
+            &self.phase,
+            &self.stop,
+            &self.cancelled,
+            &self.error_claimed,
+            &self.parallel_requested,
+            &self.workers_launched,
+            &self.chunk_base,
+            &self.chunk_count,
+            &self.chunk_cursor,
+            &self.chunks_ready,
+            &self.chunks_done,
+            &self.chunks_total,
+            &self.units_done,
+            &self.tables_total,
+            &self.tables_done,
+            &self.flags,
+            &self.notified_phase,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        for a in [
+            &self.work_total,
+            &self.work_done,
+            &self.chunk_bytes,
+            &self.chunk_pause_ms,
+            &self.last_persist_ms,
+            &self.rows,
+            &self.raw_bytes,
+            &self.file_bytes,
+            &self.started_ms,
+            &self.last_notify_ms,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.claimer_pid.store(0, Ordering::Relaxed);
+        self.leader_pid.store(0, Ordering::Relaxed);
+        self.leader_latch.store(0, Ordering::Relaxed);
+        self.zstd_level.store(0, Ordering::Relaxed);
+        for s in [
+            &self.error as &dyn ClearStr,
+            &self.error_full,
+            &self.path,
+            &self.snapshot_name,
+            &self.export_name,
+            &self.timezone,
+            &self.manifest_sha256,
+            &self.id,
+        ] {
+            s.clear_str();
+        }
+    }
+
     /// Records the job's first error (later ones are dropped) and tells every process to stop.
-    pub fn fail(&self, message: &str) {
+    /// `public` is what every role may read (no row data); `full` what the job's role may read.
+    pub fn fail_with(&self, public: &str, full: &str) {
         if self.error_claimed.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            self.error.set_truncated(message);
+            self.error.set_truncated(public);
+            self.error_full.set_truncated(full);
         }
         self.stop.store(1, Ordering::Release);
     }
 
-    /// The recorded error, if any.
+    /// [`fail_with`](Self::fail_with) for a message that holds no row data.
+    pub fn fail(&self, message: &str) {
+        self.fail_with(message, message);
+    }
+
+    /// The recorded error as every role may read it, if any.
     pub fn error_message(&self) -> Option<String> {
         (self.error_claimed.load(Ordering::Acquire) != 0).then(|| self.error.get())
+    }
+
+    /// The recorded error with its details (for the job's role and superusers), if any.
+    pub fn error_message_full(&self) -> Option<String> {
+        (self.error_claimed.load(Ordering::Acquire) != 0).then(|| self.error_full.get())
     }
 
     pub fn should_stop(&self) -> bool {
@@ -575,26 +799,37 @@ impl JobSlot {
 
 static mut SHARED: *const Shared = std::ptr::null();
 
-/// Registers the shared-memory request and startup hooks. Called once from `_PG_init` during
-/// `shared_preload_libraries` processing, and only then.
+/// Registers the shared-memory requests and startup hooks. Called once from `_PG_init` during
+/// `shared_preload_libraries` processing, and only then, after the settings are defined.
 pub fn init() {
-    pg::request_shmem(std::mem::size_of::<Shared>(), on_shmem_startup);
+    let chunk_slots = crate::gucs::MAX_CHUNK_SLOTS.get().max(1) as usize;
+    pg::request_shmem(
+        &[std::mem::size_of::<Shared>(), chunk_slots * std::mem::size_of::<ChunkSlot>()],
+        on_shmem_startup,
+    );
 }
 
-/// Runs in the postmaster (and, on EXEC_BACKEND builds, in each child) once shared memory exists.
-fn on_shmem_startup(ptr: *mut u8, found: bool) {
+/// Runs in the postmaster (and, on EXEC_BACKEND builds, in each child) once shared memory exists, with
+/// the blocks requested by [`init`] and whether they already existed.
+fn on_shmem_startup(blocks: &[(*mut u8, usize)], found: bool) {
+    let (ptr, len) = blocks[0];
+    let (chunks, chunks_len) = blocks[1];
     let shared = ptr as *mut Shared;
     if !found {
-        // SAFETY: `ptr` points to `size_of::<Shared>()` bytes of fresh, cache-line-aligned shared memory
-        // that no other process uses yet (we hold AddinShmemInitLock). All-zero bytes are a valid
-        // `Shared`: every field is an atomic integer or an array of them.
+        // SAFETY: both blocks are fresh, cache-line-aligned shared memory of the sizes requested that no
+        // other process uses yet (we hold AddinShmemInitLock). All-zero bytes are a valid `Shared` and
+        // valid `ChunkSlot`s: every field is an atomic integer or an array of them.
         unsafe {
-            std::ptr::write_bytes(ptr, 0, std::mem::size_of::<Shared>());
+            std::ptr::write_bytes(ptr, 0, len);
+            std::ptr::write_bytes(chunks, 0, chunks_len);
             (*shared).magic.store(MAGIC, Ordering::Release);
         }
     }
-    // SAFETY: written once per process, here, before any SQL function of this library can run.
-    unsafe { SHARED = shared };
+    // SAFETY: written once per process, here, before any SQL function or worker of this library runs.
+    unsafe {
+        SHARED = shared;
+        CHUNKS = (chunks as *const ChunkSlot, chunks_len / std::mem::size_of::<ChunkSlot>());
+    }
 }
 
 /// The shared block, or None when the library was not preloaded (no shared memory was reserved).
@@ -614,5 +849,48 @@ pub fn require() -> &'static Shared {
     match get() {
         Some(s) => s,
         None => pg::error_not_preloaded(),
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn slot_words_move_only_with_the_right_generation() {
+        let w = SlotWord(AtomicU64::new(0));
+        let g = w.claim(1).expect("free slot claims");
+        assert_eq!(g, 1);
+        assert!(w.claim(1).is_none(), "a held slot cannot be claimed again");
+        assert!(!w.transition(g + 1, 1, 2), "a stale generation moves nothing");
+        assert!(w.transition(g, 1, 2));
+        assert!(!w.free(g + 1));
+        assert!(w.free(g));
+        assert!(!w.free(g), "freeing twice does nothing");
+        let g2 = w.claim(1).unwrap();
+        assert_eq!(g2, g + 1);
+        assert!(!w.free(g), "the old generation cannot free the new owner's slot");
+        assert!(!w.transition(g, 1, 3));
+        assert_eq!(w.get(), (g2, 1));
+    }
+
+    #[pg_test]
+    fn generation_zero_is_never_handed_out() {
+        let w = SlotWord(AtomicU64::new(SlotWord::pack(u32::MAX, FREE)));
+        assert_eq!(w.claim(1), Some(1));
+    }
+
+    #[pg_test]
+    fn spin_lock_guards_release_on_drop_and_unwind() {
+        let l = SpinLock(AtomicU32::new(0));
+        drop(l.lock());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _g = l.lock();
+            panic!("inside");
+        }));
+        assert!(r.is_err());
+        drop(l.lock());
     }
 }

@@ -45,6 +45,23 @@ impl Cluster {
         assert!(out.status.success(), "restarting {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Stops the cluster as a crash would (`pg_ctl stop -m immediate`: no shutdown checkpoint, every
+    /// process killed) and starts it again; it runs crash recovery before accepting connections.
+    pub fn crash_restart(&self) {
+        let out = pg_sh(&["stop", &self.name, "--immediate"]);
+        assert!(out.status.success(), "stopping {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        self.restart();
+    }
+
+    /// The server's start time (`pg_postmaster_start_time()`): unchanged as long as the server has not
+    /// restarted, also not through a crash.
+    pub fn started_at(&self) -> String {
+        self.client("postgres")
+            .query_one("SELECT pg_postmaster_start_time()::text", &[])
+            .map(|r| r.get(0))
+            .unwrap_or_else(|e| panic!("reading the start time of {}: {}", self.name, db_message(&e)))
+    }
+
     /// A synchronous client on one database.
     pub fn client(&self, db: &str) -> postgres::Client {
         postgres::Client::connect(&self.conninfo_for(db), postgres::NoTls)

@@ -252,7 +252,10 @@ async fn apply(
     let raw_total: u64 = m.tables.iter().map(|t| t.raw_bytes).sum();
     let row = coord
         .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), current_database()::text",
+            "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), \
+             pg_catalog.current_database()::text, \
+             (SELECT d.oid::int8 FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()), \
+             ('x' || pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int8",
             &[],
         )
         .await
@@ -260,6 +263,8 @@ async fn apply(
     let target = Target {
         system_identifier: row.get::<_, Option<String>>(0).unwrap_or_default(),
         database: row.get(1),
+        database_oid: row.get::<_, Option<i64>>(2).unwrap_or(0) as u32,
+        timeline: row.get::<_, Option<i64>>(3).unwrap_or(0) as u32,
     };
     let locked: bool = coord
         .query_one(

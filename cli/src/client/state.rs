@@ -32,11 +32,41 @@ use crate::error::CliError;
 /// The state format this build reads and writes.
 pub const STATE_VERSION: u32 = 1;
 
-/// Which database a state file is about.
+/// Which database a state file is about: the cluster (system identifier), the database's name and
+/// oid (a database dropped and created again under the same name has another oid), and the timeline the
+/// cluster was on (a physical copy that was promoted, or a cluster restored from a backup, is on another
+/// one: what it holds is not what the state recorded, so it is never resumed into).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
     pub system_identifier: String,
     pub database: String,
+    /// 0 in state files written before it was recorded: such a file is never resumed from.
+    #[serde(default)]
+    pub database_oid: u32,
+    #[serde(default)]
+    pub timeline: u32,
+}
+
+impl Target {
+    /// Why a state recorded for `self` cannot be trusted for `now`, if it cannot.
+    fn differs_from(&self, now: &Target) -> Option<String> {
+        if self.system_identifier != now.system_identifier || self.database != now.database {
+            Some(format!("it records the database {} of cluster {}", self.database, self.system_identifier))
+        } else if self.database_oid != now.database_oid {
+            Some(format!(
+                "database {} is not the one it records (oid {} then, {} now): it was dropped and created again",
+                now.database, self.database_oid, now.database_oid
+            ))
+        } else if self.timeline != now.timeline {
+            Some(format!(
+                "the cluster is on timeline {} and the state was written on timeline {}: it was promoted or \
+                 restored since, so the chunks recorded as loaded may not be there",
+                now.timeline, self.timeline
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// The contents of a state file.
@@ -80,10 +110,13 @@ impl StateFile {
                         path.display()
                     ))
                 })?;
-                if state.format_version != STATE_VERSION
-                    || state.snapshot_id != snapshot_id
-                    || state.target != *target
-                {
+                if let Some(why) = state.target.differs_from(target) {
+                    return Err(CliError::Other(anyhow::anyhow!(
+                        "{}: cannot resume from this state: {why}; remove it to start over (with --truncate)",
+                        path.display()
+                    )));
+                }
+                if state.format_version != STATE_VERSION || state.snapshot_id != snapshot_id {
                     return Err(CliError::Other(anyhow::anyhow!(
                         "{}: records applying snapshot {} (state format {}) into {}/{}, not this one; remove it \
                          to start over (with --truncate)",
@@ -141,7 +174,32 @@ mod tests {
     use super::*;
 
     fn target() -> Target {
-        Target { system_identifier: "7301".into(), database: "App Db".into() }
+        Target {
+            system_identifier: "7301".into(),
+            database: "App Db".into(),
+            database_oid: 16384,
+            timeline: 1,
+        }
+    }
+
+    #[test]
+    fn a_recreated_database_or_a_promoted_copy_is_never_resumed_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = StateFile::open(dir.path(), "gen-1", &target()).unwrap();
+        s.state.done.insert("data/public.t/000000.copy.zst".into(), 10);
+        s.save().unwrap();
+        let recreated = Target { database_oid: 16999, ..target() };
+        let err = StateFile::open(dir.path(), "gen-1", &recreated).err().unwrap().to_string();
+        assert!(err.contains("dropped and created again"), "{err}");
+        let promoted = Target { timeline: 2, ..target() };
+        let err = StateFile::open(dir.path(), "gen-1", &promoted).err().unwrap().to_string();
+        assert!(err.contains("promoted or restored"), "{err}");
+        // A state file from before the oid and timeline were recorded is not trusted either.
+        let old = r#"{"format_version":1,"snapshot_id":"gen-1","target":{"system_identifier":"7301","database":"App Db"},
+            "truncated":false,"complete":false,"done":{"data/public.t/000000.copy.zst":10},"pending":{},
+            "updated_at":"2024-03-01T12:00:00Z"}"#;
+        fs::write(&s.path, old).unwrap();
+        assert!(StateFile::open(dir.path(), "gen-1", &target()).is_err());
     }
 
     #[test]

@@ -7,22 +7,26 @@ use steep_repl_engine::compat::{self, Mismatch, TargetColumn, TargetTable};
 use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::Manifest;
 
-use crate::api::snapshot::{check_path, require_file_role, user_error};
-use crate::job::{self, Entry};
-use crate::pg::{self, xact};
+use crate::api::{check_parallel, check_path, no_job_slot, require_file_role, require_startable, user_error};
+use crate::bookkeeping::{self, NewOperation};
+use crate::job::{self, Entry, StartGuard};
+use crate::pg::{self, rights, xact};
 use crate::shmem::{self, JobKind, Phase};
 use crate::worker::apply::flags;
 
-/// The snapshot's manifest, or an ERROR that says why it cannot be applied.
-fn load_manifest(path: &str) -> Manifest {
-    Manifest::load(std::path::Path::new(path)).unwrap_or_else(|e| {
+/// The snapshot's manifest and the SHA-256 of its bytes, or an ERROR that says why it cannot be applied.
+pub fn load_manifest(path: &str) -> (Manifest, String) {
+    Manifest::load_with_sha256(std::path::Path::new(path)).unwrap_or_else(|e| {
         let msg = e.to_string();
         let code = if msg.contains("incomplete") || msg.contains("No such file") {
             PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
+        } else if msg.contains("Permission denied") {
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
         } else {
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED
         };
-        user_error(code, format!("cannot apply {path}: {msg}"), None)
+        let hint = msg.contains("Permission denied").then(|| crate::api::server_user_hint(path));
+        user_error(code, format!("cannot apply {path}: {msg}"), hint.as_deref())
     })
 }
 
@@ -104,65 +108,105 @@ fn check_privileges(m: &Manifest, truncate: bool) {
     }
 }
 
-/// Refuses target tables that already hold rows.
-fn check_empty(m: &Manifest) {
-    let mut full = Vec::new();
-    for t in &m.tables {
-        let qn = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
-        let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {qn})"))
-            .unwrap_or_else(|e| error!("checking whether {qn} is empty: {e}"))
-            .unwrap_or(false);
-        if has_rows {
-            full.push(qn);
-        }
-    }
+/// The oids of the manifest's tables in this database, in manifest order (they exist: `check_schema`
+/// passed).
+pub(crate) fn target_relids(m: &Manifest) -> Vec<u32> {
+    let names: Vec<String> =
+        m.tables.iter().map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string()).collect();
+    let oids = Spi::get_one_with_args::<Vec<pgrx::pg_sys::Oid>>(
+        "SELECT coalesce(pg_catalog.array_agg(pg_catalog.to_regclass(q)::pg_catalog.oid ORDER BY n), '{}') \
+         FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS t(q, n)",
+        &[names.into()],
+    )
+    .unwrap_or_else(|e| error!("looking up the target tables: {e}"))
+    .unwrap_or_default();
+    oids.into_iter().map(|o| o.to_u32()).collect()
+}
+
+/// Refuses target tables that already hold rows. Checked without reading any row's contents (the caller
+/// has INSERT on each table, checked before), one table at a time, in a few microseconds each.
+fn check_empty(m: &Manifest, relids: &[u32]) {
+    let full: Vec<String> = m
+        .tables
+        .iter()
+        .zip(relids)
+        .filter(|(_, relid)| pg::relation_has_rows(pgrx::pg_sys::Oid::from(**relid)))
+        .map(|(t, _)| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
+        .collect();
     if !full.is_empty() {
+        let shown: Vec<&str> = full.iter().take(20).map(String::as_str).collect();
+        let more = if full.len() > 20 { format!(" and {} more", full.len() - 20) } else { String::new() };
         user_error(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("target tables are not empty: {}", full.join(", ")),
+            format!("target tables are not empty: {}{more}", shown.join(", ")),
             Some("Pass truncate => true to empty them first, or apply into empty tables."),
         );
     }
 }
 
-fn is_superuser() -> bool {
-    Spi::get_one::<bool>("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+/// Makes the apply the holder of its target tables, or refuses naming the tables another apply is
+/// loading (or, for a resume, has loaded since).
+fn claim_targets(id: &str, m: &Manifest, relids: &[u32], resume: bool) {
+    let refused = bookkeeping::claim_targets(id, relids, resume);
+    if refused.is_empty() {
+        return;
+    }
+    let name_of = |relid: u32| {
+        m.tables
+            .iter()
+            .zip(relids)
+            .find(|(_, r)| **r == relid)
+            .map(|(t, _)| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
+            .unwrap_or_else(|| relid.to_string())
+    };
+    let list: Vec<String> = refused
+        .iter()
+        .take(20)
+        .map(|(relid, holder)| match holder.as_str() {
+            "" => format!("{} (not loaded by {id})", name_of(*relid)),
+            h => format!("{} (by {h})", name_of(*relid)),
+        })
+        .collect();
+    let more = if refused.len() > 20 { format!(" and {} more", refused.len() - 20) } else { String::new() };
+    if resume {
+        user_error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "cannot resume {id}: other applies have loaded its tables since: {}{more}",
+                list.join(", ")
+            ),
+            Some("Start a new apply of the snapshot instead (with truncate => true)."),
+        );
+    }
+    user_error(
+        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        format!("target tables are being loaded by another apply: {}{more}", list.join(", ")),
+        Some("Wait for it to end (steep_repl.wait_snapshot(id)), or cancel it."),
+    );
 }
 
-/// Claims a job slot for `id`, fills it, and launches the leader; an ERROR when no slot is free.
-fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32) {
+/// Claims a job slot for `id`, fills it, and launches the leader; an ERROR (with the slot freed) when
+/// it cannot start.
+fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32, manifest_sha256: &str, part_bytes: u64) {
     let shared = shmem::require();
-    let Some(slot) = shared.claim_job_slot() else {
-        user_error(
-            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            format!("too many steep_repl operations are running (at most {})", shmem::MAX_JOBS),
-            None,
-        );
-    };
-    shared.reset_job(slot);
+    let Some((slot, generation)) = shared.claim_job_slot() else { no_job_slot() };
+    let guard = StartGuard::new(slot, generation);
     let job = &shared.jobs[slot];
     let _fits = job.id.set(id);
     job.kind.store(JobKind::Apply as u32, Ordering::Relaxed);
     job.database_oid.store(pg::database_oid(), Ordering::Relaxed);
     job.role_oid.store(pg::current_user_oid(), Ordering::Relaxed);
     job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
-    job.path.set_truncated(path);
+    if job.path.set(path).is_err() || job.manifest_sha256.set(manifest_sha256).is_err() {
+        user_error(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, format!("input_path {path:?} is too long"), None);
+    }
     job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
     job.flags.store(job_flags, Ordering::Relaxed);
     job.chunk_pause_ms.store(crate::gucs::CHUNK_PAUSE_MS.get().max(0) as u64, Ordering::Relaxed);
-    job.chunk_bytes.store(crate::gucs::APPLY_PART_SIZE_KB.get().max(1) as u64 * 1024, Ordering::Relaxed);
+    job.chunk_bytes.store(part_bytes.max(1), Ordering::Relaxed);
     job.set_phase(Phase::Queued);
-    if !job::launch(Entry::ApplyLeader, id, slot, None) {
-        shared.release_job(slot);
-        user_error(
-            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            "no background worker slot is free to start the apply's leader".into(),
-            Some("Raise max_worker_processes (needs a restart) or wait for other workers to finish."),
-        );
-    }
+    job::launch_leader(Entry::ApplyLeader, shared, slot, generation);
+    guard.launched();
 }
 
 /// Applies the snapshot in `input_path` to the existing tables of this database, in background workers;
@@ -170,11 +214,12 @@ fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32) {
 ///
 /// Before any row changes, and right here: the manifest must load and validate; every table and sequence
 /// must exist with the snapshot's columns and compatible types (one error lists every problem); target
-/// tables must be empty unless `truncate`; the caller needs pg_read_server_files (or superuser) and
-/// INSERT (and TRUNCATE when asked) on every table. With `verify` (default), the job's first phase checks
-/// every chunk file and fails, naming every bad chunk, before loading anything. `analyze_tables` runs ANALYZE on
-/// the loaded tables at the end.
+/// tables must be empty unless `truncate`, and not being loaded by another apply; the caller needs
+/// pg_read_server_files (or superuser) and INSERT (and TRUNCATE when asked) on every table. With `verify`
+/// (default), the job's first phase checks every chunk file and fails, naming every bad chunk, before
+/// loading anything. `analyze_tables` runs ANALYZE on the loaded tables at the end.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 fn start_apply(
     input_path: &str,
     parallel: default!(i32, 4),
@@ -184,142 +229,142 @@ fn start_apply(
 ) -> String {
     shmem::require();
     job::reap_interrupted();
+    require_startable("start an apply");
     require_file_role("pg_read_server_files", "read snapshot files on the server");
     let path = check_path("input_path", input_path);
-    if !(1..=64).contains(&parallel) {
-        user_error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("parallel must be between 1 and 64, got {parallel}"),
-            None,
-        );
-    }
-    let m = load_manifest(&path);
+    check_parallel(parallel);
+    let (m, sha256) = load_manifest(&path);
     check_schema(&m);
     check_privileges(&m, truncate);
+    let relids = target_relids(&m);
     if !truncate {
-        check_empty(&m);
+        check_empty(&m, &relids);
     }
     let mut job_flags = 0;
     for (on, f) in [
         (verify, flags::VERIFY),
         (truncate, flags::TRUNCATE),
         (analyze_tables, flags::ANALYZE),
-        (is_superuser(), flags::REPLICA),
+        (rights::is_superuser(), flags::REPLICA),
     ] {
         if on {
             job_flags |= f;
         }
     }
+    let part_bytes = crate::gucs::APPLY_PART_SIZE_KB.get().max(1) as u64 * 1024;
     let id = job::new_job_id(JobKind::Apply);
     let options = serde_json::json!({
         "verify": verify, "truncate": truncate, "analyze": analyze_tables,
         "snapshot_id": m.snapshot_id, "replica_mode": job_flags & flags::REPLICA != 0,
+        "manifest_sha256": sha256, "part_size_bytes": part_bytes,
     })
     .to_string();
-    let caller = pg::current_user_name();
-    job::as_owner(|| {
-        Spi::run_with_args(
-            "INSERT INTO steep_repl.snapshots (id, op, status, phase, path, parallel_requested, compression, options, role_name, \
-             tables_total, chunks_total) VALUES ($1, 'apply', 'pending', 'queued', $2, $3, $4, $5::jsonb, $6, $7, $8)",
-            &[
-                id.as_str().into(),
-                path.as_str().into(),
-                parallel.into(),
-                m.compression.to_string().as_str().into(),
-                options.as_str().into(),
-                caller.as_str().into(),
-                (m.tables.len() as i32).into(),
-                (m.totals.chunks as i32).into(),
-            ],
-        )?;
-        Spi::run_with_args(
-            "INSERT INTO steep_repl.work_queue (snapshot_id, op, payload) VALUES ($1, 'apply', $2::jsonb)",
-            &[id.as_str().into(), options.as_str().into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("recording operation {id}: {e}"));
-    launch_apply(&id, &path, parallel, job_flags);
+    bookkeeping::insert_operation(&NewOperation {
+        id: &id,
+        op: "apply",
+        path: &path,
+        parallel,
+        compression: &m.compression.to_string(),
+        options: &options,
+        role_name: &pg::current_user_name(),
+        tables_total: m.tables.len() as i32,
+        chunks_total: m.totals.chunks as i32,
+    });
+    claim_targets(&id, &m, &relids, false);
+    launch_apply(&id, &path, parallel, job_flags, &sha256, part_bytes);
     id
 }
 
-/// Continues a failed or cancelled apply: loads only the chunks not yet recorded as loaded (each chunk's
-/// rows and its record committed together), so no row is duplicated or lost. Same id.
+/// Continues a failed or cancelled apply: loads only the rows not yet recorded as loaded (each range of
+/// rows and its record committed together), so no row is duplicated or lost. Same id. Refused while the
+/// apply runs (also when another resume_apply of it is under way), when the snapshot directory holds
+/// another snapshot than the one the apply started on, and when another apply has loaded one of its
+/// tables since.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 fn resume_apply(id: &str) -> String {
-    shmem::require();
+    let shared = shmem::require();
     job::reap_interrupted();
-    let row = Spi::get_three_with_args::<String, String, String>(
-        "SELECT op, status, path FROM steep_repl.snapshots WHERE id = $1",
-        &[id.into()],
-    )
-    .unwrap_or((None, None, None));
-    let (Some(op), Some(status), Some(path)) = row else {
+    require_startable("resume an apply");
+    let Some(op) = bookkeeping::operation(id) else {
         user_error(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no operation with id {id:?}"), None);
     };
-    if op != "apply" {
-        user_error(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("{id} is a {op}, not an apply"), None);
-    }
-    match status.as_str() {
-        "failed" | "cancelled" => {}
-        "applied" => user_error(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("{id} is already applied"),
-            None,
-        ),
-        _ => user_error(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("{id} is still {status}; cancel it first or wait for it"),
-            None,
-        ),
-    }
-    let (parallel, verify, analyze, role) = Spi::connect(|c| -> Result<_, pgrx::spi::Error> {
-        let r = c
-            .select(
-                "SELECT parallel_requested, coalesce((options->>'verify')::bool, true), \
-                 coalesce((options->>'analyze')::bool, true), role_name::text FROM steep_repl.snapshots WHERE id = $1",
-                Some(1),
-                &[id.into()],
-            )?
-            .first();
-        Ok((r.get::<i32>(1)?.unwrap_or(4), r.get::<bool>(2)?.unwrap_or(true), r.get::<bool>(3)?.unwrap_or(true), r.get::<String>(4)?.unwrap_or_default()))
-    })
-    .unwrap_or_else(|e| error!("reading operation {id}: {e}"));
-    let member = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_has_role(current_user, $1::name, 'MEMBER')",
-        &[role.as_str().into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if !member {
+    if op.op != "apply" {
         user_error(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to resume {id}, started by role {role}"),
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{id} is a {}, not an apply", op.op),
             None,
         );
     }
+    let not_resumable = |status: &str| -> ! {
+        match status {
+            "applied" => user_error(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("{id} is already applied"),
+                None,
+            ),
+            s => user_error(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "{id} is {s}: it is running (or being resumed by another session); cancel it or wait for it"
+                ),
+                None,
+            ),
+        }
+    };
+    if !matches!(op.status.as_str(), "failed" | "cancelled") || shared.find_job(id).is_some() {
+        not_resumable(&op.status);
+    }
+    let role = Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
+        "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = $1::pg_catalog.name",
+        &[op.role_name.as_str().into()],
+    )
+    .ok()
+    .flatten();
+    if !role.is_some_and(|r| rights::acts_for(r.to_u32())) {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to resume {id}, started by role {}", op.role_name),
+            Some("Only that role, its members and superusers may resume it."),
+        );
+    }
     require_file_role("pg_read_server_files", "read snapshot files on the server");
-    let m = load_manifest(&path);
+    let (m, sha256) = load_manifest(&op.path);
+    let started_on = op.options.get("manifest_sha256").and_then(|v| v.as_str()).unwrap_or_default();
+    if started_on != sha256 {
+        user_error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "cannot resume {id}: {} no longer holds the snapshot it started on (its manifest differs)",
+                op.path
+            ),
+            Some("Apply the snapshot that is there now with start_apply(..., truncate => true)."),
+        );
+    }
     check_schema(&m);
     check_privileges(&m, false);
+    let relids = target_relids(&m);
+    let flag_of = |key: &str| op.options.get(key).and_then(|v| v.as_bool()).unwrap_or(true);
     let mut job_flags = flags::RESUME;
-    for (on, f) in [(verify, flags::VERIFY), (analyze, flags::ANALYZE), (is_superuser(), flags::REPLICA)] {
+    for (on, f) in [
+        (flag_of("verify"), flags::VERIFY),
+        (flag_of("analyze"), flags::ANALYZE),
+        (rights::is_superuser(), flags::REPLICA),
+    ] {
         if on {
             job_flags |= f;
         }
     }
-    job::as_owner(|| {
-        Spi::run_with_args(
-            "UPDATE steep_repl.snapshots SET status = 'pending', phase = 'queued', error = NULL, finished_at = NULL, \
-             updated_at = now(), postmaster_start = pg_catalog.pg_postmaster_start_time() WHERE id = $1",
-            &[id.into()],
-        )?;
-        Spi::run_with_args(
-            "UPDATE steep_repl.work_queue SET status = 'pending', error = NULL, finished_at = NULL WHERE snapshot_id = $1",
-            &[id.into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("recording the resume of {id}: {e}"));
-    launch_apply(id, &path, parallel, job_flags);
+    // The ranges of rows must line up with those recorded: the part size the apply started with.
+    let part_bytes = op
+        .options
+        .get("part_size_bytes")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(crate::gucs::APPLY_PART_SIZE_KB.get().max(1) as u64 * 1024);
+    if let Err(status) = bookkeeping::begin_resume(id) {
+        not_resumable(&status);
+    }
+    claim_targets(id, &m, &relids, true);
+    launch_apply(id, &op.path, op.parallel, job_flags, &sha256, part_bytes);
     id.to_string()
 }

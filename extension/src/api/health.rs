@@ -12,6 +12,7 @@ const SUPERVISOR_STALE_MS: u64 = 5_000;
 /// The version of the loaded library (which may differ from the installed SQL objects' version after an
 /// upgrade without `ALTER EXTENSION ... UPDATE`).
 #[pg_extern(immutable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
@@ -31,6 +32,7 @@ pub(crate) fn version_for_tests() -> &'static str {
 ///   queries take slots at any moment.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
+#[search_path(pg_catalog, pg_temp)]
 fn health() -> TableIterator<
     'static,
     (

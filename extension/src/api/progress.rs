@@ -4,7 +4,8 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 
-use crate::job::Figures;
+use crate::bookkeeping::Figures;
+use crate::pg::rights;
 use crate::progress;
 use crate::shmem::{self, JobKind};
 
@@ -36,6 +37,7 @@ type ProgressRow = (
 /// Needs the library preloaded.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
+#[search_path(pg_catalog, pg_temp)]
 fn snapshot_progress(
     id: default!(Option<String>, "NULL"),
 ) -> TableIterator<
@@ -71,20 +73,22 @@ fn snapshot_progress(
         let f = Figures::of(job);
         let (rate, eta) = progress::rate_and_eta(job);
         let mut pids: Vec<i32> = shared
-            .job_workers(slot)
-            .filter(|(_, w)| w.state.load(Ordering::Acquire) == shmem::worker_state::RUNNING)
-            .map(|(_, w)| w.pid.load(Ordering::Relaxed))
+            .job_workers(slot, None)
+            .filter(|(_, w, _)| w.word.state() == shmem::worker_state::RUNNING)
+            .map(|(_, w, _)| w.pid.load(Ordering::Relaxed))
             .filter(|&p| p > 0)
             .collect();
         let workers = pids.len() as i32;
-        // The tables the workers are reading or loading right now (each worker names its chunk).
+        // The tables the workers are reading or loading right now (each worker names its chunk); only
+        // for jobs of this database, whose catalog names them.
         let mut current: Vec<String> = Vec::new();
-        for (_, w) in shared.job_workers(slot) {
+        let here = job.database_oid.load(Ordering::Acquire) == crate::pg::database_oid();
+        for (_, w, _) in shared.job_workers(slot, None).filter(|_| here) {
             let c = w.current_chunk.load(Ordering::Acquire) as usize;
-            if c == 0 || c > shmem::MAX_CHUNKS {
+            if c == 0 || c > shared.chunks().len() {
                 continue;
             }
-            let relid = pgrx::pg_sys::Oid::from(shared.chunks[c - 1].relid.load(Ordering::Relaxed));
+            let relid = pgrx::pg_sys::Oid::from(shared.chunks()[c - 1].relid.load(Ordering::Relaxed));
             if let Some((schema, name)) = crate::pg::relation_name(relid) {
                 let q = steep_repl_engine::ident::QualifiedName::new(schema, name).to_string();
                 if !current.contains(&q) {
@@ -118,7 +122,12 @@ fn snapshot_progress(
             workers,
             pids,
             current,
-            job.error_message(),
+            // The full error only for the job's role, its members and superusers.
+            if rights::acts_for(job.role_oid.load(Ordering::Acquire)) {
+                job.error_message_full()
+            } else {
+                job.error_message()
+            },
         ));
     }
     if let (Some(want), true) = (id.as_deref(), rows.is_empty()) {
@@ -128,7 +137,7 @@ fn snapshot_progress(
                 "SELECT id, op, phase, status, CASE WHEN status IN ('complete', 'applied') THEN 100 ELSE 0 END::float8, \
                  tables_done, tables_total, chunks_done, chunks_total, rows_done, bytes_done, bytes_written, \
                  CASE WHEN finished_at > started_at THEN (bytes_done / extract(epoch FROM finished_at - started_at))::int8 \
-                 ELSE 0 END, error FROM steep_repl.snapshots WHERE id = $1",
+                 ELSE 0 END, steep_repl.operation_error(id) FROM steep_repl.snapshots WHERE id = $1",
                 Some(1),
                 &[want.into()],
             )?;

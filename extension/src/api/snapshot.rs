@@ -1,7 +1,8 @@
-//! `start_snapshot`, `cancel_snapshot`, `list_operations` and the reaper behind `wait_snapshot`.
+//! `start_snapshot`, `cancel_snapshot`, `list_operations`, `operation_error` and the helpers behind
+//! `wait_snapshot`.
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Component, Path};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 
@@ -9,59 +10,14 @@ use pgrx::prelude::*;
 use steep_repl_engine::chunk::Compression;
 use steep_repl_engine::filter::TablePattern;
 
-use crate::job::{self, Entry};
-use crate::pg::{self, catalog, xact};
+use crate::api::{check_parallel, check_path, no_job_slot, require_file_role, require_startable, user_error};
+use crate::bookkeeping::{self, NewOperation};
+use crate::job::{self, Entry, StartGuard};
+use crate::pg::{self, catalog, rights, xact};
 use crate::shmem::{self, JobKind, Phase};
 
 /// Job flag: start_snapshot created the output directory (so a failed job may remove it).
 pub const FLAG_CREATED_DIR: u32 = 1 << 8;
-
-pub fn user_error(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
-    let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, message, "steep_repl::api");
-    if let Some(h) = hint {
-        r = r.set_hint(h);
-    }
-    r.report(PgLogLevel::ERROR);
-    unreachable!("an ERROR report does not return")
-}
-
-/// Superuser or a member of `role` (pg_write_server_files / pg_read_server_files).
-pub fn require_file_role(role: &str, what: &str) {
-    let ok = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_has_role(current_user, $1, 'USAGE')",
-        &[role.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if !ok {
-        user_error(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to {what}"),
-            Some(&format!("Only superusers and members of {role} may do this.")),
-        );
-    }
-}
-
-/// Checks an absolute, normalised path without `..` and returns it.
-pub fn check_path(arg: &str, path: &str) -> String {
-    let p = Path::new(path);
-    if path.is_empty() || !p.is_absolute() {
-        user_error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{arg} must be an absolute path, got {path:?}"),
-            Some("Paths are on the database server's file system, e.g. '/data/snap'."),
-        );
-    }
-    if p.components().any(|c| matches!(c, Component::ParentDir)) {
-        user_error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{arg} must not contain '..': {path:?}"),
-            None,
-        );
-    }
-    path.trim_end_matches('/').to_string()
-}
 
 /// Prepares the output directory: the parent must exist; the target must be missing (created, 0700) or
 /// an empty directory. Returns whether it was created.
@@ -111,6 +67,7 @@ fn prepare_output_dir(path: &str) -> bool {
 /// (`schema.table`, `*`, `?`, double quotes); NULL for every user table. `snapshot`: an already exported
 /// snapshot to read under (e.g. a replication slot's), instead of a new one.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 fn start_snapshot(
     output_path: &str,
     parallel: default!(i32, 4),
@@ -120,15 +77,10 @@ fn start_snapshot(
 ) -> String {
     let shared = shmem::require();
     job::reap_interrupted();
+    require_startable("start a snapshot");
     require_file_role("pg_write_server_files", "write snapshot files on the server");
     let path = check_path("output_path", output_path);
-    if !(1..=64).contains(&parallel) {
-        user_error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("parallel must be between 1 and 64, got {parallel}"),
-            None,
-        );
-    }
+    check_parallel(parallel);
     let compression = Compression::from_str(compression).unwrap_or_else(|e| {
         user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("compression: {e}"), None)
     });
@@ -159,21 +111,23 @@ fn start_snapshot(
             None,
         );
     }
-    let timezone =
-        Spi::get_one::<String>("SELECT current_setting('TimeZone')").ok().flatten().unwrap_or_default();
+    let timezone = Spi::get_one::<String>("SELECT pg_catalog.current_setting('TimeZone')")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
 
     let created = prepare_output_dir(&path);
-    let Some(slot) = shared.claim_job_slot() else {
+    let Some((slot, generation)) = shared.claim_job_slot() else {
         if created {
-            let _ignored = std::fs::remove_dir(&path);
+            let _not_empty = std::fs::remove_dir(&path);
         }
-        user_error(
-            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            format!("too many steep_repl operations are running (at most {})", shmem::MAX_JOBS),
-            Some("Wait for one to finish: SELECT * FROM steep_repl.snapshot_progress()."),
-        );
+        no_job_slot();
     };
-    shared.reset_job(slot);
+    // From here on, an ERROR frees the slot and removes the directory this call created.
+    let mut guard = StartGuard::new(slot, generation);
+    if created {
+        guard.remove_dir_on_failure(&path);
+    }
     let job = &shared.jobs[slot];
     let id = job::new_job_id(JobKind::Generate);
     let _fits = job.id.set(&id);
@@ -181,9 +135,10 @@ fn start_snapshot(
     job.database_oid.store(pg::database_oid(), Ordering::Relaxed);
     job.role_oid.store(pg::current_user_oid(), Ordering::Relaxed);
     job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
-    job.path.set_truncated(&path);
-    job.timezone.set_truncated(&timezone);
-    job.snapshot_name.set_truncated(snapshot.unwrap_or(""));
+    if job.path.set(&path).is_err() || job.timezone.set(&timezone).is_err() {
+        user_error(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, "output_path or TimeZone is too long".into(), None);
+    }
+    let _checked_above = job.snapshot_name.set(snapshot.unwrap_or(""));
     job.zstd_level.store(
         match compression {
             Compression::None => 0,
@@ -204,39 +159,19 @@ fn start_snapshot(
         "timezone": timezone,
     })
     .to_string();
-    let compression_text = compression.to_string();
-    let caller = pg::current_user_name();
-    job::as_owner(|| {
-        Spi::run_with_args(
-            "INSERT INTO steep_repl.snapshots (id, op, status, phase, path, parallel_requested, compression, options, role_name) \
-             VALUES ($1, 'generate', 'pending', 'queued', $2, $3, $4, $5::jsonb, $6)",
-            &[
-                id.as_str().into(),
-                path.as_str().into(),
-                parallel.into(),
-                compression_text.as_str().into(),
-                options.as_str().into(),
-                caller.as_str().into(),
-            ],
-        )?;
-        Spi::run_with_args(
-            "INSERT INTO steep_repl.work_queue (snapshot_id, op, payload) VALUES ($1, 'generate', $2::jsonb)",
-            &[id.as_str().into(), options.as_str().into()],
-        )
-    })
-    .unwrap_or_else(|e| error!("recording operation {id}: {e}"));
-
-    if !job::launch(Entry::GenerateLeader, &id, slot, None) {
-        shared.release_job(slot);
-        if created {
-            let _ignored = std::fs::remove_dir(&path);
-        }
-        user_error(
-            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            "no background worker slot is free to start the snapshot's leader".into(),
-            Some("Raise max_worker_processes (needs a restart) or wait for other workers to finish."),
-        );
-    }
+    bookkeeping::insert_operation(&NewOperation {
+        id: &id,
+        op: "generate",
+        path: &path,
+        parallel,
+        compression: &compression.to_string(),
+        options: &options,
+        role_name: &pg::current_user_name(),
+        tables_total: 0,
+        chunks_total: 0,
+    });
+    job::launch_leader(Entry::GenerateLeader, shared, slot, generation);
+    guard.launched();
     id
 }
 
@@ -244,54 +179,63 @@ fn start_snapshot(
 /// removes what it wrote (generate) or keeps what it committed (apply, resumable), and ends as
 /// `cancelled`. Returns false when the operation had already ended.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 fn cancel_snapshot(id: &str) -> bool {
     let shared = shmem::require();
     job::reap_interrupted();
-    let status = Spi::get_one_with_args::<String>(
-        "SELECT status FROM steep_repl.snapshots WHERE id = $1",
-        &[id.into()],
-    )
-    .ok()
-    .flatten();
-    let Some(status) = status else {
+    let Some(op) = bookkeeping::operation(id) else {
         user_error(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no operation with id {id:?}"), None);
     };
-    if !matches!(status.as_str(), "pending" | "running") {
+    if !matches!(op.status.as_str(), "pending" | "running") {
         return false;
     }
     let Some(slot) = shared.find_job(id) else {
         return false;
     };
     let job = &shared.jobs[slot];
-    let role = Spi::get_one_with_args::<String>(
-        "SELECT role_name::text FROM steep_repl.snapshots WHERE id = $1",
-        &[id.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_default();
-    let allowed = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_has_role(current_user, $1::name, 'MEMBER')",
-        &[role.as_str().into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if !allowed {
+    if !rights::acts_for(job.role_oid.load(Ordering::Acquire)) {
         user_error(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to cancel {id}, started by role {role}"),
-            None,
+            format!("permission denied to cancel {id}, started by role {}", op.role_name),
+            Some("Only that role, its members and superusers may cancel it."),
         );
     }
     job.cancelled.store(1, Ordering::Release);
     job.fail("cancelled by steep_repl.cancel_snapshot()");
+    job::wake_leader(job);
     true
+}
+
+/// The error of operation `id` as the caller may read it: the full text (with the DETAIL PostgreSQL
+/// gave, such as the key of a duplicate row) for the role that started it, its members and superusers;
+/// for everyone else the text of `steep_repl.snapshots.error`, which never holds row data.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn operation_error(id: &str) -> Option<String> {
+    let op = bookkeeping::operation(id)?;
+    let public = Spi::get_one_with_args::<String>(
+        "SELECT error FROM steep_repl.snapshots WHERE id = $1",
+        &[id.into()],
+    )
+    .ok()
+    .flatten();
+    let role = Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
+        "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = $1::pg_catalog.name",
+        &[op.role_name.as_str().into()],
+    )
+    .ok()
+    .flatten();
+    let may_read = match role {
+        Some(r) => rights::acts_for(r.to_u32()),
+        None => rights::is_superuser(),
+    };
+    if may_read { bookkeeping::full_error(id).or(public) } else { public }
 }
 
 /// Marks operations interrupted by a crash or a server restart as failed; used by wait_snapshot and
 /// list_operations so no row stays `running` forever.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
 fn reap_interrupted() {
     job::reap_interrupted();
 }
@@ -300,9 +244,19 @@ fn reap_interrupted() {
 /// returns at once when `id` is not running. Used by `wait_snapshot` between two looks at the row, so
 /// that it returns as soon as an operation ends instead of on a polling tick.
 #[pg_extern(volatile, name = "_wait_for_end")]
+#[search_path(pg_catalog, pg_temp)]
 fn wait_for_end(id: &str, timeout_ms: i32) {
     let shared = shmem::require();
     let Some(slot) = shared.find_job(id) else { return };
+    // A job waits for the transaction that started it to commit: waiting for it inside that same
+    // transaction would wait for ever (e.g. SELECT wait_snapshot(start_snapshot(...))).
+    if pg::is_current_transaction(shared.jobs[slot].caller_xid.load(Ordering::Acquire)) {
+        user_error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("operation {id} was started by this transaction and only begins once it commits"),
+            Some("Commit first, then wait for it (in a new statement outside that transaction)."),
+        );
+    }
     let latch = pg::my_latch();
     let Some(entry) = shared.wait_on(slot, latch) else {
         job::nap(std::time::Duration::from_millis(timeout_ms.clamp(0, 1000) as u64));
@@ -324,6 +278,7 @@ extension_sql!(
 CREATE FUNCTION steep_repl.wait_snapshot(id text, timeout_s integer DEFAULT 86400)
 RETURNS steep_repl.snapshots
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     r steep_repl.snapshots;
@@ -339,6 +294,8 @@ BEGIN
             RAISE EXCEPTION 'no operation with id %', quote_literal(wait_snapshot.id) USING ERRCODE = 'undefined_object';
         END IF;
         IF r.status NOT IN ('pending', 'running') THEN
+            -- The full error (with row data) for those who may read it, the public one for others.
+            r.error := steep_repl.operation_error(r.id);
             RETURN r;
         END IF;
         IF clock_timestamp() >= deadline THEN
@@ -356,6 +313,7 @@ $$;
 CREATE FUNCTION steep_repl.list_operations(status text DEFAULT NULL, lim integer DEFAULT 100)
 RETURNS SETOF steep_repl.work_queue
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF status IS NOT NULL AND status NOT IN ('pending', 'running', 'complete', 'failed', 'cancelled') THEN
@@ -370,5 +328,5 @@ END
 $$;
 "#,
     name = "wait_and_list",
-    requires = ["schema", reap_interrupted, wait_for_end]
+    requires = ["schema", reap_interrupted, wait_for_end, operation_error]
 );

@@ -1,6 +1,7 @@
 //! Runs the engine's catalog queries through SPI (the selection rules live in
 //! `steep_repl_engine::catalog`, shared with the CLI's client mode).
 
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::catalog::{
     self, SEQUENCES_SQL, SERVER_INFO_SQL, SelectionError, SequenceRow, TABLES_SQL, TableRow,
@@ -86,4 +87,33 @@ pub fn server_info() -> Result<ServerInfo, String> {
         })
     })
     .map_err(|e| format!("reading server facts: {e}"))
+}
+
+/// Oids of the databases that allow connections, read from the shared catalog `pg_database` (works in
+/// a process connected to no database). Call inside a transaction.
+pub fn connectable_databases() -> Vec<u32> {
+    let mut out = Vec::new();
+    // SAFETY: inside a transaction; pg_database is a shared catalog any process attached to shared
+    // memory may scan with a catalog snapshot (as the autovacuum launcher does). The scan and the
+    // relation are closed before returning; tuples are read while the scan holds their buffer.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            // GETSTRUCT: the fixed part of the row follows the tuple header.
+            let data = (*tuple).t_data;
+            let form =
+                (data as *const u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_database;
+            if (*form).datallowconn {
+                out.push((*form).oid.to_u32());
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    out
 }

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod copy_from;
+pub mod rights;
 pub mod scan;
 pub mod session;
 pub mod wal;
@@ -53,38 +54,48 @@ pub fn error_not_preloaded() -> ! {
     unreachable!("an ERROR report does not return")
 }
 
-type ShmemStartup = fn(*mut u8, bool);
+type ShmemStartup = fn(&[(*mut u8, usize)], bool);
 
-const SHMEM_NAME: &std::ffi::CStr = c"steep_repl shared state";
-/// Extra bytes requested so the block can be aligned to a cache line whatever ShmemInitStruct returns.
+/// Names of the shared-memory blocks, in the order `request_shmem` takes their sizes.
+const SHMEM_NAMES: [&std::ffi::CStr; SHMEM_BLOCKS] = [c"steep_repl shared state", c"steep_repl chunk slots"];
+const SHMEM_BLOCKS: usize = 2;
+/// Extra bytes requested per block so it can be aligned to a cache line whatever ShmemInitStruct returns.
 const SHMEM_ALIGN: usize = 64;
 
-static mut SHMEM_SIZE: usize = 0;
+static mut SHMEM_SIZES: [usize; SHMEM_BLOCKS] = [0; SHMEM_BLOCKS];
 static mut SHMEM_STARTUP: Option<ShmemStartup> = None;
 static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
 static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 
-/// Reserves `size` bytes of shared memory named "steep_repl shared state" and arranges for `startup`
-/// to run, under AddinShmemInitLock, with a cache-line-aligned pointer to them and whether they already
-/// existed. Must be called from `_PG_init` during `shared_preload_libraries` processing.
-pub fn request_shmem(size: usize, startup: ShmemStartup) {
+/// Reserves the shared-memory blocks of `sizes` (bytes each; "steep_repl shared state", then "steep_repl
+/// chunk slots") and arranges for `startup` to run, under AddinShmemInitLock, with a cache-line-aligned
+/// pointer and the size of each, and whether they already existed. Must be called from `_PG_init` during
+/// `shared_preload_libraries` processing.
+pub fn request_shmem(sizes: &[usize; SHMEM_BLOCKS], startup: ShmemStartup) {
     // SAFETY: `_PG_init` runs single-threaded in the postmaster before shared memory is created; the
     // statics are written only here and read only by the hooks PostgreSQL calls afterwards. The previous
     // hooks are chained so other preloaded libraries keep working.
     unsafe {
-        SHMEM_SIZE = size + SHMEM_ALIGN;
+        SHMEM_SIZES = *sizes;
         SHMEM_STARTUP = Some(startup);
         PREV_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup_hook);
         #[cfg(any(feature = "pg13", feature = "pg14"))]
-        pg_sys::RequestAddinShmemSpace(SHMEM_SIZE);
+        pg_sys::RequestAddinShmemSpace(shmem_total());
         #[cfg(not(any(feature = "pg13", feature = "pg14")))]
         {
             PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
             pg_sys::shmem_request_hook = Some(shmem_request_hook);
         }
     }
+}
+
+/// Bytes to reserve for every block, alignment slack included.
+fn shmem_total() -> usize {
+    // SAFETY: SHMEM_SIZES is written once in `_PG_init`, before PostgreSQL calls any hook.
+    let sizes = unsafe { SHMEM_SIZES };
+    sizes.iter().map(|s| s + SHMEM_ALIGN).sum()
 }
 
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
@@ -95,7 +106,7 @@ unsafe extern "C-unwind" fn shmem_request_hook() {
         if let Some(prev) = PREV_SHMEM_REQUEST_HOOK {
             prev();
         }
-        pg_sys::RequestAddinShmemSpace(SHMEM_SIZE);
+        pg_sys::RequestAddinShmemSpace(shmem_total());
     }
 }
 
@@ -110,11 +121,17 @@ unsafe extern "C-unwind" fn shmem_startup_hook() {
         }
         let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let raw = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), SHMEM_SIZE, &mut found) as *mut u8;
-        let aligned = raw.add(raw.align_offset(SHMEM_ALIGN));
+        let mut blocks = [(std::ptr::null_mut::<u8>(), 0usize); SHMEM_BLOCKS];
+        let mut all_found = true;
+        for (k, name) in SHMEM_NAMES.iter().enumerate() {
+            let size = SHMEM_SIZES[k];
+            let mut found = false;
+            let raw = pg_sys::ShmemInitStruct(name.as_ptr(), size + SHMEM_ALIGN, &mut found) as *mut u8;
+            all_found &= found;
+            blocks[k] = (raw.add(raw.align_offset(SHMEM_ALIGN)), size);
+        }
         if let Some(startup) = SHMEM_STARTUP {
-            startup(aligned, found);
+            startup(&blocks, all_found);
         }
         pg_sys::LWLockRelease(lock);
     }
@@ -179,6 +196,13 @@ const EPERM: i32 = 1;
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+unsafe extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends (tcop/postgres.c), by its C symbol: the binding pgrx
+    /// generates is a Rust wrapper, not a function pointer a signal can call.
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
 }
 
 /// Schema and name of a relation, or None if it no longer exists.
@@ -251,4 +275,174 @@ pub fn current_user_oid() -> u32 {
 /// Name of the current user.
 pub fn current_user_name() -> String {
     Spi::get_one::<String>("SELECT current_user::text").ok().flatten().unwrap_or_default()
+}
+
+/// Runs `callback(code, arg)` when this process exits, whatever the path (normal exit, ERROR or FATAL
+/// exit, terminate), before it detaches from shared memory: where a process marks its slot. Callbacks
+/// must only touch shared-memory atomics.
+pub fn on_exit(callback: unsafe extern "C-unwind" fn(std::ffi::c_int, pg_sys::Datum), arg: pg_sys::Datum) {
+    // SAFETY: registers a callback in this process's before_shmem_exit list (a fixed array PostgreSQL
+    // owns); the callback is a plain function living as long as the library.
+    unsafe { pg_sys::before_shmem_exit(Some(callback), arg) };
+}
+
+/// Makes SIGTERM end this process at its next interrupt check, wherever it is (a lock wait, a long
+/// COPY), as parallel query workers do: PostgreSQL's `die` handler, then FATAL, then the exit callbacks
+/// ([`on_exit`]). For data workers, whose leader cleans up after them.
+pub fn die_on_sigterm() {
+    // SAFETY: installs PostgreSQL's own SIGTERM handler for a backend-like process; `die` only sets
+    // ProcDiePending/InterruptPending and the latch, which CHECK_FOR_INTERRUPTS acts on.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(on_sigterm));
+    }
+}
+
+/// Set once SIGTERM arrived (PostgreSQL clears ProcDiePending when it acts on it, so exit callbacks
+/// could not tell a terminate from another FATAL).
+static TERMINATED: AtomicBool = AtomicBool::new(false);
+
+/// Runs in signal context: only an atomic store and PostgreSQL's handler, no allocation, no guard.
+unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
+    TERMINATED.store(true, Ordering::SeqCst);
+    // SAFETY: PostgreSQL's own handler, called as the signal handler it is (async-signal-safe: it sets
+    // flags and the latch).
+    unsafe { postgres_die(signal) };
+}
+
+/// Whether this process was told to terminate (SIGTERM, through [`die_on_sigterm`] or PostgreSQL's
+/// `die`).
+pub fn dying() -> bool {
+    // SAFETY: reads a sig_atomic_t flag set by PostgreSQL's signal handlers.
+    TERMINATED.load(Ordering::SeqCst) || unsafe { pg_sys::ProcDiePending != 0 }
+}
+
+/// Whether the server is in recovery (a hot standby, or crash recovery still running).
+pub fn recovery_in_progress() -> bool {
+    // SAFETY: reads shared recovery state; valid in any process attached to shared memory.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+/// Whether the current transaction is read-only (`BEGIN READ ONLY`, default_transaction_read_only).
+pub fn transaction_read_only() -> bool {
+    // SAFETY: reads the current transaction's read-only flag.
+    unsafe { pg_sys::XactReadOnly }
+}
+
+/// Whether `xid` is the current transaction or one of its subtransactions.
+pub fn is_current_transaction(xid: u32) -> bool {
+    // SAFETY: compares with this backend's transaction state; valid inside a transaction.
+    unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xid)) }
+}
+
+/// Takes `lockmode` on a relation for the rest of the transaction if that is possible at once; false
+/// when another session holds, or waits for, a conflicting lock (then nothing is taken). Data workers
+/// lock this way: waiting behind a queued lock request whose holder waits for their own leader is a
+/// cycle the deadlock detector cannot see (pg_dump's workers use NOWAIT for the same reason).
+pub fn try_lock_relation(relid: pg_sys::Oid, lockmode: u32) -> bool {
+    // SAFETY: inside a transaction; ConditionalLockRelationOid never waits and takes nothing when it
+    // returns false.
+    unsafe { pg_sys::ConditionalLockRelationOid(relid, lockmode as pg_sys::LOCKMODE) }
+}
+
+/// Who holds or waits for locks on a relation that conflict with our access: "pid 123 (AccessExclusiveLock,
+/// waiting)", for the error a worker raises when its NOWAIT lock fails.
+pub fn lockers_of(relid: pg_sys::Oid) -> String {
+    let rows = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT coalesce(pg_catalog.array_agg(pg_catalog.format('pid %s (%s, %s)', l.pid, l.mode, \
+         CASE WHEN l.granted THEN 'granted' ELSE 'waiting' END) ORDER BY l.granted, l.pid), '{}') \
+         FROM pg_catalog.pg_locks l \
+         WHERE l.locktype = 'relation' AND l.relation = $1 \
+           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) \
+           AND l.pid <> pg_catalog.pg_backend_pid() \
+           AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    if rows.is_empty() { "another session (it has let go since)".to_string() } else { rows.join(", ") }
+}
+
+/// Whether a table holds at least one row visible to the active snapshot, read without looking at any
+/// row's contents (the first visible tuple ends the scan). A partitioned table, which has no rows of its
+/// own, counts as empty (as `SELECT ... FROM ONLY` sees it).
+pub fn relation_has_rows(relid: pg_sys::Oid) -> bool {
+    // SAFETY: inside a transaction with an active snapshot (an SQL function call). The relation is
+    // opened with AccessShareLock and closed (lock kept to the end of the transaction) after the scan
+    // ends; only relations with heap storage are scanned.
+    unsafe {
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let kind = (*(*rel).rd_rel).relkind as u8;
+        let has_rows = if kind == pg_sys::RELKIND_RELATION || kind == pg_sys::RELKIND_MATVIEW {
+            let scan = pg_sys::heap_beginscan(
+                rel,
+                pg_sys::GetActiveSnapshot(),
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE,
+            );
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            let found = !tuple.is_null();
+            pg_sys::heap_endscan(scan);
+            found
+        } else {
+            false
+        };
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        has_rows
+    }
+}
+
+/// The name of the operating-system user the server runs as (for hints about file permissions).
+pub fn server_os_user() -> String {
+    // SAFETY: geteuid cannot fail; getpwuid_r writes into the buffers we pass and returns the entry or
+    // NULL. The name is copied out before the buffer goes away.
+    unsafe {
+        let uid = libc::geteuid();
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 4096];
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        if rc == 0 && !result.is_null() && !pwd.pw_name.is_null() {
+            std::ffi::CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned()
+        } else {
+            format!("uid {uid}")
+        }
+    }
+}
+
+/// Releases one `lockmode` lock on a relation taken in this transaction (by [`try_lock_relation`] or
+/// [`lock_relation`]) before the transaction ends. Only for locks some other lock of the job keeps
+/// covering: a data worker lets go of each table once read, so that a transaction reading many small
+/// tables does not fill the lock table, while the leader holds every table for the whole job.
+pub fn unlock_relation(relid: pg_sys::Oid, lockmode: u32) {
+    // SAFETY: releases a lock this process holds on the relation; a no-op warning if it holds none.
+    unsafe { pg_sys::UnlockRelationOid(relid, lockmode as pg_sys::LOCKMODE) };
+}
+
+/// The current value of a setting, as SHOW prints it; None when there is no such setting. Needs no
+/// snapshot (unlike `current_setting()` through SPI).
+pub fn setting(name: &str) -> Option<String> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting, else a string owned by
+    // the GUC machinery that we copy at once; restrict_privileged false is what SHOW does for readable ones.
+    unsafe {
+        let v = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+    }
+}
+
+/// Connects this background worker to database `db` as the bootstrap superuser, also when the
+/// database does not allow connections (`datallowconn = false`): for the reaper only.
+pub fn connect_bypassing_allowconn(db: u32) {
+    // SAFETY: called once, at the start of a background worker registered with database access, as
+    // BackgroundWorkerInitializeConnectionByOid requires; InvalidOid as user means the bootstrap superuser.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(
+            pg_sys::Oid::from(db),
+            pg_sys::InvalidOid,
+            pg_sys::BGWORKER_BYPASS_ALLOWCONN,
+        )
+    };
 }

@@ -4,6 +4,7 @@
 //! snapshot before our code runs). These functions start the transaction themselves, set REPEATABLE READ
 //! before any snapshot exists, import or export, and clean up after errors.
 
+use pgrx::PgSqlErrorCode;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
@@ -99,21 +100,141 @@ pub fn xid_in_progress(xid: u32) -> bool {
     unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) }
 }
 
-/// Runs `f`, turning a PostgreSQL ERROR or a Rust panic inside it into `Err(message)`. The caller must
-/// then call [`abort_after_error`] before starting another transaction.
-pub fn try_catch<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
-    PgTryBuilder::new(move || Ok(f())).catch_others(|e| Err(caught_message(&e))).execute()
+/// An ERROR (or panic) caught by [`try_catch`]: what it says, and what of it every role may read.
+#[derive(Debug, Clone)]
+pub struct Caught {
+    /// The SQLSTATE, e.g. `23505`.
+    pub sqlstate: String,
+    /// Its condition name, e.g. `unique_violation`.
+    pub condition: String,
+    pub message: String,
+    pub detail: Option<String>,
+    /// Whether the text may quote row data (see [`Caught::public`]).
+    pub may_hold_data: bool,
 }
 
-/// The message of a caught error, with its detail when there is one.
-pub fn caught_message(e: &CaughtError) -> String {
-    let report = match e {
-        CaughtError::PostgresError(r)
-        | CaughtError::ErrorReport(r)
-        | CaughtError::RustPanic { ereport: r, .. } => r,
+/// SQLSTATE classes whose messages PostgreSQL words with names only (of relations, columns,
+/// constraints, settings), never with a value from a row: connection, unsupported feature, transaction
+/// state, catalog or schema name, rollback (deadlock, serialization), integrity constraints (their
+/// values are in the DETAIL, which is never public), access rules and syntax, resources, limits,
+/// prerequisite state (lock not available), operator intervention, system and internal errors. Messages
+/// of any other class (data exceptions such as "invalid input syntax for type integer: "..."", errors
+/// raised by user functions) are replaced by their condition name.
+const NAME_ONLY_CLASSES: [&str; 15] =
+    ["08", "0A", "25", "3D", "3F", "40", "23", "42", "53", "54", "55", "57", "58", "XX", "F0"];
+
+impl Caught {
+    fn from_report(
+        code: PgSqlErrorCode,
+        message: &str,
+        detail: Option<&str>,
+        function: Option<&str>,
+        ours: bool,
+    ) -> Caught {
+        let sqlstate = unpack_sqlstate(code as i32);
+        let condition = format!("{code:?}").trim_start_matches("ERRCODE_").to_ascii_lowercase();
+        let class_ok = NAME_ONLY_CLASSES.contains(&&sqlstate[..2]);
+        // A RAISE in a PL/pgSQL function (a user's trigger) can say anything, whatever its SQLSTATE.
+        let user_code = function.is_some_and(|f| f.starts_with("exec_stmt_raise"));
+        Caught {
+            sqlstate,
+            condition,
+            message: message.to_string(),
+            detail: detail.filter(|d| !d.is_empty()).map(str::to_string),
+            may_hold_data: !ours && (!class_ok || user_code),
+        }
+    }
+
+    /// The message with its detail: for the job's role, superusers and the server log.
+    pub fn full(&self) -> String {
+        match &self.detail {
+            Some(d) => format!("{} ({})", self.message, d),
+            None => self.message.clone(),
+        }
+    }
+
+    /// What every role may read: never the DETAIL (where PostgreSQL puts key values and failing rows),
+    /// and the message only when it cannot quote row data: steep_repl's own messages, and PostgreSQL's
+    /// of the classes in `NAME_ONLY_CLASSES`; otherwise the condition name and SQLSTATE.
+    pub fn public(&self) -> String {
+        if self.may_hold_data {
+            format!(
+                "{} (SQLSTATE {}; the full message is shown to the job's role)",
+                self.condition, self.sqlstate
+            )
+        } else {
+            self.message.clone()
+        }
+    }
+}
+
+/// The five characters of a SQLSTATE packed by PostgreSQL's MAKE_SQLSTATE (six bits each, first
+/// character lowest).
+fn unpack_sqlstate(mut packed: i32) -> String {
+    let mut s = String::with_capacity(5);
+    for _ in 0..5 {
+        s.push(char::from(((packed & 0x3F) as u8).wrapping_add(b'0')));
+        packed >>= 6;
+    }
+    s
+}
+
+/// Runs `f`, turning a PostgreSQL ERROR or a Rust panic inside it into `Err`. The caller must then call
+/// [`abort_after_error`] before starting another transaction.
+pub fn try_catch<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Caught> {
+    PgTryBuilder::new(move || Ok(f())).catch_others(|e| Err(caught(&e))).execute()
+}
+
+/// What a caught error says.
+pub fn caught(e: &CaughtError) -> Caught {
+    let (report, ours) = match e {
+        CaughtError::PostgresError(r) => (r, false),
+        CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => (r, true),
     };
-    match report.detail() {
-        Some(d) if !d.is_empty() => format!("{} ({})", report.message(), d),
-        _ => report.message().to_string(),
+    Caught::from_report(
+        report.sql_error_code(),
+        report.message(),
+        report.detail(),
+        report.function_name(),
+        ours,
+    )
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn sqlstates_unpack_and_data_stays_private() {
+        assert_eq!(super::unpack_sqlstate(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION as i32), "23505");
+        let c = super::Caught::from_report(
+            PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+            "duplicate key value violates unique constraint \"t_pkey\"",
+            Some("Key (ssn)=(123-45-6789) already exists."),
+            None,
+            false,
+        );
+        assert!(!c.public().contains("123-45"), "{}", c.public());
+        assert!(c.public().contains("t_pkey"));
+        assert!(c.full().contains("123-45-6789"));
+        let c = super::Caught::from_report(
+            PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            "invalid input syntax for type integer: \"secret\"",
+            None,
+            None,
+            false,
+        );
+        assert_eq!(c.sqlstate, "22P02");
+        assert!(!c.public().contains("secret"), "{}", c.public());
+        assert!(c.public().contains("invalid_text_representation"), "{}", c.public());
+        let c = super::Caught::from_report(
+            PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+            "ssn 123 is taken",
+            None,
+            Some("exec_stmt_raise"),
+            false,
+        );
+        assert!(!c.public().contains("123"), "{}", c.public());
     }
 }

@@ -3,10 +3,16 @@
 //! The leader (connected as the caller) verifies the snapshot (quick check of every chunk file) unless
 //! told not to, truncates the targets when asked, and publishes the chunks not yet loaded — largest
 //! tables first — as shared-memory chunk slots. Each worker claims chunks through the atomic cursor and,
-//! per chunk, in one transaction: maps the file, checks its CRC, streams the decompressed COPY text into
-//! PostgreSQL's COPY FROM (parser, type input, constraints, indexes), checks the raw CRC, size and row
-//! count at the end, and records the chunk in `steep_repl.apply_chunks`. A chunk is therefore loaded
-//! and recorded, or neither: `resume_apply` after any failure loads exactly the chunks not recorded.
+//! in batches of chunks, each batch one transaction: per chunk it takes ROW EXCLUSIVE on the table
+//! without waiting (a DDL queued behind the leader's lock fails the job at once, naming the table and
+//! the session), reads the file with `read(2)` (a file truncated or rewritten meanwhile is an error
+//! naming it, never a crash), streams the decompressed COPY text into PostgreSQL's COPY FROM (parser,
+//! type input, constraints, indexes), checks the file's CRC and the raw CRC, size and row count as the
+//! stream ends, and at the end of the batch records every range of rows it loaded in
+//! `steep_repl.apply_chunks` before committing. A range is therefore loaded and recorded, or neither:
+//! `resume_apply` after any failure loads exactly the rows not recorded. A batch ends after `BATCH_MS`,
+//! `BATCH_BYTES`, or as many tables as `max_locks_per_transaction`: small tables share a transaction,
+//! large chunks get one each.
 //! While it feeds COPY, a worker keeps the WAL writer writing its WAL out (`pg::wal`), so that it does
 //! not end up writing WAL pages one at a time itself, waiting on `WALWriteLock`.
 //!
@@ -15,6 +21,7 @@
 //! child tables load in any order. The result is still consistent because the snapshot is: every row of
 //! every table comes from one snapshot of the source, where the constraints held.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -27,17 +34,15 @@ use steep_repl_engine::copy_text::RowRange;
 use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::Manifest;
 use steep_repl_engine::schedule::{self, ChunkWork};
-use steep_repl_engine::verify::{VerifyMode, VerifyOptions, verify_snapshot_with};
+use steep_repl_engine::verify::{ProblemKind, VerifyMode, VerifyOptions, verify_snapshot_with};
 
-use crate::job::{self, Entry};
+use crate::bookkeeping::{self, LoadedRange};
+use crate::job::{self, Entry, JobError};
 use crate::pg::copy_from::{self, CopySource};
 use crate::pg::wal::WalWriterNudge;
 use crate::pg::{self, session, xact};
 use crate::progress;
 use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
-
-/// A range of rows an earlier run recorded: (schema, table, chunk index) and rows `[start, end)`.
-type Loaded = ((String, String, i32), (u64, u64));
 
 /// Job flags of an apply.
 pub mod flags {
@@ -59,20 +64,66 @@ fn has(job: &JobSlot, flag: u32) -> bool {
     job.flags.load(Ordering::Relaxed) & flag != 0
 }
 
-/// Entry point of an apply job's leader. `arg` carries the job slot.
+/// Entry point of an apply job's leader. `arg` carries the job slot and its generation.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_apply_leader(arg: pg_sys::Datum) {
     job::lead(arg, |_| {}, run_leader, finish);
 }
 
-fn load_manifest(job: &JobSlot) -> Result<(PathBuf, Manifest), String> {
+/// The manifest in the job's directory, refused unless it is the one the job was started on.
+fn load_manifest(job: &JobSlot) -> Result<(PathBuf, Manifest), JobError> {
     let dir = PathBuf::from(job.path.get());
-    let m = Manifest::load(&dir).map_err(|e| e.to_string())?;
+    let (m, sha256) = Manifest::load_with_sha256(&dir).map_err(|e| e.to_string())?;
+    let expected = job.manifest_sha256.get();
+    if sha256 != expected {
+        return Err(JobError::plain(format!(
+            "{} no longer holds the snapshot this apply started on (its manifest changed): refusing to mix two \
+             snapshots",
+            dir.display()
+        )));
+    }
     Ok((dir, m))
 }
 
-fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
+/// Checks every chunk file before anything is loaded; an error listing the bad ones. Files the server
+/// may not read are an error of their own (not a damaged snapshot), naming the server's OS user.
+fn verify_files(job: &JobSlot, dir: &std::path::Path) -> Result<(), JobError> {
+    let options = VerifyOptions {
+        mode: VerifyMode::Quick,
+        threads: Some(job.parallel_requested.load(Ordering::Relaxed).max(1) as usize),
+        signals_to_caller: true,
+    };
+    let report = verify_snapshot_with(dir, &options).map_err(|e| format!("verification failed: {e}"))?;
+    if report.is_ok() {
+        return Ok(());
+    }
+    let denied = |p: &steep_repl_engine::verify::Problem| {
+        p.kind == ProblemKind::Io && p.detail.contains("Permission denied")
+    };
+    if report.problems.iter().all(denied) {
+        let first = &report.problems[0];
+        return Err(JobError::plain(format!(
+            "the server may not read the snapshot's files ({} of them, e.g. {}: {}). {}",
+            report.problems.len(),
+            first.file.as_deref().unwrap_or("?"),
+            first.detail,
+            crate::api::server_user_hint(&dir.display().to_string())
+        )));
+    }
+    let mut listed: Vec<String> =
+        report.problems.iter().take(MAX_LISTED_PROBLEMS).map(|p| p.to_string()).collect();
+    if report.problems.len() > MAX_LISTED_PROBLEMS {
+        listed.push(format!("and {} more", report.problems.len() - MAX_LISTED_PROBLEMS));
+    }
+    Err(JobError::plain(format!("verification failed: {}", listed.join("; "))))
+}
+
+/// Tables the leader holds SHARE UPDATE EXCLUSIVE on during the data phase (to keep autovacuum off
+/// half-loaded tables): those of at least this much COPY text, the largest first, ...
+const SESSION_LOCK_MIN_BYTES: u64 = 1 << 20;
+
+fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let id = job.id.get();
     let (dir, manifest) = load_manifest(job)?;
@@ -80,85 +131,62 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     if has(job, flags::VERIFY) {
         job.set_phase(Phase::Verify);
         progress::publish_if_due(job, true);
-        let options = VerifyOptions {
-            mode: VerifyMode::Quick,
-            threads: Some(job.parallel_requested.load(Ordering::Relaxed).max(1) as usize),
-        };
-        let report = verify_snapshot_with(&dir, &options).map_err(|e| format!("verification failed: {e}"))?;
-        if !report.is_ok() {
-            let mut listed: Vec<String> =
-                report.problems.iter().take(MAX_LISTED_PROBLEMS).map(|p| p.to_string()).collect();
-            if report.problems.len() > MAX_LISTED_PROBLEMS {
-                listed.push(format!("and {} more", report.problems.len() - MAX_LISTED_PROBLEMS));
-            }
-            return Err(format!("verification failed: {}", listed.join("; ")));
-        }
+        verify_files(job, &dir)?;
     }
 
-    let (done, relids) = BackgroundWorker::transaction(|| -> Result<_, String> {
-        let done = Spi::connect(|client| -> Result<Vec<Loaded>, pgrx::spi::Error> {
-            let mut v = Vec::new();
-            for r in client.select(
-                "SELECT schema_name, table_name, chunk_index, row_start, rows_loaded \
-                 FROM steep_repl.apply_chunks WHERE apply_id = $1",
-                None,
-                &[id.as_str().into()],
-            )? {
-                let start = r.get::<i64>(4)?.unwrap_or(0).max(0) as u64;
-                v.push((
-                    (
-                        r.get::<String>(1)?.unwrap_or_default(),
-                        r.get::<String>(2)?.unwrap_or_default(),
-                        r.get::<i32>(3)?.unwrap_or(-1),
-                    ),
-                    (start, start + r.get::<i64>(5)?.unwrap_or(0).max(0) as u64),
-                ));
-            }
-            Ok(v)
-        })
-        .map_err(|e| format!("reading the chunks already loaded: {e}"))?;
-        let mut relids = Vec::with_capacity(manifest.tables.len());
-        for t in &manifest.tables {
-            let qn = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
-            let oid =
-                Spi::get_one_with_args::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[qn.as_str().into()])
-                    .map_err(|e| format!("looking up {qn}: {e}"))?
-                    .ok_or_else(|| format!("table {qn} does not exist any more"))?;
-            relids.push(oid);
-        }
-        Ok((done, relids))
-    })?;
+    let (done, relids) = BackgroundWorker::transaction(|| {
+        let relids: Vec<pg_sys::Oid> =
+            crate::api::apply::target_relids(&manifest).into_iter().map(pg_sys::Oid::from).collect();
+        (bookkeeping::loaded_ranges(&id), relids)
+    });
+    if let Some(k) = relids.iter().position(|r| *r == pg_sys::InvalidOid) {
+        return Err(JobError::plain(format!("table {} does not exist any more", manifest.tables[k].label())));
+    }
 
     if has(job, flags::TRUNCATE) && !has(job, flags::RESUME) && !manifest.tables.is_empty() {
         job.set_phase(Phase::Truncate);
         progress::publish_if_due(job, true);
-        let list: Vec<String> = manifest
-            .tables
-            .iter()
-            .map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
-            .collect();
-        BackgroundWorker::transaction(|| {
-            Spi::run(&format!("TRUNCATE ONLY {}", list.join(", ")))
-                .map_err(|e| format!("truncating the target tables: {e}"))
-        })?;
+        for batch in manifest.tables.chunks(1000) {
+            let list: Vec<String> = batch
+                .iter()
+                .map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
+                .collect();
+            BackgroundWorker::transaction(|| {
+                Spi::run(&format!("TRUNCATE ONLY {}", list.join(", ")))
+                    .map_err(|e| format!("truncating the target tables: {e}"))
+            })?;
+        }
     }
 
-    // While the data loads, the leader holds SHARE UPDATE EXCLUSIVE on every target table, for the
-    // session: it does not conflict with the workers' inserts (ROW EXCLUSIVE), but autovacuum skips a
-    // table it cannot lock, so it neither vacuums nor analyzes half-loaded tables while competing with
+    // While the data loads, the leader holds SHARE UPDATE EXCLUSIVE on the largest target tables, for
+    // the session: it does not conflict with the workers' inserts (ROW EXCLUSIVE), but autovacuum skips
+    // a table it cannot lock, so it neither vacuums nor analyzes half-loaded tables while competing with
     // the load for CPU and I/O (pg_restore gets the same by loading a table in one transaction, whose
     // rows autovacuum only sees at its commit). Other sessions' VACUUM, ANALYZE and DDL on these tables
-    // wait until the data is in. Released after the data phase, or when the leader exits.
+    // wait until the data is in. Only tables of at least SESSION_LOCK_MIN_BYTES, and no more of them
+    // than max_locks_per_transaction (a database of 100 000 small tables must not fill the server's
+    // lock table; autovacuum of a small table is cheap). Released after the data phase, or when the
+    // leader exits.
+    let mut by_size: Vec<(u64, pg_sys::Oid)> = manifest
+        .tables
+        .iter()
+        .zip(&relids)
+        .map(|(t, r)| (t.chunks.iter().map(|c| c.raw_bytes).sum::<u64>(), *r))
+        .filter(|(bytes, _)| *bytes >= SESSION_LOCK_MIN_BYTES)
+        .collect();
+    by_size.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+    // SAFETY: a GUC-backed global, set at server start.
+    by_size.truncate(unsafe { pg_sys::max_locks_per_xact }.max(1) as usize);
+    let session_locked: Vec<pg_sys::Oid> = by_size.into_iter().map(|(_, r)| r).collect();
     BackgroundWorker::transaction(|| {
-        for &relid in &relids {
+        for &relid in &session_locked {
             pg::lock_relation_for_session(relid, pg_sys::ShareUpdateExclusiveLock);
         }
     });
 
     // The units still to load, in claiming order: largest tables first, round-robin across tables,
     // small units last and a tail cut finer towards the end (steep_repl_engine::schedule).
-    let mut loaded: std::collections::HashMap<(String, String, i32), Vec<(u64, u64)>> =
-        std::collections::HashMap::new();
+    let mut loaded: HashMap<(String, String, i32), Vec<(u64, u64)>> = HashMap::new();
     for (key, range) in done {
         loaded.entry(key).or_default().push(range);
     }
@@ -184,19 +212,17 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         job.parallel_requested.load(Ordering::Relaxed).min(crate::gucs::MAX_WORKERS.get().max(1) as u32);
     let part_bytes = job.chunk_bytes.load(Ordering::Relaxed).max(1);
     let todo = schedule::schedule(&work, workers, part_bytes);
-    let pending_tables: std::collections::HashSet<usize> = todo.iter().map(|u| u.table).collect();
+    let pending_tables: HashSet<usize> = todo.iter().map(|u| u.table).collect();
     let tables_complete = (manifest.tables.len() - pending_tables.len()) as u32;
-    let base = shared.alloc_chunks(slot, todo.len()).ok_or_else(|| {
-        format!(
-            "the snapshot has {} chunks to load, more than the free chunk slots of this server",
-            todo.len()
-        )
-    })?;
+    let base = shared
+        .alloc_chunks(slot, todo.len())
+        .ok_or_else(|| crate::limits::chunk_slots_error(todo.len(), shared.free_chunk_slots()))?;
+    let chunks = shared.chunks();
     let mut work_total = 0u64;
-    let mut heads: std::collections::HashMap<(usize, u32), usize> = std::collections::HashMap::new();
+    let mut heads: HashMap<(usize, u32), usize> = HashMap::new();
     for (k, u) in todo.iter().enumerate() {
         let head = *heads.entry((u.table, u.chunk)).or_insert(k);
-        let s = &shared.chunks[base + k];
+        let s = &chunks[base + k];
         s.relid.store(relids[u.table].to_u32(), Ordering::Relaxed);
         s.table.store(u.table as u32, Ordering::Relaxed);
         s.index.store(u.chunk, Ordering::Relaxed);
@@ -213,8 +239,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     }
     for (k, u) in todo.iter().enumerate() {
         let head = heads[&(u.table, u.chunk)];
-        shared.chunks[base + head].parts_left.fetch_add(1, Ordering::Relaxed);
-        shared.chunks[base + k].state.store(chunk_state::PENDING, Ordering::Release);
+        chunks[base + head].parts_left.fetch_add(1, Ordering::Relaxed);
+        chunks[base + k].state.store(chunk_state::PENDING, Ordering::Release);
     }
     job.chunks_total.store(heads.len() as u32, Ordering::Relaxed);
     job.tables_total.store(manifest.tables.len() as u32, Ordering::Relaxed);
@@ -226,28 +252,29 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     progress::publish_if_due(job, true);
 
     let launched = job::launch_workers(shared, slot, Entry::ApplyWorker, todo.len());
-    let launch_ms = pg::now_ms();
     if launched == 0 && !todo.is_empty() {
         // No worker slot free anywhere: the leader loads alone.
-        let ws = shared.claim_worker_slot(slot).ok_or("no steep_repl worker slot is free")?;
+        let (ws, wgen) =
+            shared.claim_worker_slot(slot, job.generation()).ok_or("no steep_repl worker slot is free")?;
         let me = &shared.workers[ws];
         me.pid.store(pg::my_pid(), Ordering::Release);
-        me.state.store(worker_state::RUNNING, Ordering::Release);
-        load_chunks(shared, slot, me, &dir, &manifest);
-        me.state.store(worker_state::DONE, Ordering::Release);
+        me.word.transition(wgen, worker_state::LAUNCHING, worker_state::RUNNING);
+        let loaded = load_chunks(shared, slot, me, &dir, &manifest);
+        me.word.transition(wgen, worker_state::RUNNING, worker_state::DONE);
         job.workers_launched.store(1, Ordering::Relaxed);
+        loaded?;
     }
     let base_tables = tables_complete;
-    job::watch_workers(shared, slot, launch_ms, |job| {
+    job::watch_workers(shared, slot, |job| {
         job.tables_done.fetch_add(base_tables, Ordering::Relaxed);
         progress::publish_if_due(job, false);
     });
     if job.should_stop() {
-        return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
+        return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
     }
     job.tables_done.store(manifest.tables.len() as u32, Ordering::Relaxed);
     BackgroundWorker::transaction(|| {
-        for &relid in &relids {
+        for &relid in &session_locked {
             pg::unlock_relation_for_session(relid, pg_sys::ShareUpdateExclusiveLock);
         }
     });
@@ -259,7 +286,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
             for s in &manifest.sequences {
                 let qn = QualifiedName::new(s.schema.clone(), s.name.clone()).to_string();
                 Spi::run_with_args(
-                    "SELECT pg_catalog.setval($1::regclass, $2, $3)",
+                    "SELECT pg_catalog.setval($1::pg_catalog.regclass, $2, $3)",
                     &[qn.as_str().into(), s.last_value.into(), s.is_called.into()],
                 )
                 .map_err(|e| format!("setting sequence {qn}: {e}"))?;
@@ -279,7 +306,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
                 Spi::run(&format!("ANALYZE {}", list.join(", "))).map_err(|e| format!("ANALYZE: {e}"))
             })?;
             if job.should_stop() {
-                return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
+                return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
             }
         }
     }
@@ -298,20 +325,22 @@ const ENDING: job::Ending = job::Ending {
     },
 };
 
-fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), String>) {
+fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), JobError>) {
     job::finish(shared, slot, outcome, &ENDING);
 }
 
-/// Entry point of a loading worker. `arg` carries the job slot and the worker slot.
+/// Entry point of a loading worker. `arg` carries the job slot, the worker slot and its generation.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_apply_worker(arg: pg_sys::Datum) {
     let Some((shared, slot, me)) = job::start_worker(arg) else { return };
     let job = &shared.jobs[slot];
     let result = xact::try_catch(|| {
-        let (dir, manifest) = load_manifest(job).unwrap_or_else(|e| error!("{e}"));
-        load_chunks(shared, slot, me, &dir, &manifest);
-    });
+        let (dir, manifest) = load_manifest(job)?;
+        load_chunks(shared, slot, me, &dir, &manifest)
+    })
+    .map_err(|c| JobError::caught(None, &c))
+    .and_then(|r| r);
     job::end_worker(job, me, result);
 }
 
@@ -358,9 +387,11 @@ impl CopySource for ChunkSource<'_> {
         self.fed += n as u64;
         if self.unreported >= PROGRESS_STEP || n == 0 {
             self.report();
+            // A data worker dies here on SIGTERM (its exit callback fails the job).
+            pgrx::check_for_interrupts!();
             if BackgroundWorker::sigterm_received() {
                 let msg = format!(
-                    "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
+                    "pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
                     pg::my_pid()
                 );
                 self.job.fail(&msg);
@@ -374,14 +405,40 @@ impl CopySource for ChunkSource<'_> {
     }
 }
 
-/// Claims and loads chunks until none is left or the job stops; one transaction per chunk.
-fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::Path, manifest: &Manifest) {
+/// A batch of loads ends after this long, so that progress is committed and published about as often
+/// as `steep_repl.progress_interval` asks, whatever the chunks' sizes...
+const BATCH_MS: u64 = 200;
+/// ... or after this much COPY text ...
+const BATCH_BYTES: u64 = 64 << 20;
+// ... or once it has written to `max_locks_per_transaction` tables (each keeps its lock to the commit).
+
+/// A unit loaded in the open batch, to record and count once the batch commits.
+struct Done {
+    unit: usize,
+    table: usize,
+    chunk: usize,
+    row_start: u64,
+    rows: u64,
+    fed: u64,
+}
+
+/// Claims and loads chunks until none is left or the job stops, in batches of one transaction each.
+fn load_chunks(
+    shared: &Shared,
+    slot: usize,
+    me: &WorkerSlot,
+    dir: &std::path::Path,
+    manifest: &Manifest,
+) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let me_index =
         shared.workers.iter().position(|w| std::ptr::eq(w, me)).expect("a worker slot of this block");
     pin_settings(job, manifest);
     let id = job.id.get();
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let chunks = shared.chunks();
+    // SAFETY: a GUC-backed global, set at server start.
+    let max_tables = unsafe { pg_sys::max_locks_per_xact }.max(1) as usize;
     // Text from a database of another encoding is converted (and verified) by COPY, as pg_restore's
     // client_encoding would have it; text of the same encoding came out of PostgreSQL in it and is
     // covered by the chunk CRCs, so it loads as it is.
@@ -390,27 +447,51 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
         .get("server_encoding")
         .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case(&pg::database_encoding()))
         .cloned();
+    let mut batch: Vec<Done> = Vec::new();
+    let mut batch_tables: HashSet<usize> = HashSet::new();
+    let (mut batch_started, mut batch_bytes) = (0u64, 0u64);
+    let pausing = job.chunk_pause_ms.load(Ordering::Relaxed) > 0;
     loop {
+        if pausing {
+            // A throttled job holds no transaction (nor the table locks of one) while it pauses.
+            commit_batch(shared, slot, me, &id, manifest, &mut batch);
+            batch_tables.clear();
+        }
         job::pause_before_chunk(job);
         if job.should_stop() {
-            return;
+            break;
         }
-        let Some(k) = shared.claim_chunk_preferring_idle_tables(slot, me_index) else { return };
-        let s = &shared.chunks[base + k as usize];
-        let table = &manifest.tables[s.table.load(Ordering::Relaxed) as usize];
-        let entry = &table.chunks[s.index.load(Ordering::Relaxed) as usize];
+        let Some(k) = shared.claim_chunk_preferring_idle_tables(slot, me_index) else { break };
+        let s = &chunks[base + k as usize];
+        let t = s.table.load(Ordering::Relaxed) as usize;
+        let table = &manifest.tables[t];
+        let c = s.index.load(Ordering::Relaxed) as usize;
+        let entry = &table.chunks[c];
         let relid = pg_sys::Oid::from(s.relid.load(Ordering::Relaxed));
         let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
         let (row_start, row_end) = (s.row_start.load(Ordering::Relaxed), s.row_end.load(Ordering::Relaxed));
         let whole = row_start == 0 && row_end == entry.rows;
         let part = if whole { String::new() } else { format!(" (rows {row_start} to {row_end})") };
 
-        xact::begin_read_committed();
-        xact::push_transaction_snapshot();
+        if batch.is_empty() {
+            xact::begin_read_committed();
+            xact::push_transaction_snapshot();
+            (batch_started, batch_bytes) = (pg::now_ms(), 0);
+        }
+        // The leader may hold a lock on the table; a conflicting request queued since would make a
+        // blocking lock here wait for ever (it waits for the leader, which waits for us).
+        if !pg::try_lock_relation(relid, pg_sys::RowExclusiveLock) {
+            error!(
+                "cannot load into {}: a conflicting lock is held or queued on it by {} (DDL such as ALTER                  TABLE waits for this apply's lock); the apply stops so that it can proceed, and can be                  resumed",
+                table.label(),
+                pg::lockers_of(relid)
+            );
+        }
         let reader = ChunkReader::open_in(dir, entry)
             .unwrap_or_else(|e| error!("chunk {} of {}: {e}", entry.file, table.label()));
-        // A unit that runs to the chunk's end reads it to the end, where the reader checks the raw
-        // CRC, size and row count; one that stops earlier is covered by the file CRC checked at open.
+        // A unit that runs to the chunk's end reads it to the end, where the reader checks the file's
+        // CRC and the raw CRC, size and row count; one that stops earlier checks the rest of the file's
+        // bytes through the file CRC before it is kept.
         let count = (row_end != entry.rows).then_some(row_end - row_start);
         let reader = RowRange::new(reader, row_start, count);
         let mut source = ChunkSource {
@@ -422,8 +503,26 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
             fed: 0,
             wal: WalWriterNudge::new(),
         };
-        let rows = copy_from::copy_into(relid, &columns, encoding.as_deref(), &mut source);
+        let copied = xact::try_catch(std::panic::AssertUnwindSafe(|| {
+            copy_from::copy_into(relid, &columns, encoding.as_deref(), &mut source)
+        }));
+        let rows = match copied {
+            Ok(rows) => rows,
+            Err(c) => {
+                return Err(JobError::caught(
+                    Some(&format!("loading chunk {}{part} of {}", entry.file, table.label())),
+                    &c,
+                ));
+            }
+        };
         source.report();
+        if count.is_some() {
+            source
+                .reader
+                .get_mut()
+                .check_file_to_end()
+                .unwrap_or_else(|e| error!("chunk {}{part} of {}: {e}", entry.file, table.label()));
+        }
         if rows != row_end - row_start {
             error!(
                 "chunk {}{part}: loaded {rows} rows, the manifest says {}",
@@ -432,41 +531,73 @@ fn load_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, dir: &std::path::P
             );
         }
         let fed = source.fed;
-        job::as_owner(|| {
-            Spi::run_with_args(
-                "INSERT INTO steep_repl.apply_chunks \
-                 (apply_id, schema_name, table_name, chunk_index, row_start, rows_loaded, raw_bytes) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[
-                    id.as_str().into(),
-                    table.schema.as_str().into(),
-                    table.name.as_str().into(),
-                    (entry.index as i32).into(),
-                    (row_start as i64).into(),
-                    (rows as i64).into(),
-                    (fed as i64).into(),
-                ],
-            )
-        })
-        .unwrap_or_else(|e| error!("recording chunk {}{part} as loaded: {e}", entry.file));
-        xact::pop_snapshot();
-        xact::commit();
+        batch.push(Done { unit: k as usize, table: t, chunk: c, row_start, rows, fed });
+        batch_tables.insert(t);
+        batch_bytes += fed;
+        me.current_chunk.store(0, Ordering::Relaxed);
+        if pg::now_ms().saturating_sub(batch_started) >= BATCH_MS
+            || batch_bytes >= BATCH_BYTES
+            || batch_tables.len() >= max_tables
+        {
+            commit_batch(shared, slot, me, &id, manifest, &mut batch);
+            batch_tables.clear();
+        }
+    }
+    commit_batch(shared, slot, me, &id, manifest, &mut batch);
+    Ok(())
+}
 
-        let head = &shared.chunks[base + s.head.load(Ordering::Relaxed) as usize];
+/// Records the batch's ranges in `steep_repl.apply_chunks` and commits them with the rows they name,
+/// then counts them done.
+fn commit_batch(
+    shared: &Shared,
+    slot: usize,
+    me: &WorkerSlot,
+    id: &str,
+    manifest: &Manifest,
+    batch: &mut Vec<Done>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let job = &shared.jobs[slot];
+    let ranges: Vec<LoadedRange> = batch
+        .iter()
+        .map(|d| {
+            let table = &manifest.tables[d.table];
+            LoadedRange {
+                schema: &table.schema,
+                table: &table.name,
+                chunk_index: table.chunks[d.chunk].index as i32,
+                row_start: d.row_start as i64,
+                rows: d.rows as i64,
+                raw_bytes: d.fed as i64,
+            }
+        })
+        .collect();
+    bookkeeping::record_loaded(id, &ranges);
+    xact::pop_snapshot();
+    xact::commit();
+
+    let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let chunks = shared.chunks();
+    for d in batch.drain(..) {
+        let s = &chunks[base + d.unit];
+        let head = &chunks[base + s.head.load(Ordering::Relaxed) as usize];
         let chunk_complete = head.parts_left.fetch_sub(1, Ordering::AcqRel) == 1;
-        s.rows.store(rows, Ordering::Relaxed);
-        s.raw_bytes.store(fed, Ordering::Relaxed);
+        s.rows.store(d.rows, Ordering::Relaxed);
+        s.raw_bytes.store(d.fed, Ordering::Relaxed);
         s.state.store(chunk_state::DONE, Ordering::Release);
-        me.rows.fetch_add(rows, Ordering::Relaxed);
-        job.rows.fetch_add(rows, Ordering::Relaxed);
+        me.rows.fetch_add(d.rows, Ordering::Relaxed);
+        job.rows.fetch_add(d.rows, Ordering::Relaxed);
         if chunk_complete {
-            s.file_bytes.store(entry.file_bytes, Ordering::Relaxed);
-            job.file_bytes.fetch_add(entry.file_bytes, Ordering::Relaxed);
+            let file_bytes = manifest.tables[d.table].chunks[d.chunk].file_bytes;
+            s.file_bytes.store(file_bytes, Ordering::Relaxed);
+            job.file_bytes.fetch_add(file_bytes, Ordering::Relaxed);
             job.chunks_done.fetch_add(1, Ordering::AcqRel);
         }
         job.units_done.fetch_add(1, Ordering::AcqRel);
-        job::wake_leader(job);
-        me.current_chunk.store(0, Ordering::Relaxed);
-        progress::publish_if_due(job, false);
     }
+    job::wake_leader(job);
+    progress::publish_if_due(job, false);
 }

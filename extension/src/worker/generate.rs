@@ -5,14 +5,20 @@
 //! locks on every table (before its snapshot exists, so no DDL can commit between snapshot and lock),
 //! lists the tables under the snapshot, exports the snapshot, plans chunks with the engine, publishes
 //! them as shared-memory chunk slots, and launches the data workers. Each data worker claims chunks with
-//! an atomic cursor (fast workers take more) and, per chunk, imports the exported snapshot into a
-//! transaction of its own, scans the block range into a chunk file, commits, and publishes progress.
-//! When every chunk is done, the leader reads the sequences, commits, and writes the manifest last.
+//! an atomic cursor (fast workers take more) and reads them in batches: one transaction that imports the
+//! exported snapshot serves chunks for up to `BATCH_MS` (a 20-row table costs a file, not a transaction
+//! and a snapshot import). Per chunk it takes ACCESS SHARE on the table without waiting (a DDL queued
+//! behind the leader's lock fails the job at once, naming the table and the session, instead of a
+//! three-way wait the deadlock detector cannot see), scans the block range into a chunk file, and lets
+//! go of that lock (the leader's covers the table). Small chunk files are made durable all together by
+//! one `syncfs` at the end rather than by two fsyncs each. When every chunk is done, the leader reads the
+//! sequences, commits, syncs, and writes the manifest last.
 //!
 //! Any failure (an ERROR, SIGTERM, a crashed worker) or a cancel sets the job's `stop` flag; every
 //! process checks it at least once per megabyte of output. The leader then removes what the job wrote,
 //! records the first error, and frees every slot.
 
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -21,15 +27,16 @@ use std::time::Duration;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use steep_repl_engine::chunk::{ChunkWriter, Compression};
+use steep_repl_engine::chunk::{ChunkWriter, Compression, Durability};
 use steep_repl_engine::filter::TablePattern;
+use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::{
     ChunkEntry, FORMAT_VERSION, Manifest, Mode, Parallelism, SequenceEntry, SnapshotInfo, Source, TableEntry,
 };
 use steep_repl_engine::naming::{chunk_rel_path, table_dir};
 use steep_repl_engine::plan;
 
-use crate::job::{self, Entry};
+use crate::job::{self, Entry, JobError};
 use crate::pg::catalog::{self, TableMeta};
 use crate::pg::scan::{self, ScanObserver};
 use crate::pg::{self, session, xact};
@@ -44,7 +51,7 @@ pub extern "C-unwind" fn steep_repl_generate_leader(arg: pg_sys::Datum) {
     job::lead(arg, remove_output, run_leader, finish);
 }
 
-/// Entry point of a data worker. `arg` carries the job slot and the worker slot.
+/// Entry point of a data worker. `arg` carries the job slot, the worker slot and its generation.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_generate_worker(arg: pg_sys::Datum) {
@@ -55,7 +62,9 @@ pub extern "C-unwind" fn steep_repl_generate_worker(arg: pg_sys::Datum) {
         BackgroundWorker::transaction(|| session::pin_output_settings(&tz));
         progress::publish_if_due(job, false);
         scan_chunks(shared, slot, me, true)
-    });
+    })
+    .map_err(|c| JobError::caught(None, &c))
+    .and_then(|r| r);
     job::end_worker(job, me, result);
 }
 
@@ -78,8 +87,28 @@ fn job_patterns(id: &str) -> Result<Vec<TablePattern>, String> {
     list.iter().map(|p| p.parse::<TablePattern>().map_err(|e| e.to_string())).collect()
 }
 
+/// Takes ACCESS SHARE on every table of `oids` for the rest of the transaction; a full lock table
+/// becomes an error naming `max_locks_per_transaction` and the value this job needs.
+fn lock_tables(oids: &[u32], total: usize) -> Result<(), JobError> {
+    if !crate::limits::locks_fit(total) {
+        return Err(JobError::plain(crate::limits::lock_table_error(total)));
+    }
+    let locked = xact::try_catch(|| {
+        for &oid in oids {
+            pg::lock_relation(pg_sys::Oid::from(oid), pg_sys::AccessShareLock);
+        }
+    });
+    match locked {
+        Ok(()) => Ok(()),
+        Err(c) if c.sqlstate == crate::limits::OUT_OF_SHARED_MEMORY => {
+            Err(JobError::plain(crate::limits::lock_table_error(total)))
+        }
+        Err(c) => Err(JobError::caught(Some("locking the tables"), &c)),
+    }
+}
+
 /// The leader's work from planning to the manifest. Runs inside try_catch.
-fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
+fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let id = job.id.get();
     let out_dir = PathBuf::from(job.path.get());
@@ -97,16 +126,15 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     if !given.is_empty() {
         xact::import_snapshot(&given);
     }
-    for t in &prelisted {
-        pg::lock_relation(pg_sys::Oid::from(t.oid), pg_sys::AccessShareLock);
-    }
+    let prelisted_oids: Vec<u32> = prelisted.iter().map(|t| t.oid).collect();
+    lock_tables(&prelisted_oids, prelisted_oids.len())?;
     // Taking the transaction snapshot now, after the locks; tables created since the pre-list get
     // locked at once. SPI queries below run under this snapshot.
     xact::push_transaction_snapshot();
     let tables = catalog::list_tables(&patterns).map_err(|e| e.to_string())?;
-    for t in tables.iter().filter(|t| !prelisted.iter().any(|p| p.oid == t.oid)) {
-        pg::lock_relation(pg_sys::Oid::from(t.oid), pg_sys::AccessShareLock);
-    }
+    let prelisted_set: HashSet<u32> = prelisted_oids.iter().copied().collect();
+    let new_oids: Vec<u32> = tables.iter().map(|t| t.oid).filter(|o| !prelisted_set.contains(o)).collect();
+    lock_tables(&new_oids, prelisted_oids.len() + new_oids.len())?;
     let lsn = Spi::get_one::<String>(steep_repl_engine::catalog::LSN_SQL)
         .map_err(|e| format!("reading the WAL position: {e}"))?
         .unwrap_or_default();
@@ -122,23 +150,21 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     job.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
+    let by_name: HashMap<(&str, &str), &TableMeta> =
+        tables.iter().map(|t| ((t.schema.as_str(), t.name.as_str()), t)).collect();
     let metas: Vec<&TableMeta> = plan
         .tables
         .iter()
         .map(|s| {
-            tables.iter().find(|t| t.schema == s.schema && t.name == s.name).expect("planned table is listed")
+            by_name.get(&(s.schema.as_str(), s.name.as_str())).copied().ok_or("planned table is not listed")
         })
-        .collect();
-    let base = shared.alloc_chunks(slot, plan.chunks.len()).ok_or_else(|| {
-        format!(
-            "the plan has {} chunks, more than the free chunk slots of this server ({} in all); raise \
-             steep_repl.chunk_size or snapshot fewer tables at once",
-            plan.chunks.len(),
-            shmem::MAX_CHUNKS
-        )
-    })?;
+        .collect::<Result<_, _>>()?;
+    let base = shared
+        .alloc_chunks(slot, plan.chunks.len())
+        .ok_or_else(|| crate::limits::chunk_slots_error(plan.chunks.len(), shared.free_chunk_slots()))?;
+    let chunks = shared.chunks();
     for (k, c) in plan.chunks.iter().enumerate() {
-        let s = &shared.chunks[base + k];
+        let s = &chunks[base + k];
         s.relid.store(metas[c.table].oid, Ordering::Relaxed);
         s.table.store(c.table as u32, Ordering::Relaxed);
         s.index.store(c.index, Ordering::Relaxed);
@@ -149,14 +175,10 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
         }
         s.state.store(chunk_state::PENDING, Ordering::Release);
     }
-    for m in &metas {
-        let d = out_dir.join("data").join(table_dir(&m.schema, &m.name));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&d)
-            .map_err(|e| format!("creating {}: {e}", d.display()))?;
-    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(out_dir.join("data"))
+        .map_err(|e| format!("creating {}: {e}", out_dir.join("data").display()))?;
     job.tables_total.store(metas.len() as u32, Ordering::Relaxed);
     job.work_total.store(metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(), Ordering::Relaxed);
     job.export_name.set(&exported).map_err(|_| format!("snapshot name {exported:?} too long"))?;
@@ -167,17 +189,17 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
 
     // Workers: as many as asked, the plan can use, and the server and steep_repl.max_workers allow.
     let launched = job::launch_workers(shared, slot, Entry::GenerateWorker, plan.chunks.len());
-    let launch_ms = pg::now_ms();
     if launched == 0 && !plan.chunks.is_empty() {
         // No worker slot free anywhere: the leader scans alone, under its own snapshot.
         session::pin_output_settings(&job.timezone.get());
-        let me = leader_worker_slot(shared, slot);
-        scan_chunks(shared, slot, &shared.workers[me], false);
-        shared.workers[me].state.store(worker_state::DONE, Ordering::Release);
+        let me = leader_worker_slot(shared, slot)?;
+        let scanned = scan_chunks(shared, slot, me, false);
+        me.word.transition(me.word.get().0, worker_state::RUNNING, worker_state::DONE);
+        scanned?;
     }
-    job::watch_workers(shared, slot, launch_ms, |_| {});
+    job::watch_workers(shared, slot, |_| {});
     if job.should_stop() {
-        return Err(job.error_message().unwrap_or_else(|| "stopped".into()));
+        return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
     }
 
     job.tables_done.store(metas.len() as u32, Ordering::Relaxed);
@@ -194,20 +216,23 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), String> {
     let manifest =
         build_manifest(shared, slot, &plan, &metas, sequences, &server, &lsn, &exported, compression);
     steep_repl_engine::chunk::remove_leftover_temp_files(&out_dir).map_err(|e| e.to_string())?;
+    // Small chunks were renamed without fsync (Durability::DeferSmall): make them all durable at once,
+    // before the manifest says the snapshot is complete.
+    steep_repl_engine::chunk::sync_filesystem(&out_dir).map_err(|e| e.to_string())?;
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
     Ok(())
 }
 
 /// A worker slot for the leader when it scans itself.
-fn leader_worker_slot(shared: &Shared, slot: usize) -> usize {
-    match shared.claim_worker_slot(slot) {
-        Some(ws) => {
-            shared.workers[ws].pid.store(pg::my_pid(), Ordering::Release);
-            shared.workers[ws].state.store(worker_state::RUNNING, Ordering::Release);
-            ws
-        }
-        None => error!("no steep_repl worker slot is free (all {} in use)", shmem::MAX_WORKERS),
-    }
+fn leader_worker_slot(shared: &'static Shared, slot: usize) -> Result<&'static WorkerSlot, JobError> {
+    let job = &shared.jobs[slot];
+    let (ws, wgen) = shared
+        .claim_worker_slot(slot, job.generation())
+        .ok_or_else(|| format!("no steep_repl worker slot is free (all {} in use)", shmem::MAX_WORKERS))?;
+    let w = &shared.workers[ws];
+    w.pid.store(pg::my_pid(), Ordering::Release);
+    w.word.transition(wgen, worker_state::LAUNCHING, worker_state::RUNNING);
+    Ok(w)
 }
 
 /// Reports scan progress into the worker's and the job's counters and relays stop requests.
@@ -226,6 +251,9 @@ impl ScanObserver for Observer<'_> {
     }
 
     fn should_stop(&mut self) -> Option<String> {
+        // A data worker dies here on SIGTERM (its exit callback fails the job); the leader scanning
+        // alone keeps its own SIGTERM flag, read below.
+        pgrx::check_for_interrupts!();
         if BackgroundWorker::sigterm_received() {
             let msg = format!(
                 "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
@@ -245,14 +273,25 @@ impl ScanObserver for Observer<'_> {
     }
 }
 
-/// Claims and writes chunks until none is left or the job stops. With `own_transactions`, each chunk
-/// runs in a transaction that imports the job's exported snapshot (data workers); without, in the
-/// current transaction and snapshot (the leader scanning alone).
-fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: bool) {
+/// A data worker's batch of chunks ends after this long (or `BATCH_BYTES`), so progress is published
+/// and committed about as often as `steep_repl.progress_interval` asks, whatever the chunks' sizes.
+const BATCH_MS: u64 = 200;
+/// ... or after this much COPY text.
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// Claims and writes chunks until none is left or the job stops. With `own_transactions`, chunks are
+/// read in batches, each in a transaction that imports the job's exported snapshot (data workers);
+/// without, in the current transaction and snapshot (the leader scanning alone).
+fn scan_chunks(
+    shared: &Shared,
+    slot: usize,
+    me: &WorkerSlot,
+    own_transactions: bool,
+) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     while job.chunks_ready.load(Ordering::Acquire) == 0 {
         if job.should_stop() {
-            return;
+            return Ok(());
         }
         job::nap(Duration::from_millis(10));
     }
@@ -261,30 +300,50 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
     let out_dir = PathBuf::from(job.path.get());
     let compression = compression_of(job);
     let snapshot = job.export_name.get();
+    let chunks = shared.chunks();
+    // (started at, raw bytes) of the open batch, if any.
+    let mut batch: Option<(u64, u64)> = None;
+    let pausing = job.chunk_pause_ms.load(Ordering::Relaxed) > 0;
     loop {
         if job.should_stop() {
-            return;
+            break;
+        }
+        if pausing {
+            // A throttled job holds no transaction while it pauses.
+            end_batch(&mut batch);
         }
         job::pause_before_chunk(job);
         if job.should_stop() {
-            return;
+            break;
         }
         let k = job.chunk_cursor.fetch_add(1, Ordering::AcqRel);
         if k >= count {
-            return;
+            break;
         }
-        let c = &shared.chunks[base + k as usize];
+        let c = &chunks[base + k as usize];
         c.state.store(chunk_state::CLAIMED, Ordering::Release);
         me.current_chunk.store(base as u32 + k + 1, Ordering::Relaxed);
-        if own_transactions {
+        if own_transactions && batch.is_none() {
             xact::begin_repeatable_read(true);
             xact::import_snapshot(&snapshot);
+            xact::push_transaction_snapshot();
+            batch = Some((pg::now_ms(), 0));
+        } else if !own_transactions {
+            xact::push_transaction_snapshot();
         }
-        xact::push_transaction_snapshot();
         let relid = pg_sys::Oid::from(c.relid.load(Ordering::Relaxed));
         let Some((schema, name)) = pg::relation_name(relid) else {
             error!("table with oid {} disappeared during the snapshot", relid.to_u32());
         };
+        // The leader holds ACCESS SHARE on the table; a conflicting request queued since would make a
+        // blocking lock here wait for ever (it waits for the leader, which waits for us).
+        if !pg::try_lock_relation(relid, pg_sys::AccessShareLock) {
+            error!(
+                "cannot read {}: a conflicting lock is held or queued on it by {} (DDL such as ALTER TABLE                  waits for this snapshot's lock); the snapshot stops so that it can proceed",
+                QualifiedName::new(schema.clone(), name.clone()),
+                pg::lockers_of(relid)
+            );
+        }
         let index = c.index.load(Ordering::Relaxed);
         let rel_path = chunk_rel_path(&table_dir(&schema, &name), index, &compression);
         let mut writer = ChunkWriter::create(&out_dir, &rel_path, compression)
@@ -298,10 +357,12 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
             &mut writer,
             &mut observer,
         );
-        let stats = writer.finish().unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
-        xact::pop_snapshot();
-        if own_transactions {
-            xact::commit();
+        let stats = writer
+            .finish_with(Durability::DeferSmall)
+            .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
+        pg::unlock_relation(relid, pg_sys::AccessShareLock);
+        if !own_transactions {
+            xact::pop_snapshot();
         }
         c.rows.store(stats.rows, Ordering::Relaxed);
         c.raw_bytes.store(stats.raw_bytes, Ordering::Relaxed);
@@ -315,9 +376,23 @@ fn scan_chunks(shared: &Shared, slot: usize, me: &WorkerSlot, own_transactions: 
         job.units_done.fetch_add(1, Ordering::AcqRel);
         job::wake_leader(job);
         me.current_chunk.store(0, Ordering::Relaxed);
-        if own_transactions {
-            progress::publish_if_due(job, false);
+        if let Some((started, bytes)) = batch.as_mut() {
+            *bytes += stats.raw_bytes;
+            if pg::now_ms().saturating_sub(*started) >= BATCH_MS || *bytes >= BATCH_BYTES {
+                end_batch(&mut batch);
+                progress::publish_if_due(job, false);
+            }
         }
+    }
+    end_batch(&mut batch);
+    Ok(())
+}
+
+/// Ends a data worker's open batch transaction, if any.
+fn end_batch(batch: &mut Option<(u64, u64)>) {
+    if batch.take().is_some() {
+        xact::pop_snapshot();
+        xact::commit();
     }
 }
 
@@ -335,10 +410,11 @@ fn build_manifest(
 ) -> Manifest {
     let job = &shared.jobs[slot];
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let chunks = shared.chunks();
     let mut tables: Vec<TableEntry> =
         metas.iter().map(|m| TableEntry::new(m.schema.clone(), m.name.clone(), m.columns.clone())).collect();
     for (k, c) in plan.chunks.iter().enumerate() {
-        let s = &shared.chunks[base + k];
+        let s = &chunks[base + k];
         let file = chunk_rel_path(&tables[c.table].dir, c.index, &compression);
         tables[c.table].chunks.push(ChunkEntry {
             index: c.index,
@@ -410,7 +486,7 @@ const ENDING: job::Ending = job::Ending {
     failed: |first, _| first,
 };
 
-fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), String>) {
+fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), JobError>) {
     job::finish(shared, slot, outcome, &ENDING);
 }
 

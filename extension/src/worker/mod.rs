@@ -2,4 +2,5 @@
 
 pub mod apply;
 pub mod generate;
+pub mod reaper;
 pub mod supervisor;
