@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N]
-#                    [--rounds N] [--keep]
+#   scripts/bench.sh [generate|apply|client|copy|many|all] [--mixed-scale N] [--onebig-scale N]
+#                    [--many-tables N] [--parallel N] [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
@@ -11,6 +11,9 @@
 #             (mixed database only)
 #   copy      a full copy: direct generate then apply  vs  pgcopydb copy table-data --table-jobs N,
 #             into the same pre-created schema (mixed database only)
+#   many      a database of --many-tables small tables (default 20 000, 20 rows each; fixtures/sql/many.sql):
+#             start_snapshot vs pg_dump -Fd -j N -Z 1 -a, then start_apply vs pg_restore -j N --data-only
+#             into the same pre-created schema (a fresh copy of it for every run). Not part of `all`.
 #
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
 # a hundred small tables) and `onebig` (one large table), scaled to take tens of seconds here. Data is
@@ -22,16 +25,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; mixed_scale=64; onebig_scale=40; parallel=2; rounds=3; keep=0
+what=all; mixed_scale=64; onebig_scale=40; many_tables=20000; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|client|copy|all) what="$1" ;;
+    generate|apply|client|copy|many|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
+    --many-tables) many_tables="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|all] [--mixed-scale N] [--onebig-scale N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|many|all] [--mixed-scale N] [--onebig-scale N] [--many-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -46,10 +50,13 @@ cargo build --release -q -p steep-repl-cli
 cli="$PWD/target/release/steep-repl"
 
 export STEEP_PG_BASE="${STEEP_BENCH_BASE:-/tmp/steep-repl-bench}"
+# max_locks_per_transaction: a snapshot of many tables holds a lock on each (pg_dump too), and PostgreSQL's
+# lock table holds max_locks_per_transaction x (max_connections + ...) locks: 1024 covers 100 000 tables.
 export STEEP_PG_CONF="shared_buffers = 3GB
 max_wal_size = 16GB
 checkpoint_timeout = 30min
-maintenance_work_mem = 512MB"
+maintenance_work_mem = 512MB
+max_locks_per_transaction = 1024"
 conn=$(bash scripts/pg.sh start bench)
 db() { echo "${conn/dbname=postgres/dbname=$1}"; }
 q() { psql "$(db "$1")" -XqAt -v ON_ERROR_STOP=1 -c "$2"; }
@@ -88,14 +95,20 @@ time_ours_generate() { # db outdir
   echo "$(now) - $t0" | bc
 }
 
-time_pg_dump() { # db outdir
+time_pg_dump() { # db outdir [extra pg_dump options]
   rm -rf "$2"
   local t0; t0=$(now)
-  pg_dump -Fd -j "$parallel" -Z 1 -f "$2" -d "$(db "$1")"
+  pg_dump -Fd -j "$parallel" -Z 1 ${3:-} -f "$2" -d "$(db "$1")"
   echo "$(now) - $t0" | bc
 }
 
 empty_target() { # target db
+  if [ "$(q postgres "SELECT count(*) FROM pg_database WHERE datname = '${1}_tpl'")" = 1 ]; then
+    # A schema of many tables: a fresh copy of it is faster than truncating every table.
+    q postgres "DROP DATABASE IF EXISTS $1 WITH (FORCE)"
+    q postgres "CREATE DATABASE $1 TEMPLATE ${1}_tpl STRATEGY FILE_COPY"
+    return
+  fi
   q "$1" "DO \$\$ DECLARE r record; BEGIN
             FOR r IN SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables
                      WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') LOOP
@@ -183,6 +196,39 @@ mb() { echo "scale=1; $1 / 1048576" | bc; }
 report() { printf '%s\n' "$*" | tee -a "$results"; }
 report ""
 report "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) steep-repl bench: $what, parallel $parallel, $(nproc) cores, PostgreSQL $(q postgres 'SHOW server_version')"
+
+bench_many() {
+  local dbname=bench_many target=bench_many_target ours_dir="$work/many.steep" dump_dir="$work/many.dump"
+  ensure_dataset "$dbname" many.sql "$many_tables"
+  q "$dbname" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+  local marker; marker="steep-repl bench many target $many_tables"
+  if [ "$(q postgres "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = '${target}_tpl'" || true)" != "$marker" ]; then
+    echo "bench: building the empty target schema of $many_tables tables"
+    q postgres "DROP DATABASE IF EXISTS ${target}_tpl"
+    q postgres "CREATE DATABASE ${target}_tpl"
+    pg_dump --schema-only -d "$(db "$dbname")" | psql "$(db "${target}_tpl")" -Xq -v ON_ERROR_STOP=1 >/dev/null
+    q postgres "COMMENT ON DATABASE ${target}_tpl IS '$marker'"
+  fi
+  q "${target}_tpl" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+  prewarm "$dbname"
+  alternate 'time_ours_generate "$dbname" "$ours_dir"' 'time_pg_dump "$dbname" "$dump_dir" -a'
+  report "generate many ($many_tables tables of 20 rows):"
+  report "  steep-repl start_snapshot  ${a}s (runs $runs_a)  output $(mb "$(size "$ours_dir")") MB"
+  report "  pg_dump -Fd -j$parallel -Z1 -a   ${b}s (runs $runs_b)  output $(mb "$(size "$dump_dir")") MB"
+  report "  ratio steep-repl / pg_dump: $(ratio "$a" "$b")x"
+  alternate 'time_ours_apply "$target" "$ours_dir"' 'time_pg_restore "$target" "$dump_dir"'
+  report "apply many ($many_tables tables of 20 rows, into the pre-created schema):"
+  report "  steep-repl start_apply     ${a}s (runs $runs_a)"
+  report "  pg_restore -j$parallel --data-only ${b}s (runs $runs_b)"
+  report "  ratio steep-repl / pg_restore: $(ratio "$a" "$b")x"
+  [ "$keep" = 1 ] || rm -rf "$ours_dir" "$dump_dir"
+}
+
+if [ "$what" = many ]; then
+  bench_many
+  echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
+  exit 0
+fi
 
 for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
   IFS=: read -r name file scale <<<"$spec"

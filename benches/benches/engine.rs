@@ -135,7 +135,8 @@ fn verify(c: &mut Criterion) {
             let mut group = c.benchmark_group(group_name);
             group.throughput(Throughput::Bytes(bytes));
             for threads in [1, 2] {
-                let options = VerifyOptions { mode, threads: Some(threads), signals_to_caller: false };
+                let options =
+                    VerifyOptions { mode, threads: Some(threads), signals_to_caller: false, stop: None };
                 let id = BenchmarkId::new(format!("{compression}"), format!("{threads}_threads"));
                 group.bench_function(id, |b| {
                     b.iter(|| {

@@ -20,10 +20,11 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text,
        pg_catalog.pg_relation_size(c.oid)::int8,
        (CASE WHEN c.reltoastrelid <> 0 THEN pg_catalog.pg_total_relation_size(c.reltoastrelid) ELSE 0 END)::int8,
        greatest(c.reltuples, 0)::int8,
-       pg_catalog.has_table_privilege(c.oid, 'SELECT'),
+       pg_catalog.has_table_privilege(c.oid, 'SELECT') AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'),
        coalesce(cols.names, '{}'), coalesce(cols.types, '{}'),
        EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-               WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+               WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'),
+       c.relrowsecurity AND pg_catalog.row_security_active(c.oid)
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN LATERAL (
@@ -47,10 +48,13 @@ pub struct TableRow {
     pub heap_bytes: u64,
     pub toast_bytes: u64,
     pub est_rows: u64,
+    /// SELECT on the table and USAGE on its schema.
     pub can_select: bool,
     pub column_names: Vec<String>,
     pub column_types: Vec<String>,
     pub extension_member: bool,
+    /// Row-level security filters what this role sees of the table.
+    pub rls_active: bool,
 }
 
 /// A table selected for a snapshot.
@@ -85,6 +89,7 @@ pub fn select_tables(
 ) -> Result<Vec<TableMeta>, SelectionError> {
     let mut matched = vec![false; patterns.len()];
     let (mut problems, mut no_select, mut tables) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rls = Vec::new();
     for row in rows {
         let hits: Vec<usize> =
             (0..patterns.len()).filter(|&i| patterns[i].matches(&row.schema, &row.name)).collect();
@@ -114,6 +119,10 @@ pub fn select_tables(
             no_select.push(qualified);
             continue;
         }
+        if row.rls_active {
+            rls.push(qualified);
+            continue;
+        }
         tables.push(TableMeta {
             oid: row.oid,
             blocks: (row.heap_bytes / block_size.max(1)).min(u64::from(u32::MAX)) as u32,
@@ -135,9 +144,19 @@ pub fn select_tables(
             problems.push(format!("no table matches {:?}", p.as_str()));
         }
     }
-    let permission_only = problems.is_empty() && !no_select.is_empty();
+    let permission_only = problems.is_empty() && !(no_select.is_empty() && rls.is_empty());
     if !no_select.is_empty() {
-        problems.push(format!("permission denied: SELECT is needed on {}", no_select.join(", ")));
+        problems.push(format!(
+            "permission denied: SELECT (and USAGE on its schema) is needed on {}",
+            no_select.join(", ")
+        ));
+    }
+    if !rls.is_empty() {
+        problems.push(format!(
+            "row-level security hides rows of {} from this role, and a snapshot must hold every row: run it as \
+             the tables' owner or a role with BYPASSRLS (as pg_dump requires)",
+            rls.join(", ")
+        ));
     }
     if problems.is_empty() { Ok(tables) } else { Err(SelectionError { problems, permission_only }) }
 }
@@ -263,6 +282,7 @@ mod tests {
             column_names: vec!["a".into()],
             column_types: vec!["integer".into()],
             extension_member: false,
+            rls_active: false,
         }
     }
 
@@ -307,6 +327,16 @@ mod tests {
         assert!(err.to_string().contains("\"s\".\"secret\""));
         assert!(err.to_string().contains("\"nosuch\""));
         assert!(!err.permission_only);
+    }
+
+    #[test]
+    fn tables_filtered_by_row_level_security_are_refused() {
+        let mut hidden = row("s", "accounts", "r");
+        hidden.rls_active = true;
+        let err = select_tables(vec![hidden, row("s", "open", "r")], &pats(&[]), 8192).unwrap_err();
+        assert!(err.permission_only);
+        assert!(err.to_string().contains("row-level security hides rows of \"s\".\"accounts\""), "{err}");
+        assert!(!err.to_string().contains("open"), "{err}");
     }
 
     #[test]

@@ -593,15 +593,7 @@ impl CheckedFile {
     /// Missing or unreadable files give [`Error::Io`] (kind `NotFound` for a missing one); a size
     /// that differs gives [`Error::Chunk`].
     fn open(path: &Path, expected: &ChunkEntry) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
-        if !meta.is_file() {
-            return Err(Error::io(
-                "open",
-                path,
-                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-            ));
-        }
+        let (file, meta) = open_regular(path)?;
         if meta.len() != expected.file_bytes {
             return Err(Error::Chunk(ChunkError {
                 file: path.to_path_buf(),
@@ -683,6 +675,62 @@ impl CheckedFile {
         while self.read_block(buf)? > 0 {}
         Ok(())
     }
+}
+
+/// Opens `path` for reading as a regular file, never following a symbolic link at its last component
+/// and never waiting: a named pipe (which would block `open` until a writer comes, holding a worker,
+/// a cancel and even a server shutdown) or a device is refused, as is a link (which could lead outside
+/// the snapshot). Returns the file and its metadata, taken from the open descriptor.
+pub(crate) fn open_regular(path: &Path) -> Result<(File, fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                Error::io("open", path, io::Error::new(io::ErrorKind::InvalidInput, "is a symbolic link"))
+            } else {
+                Error::io("open", path, e)
+            }
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::io(
+            "open",
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    // Back to blocking reads (O_NONBLOCK does nothing for a regular file, but say what we mean).
+    #[allow(unsafe_code)]
+    // SAFETY: fcntl on a descriptor this function owns; F_GETFL/F_SETFL only change its status flags.
+    unsafe {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok((file, meta))
+}
+
+/// Checks that the directories between `snapshot_dir` and the chunk file `rel_path` (`data/` and the
+/// table's directory) are directories, not symbolic links: a link would make a reader read files from
+/// outside the snapshot.
+pub(crate) fn check_chunk_dirs(snapshot_dir: &Path, rel_path: &str) -> Result<()> {
+    let mut dir = snapshot_dir.to_path_buf();
+    let parts: Vec<&str> = rel_path.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        dir.push(part);
+        let meta = fs::symlink_metadata(&dir).map_err(|e| Error::io("stat", &dir, e))?;
+        if !meta.is_dir() {
+            let what =
+                if meta.file_type().is_symlink() { "is a symbolic link" } else { "is not a directory" };
+            return Err(Error::io("open", &dir, io::Error::new(io::ErrorKind::InvalidInput, what)));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the chunk file at `path` is a regular file of the recorded size and CRC-32, reading
@@ -779,11 +827,13 @@ impl ChunkReader {
     }
 
     /// Opens chunk `expected` of the snapshot in `snapshot_dir`, refusing (before any file system
-    /// access) a `file` that is not a normalised relative path inside `data/`. Use this rather
-    /// than [`open`](Self::open) with a path joined by hand.
+    /// access) a `file` that is not a normalised relative path inside `data/`, and then any symbolic
+    /// link on the way (`data/`, the table's directory, the file). Use this rather than
+    /// [`open`](Self::open) with a path joined by hand.
     pub fn open_in(snapshot_dir: &Path, expected: &ChunkEntry) -> Result<Self> {
         naming::check_rel_path(&expected.file)
             .map_err(|reason| Error::UnsafePath { path: expected.file.clone(), reason })?;
+        check_chunk_dirs(snapshot_dir, &expected.file)?;
         Self::open(&expected.path_in(snapshot_dir), expected)
     }
 
@@ -843,6 +893,23 @@ impl ChunkReader {
         let result = self.next_bytes(buf).and_then(|n| {
             if n == 0 { self.final_checks().map(|()| 0) } else { self.account(&buf[..n]).map(|()| n) }
         });
+        // A check on the decompressed stream failed: if the file itself differs from what was written
+        // (its size or CRC), that is the cause to report, not its consequence.
+        let result = match result {
+            Err(e) if !matches!(e.check, ChunkCheck::FileSize { .. } | ChunkCheck::FileCrc { .. }) => {
+                let mut buf = std::mem::take(&mut self.input);
+                match self.file.check_rest(&mut buf) {
+                    Err(
+                        file_error @ ChunkError {
+                            check: ChunkCheck::FileSize { .. } | ChunkCheck::FileCrc { .. },
+                            ..
+                        },
+                    ) => Err(file_error),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        };
         match result {
             Ok(0) => self.state = ReadState::Done,
             Ok(_) => {}

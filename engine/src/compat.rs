@@ -51,9 +51,26 @@ pub struct TargetTable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mismatch {
     MissingTable(QualifiedName),
-    MissingColumn { table: QualifiedName, column: String },
-    TypeMismatch { table: QualifiedName, column: String, snapshot: String, target: String },
-    GeneratedColumn { table: QualifiedName, column: String },
+    MissingColumn {
+        table: QualifiedName,
+        column: String,
+    },
+    TypeMismatch {
+        table: QualifiedName,
+        column: String,
+        snapshot: String,
+        target: String,
+    },
+    GeneratedColumn {
+        table: QualifiedName,
+        column: String,
+    },
+    /// The snapshot lists no column for a table the target gives columns to: COPY with no column list
+    /// would fill the target's columns in order with whatever the chunks hold.
+    NoColumns {
+        table: QualifiedName,
+        target_columns: usize,
+    },
     MissingSequence(QualifiedName),
 }
 
@@ -68,6 +85,10 @@ impl std::fmt::Display for Mismatch {
             Mismatch::GeneratedColumn { table, column } => {
                 write!(f, "column {column:?} of {table} is generated on the target and cannot be loaded")
             }
+            Mismatch::NoColumns { table, target_columns } => write!(
+                f,
+                "the snapshot has no columns for table {table}, which has {target_columns} on the target"
+            ),
             Mismatch::MissingSequence(s) => write!(f, "sequence {s} does not exist"),
         }
     }
@@ -115,6 +136,10 @@ pub fn check_target(
             problems.push(Mismatch::MissingTable(qn));
             continue;
         };
+        let loadable = target.columns.iter().filter(|x| !x.generated).count();
+        if t.columns.is_empty() && loadable > 0 {
+            problems.push(Mismatch::NoColumns { table: qn.clone(), target_columns: loadable });
+        }
         for c in &t.columns {
             match target.columns.iter().find(|x| x.name == c.name) {
                 None => problems.push(Mismatch::MissingColumn { table: qn.clone(), column: c.name.clone() }),

@@ -61,6 +61,10 @@ pub enum Error {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
 
+    /// Verification was told to stop before it checked every chunk.
+    #[error("verification stopped before the end")]
+    Stopped,
+
     /// The verifier's thread pool could not be started.
     #[error("cannot start {threads} verification threads: {reason}")]
     ThreadPool {
@@ -282,10 +286,17 @@ impl fmt::Display for ManifestProblem {
 /// Formats a list of problems as indented lines.
 struct ProblemList<'a>(&'a [ManifestProblem]);
 
+/// How many problems a message lists before "and N more": a hostile manifest can break a rule millions
+/// of times, and an error message must stay small (inside PostgreSQL, a message over 1 GB is fatal).
+pub const MAX_LISTED_PROBLEMS: usize = 20;
+
 impl fmt::Display for ProblemList<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for problem in self.0 {
+        for problem in self.0.iter().take(MAX_LISTED_PROBLEMS) {
             write!(f, "\n  - {problem}")?;
+        }
+        if self.0.len() > MAX_LISTED_PROBLEMS {
+            write!(f, "\n  - and {} more", self.0.len() - MAX_LISTED_PROBLEMS)?;
         }
         Ok(())
     }

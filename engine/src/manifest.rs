@@ -67,6 +67,40 @@ pub const FORMAT_VERSION: u32 = 1;
 /// File name of the manifest in the snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// The largest chunk (raw or file bytes) a manifest may record: 1 TiB, far above any chunk a writer
+/// plans, and low enough that sums over every chunk a manifest can hold never overflow.
+pub const MAX_CHUNK_BYTES: u64 = 1 << 40;
+
+/// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1 bytes); longer names cannot be a table's.
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// A string from the manifest as messages show it: cut to a readable length (a hostile manifest can
+/// hold megabytes in one field, and every message about it must stay small).
+fn shown(s: &str) -> String {
+    const MAX: usize = 120;
+    if s.len() <= MAX {
+        return format!("{s:?}");
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &s[..end], s.len())
+}
+
+/// What is wrong with a name from the manifest as a PostgreSQL identifier, if anything.
+fn name_problem(what: &str, name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some(format!("{what} is empty"))
+    } else if name.len() > MAX_NAME_BYTES {
+        Some(format!("{what} {} is longer than {MAX_NAME_BYTES} bytes", shown(name)))
+    } else if name.contains('\0') {
+        Some(format!("{what} {} contains a NUL byte", shown(name)))
+    } else {
+        None
+    }
+}
+
 /// The largest manifest any reader accepts: 1 GiB, about ten million chunks. A snapshot directory is
 /// untrusted input (the server reads it inside PostgreSQL): a larger file is refused before it is read.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
@@ -327,7 +361,14 @@ impl Manifest {
     pub fn validate(&self) -> Vec<ManifestProblem> {
         let mut problems = Vec::new();
         let mut problem = |table: Option<&TableEntry>, chunk: Option<u32>, detail: String| {
-            problems.push(ManifestProblem { table: table.map(TableEntry::label), chunk, detail });
+            let label = table.map(|t| {
+                if t.schema.len() + t.name.len() > 2 * MAX_NAME_BYTES {
+                    format!("{}.{}", shown(&t.schema), shown(&t.name))
+                } else {
+                    t.label()
+                }
+            });
+            problems.push(ManifestProblem { table: label, chunk, detail });
         };
         if self.format_version != FORMAT_VERSION {
             problem(
@@ -341,9 +382,15 @@ impl Manifest {
         let mut files = HashSet::new();
         for table in &self.tables {
             let t = Some(table);
+            for p in [name_problem("schema", &table.schema), name_problem("table name", &table.name)]
+                .into_iter()
+                .flatten()
+            {
+                problem(t, None, p);
+            }
             let expected_dir = table_dir(&table.schema, &table.name);
             if table.dir != expected_dir {
-                problem(t, None, format!("dir is {:?}, expected {expected_dir:?}", table.dir));
+                problem(t, None, format!("dir is {}, expected {}", shown(&table.dir), shown(&expected_dir)));
             }
             if !names.insert((table.schema.as_str(), table.name.as_str())) {
                 problem(t, None, "table listed twice".to_string());
@@ -353,8 +400,13 @@ impl Manifest {
             }
             let mut columns = HashSet::new();
             for column in &table.columns {
-                if !columns.insert(column.name.as_str()) {
-                    problem(t, None, format!("column {:?} listed twice", column.name));
+                if let Some(p) = name_problem("column name", &column.name) {
+                    problem(t, None, p);
+                } else if !columns.insert(column.name.as_str()) {
+                    problem(t, None, format!("column {} listed twice", shown(&column.name)));
+                }
+                if column.type_name.len() > 4 * MAX_NAME_BYTES || column.type_name.contains('\0') {
+                    problem(t, None, format!("column type {} is not a type name", shown(&column.type_name)));
                 }
             }
             if table.chunks.is_empty() {
@@ -372,16 +424,42 @@ impl Manifest {
                     problem(t, c, format!("chunk at position {position} has index {}", chunk.index));
                 }
                 match check_rel_path(&chunk.file) {
-                    Err(reason) => problem(t, c, format!("unsafe file path {:?}: {reason}", chunk.file)),
+                    Err(reason) => {
+                        problem(t, c, format!("unsafe file path {}: {reason}", shown(&chunk.file)))
+                    }
                     Ok(()) => {
                         let expected = chunk_rel_path(&expected_dir, chunk.index, &self.compression);
                         if chunk.file != expected {
-                            problem(t, c, format!("file is {:?}, expected {expected:?}", chunk.file));
+                            problem(
+                                t,
+                                c,
+                                format!("file is {}, expected {}", shown(&chunk.file), shown(&expected)),
+                            );
                         }
                     }
                 }
                 if !files.insert(chunk.file.as_str()) {
-                    problem(t, c, format!("file {:?} listed twice", chunk.file));
+                    problem(t, c, format!("file {} listed twice", shown(&chunk.file)));
+                }
+                if chunk.raw_bytes > MAX_CHUNK_BYTES || chunk.file_bytes > MAX_CHUNK_BYTES {
+                    problem(
+                        t,
+                        c,
+                        format!(
+                            "raw_bytes {} or file_bytes {} is more than a chunk can be ({MAX_CHUNK_BYTES})",
+                            chunk.raw_bytes, chunk.file_bytes
+                        ),
+                    );
+                }
+                if chunk.rows > chunk.raw_bytes {
+                    problem(
+                        t,
+                        c,
+                        format!(
+                            "{} rows in {} bytes (every row ends in a newline)",
+                            chunk.rows, chunk.raw_bytes
+                        ),
+                    );
                 }
                 match previous_end {
                     None if chunk.block_start != 0 => problem(
@@ -448,6 +526,15 @@ impl Manifest {
         }
         let mut sequences = HashSet::new();
         for sequence in &self.sequences {
+            for p in [
+                name_problem("sequence schema", &sequence.schema),
+                name_problem("sequence name", &sequence.name),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                problem(None, None, p);
+            }
             if !sequences.insert((sequence.schema.as_str(), sequence.name.as_str())) {
                 problem(
                     None,
@@ -472,17 +559,21 @@ impl Manifest {
     /// The bytes of `dir/manifest.json`, refusing one larger than [`MAX_MANIFEST_BYTES`] before reading it.
     fn read_text(dir: &Path) -> Result<(PathBuf, Vec<u8>), ManifestError> {
         let path = dir.join(MANIFEST_FILE);
-        let file = match fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        let (file, meta) = match crate::chunk::open_regular(&path) {
+            Ok(opened) => opened,
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 return Err(ManifestError::Missing { dir: dir.to_path_buf() });
             }
-            Err(source) => return Err(ManifestError::Io { op: "open", path, source }),
+            Err(Error::Io { op, source, .. }) => return Err(ManifestError::Io { op, path, source }),
+            Err(other) => {
+                return Err(ManifestError::Io {
+                    op: "open",
+                    path,
+                    source: io::Error::other(other.to_string()),
+                });
+            }
         };
-        let len = file
-            .metadata()
-            .map_err(|source| ManifestError::Io { op: "stat", path: path.clone(), source })?
-            .len();
+        let len = meta.len();
         if len > MAX_MANIFEST_BYTES {
             return Err(ManifestError::Malformed {
                 path,

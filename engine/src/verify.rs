@@ -18,6 +18,8 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -37,7 +39,7 @@ pub enum VerifyMode {
 }
 
 /// Options of [`verify_snapshot_with`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub struct VerifyOptions {
     /// How thoroughly to check chunks.
     pub mode: VerifyMode,
@@ -47,6 +49,9 @@ pub struct VerifyOptions {
     /// to the process are handled by the thread that called, never by a helper. Needed inside a
     /// process whose signal handlers assume one thread (a PostgreSQL backend).
     pub signals_to_caller: bool,
+    /// When given: once it holds a value other than 0, no further chunk is checked and the
+    /// verification ends with [`Error::Stopped`] (a cancel of the job it runs for).
+    pub stop: Option<&'static AtomicU32>,
 }
 
 /// What kind of problem a [`Problem`] is.
@@ -185,14 +190,15 @@ struct Checked {
 
 /// Verifies the snapshot in `dir` using rayon's global thread pool. See the module documentation.
 pub fn verify_snapshot(dir: &Path, mode: VerifyMode) -> VerifyReport {
-    run(dir, mode)
+    run(dir, mode, None)
 }
 
 /// Verifies the snapshot in `dir` with `options.threads` threads (or the global pool). Fails only
 /// if the thread pool cannot be started; problems with the snapshot are in the report.
 pub fn verify_snapshot_with(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Error> {
-    match options.threads {
-        None => Ok(run(dir, options.mode)),
+    let stopped = || options.stop.is_some_and(|s| s.load(Ordering::Acquire) != 0);
+    let report = match options.threads {
+        None => run(dir, options.mode, options.stop),
         Some(threads) => {
             let mut builder = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -201,9 +207,10 @@ pub fn verify_snapshot_with(dir: &Path, options: &VerifyOptions) -> Result<Verif
                 builder = builder.start_handler(|_| block_all_signals());
             }
             let pool = builder.build().map_err(|e| Error::ThreadPool { threads, reason: e.to_string() })?;
-            Ok(pool.install(|| run(dir, options.mode)))
+            pool.install(|| run(dir, options.mode, options.stop))
         }
-    }
+    };
+    if stopped() { Err(Error::Stopped) } else { Ok(report) }
 }
 
 /// Blocks, in the calling thread, every signal that can be blocked (SIGKILL and SIGSTOP cannot).
@@ -227,7 +234,7 @@ pub fn verify_chunk(
     check_chunk(dir, table, chunk, mode).map(|_| ())
 }
 
-fn run(dir: &Path, mode: VerifyMode) -> VerifyReport {
+fn run(dir: &Path, mode: VerifyMode, stop: Option<&AtomicU32>) -> VerifyReport {
     let mut report = VerifyReport {
         mode,
         problems: Vec::new(),
@@ -271,8 +278,16 @@ fn run(dir: &Path, mode: VerifyMode) -> VerifyReport {
         .flat_map(|t| t.chunks.iter().map(move |c| (t, c)))
         .filter(|(_, c)| check_rel_path(&c.file).is_ok())
         .collect();
-    let results: Vec<Result<Checked, Problem>> =
-        jobs.par_iter().with_max_len(1).map(|(table, chunk)| check_chunk(dir, table, chunk, mode)).collect();
+    let stopped = || stop.is_some_and(|s| s.load(Ordering::Acquire) != 0);
+    let results: Vec<Result<Checked, Problem>> = jobs
+        .par_iter()
+        .with_max_len(1)
+        .filter(|_| !stopped())
+        .map(|(table, chunk)| check_chunk(dir, table, chunk, mode))
+        .collect();
+    if stopped() {
+        return report;
+    }
     for result in results {
         report.chunks_checked += 1;
         match result {
@@ -300,6 +315,11 @@ fn check_chunk(
             ProblemKind::InvalidManifest,
             format!("unsafe chunk path, not opened: {reason}"),
         )));
+    }
+    // Nothing is read through a symbolic link: no byte (nor size, nor CRC in a message) of a file
+    // outside the snapshot.
+    if let Err(e) = crate::chunk::check_chunk_dirs(dir, &chunk.file) {
+        return Err(located(Problem::new(ProblemKind::NotRegular, e.to_string())));
     }
     let path = chunk.path_in(dir);
     match fs::symlink_metadata(&path) {
@@ -366,6 +386,13 @@ fn find_extra_entries(dir: &Path, jobs: &[(&TableEntry, &ChunkEntry)]) -> Vec<Pr
     }
     let mut problems = Vec::new();
     let data = dir.join(DATA_DIR);
+    if fs::symlink_metadata(&data).is_ok_and(|m| !m.is_dir()) {
+        problems.push(
+            Problem::new(ProblemKind::NotRegular, "is a symbolic link or a file, not a directory")
+                .at(None, Some(DATA_DIR.to_string())),
+        );
+        return problems;
+    }
     let entries = match fs::read_dir(&data) {
         Ok(entries) => entries,
         // No data/ at all: every chunk is already reported missing.

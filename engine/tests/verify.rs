@@ -50,7 +50,7 @@ fn sound_snapshot_passes_both_modes() {
         }
         let report = verify_snapshot_with(
             dir.path(),
-            &VerifyOptions { mode: VerifyMode::Deep, threads: Some(3), signals_to_caller: true },
+            &VerifyOptions { mode: VerifyMode::Deep, threads: Some(3), signals_to_caller: true, stop: None },
         )
         .unwrap();
         assert!(report.is_ok());

@@ -12,6 +12,9 @@ CREATE TABLE steep_repl.snapshots (
     path               text        NOT NULL,
     database_name      name        NOT NULL DEFAULT current_database(),
     role_name          name        NOT NULL DEFAULT current_user,
+    -- The role's oid: who may read the full error, cancel or resume is decided by it, not by a name
+    -- that a role created later could take.
+    role_oid           oid,
     parallel_requested integer     NOT NULL,
     parallel_used      integer,
     compression        text,

@@ -67,8 +67,8 @@ pub fn insert_operation(o: &NewOperation) {
     as_owner(|| {
         Spi::run_with_args(
             "INSERT INTO steep_repl.snapshots (id, op, status, phase, path, parallel_requested, compression, \
-             options, role_name, tables_total, chunks_total) \
-             VALUES ($1, $2, 'pending', 'queued', $3, $4, $5, $6::pg_catalog.jsonb, $7, $8, $9)",
+             options, role_name, tables_total, chunks_total, role_oid) \
+             VALUES ($1, $2, 'pending', 'queued', $3, $4, $5, $6::pg_catalog.jsonb, $7, $8, $9, $10)",
             &[
                 o.id.into(),
                 o.op.into(),
@@ -79,6 +79,7 @@ pub fn insert_operation(o: &NewOperation) {
                 o.role_name.into(),
                 o.tables_total.into(),
                 o.chunks_total.into(),
+                pgrx::pg_sys::Oid::from(crate::pg::current_user_oid()).into(),
             ],
         )?;
         Spi::run_with_args(
@@ -160,6 +161,18 @@ pub fn record_end(id: &str, status: &str, error: Option<(&str, &str)>, f: &Figur
     .unwrap_or_else(|e| error!("recording the end of {id}: {e}"));
 }
 
+/// Records, in the transaction that emptied them, that apply `id` has truncated its target tables.
+pub fn mark_truncated(id: &str) {
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE steep_repl.snapshots SET options = options || '{\"truncated\": true}'::pg_catalog.jsonb \
+             WHERE id = $1",
+            &[id.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("recording that {id} truncated its tables: {e}"));
+}
+
 /// `pending`/`running` operations of this database: (id, whether the row was written under the current
 /// server start).
 pub fn unfinished_operations() -> Vec<(String, bool)> {
@@ -202,16 +215,39 @@ pub struct Operation {
     pub status: String,
     pub path: String,
     pub role_name: String,
+    /// The role's oid (None for rows written before it was recorded).
+    pub role_oid: Option<u32>,
     pub parallel: i32,
     pub options: serde_json::Value,
+}
+
+impl Operation {
+    /// Whether the current user may act for the operation's role: read its full error, cancel or
+    /// resume it (the role itself, its members, superusers). Decided by the role's oid; for rows from
+    /// before it was recorded, by name.
+    pub fn current_user_acts_for_role(&self) -> bool {
+        let role = self.role_oid.or_else(|| {
+            Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
+                "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = $1::pg_catalog.name",
+                &[self.role_name.as_str().into()],
+            )
+            .ok()
+            .flatten()
+            .map(|o| o.to_u32())
+        });
+        match role {
+            Some(r) => crate::pg::rights::acts_for(r),
+            None => crate::pg::rights::is_superuser(),
+        }
+    }
 }
 
 /// The operation `id`, if it exists.
 pub fn operation(id: &str) -> Option<Operation> {
     Spi::connect(|c| -> Result<Option<Operation>, pgrx::spi::Error> {
         let t = c.select(
-            "SELECT op, status, path, role_name::pg_catalog.text, parallel_requested, options::pg_catalog.text \
-             FROM steep_repl.snapshots WHERE id = $1",
+            "SELECT op, status, path, role_name::pg_catalog.text, parallel_requested, options::pg_catalog.text, \
+             role_oid FROM steep_repl.snapshots WHERE id = $1",
             Some(1),
             &[id.into()],
         )?;
@@ -224,6 +260,7 @@ pub fn operation(id: &str) -> Option<Operation> {
             status: r.get::<String>(2)?.unwrap_or_default(),
             path: r.get::<String>(3)?.unwrap_or_default(),
             role_name: r.get::<String>(4)?.unwrap_or_default(),
+            role_oid: r.get::<pgrx::pg_sys::Oid>(7)?.map(|o| o.to_u32()),
             parallel: r.get::<i32>(5)?.unwrap_or(4),
             options: r
                 .get::<String>(6)?

@@ -278,22 +278,28 @@ pub fn nap(timeout: Duration) {
     }
 }
 
-/// Waits until the transaction that created a job has ended; true if its row is visible (committed),
-/// false if it rolled back (then the job must not run).
+/// Waits until the transaction that created (or resumed) a job has ended; true if it committed with the
+/// job's row `pending` (what `start_*` and `resume_apply` leave), false otherwise: rolled back, or the
+/// call itself undone by a rollback to a savepoint. Then the job must not run.
 pub fn wait_for_caller(job: &JobSlot, id: &str) -> bool {
     let xid = job.caller_xid.load(Ordering::Acquire);
-    loop {
-        let in_progress = xact::xid_in_progress(xid);
-        let visible = BackgroundWorker::transaction(|| bookkeeping::operation(id).is_some());
-        if visible {
-            return true;
-        }
-        if !in_progress {
-            return false;
-        }
+    while xact::xid_in_progress(xid) {
         nap(Duration::from_millis(20));
     }
+    if !xact::xid_committed(xid) {
+        return false;
+    }
+    // A cancel of the leader while it waited (pg_cancel_backend, or cancel_snapshot's SIGINT) cancels
+    // the job, which now exists: it ends as cancelled once it looks at its stop flag.
+    if pg::take_cancel_request() && !job.should_stop() {
+        job.cancelled.store(1, Ordering::Release);
+        job.fail("cancelled before it began (the leader received a query cancel)");
+    }
+    BackgroundWorker::transaction(|| bookkeeping::operation(id).is_some_and(|op| op.status == "pending"))
 }
+
+/// SQLSTATE query_canceled.
+const QUERY_CANCELED: &str = "57014";
 
 /// How long a leader waits for workers to stop after a failure before sending SIGTERM.
 const STOP_GRACE_MS: u64 = 5_000;
@@ -356,10 +362,8 @@ pub fn watch_workers(shared: &Shared, slot: usize, mut on_tick: impl FnMut(&JobS
         if job.units_done.load(Ordering::Acquire) >= count || job.should_stop() {
             return;
         }
-        if BackgroundWorker::sigterm_received() {
-            job.fail("the job's leader was terminated (SIGTERM: server shutdown or pg_terminate_backend)");
-            return;
-        }
+        // A cancel (SIGINT) or terminate (SIGTERM, see pg::stop_job_on_sigterm) raises an ERROR here.
+        pgrx::check_for_interrupts!();
         let mut active = 0;
         for (i, w, _) in shared.job_workers(slot, Some(generation)) {
             let pid = w.pid.load(Ordering::Acquire);
@@ -405,11 +409,16 @@ fn live_workers(shared: &Shared, slot: usize, generation: u32) -> Vec<i32> {
         .collect()
 }
 
-/// Waits for the job's workers to exit; SIGTERMs those still running after the grace period (they die
-/// at their next interrupt check, also inside a lock wait) and gives them as long again.
+/// Waits for the job's workers to exit: cancels what each is doing (SIGINT), SIGTERMs those still
+/// running after the grace period (they die at their next interrupt check, also inside a lock wait) and
+/// gives them as long again.
 pub fn stop_workers(shared: &Shared, slot: usize) {
     let generation = shared.jobs[slot].generation();
     let start = pg::now_ms();
+    // A query cancel first: a worker waiting on a lock or a row stops at once.
+    for pid in live_workers(shared, slot, generation) {
+        pg::cancel_process(pid);
+    }
     let mut signalled = false;
     loop {
         let running = live_workers(shared, slot, generation);
@@ -464,13 +473,6 @@ pub fn pause_before_chunk(job: &JobSlot) {
     let until = pg::now_ms() + pause;
     while pause > 0 && !job.should_stop() && pg::now_ms() < until {
         pgrx::check_for_interrupts!();
-        if BackgroundWorker::sigterm_received() {
-            job.fail(&format!(
-                "pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
-                pg::my_pid()
-            ));
-            return;
-        }
         nap(Duration::from_millis((until - pg::now_ms()).clamp(1, 50)));
     }
 }
@@ -481,7 +483,7 @@ pub fn connect_as_caller(job: &JobSlot) {
     let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
     let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
-    BackgroundWorker::transaction(rights::pin_search_path);
+    BackgroundWorker::transaction(rights::pin_session);
 }
 
 /// Exit callback of a leader: a leader that ends without having ended its job (FATAL, terminate, a
@@ -537,9 +539,10 @@ pub fn lead(
     finish: impl FnOnce(&'static Shared, usize, Result<(), JobError>),
 ) {
     let a = Arg::unpack(arg);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     let shared = shmem::require();
     let Some(job) = shared.jobs.get(a.job_slot) else { return };
+    pg::stop_job_on_sigterm(&job.stop);
     if a.worker_slot.is_some() || !job.word.transition(a.generation, job_state::STARTING, job_state::RUNNING)
     {
         log!(
@@ -570,13 +573,29 @@ pub fn lead(
     }
     job.started_ms.store(pg::now_ms(), Ordering::Relaxed);
     job.set_phase(shmem::Phase::Plan);
-    let outcome = xact::try_catch(|| {
+    let outcome = match xact::try_catch(|| {
         BackgroundWorker::transaction(|| bookkeeping::persist(&id, Some("running"), &Figures::of(job)));
         crate::progress::publish_if_due(job, true);
-        body(shared, a.job_slot)
-    })
-    .map_err(|c| JobError::caught(None, &c))
-    .and_then(|r| r);
+        match job.job_error() {
+            // Cancelled (or failed) before it began: nothing to run.
+            Some(e) if job.should_stop() => Err(e),
+            _ => body(shared, a.job_slot),
+        }
+    }) {
+        Ok(r) => r,
+        Err(c) => {
+            if !pg::dying() && c.sqlstate == QUERY_CANCELED {
+                // Timeouts are off in our sessions: a query cancel is a cancel (cancel_snapshot, or
+                // pg_cancel_backend on the leader).
+                job.cancelled.store(1, Ordering::Release);
+                job.fail("cancelled (the leader received a query cancel)");
+            }
+            Err(JobError::caught(None, &c))
+        }
+    };
+    if pg::dying() {
+        job.fail("the job's leader was terminated (SIGTERM: server shutdown or pg_terminate_backend)");
+    }
     if outcome.is_err() {
         // An ERROR, or a stop while a transaction was still open: end it (and its locks, the apply
         // leader's session locks included) before anything is recorded.
@@ -664,6 +683,8 @@ pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), JobError>, endin
             }
         }
     };
+    // A cancel or terminate that came late must not interrupt the recording of the end.
+    pg::take_cancel_request();
     let recorded = xact::try_catch(|| {
         BackgroundWorker::transaction(|| {
             let e = error.as_ref().map(|e| (e.public.as_str(), e.full.as_str()));
@@ -671,11 +692,22 @@ pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), JobError>, endin
             crate::progress::notify(job);
         })
     });
+    let unrecorded = recorded.is_err();
     if let Err(c) = recorded {
         xact::abort_after_error();
         log!("steep_repl: could not record the end of {id} ({status}): {}", c.full());
+        if error.is_none() {
+            // The row cannot say the job succeeded, so it will say failed: undo what a success left
+            // (a generate's manifest), so that the two never disagree.
+            (ending.cleanup)(job);
+        }
     }
+    let db = job.database_oid.load(Ordering::Acquire);
     release(shared, slot);
+    if unrecorded {
+        // Once the slot is free, a reaper marks the row failed with the reason.
+        shared.request_reap(db);
+    }
 }
 
 /// Marks `pending`/`running` rows of this database whose job no longer runs as failed: after a server

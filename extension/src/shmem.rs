@@ -497,8 +497,18 @@ impl Shared {
     /// whose workers can still write (see the module documentation). A waiter registers before it
     /// checks that the slot still holds its job, so it either sees the slot free or is woken here.
     pub fn release_job(&self, slot: usize, generation: u32) -> bool {
+        self.release_job_in(slot, generation, None)
+    }
+
+    /// [`release_job`](Self::release_job), only if the slot is still in state `only_from` (when given):
+    /// the supervisor frees a slot whose claimer died only while no leader has attached to it.
+    pub fn release_job_in(&self, slot: usize, generation: u32, only_from: Option<u32>) -> bool {
         let j = &self.jobs[slot];
-        if !j.word.free(generation) {
+        let freed = match only_from {
+            Some(state) => j.word.transition(generation, state, FREE),
+            None => j.word.free(generation),
+        };
+        if !freed {
             return false;
         }
         for w in &j.waiters {

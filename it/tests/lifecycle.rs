@@ -51,12 +51,27 @@ fn apply(d: &mut postgres::Client, dir: &std::path::Path, args: &str) -> Result<
         .map_err(|e| db_message(&e))
 }
 
+/// No job of this database holds a row `pending`/`running` or a slot (other tests share the cluster).
 fn no_job_left(c: &mut postgres::Client) {
     let pending: i64 = c
         .query_one("SELECT count(*) FROM steep_repl.snapshots WHERE status IN ('pending', 'running')", &[])
         .unwrap()
         .get(0);
     assert_eq!(pending, 0, "rows still pending or running");
+    let held: i64 = c
+        .query_one(
+            "SELECT count(*) FROM steep_repl.snapshot_progress() p JOIN steep_repl.snapshots s USING (id) \
+             WHERE p.status = 'running'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "a job slot is still held");
+}
+
+/// Nothing runs on the whole server: no job slot, no worker (for tests with a cluster of their own).
+fn server_idle(c: &mut postgres::Client) {
+    no_job_left(c);
     let (running, workers): (i64, i32) = c
         .query_one("SELECT active_operations, workers_running FROM steep_repl.health()", &[])
         .map(|r| (r.get(0), r.get(1)))
@@ -101,7 +116,7 @@ fn failed_starts_leave_no_slot_behind() {
         assert!(!dir.exists(), "the output directory was left behind");
     }
     c.batch_execute("DROP TRIGGER refuse ON steep_repl.work_queue").unwrap();
-    no_job_left(&mut c);
+    server_idle(&mut c);
     // Sixteen slots in all: were any leaked, these would be refused.
     for k in 0..17 {
         let d = snapshot_path(&format!("failed_starts_ok{k}"));
@@ -109,7 +124,7 @@ fn failed_starts_leave_no_slot_behind() {
         let (status, error) = wait_for(&mut c, &id, 60);
         assert_eq!(status, "complete", "{error:?}");
     }
-    no_job_left(&mut c);
+    server_idle(&mut c);
 }
 
 #[test]
@@ -138,7 +153,7 @@ fn a_leader_that_cannot_connect_fails_its_job_at_once() {
     let cancelled: bool = c.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get(0);
     assert!(!cancelled);
     cluster.client("postgres").batch_execute("ALTER DATABASE noconn ALLOW_CONNECTIONS true").unwrap();
-    no_job_left(&mut c);
+    server_idle(&mut c);
 }
 
 #[test]
@@ -421,6 +436,8 @@ fn after_a_crash_no_row_says_running() {
 /// reader faulted there, SIGBUS, and the postmaster restarted every process).
 fn apply_while_changing(tag: &str, change: fn(&std::path::Path)) -> String {
     let cluster = preloaded();
+    // A crash-restart of the server would end this connection (the start time does not change then).
+    let mut sentinel = cluster.client("postgres");
     let before = cluster.started_at();
     let dir = snapshot_of(cluster, &format!("{tag}_src"), 250_000, "8MB");
     let files = walk(&dir.join("data"));
@@ -433,6 +450,7 @@ fn apply_while_changing(tag: &str, change: fn(&std::path::Path)) -> String {
         change(file);
     }
     let (status, error) = wait_for(&mut d, &id, 60);
+    assert!(sentinel.simple_query("SELECT 1").is_ok(), "the server crashed");
     assert_eq!(cluster.started_at(), before, "the server restarted");
     assert_eq!(status, "failed", "{error:?}");
     let error = error.unwrap_or_default();
@@ -477,6 +495,7 @@ fn chunks_deleted_during_an_apply_fail_it_without_a_crash() {
 #[test]
 fn chunks_truncated_as_an_apply_starts_fail_it_in_verify_or_load() {
     let cluster = preloaded();
+    let mut sentinel = cluster.client("postgres");
     let before = cluster.started_at();
     let dir = snapshot_of(cluster, "trunc_verify_src", 60000, "64kB");
     let mut d = target(cluster, "trunc_verify_dst");
@@ -487,5 +506,140 @@ fn chunks_truncated_as_an_apply_starts_fail_it_in_verify_or_load() {
     let (status, error) = wait_for(&mut d, &id, 60);
     assert_eq!(status, "failed", "{error:?}");
     assert!(error.unwrap_or_default().contains(".copy.zst"));
+    assert!(sentinel.simple_query("SELECT 1").is_ok(), "the server crashed");
     assert_eq!(cluster.started_at(), before, "the server restarted");
+}
+
+#[test]
+fn a_rolled_back_resume_does_not_run() {
+    let cluster = preloaded();
+    let (_dir, mut d, id) = cancelled_apply(cluster, "rb_resume");
+    let before: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    d.batch_execute(&format!("BEGIN; SELECT steep_repl.resume_apply('{id}'); SELECT pg_sleep(1); ROLLBACK"))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    no_job_left(&mut d);
+    let (status, after): (String, i64) = d
+        .query_one(
+            "SELECT (SELECT status FROM steep_repl.snapshots WHERE id = $1), (SELECT count(*) FROM t)",
+            &[&id],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((status.as_str(), after), ("cancelled", before));
+    // Undone by a rollback to a savepoint, with the transaction committing: not run either.
+    d.batch_execute(&format!(
+        "BEGIN; SAVEPOINT s; SELECT steep_repl.resume_apply('{id}'); ROLLBACK TO s; COMMIT"
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    no_job_left(&mut d);
+    let after: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(after, before);
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    assert_eq!(wait_for(&mut d, &again, 60).0, "applied");
+}
+
+/// The pid of a job's leader, from its progress.
+fn leader_pid(c: &mut postgres::Client, id: &str) -> i32 {
+    for _ in 0..500 {
+        let pids: Vec<i32> =
+            c.query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        if let Some(&p) = pids.first() {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no leader pid for {id}");
+}
+
+#[test]
+fn a_cancel_interrupts_the_leaders_lock_wait_and_a_resume_still_truncates() {
+    let cluster = preloaded();
+    let dir = snapshot_of(cluster, "cancel_trunc_src", 20000, "64kB");
+    // A target without a key that already holds the snapshot's rows: only a truncation keeps them single.
+    cluster.fresh_db("cancel_trunc_dst", true);
+    let mut d = cluster.client("cancel_trunc_dst");
+    d.batch_execute("CREATE TABLE t (id int, h text)").unwrap();
+    let rows_of =
+        |d: &mut postgres::Client| -> i64 { d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0) };
+    let mut holder = cluster.client("cancel_trunc_dst");
+    holder.batch_execute("BEGIN; LOCK t IN ACCESS SHARE MODE").unwrap();
+    let id = apply(&mut d, &dir, ", truncate => true").unwrap();
+    wait_for_phase(&mut d, &id, &["truncate"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
+    let (status, _) = wait_for(&mut d, &id, 30);
+    assert_eq!(status, "cancelled");
+    assert!(started.elapsed() < Duration::from_secs(10), "the cancel waited for the lock holder");
+    holder.batch_execute("COMMIT").unwrap();
+    // The truncation never committed; fill the table as if rows had been there all along.
+    d.batch_execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 500) g").unwrap();
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    assert_eq!(wait_for(&mut d, &again, 60).0, "applied");
+    assert_eq!(rows_of(&mut d), 20000, "the resume did not truncate first");
+}
+
+#[test]
+fn terminating_a_leader_that_waits_for_a_lock_fails_its_job_promptly() {
+    let cluster = preloaded();
+    let dir = snapshot_of(cluster, "term_leader_src", 2000, "64kB");
+    let mut d = target(cluster, "term_leader_dst");
+    // Another session's lock makes the leader's TRUNCATE wait.
+    let mut holder = cluster.client("term_leader_dst");
+    holder.batch_execute("BEGIN; LOCK t IN ACCESS SHARE MODE").unwrap();
+    let id = apply(&mut d, &dir, ", truncate => true").unwrap();
+    let pid = leader_pid(&mut d, &id);
+    wait_for_phase(&mut d, &id, &["truncate"]);
+    std::thread::sleep(Duration::from_millis(300));
+    d.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    let (status, error) = wait_for(&mut d, &id, 20);
+    assert_eq!(status, "failed");
+    assert!(error.unwrap_or_default().contains("terminated"));
+    holder.batch_execute("COMMIT").unwrap();
+    no_job_left(&mut d);
+    // The truncation never happened, and a resume does it.
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    assert_eq!(wait_for(&mut d, &again, 60).0, "applied");
+    let n: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(n, 2000);
+}
+
+#[test]
+fn a_cancel_of_the_leader_before_the_caller_commits_cancels_the_job() {
+    let cluster = preloaded();
+    cluster.fresh_db("cancel_early", true);
+    let mut c = cluster.client("cancel_early");
+    c.batch_execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)").unwrap();
+    let dir = snapshot_path("cancel_early");
+    c.batch_execute("BEGIN").unwrap();
+    let id = start_snapshot(&mut c, &[], &dir, "");
+    let pid = leader_pid(&mut c, &id);
+    cluster.client("cancel_early").query_one("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.batch_execute("COMMIT").unwrap();
+    let (status, _) = wait_for(&mut c, &id, 20);
+    assert_eq!(status, "cancelled");
+    assert!(!dir.join("manifest.json").exists());
+    no_job_left(&mut c);
+}
+
+#[test]
+fn timeouts_and_read_only_defaults_of_the_role_do_not_break_a_job() {
+    let cluster = preloaded();
+    let dir = snapshot_of(cluster, "role_settings_src", 20000, "64kB");
+    let mut d = target(cluster, "role_settings_dst");
+    d.batch_execute(
+        "ALTER DATABASE role_settings_dst SET default_transaction_read_only = on;          ALTER DATABASE role_settings_dst SET statement_timeout = '1ms';          ALTER DATABASE role_settings_dst SET lock_timeout = '1ms';          ALTER DATABASE role_settings_dst SET idle_in_transaction_session_timeout = '1ms'",
+    )
+    .unwrap();
+    // The caller's own session is read-write; the job's workers get the database's settings.
+    d.batch_execute("SET default_transaction_read_only = off; SET statement_timeout = 0").unwrap();
+    let id = apply(&mut d, &dir, ", parallel => 2").unwrap();
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert_eq!(status, "applied", "{error:?}");
+    let n: i64 = d.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(n, 20000);
+    d.batch_execute("ALTER DATABASE role_settings_dst RESET ALL").unwrap();
 }

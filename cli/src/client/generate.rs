@@ -218,6 +218,7 @@ async fn table_rows(client: &Client) -> Result<Vec<TableRow>, CliError> {
             column_names: r.try_get::<_, Option<Vec<String>>>(8).ok().flatten().unwrap_or_default(),
             column_types: r.try_get::<_, Option<Vec<String>>>(9).ok().flatten().unwrap_or_default(),
             extension_member: r.try_get::<_, Option<bool>>(10).ok().flatten().unwrap_or(false),
+            rls_active: r.try_get::<_, Option<bool>>(11).ok().flatten().unwrap_or(false),
         })
         .collect())
 }

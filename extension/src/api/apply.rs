@@ -87,18 +87,38 @@ fn check_schema(m: &Manifest) {
 fn check_privileges(m: &Manifest, truncate: bool) {
     let names: Vec<String> =
         m.tables.iter().map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string()).collect();
+    let sequences: Vec<String> = m
+        .sequences
+        .iter()
+        .map(|s| QualifiedName::new(s.schema.clone(), s.name.clone()).to_string())
+        .collect();
     let privs = if truncate { "INSERT, TRUNCATE" } else { "INSERT" };
-    let missing: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT coalesce(array_agg(q ORDER BY n), '{}') FROM unnest($1::text[]) WITH ORDINALITY AS t(q, n) \
+    let query = |sql: &str, args: Vec<pgrx::datum::DatumWithOid>| -> Vec<String> {
+        Spi::get_one_with_args::<Vec<String>>(sql, &args)
+            .unwrap_or_else(|e| error!("checking privileges on the target: {e}"))
+            .unwrap_or_default()
+    };
+    let mut missing: Vec<String> = query(
+        "SELECT coalesce(pg_catalog.array_agg(q ORDER BY n), '{}') \
+         FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS t(q, n) \
          WHERE NOT (pg_catalog.has_table_privilege(q, 'INSERT') \
                     AND ($2 = false OR pg_catalog.has_table_privilege(q, 'TRUNCATE')))",
-        &[names.into(), truncate.into()],
+        vec![names.into(), truncate.into()],
     )
-    .unwrap_or_else(|e| error!("checking privileges on the target tables: {e}"))
-    .unwrap_or_default()
     .into_iter()
     .map(|q| format!("{q} ({privs})"))
     .collect();
+    // Sequences are set at the end of the load (setval): refuse now rather than after loading it all.
+    missing.extend(
+        query(
+            "SELECT coalesce(pg_catalog.array_agg(q ORDER BY n), '{}') \
+             FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS t(q, n) \
+             WHERE NOT pg_catalog.has_sequence_privilege(q, 'UPDATE')",
+            vec![sequences.into()],
+        )
+        .into_iter()
+        .map(|q| format!("sequence {q} (UPDATE)")),
+    );
     if !missing.is_empty() {
         user_error(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -315,13 +335,7 @@ fn resume_apply(id: &str) -> String {
     if !matches!(op.status.as_str(), "failed" | "cancelled") || shared.find_job(id).is_some() {
         not_resumable(&op.status);
     }
-    let role = Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
-        "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = $1::pg_catalog.name",
-        &[op.role_name.as_str().into()],
-    )
-    .ok()
-    .flatten();
-    if !role.is_some_and(|r| rights::acts_for(r.to_u32())) {
+    if !op.current_user_acts_for_role() {
         user_error(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied to resume {id}, started by role {}", op.role_name),
@@ -341,14 +355,18 @@ fn resume_apply(id: &str) -> String {
             Some("Apply the snapshot that is there now with start_apply(..., truncate => true)."),
         );
     }
+    let option = |key: &str| op.options.get(key).and_then(|v| v.as_bool());
+    // An apply asked to truncate whose first run stopped before the truncation committed must still
+    // truncate: the tables may hold rows it was meant to replace (nothing of its own is loaded yet).
+    let truncate = option("truncate").unwrap_or(false) && !option("truncated").unwrap_or(false);
     check_schema(&m);
-    check_privileges(&m, false);
+    check_privileges(&m, truncate);
     let relids = target_relids(&m);
-    let flag_of = |key: &str| op.options.get(key).and_then(|v| v.as_bool()).unwrap_or(true);
     let mut job_flags = flags::RESUME;
     for (on, f) in [
-        (flag_of("verify"), flags::VERIFY),
-        (flag_of("analyze"), flags::ANALYZE),
+        (option("verify").unwrap_or(true), flags::VERIFY),
+        (option("analyze").unwrap_or(true), flags::ANALYZE),
+        (truncate, flags::TRUNCATE),
         (rights::is_superuser(), flags::REPLICA),
     ] {
         if on {

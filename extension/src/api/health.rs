@@ -49,6 +49,10 @@ fn health() -> TableIterator<
     ),
 > {
     let preloaded = pg::is_preloaded();
+    if preloaded {
+        // Monitoring reads active_operations: rows of jobs that no longer run are marked first.
+        crate::job::reap_interrupted();
+    }
     let shared = shmem::get();
     let supervisor_running = shared.is_some_and(|s| {
         s.supervisor_pid.load(Ordering::Acquire) > 0

@@ -202,6 +202,12 @@ fn cancel_snapshot(id: &str) -> bool {
     }
     job.cancelled.store(1, Ordering::Release);
     job.fail("cancelled by steep_repl.cancel_snapshot()");
+    // Interrupt whatever the job's processes wait in (a lock, a row, the verification): each one stops
+    // at its next interrupt check, not only between chunks.
+    pg::cancel_process(job.leader_pid.load(Ordering::Acquire));
+    for (_, w, _) in shared.job_workers(slot, Some(job.word.get().0)) {
+        pg::cancel_process(w.pid.load(Ordering::Acquire));
+    }
     job::wake_leader(job);
     true
 }
@@ -219,16 +225,7 @@ fn operation_error(id: &str) -> Option<String> {
     )
     .ok()
     .flatten();
-    let role = Spi::get_one_with_args::<pgrx::pg_sys::Oid>(
-        "SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = $1::pg_catalog.name",
-        &[op.role_name.as_str().into()],
-    )
-    .ok()
-    .flatten();
-    let may_read = match role {
-        Some(r) => rights::acts_for(r.to_u32()),
-        None => rights::is_superuser(),
-    };
+    let may_read = op.current_user_acts_for_role();
     if may_read { bookkeeping::full_error(id).or(public) } else { public }
 }
 

@@ -28,6 +28,7 @@ pub fn list_tables(patterns: &[TablePattern]) -> Result<Vec<TableMeta>, Selectio
                 column_names: r.get::<Vec<String>>(9)?.unwrap_or_default(),
                 column_types: r.get::<Vec<String>>(10)?.unwrap_or_default(),
                 extension_member: r.get::<bool>(11)?.unwrap_or(false),
+                rls_active: r.get::<bool>(12)?.unwrap_or(false),
             });
         }
         Ok(v)
@@ -89,9 +90,10 @@ pub fn server_info() -> Result<ServerInfo, String> {
     .map_err(|e| format!("reading server facts: {e}"))
 }
 
-/// Oids of the databases that allow connections, read from the shared catalog `pg_database` (works in
-/// a process connected to no database). Call inside a transaction.
-pub fn connectable_databases() -> Vec<u32> {
+/// Oids of every database a job can have run in, read from the shared catalog `pg_database` (works in a
+/// process connected to no database): all but templates that refuse connections (template0). Call
+/// inside a transaction.
+pub fn job_databases() -> Vec<u32> {
     let mut out = Vec::new();
     // SAFETY: inside a transaction; pg_database is a shared catalog any process attached to shared
     // memory may scan with a catalog snapshot (as the autovacuum launcher does). The scan and the
@@ -108,7 +110,7 @@ pub fn connectable_databases() -> Vec<u32> {
             let data = (*tuple).t_data;
             let form =
                 (data as *const u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_database;
-            if (*form).datallowconn {
+            if (*form).datallowconn || !(*form).datistemplate {
                 out.push((*form).oid.to_u32());
             }
         }

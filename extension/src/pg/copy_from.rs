@@ -53,8 +53,9 @@ impl Drop for SourceGuard {
     }
 }
 
-/// Loads everything `source` yields into `relid` as COPY TEXT for `columns`, as the current user, in
-/// the current transaction (which must have an active snapshot). Returns the number of rows loaded.
+/// Loads everything `source` yields into `relid` as COPY TEXT for `columns`, in the current transaction
+/// (which must have an active snapshot): the current user must have INSERT on the table, and the rows go
+/// in as the table's owner, in a security-restricted context (see `rights::as_table_owner`). Returns the number of rows loaded.
 /// `encoding` names the encoding of the text when it is not the database's (COPY's `ENCODING` option:
 /// PostgreSQL converts and verifies it); `None` loads the bytes as they are.
 /// Raises an ERROR when the user lacks INSERT, when row-level security applies, or on any bad row.
@@ -75,9 +76,7 @@ pub fn copy_into(
             let name = crate::pg::relation_name(relid).map(|(s, n)| format!("{s}.{n}")).unwrap_or_default();
             error!("permission denied for table {name}: INSERT is needed to apply a snapshot");
         }
-        if pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, false)
-            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
-        {
+        if crate::pg::rls_applies(relid) {
             let name = crate::pg::relation_name(relid).map(|(s, n)| format!("{s}.{n}")).unwrap_or_default();
             error!(
                 "row-level security is enabled for table {name} and applies to this role; COPY FROM cannot load it"
@@ -112,18 +111,24 @@ pub fn copy_into(
         SOURCE = Some(std::mem::transmute::<*mut dyn CopySource, *mut (dyn CopySource + 'static)>(
             source as *mut dyn CopySource,
         ));
-        let cstate = pg_sys::BeginCopyFrom(
-            pstate,
-            rel,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            false,
-            Some(copy_source_cb),
-            attnames,
-            options,
-        );
-        let rows = pg_sys::CopyFrom(cstate);
-        pg_sys::EndCopyFrom(cstate);
+        // The table owner's code (triggers, CHECK and index expressions) runs as the owner, never with
+        // the job role's rights (see rights::as_table_owner); the job's role was checked for INSERT above.
+        let owner = (*(*rel).rd_rel).relowner;
+        let rows = crate::pg::rights::as_table_owner(owner, || {
+            let cstate = pg_sys::BeginCopyFrom(
+                pstate,
+                rel,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                false,
+                Some(copy_source_cb),
+                attnames,
+                options,
+            );
+            let rows = pg_sys::CopyFrom(cstate);
+            pg_sys::EndCopyFrom(cstate);
+            rows
+        });
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         rows

@@ -309,8 +309,66 @@ unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
     unsafe { postgres_die(signal) };
 }
 
-/// Whether this process was told to terminate (SIGTERM, through [`die_on_sigterm`] or PostgreSQL's
-/// `die`).
+/// The stop flag of the job a leader runs, for its SIGTERM handler (0 when none).
+static LEADER_STOP: std::sync::atomic::AtomicPtr<std::sync::atomic::AtomicU32> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Makes SIGTERM stop this leader's job and interrupt whatever the leader waits in (a lock, a query),
+/// while leaving it alive to clean up and record the job's end: the handler sets the job's stop flag
+/// (`stop`, which every process of the job and the verification threads look at) and a query cancel,
+/// which the next interrupt check turns into an ERROR. SIGINT keeps PostgreSQL's statement-cancel
+/// handler: `cancel_snapshot` sends it to interrupt a wait at once.
+pub fn stop_job_on_sigterm(stop: &'static std::sync::atomic::AtomicU32) {
+    LEADER_STOP.store(stop as *const _ as *mut _, Ordering::SeqCst);
+    // SAFETY: installs a handler that only stores atomics, sets PostgreSQL's interrupt flags (as its
+    // StatementCancelHandler does) and the latch: all async-signal-safe.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(leader_sigterm));
+    }
+}
+
+/// Runs in signal context: atomics, PostgreSQL's interrupt flags and the latch only.
+unsafe extern "C-unwind" fn leader_sigterm(_signal: std::ffi::c_int) {
+    TERMINATED.store(true, Ordering::SeqCst);
+    let stop = LEADER_STOP.load(Ordering::SeqCst);
+    // SAFETY: LEADER_STOP points into shared memory, which lives as long as the process; the globals
+    // are sig_atomic_t flags PostgreSQL's own handlers set the same way.
+    unsafe {
+        if !stop.is_null() {
+            (*stop).store(1, Ordering::SeqCst);
+        }
+        if !pg_sys::proc_exit_inprogress {
+            pg_sys::InterruptPending = 1;
+            pg_sys::QueryCancelPending = 1;
+        }
+        pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
+
+/// Takes back a pending query cancel (from SIGINT or a leader's SIGTERM) and says whether there was
+/// one: before a leader records its job's end, which a late cancel must not interrupt.
+pub fn take_cancel_request() -> bool {
+    // SAFETY: plain reads and writes of sig_atomic_t flags, from the main thread.
+    unsafe {
+        let pending = pg_sys::QueryCancelPending != 0;
+        pg_sys::QueryCancelPending = 0;
+        pending
+    }
+}
+
+/// Sends SIGINT (a query cancel) to one of our processes: it interrupts its current wait or statement
+/// at its next interrupt check.
+pub fn cancel_process(pid: i32) {
+    if pid > 0 {
+        // SAFETY: sends a signal to a process of ours recorded in shared memory.
+        unsafe {
+            libc_kill(pid, 2);
+        }
+    }
+}
+
+/// Whether this process was told to terminate (SIGTERM, through [`die_on_sigterm`],
+/// [`stop_job_on_sigterm`] or PostgreSQL's `die`).
 pub fn dying() -> bool {
     // SAFETY: reads a sig_atomic_t flag set by PostgreSQL's signal handlers.
     TERMINATED.load(Ordering::SeqCst) || unsafe { pg_sys::ProcDiePending != 0 }
@@ -445,4 +503,14 @@ pub fn connect_bypassing_allowconn(db: u32) {
             pg_sys::BGWORKER_BYPASS_ALLOWCONN,
         )
     };
+}
+
+/// Whether row-level security filters what the current user sees of (or may write to) a relation.
+pub fn rls_applies(relid: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog lookup inside a transaction; with noError = false it may raise an ERROR for a
+    // relation that does not exist, which is what callers want.
+    unsafe {
+        pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, false)
+            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+    }
 }

@@ -7,7 +7,7 @@
 //!   resolves a function, operator or type through a schema the caller controls.
 //! - Background workers (leaders, data workers) connect as the role that started the job: its
 //!   privileges on tables apply exactly. They pin [`SAFE_SEARCH_PATH`] for their session at start
-//!   ([`pin_search_path`]), overriding any `ALTER ROLE ... SET search_path`.
+//!   ([`pin_session`]), overriding any `ALTER ROLE ... SET search_path`.
 //! - Bookkeeping (`steep_repl.snapshots`, `work_queue`, `apply_chunks`, `apply_targets`,
 //!   `operation_errors`) is written as the extension's owner, through [`as_owner`] alone, which pins
 //!   the search path again for the duration and marks the context security-restricted; the statements
@@ -24,10 +24,21 @@ use pgrx::prelude::*;
 /// last (never before a catalog name), nothing a role can create objects in.
 pub const SAFE_SEARCH_PATH: &str = "pg_catalog, pg_temp";
 
-/// Pins `search_path` to [`SAFE_SEARCH_PATH`] for the rest of this session (a background worker's).
+/// Pins the settings of a background worker's session, overriding what `ALTER ROLE/DATABASE ... SET`
+/// gave it: `search_path` to [`SAFE_SEARCH_PATH`]; no statement, lock or idle-in-transaction timeout
+/// and read-write transactions, as pg_dump and pg_restore set for their sessions (a job's long COPY or
+/// its leader's wait for a table must not be cut short, and its bookkeeping must be able to write).
 /// Call inside a transaction.
-pub fn pin_search_path() {
+pub fn pin_session() {
     crate::pg::session::set("search_path", SAFE_SEARCH_PATH);
+    for (name, value) in [
+        ("statement_timeout", "0"),
+        ("lock_timeout", "0"),
+        ("idle_in_transaction_session_timeout", "0"),
+        ("default_transaction_read_only", "off"),
+    ] {
+        crate::pg::session::set(name, value);
+    }
 }
 
 /// The extension's owner, read from `pg_extension` under the pinned search path.
@@ -140,4 +151,51 @@ pub fn role_can_login(role: u32) -> bool {
 pub fn is_superuser() -> bool {
     // SAFETY: reads the current user's rolsuper through the syscache, inside a transaction.
     unsafe { pg_sys::superuser() }
+}
+
+/// Runs `f` as `owner`, the owner of a target table, in a security-restricted context: how a job runs
+/// what that owner controls — its triggers (also ENABLE ALWAYS ones under `session_replication_role =
+/// replica`), CHECK constraints, index expressions and TRUNCATE triggers — while loading or truncating
+/// its table. That code then never runs with the rights of the job's role (a superuser's, say), which
+/// a table owner could otherwise borrow by writing a CHECK that calls a function of theirs; PostgreSQL
+/// does the same for maintenance commands (ANALYZE, REFRESH MATERIALIZED VIEW) and, since 16, for
+/// logical replication's apply workers. The job's role has been checked for INSERT (and TRUNCATE) on
+/// the table beforehand. Restored afterwards, or by transaction abort on an ERROR.
+pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let mut user = pg_sys::InvalidOid;
+    let mut sec_context = 0;
+    // SAFETY: as in `as_owner`: save, switch with SECURITY_LOCAL_USERID_CHANGE and
+    // SECURITY_RESTRICTED_OPERATION, restore by the guard on the normal path; abort restores on ERROR.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec_context);
+        if owner == user {
+            return f();
+        }
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            sec_context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    let restore = RestoreUser { user, sec_context };
+    let r = f();
+    drop(restore);
+    r
+}
+
+/// Restores the user and security context saved by [`as_table_owner`], except while a panic unwinds.
+struct RestoreUser {
+    user: pg_sys::Oid,
+    sec_context: i32,
+}
+
+impl Drop for RestoreUser {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // SAFETY: restores exactly what was saved, in the same transaction.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.sec_context) };
+    }
 }

@@ -94,6 +94,12 @@ pub fn top_xid() -> u32 {
     unsafe { pg_sys::GetTopTransactionId() }.into_inner()
 }
 
+/// Whether a transaction that is no longer running committed.
+pub fn xid_committed(xid: u32) -> bool {
+    // SAFETY: reads the commit log; valid for an xid that is not in progress any more.
+    unsafe { pg_sys::TransactionIdDidCommit(pg_sys::TransactionId::from(xid)) }
+}
+
 /// Whether a transaction is still running.
 pub fn xid_in_progress(xid: u32) -> bool {
     // SAFETY: reads the proc array.
@@ -113,35 +119,23 @@ pub struct Caught {
     pub may_hold_data: bool,
 }
 
-/// SQLSTATE classes whose messages PostgreSQL words with names only (of relations, columns,
-/// constraints, settings), never with a value from a row: connection, unsupported feature, transaction
-/// state, catalog or schema name, rollback (deadlock, serialization), integrity constraints (their
-/// values are in the DETAIL, which is never public), access rules and syntax, resources, limits,
-/// prerequisite state (lock not available), operator intervention, system and internal errors. Messages
-/// of any other class (data exceptions such as "invalid input syntax for type integer: "..."", errors
-/// raised by user functions) are replaced by their condition name.
-const NAME_ONLY_CLASSES: [&str; 15] =
-    ["08", "0A", "25", "3D", "3F", "40", "23", "42", "53", "54", "55", "57", "58", "XX", "F0"];
+/// SQLSTATEs whose messages are steep_repl's own even when PostgreSQL hands them back (an ERROR raised
+/// in a COPY data callback comes back through COPY as PostgreSQL's), or PostgreSQL's fixed wording
+/// without values: a chunk that failed its checks (`data_corrupted`, also PostgreSQL's "invalid page"),
+/// a stop or cancel (`query_canceled`, also timeouts), a terminate (`admin_shutdown`).
+const WORDED_BY_US: [&str; 3] = ["XX001", "57014", "57P01"];
 
 impl Caught {
-    fn from_report(
-        code: PgSqlErrorCode,
-        message: &str,
-        detail: Option<&str>,
-        function: Option<&str>,
-        ours: bool,
-    ) -> Caught {
+    fn from_report(code: PgSqlErrorCode, message: &str, detail: Option<&str>, ours: bool) -> Caught {
         let sqlstate = unpack_sqlstate(code as i32);
         let condition = format!("{code:?}").trim_start_matches("ERRCODE_").to_ascii_lowercase();
-        let class_ok = NAME_ONLY_CLASSES.contains(&&sqlstate[..2]);
-        // A RAISE in a PL/pgSQL function (a user's trigger) can say anything, whatever its SQLSTATE.
-        let user_code = function.is_some_and(|f| f.starts_with("exec_stmt_raise"));
+        let may_hold_data = !ours && !WORDED_BY_US.contains(&sqlstate.as_str());
         Caught {
             sqlstate,
             condition,
             message: message.to_string(),
             detail: detail.filter(|d| !d.is_empty()).map(str::to_string),
-            may_hold_data: !ours && (!class_ok || user_code),
+            may_hold_data,
         }
     }
 
@@ -153,9 +147,12 @@ impl Caught {
         }
     }
 
-    /// What every role may read: never the DETAIL (where PostgreSQL puts key values and failing rows),
-    /// and the message only when it cannot quote row data: steep_repl's own messages, and PostgreSQL's
-    /// of the classes in `NAME_ONLY_CLASSES`; otherwise the condition name and SQLSTATE.
+    /// What every role may read. steep_repl's own messages name files, tables, settings and processes,
+    /// never a value of a row: they are shown whole. A message PostgreSQL raised while a job ran
+    /// (COPY's type input, a constraint, a user's trigger or CHECK expression, a `regclass` value that
+    /// names no relation) can quote row data in its text or its DETAIL, whatever its SQLSTATE class:
+    /// only its condition name and SQLSTATE are shown (`unique_violation (SQLSTATE 23505)`), with the
+    /// context steep_repl adds (which chunk of which table).
     pub fn public(&self) -> String {
         if self.may_hold_data {
             format!(
@@ -191,13 +188,7 @@ pub fn caught(e: &CaughtError) -> Caught {
         CaughtError::PostgresError(r) => (r, false),
         CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => (r, true),
     };
-    Caught::from_report(
-        report.sql_error_code(),
-        report.message(),
-        report.detail(),
-        report.function_name(),
-        ours,
-    )
+    Caught::from_report(report.sql_error_code(), report.message(), report.detail(), ours)
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -212,29 +203,35 @@ mod tests {
             PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
             "duplicate key value violates unique constraint \"t_pkey\"",
             Some("Key (ssn)=(123-45-6789) already exists."),
-            None,
             false,
         );
         assert!(!c.public().contains("123-45"), "{}", c.public());
-        assert!(c.public().contains("t_pkey"));
+        assert!(c.public().contains("unique_violation (SQLSTATE 23505"), "{}", c.public());
         assert!(c.full().contains("123-45-6789"));
         let c = super::Caught::from_report(
             PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             "invalid input syntax for type integer: \"secret\"",
-            None,
             None,
             false,
         );
         assert_eq!(c.sqlstate, "22P02");
         assert!(!c.public().contains("secret"), "{}", c.public());
         assert!(c.public().contains("invalid_text_representation"), "{}", c.public());
+        // A class that is usually names only, carrying a value from a row (a regclass column).
         let c = super::Caught::from_report(
-            PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
-            "ssn 123 is taken",
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            "relation \"s.people_123-45-6789\" does not exist",
             None,
-            Some("exec_stmt_raise"),
             false,
         );
         assert!(!c.public().contains("123"), "{}", c.public());
+        // steep_repl's own messages are shown whole.
+        let c = super::Caught::from_report(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            "cannot load into t",
+            None,
+            true,
+        );
+        assert_eq!(c.public(), "cannot load into t");
     }
 }

@@ -51,7 +51,8 @@ pub mod flags {
     pub const ANALYZE: u32 = 1 << 2;
     /// Workers set session_replication_role = replica (the caller is a superuser).
     pub const REPLICA: u32 = 1 << 3;
-    /// A resume_apply: chunks already recorded are skipped, nothing is truncated.
+    /// A resume_apply: ranges already recorded are skipped; TRUNCATE is set only if the first run asked
+    /// for it and never committed it.
     pub const RESUME: u32 = 1 << 4;
 }
 
@@ -88,13 +89,21 @@ fn load_manifest(job: &JobSlot) -> Result<(PathBuf, Manifest), JobError> {
 
 /// Checks every chunk file before anything is loaded; an error listing the bad ones. Files the server
 /// may not read are an error of their own (not a damaged snapshot), naming the server's OS user.
-fn verify_files(job: &JobSlot, dir: &std::path::Path) -> Result<(), JobError> {
+fn verify_files(job: &'static JobSlot, dir: &std::path::Path) -> Result<(), JobError> {
     let options = VerifyOptions {
         mode: VerifyMode::Quick,
         threads: Some(job.parallel_requested.load(Ordering::Relaxed).max(1) as usize),
         signals_to_caller: true,
+        // A cancel or terminate stops the verification at the next chunk.
+        stop: Some(&job.stop),
     };
-    let report = verify_snapshot_with(dir, &options).map_err(|e| format!("verification failed: {e}"))?;
+    let report = match verify_snapshot_with(dir, &options) {
+        Ok(report) => report,
+        Err(steep_repl_engine::Error::Stopped) => {
+            return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped during verification")));
+        }
+        Err(e) => return Err(JobError::plain(format!("verification failed: {e}"))),
+    };
     if report.is_ok() {
         return Ok(());
     }
@@ -143,19 +152,12 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         return Err(JobError::plain(format!("table {} does not exist any more", manifest.tables[k].label())));
     }
 
-    if has(job, flags::TRUNCATE) && !has(job, flags::RESUME) && !manifest.tables.is_empty() {
+    // A resume passes TRUNCATE only when the first run never got to it (see resume_apply).
+    if has(job, flags::TRUNCATE) && !manifest.tables.is_empty() {
+        stop_point(job)?;
         job.set_phase(Phase::Truncate);
         progress::publish_if_due(job, true);
-        for batch in manifest.tables.chunks(1000) {
-            let list: Vec<String> = batch
-                .iter()
-                .map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
-                .collect();
-            BackgroundWorker::transaction(|| {
-                Spi::run(&format!("TRUNCATE ONLY {}", list.join(", ")))
-                    .map_err(|e| format!("truncating the target tables: {e}"))
-            })?;
-        }
+        truncate(&id, &manifest, &relids)?;
     }
 
     // While the data loads, the leader holds SHARE UPDATE EXCLUSIVE on the largest target tables, for
@@ -280,6 +282,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     });
 
     if !manifest.sequences.is_empty() {
+        stop_point(job)?;
         job.set_phase(Phase::Sequences);
         progress::publish_if_due(job, true);
         BackgroundWorker::transaction(|| -> Result<(), String> {
@@ -295,6 +298,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         })?;
     }
     if has(job, flags::ANALYZE) && !manifest.tables.is_empty() {
+        stop_point(job)?;
         job.set_phase(Phase::Analyze);
         progress::publish_if_due(job, true);
         for batch in manifest.tables.chunks(100) {
@@ -309,6 +313,59 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
                 return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
             }
         }
+    }
+    Ok(())
+}
+
+/// Empties the target tables in one transaction: one TRUNCATE ONLY per owner, run as that owner (its
+/// TRUNCATE triggers never run with the job role's rights), all tables of an owner in one statement so
+/// that foreign keys between them do not refuse it. The job's role was checked for TRUNCATE on each.
+fn truncate(id: &str, manifest: &Manifest, relids: &[pg_sys::Oid]) -> Result<(), JobError> {
+    let done = xact::try_catch(|| {
+        BackgroundWorker::transaction(|| {
+            let owners = Spi::get_one_with_args::<Vec<pg_sys::Oid>>(
+                "SELECT coalesce(pg_catalog.array_agg(c.relowner ORDER BY w.n), '{}') \
+                 FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS w(relid, n) \
+                 JOIN pg_catalog.pg_class c ON c.oid = w.relid",
+                &[relids.to_vec().into()],
+            )
+            .unwrap_or_else(|e| error!("reading the owners of the target tables: {e}"))
+            .unwrap_or_default();
+            let mut by_owner: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+            for (t, owner) in manifest.tables.iter().zip(owners) {
+                let name = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
+                by_owner.entry(owner.to_u32()).or_default().push(name);
+            }
+            for (owner, tables) in by_owner {
+                crate::pg::rights::as_table_owner(pg_sys::Oid::from(owner), || {
+                    Spi::run(&format!("TRUNCATE ONLY {}", tables.join(", ")))
+                })
+                .unwrap_or_else(|e| error!("truncating the target tables: {e}"));
+            }
+            // Recorded with the truncation itself: a resume truncates again only if this never
+            // committed (and then nothing of this apply was loaded yet).
+            bookkeeping::mark_truncated(id);
+        })
+    });
+    match done {
+        Ok(()) => Ok(()),
+        Err(c) if c.sqlstate == crate::limits::OUT_OF_SHARED_MEMORY => {
+            xact::abort_after_error();
+            Err(JobError::plain(crate::limits::lock_table_error(manifest.tables.len())))
+        }
+        Err(c) => {
+            xact::abort_after_error();
+            Err(JobError::caught(Some("truncating the target tables"), &c))
+        }
+    }
+}
+
+/// Between two steps of the leader: a cancel or terminate that arrived during the last one ends the job
+/// here, before the next step changes anything.
+fn stop_point(job: &JobSlot) -> Result<(), JobError> {
+    pgrx::check_for_interrupts!();
+    if job.should_stop() {
+        return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
     }
     Ok(())
 }
@@ -381,7 +438,13 @@ impl ChunkSource<'_> {
 
 impl CopySource for ChunkSource<'_> {
     fn read_into(&mut self, buf: &mut [u8]) -> usize {
-        let n = self.reader.read(buf).unwrap_or_else(|e| error!("chunk {}: {e}", self.file));
+        let n = self.reader.read(buf).unwrap_or_else(|e| {
+            crate::api::user_error(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("chunk {}: {e}", self.file),
+                None,
+            )
+        });
         self.wal.tick();
         self.unreported += n as u64;
         self.fed += n as u64;
@@ -389,16 +452,20 @@ impl CopySource for ChunkSource<'_> {
             self.report();
             // A data worker dies here on SIGTERM (its exit callback fails the job).
             pgrx::check_for_interrupts!();
-            if BackgroundWorker::sigterm_received() {
+            if pg::dying() {
                 let msg = format!(
                     "pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
                     pg::my_pid()
                 );
                 self.job.fail(&msg);
-                error!("{msg}");
+                crate::api::user_error(PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN, msg, None);
             }
             if self.job.should_stop() {
-                error!("stopping: {}", self.job.error_message().unwrap_or_else(|| "cancelled".into()));
+                crate::api::user_error(
+                    PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                    format!("stopping: {}", self.job.error_message().unwrap_or_else(|| "cancelled".into())),
+                    None,
+                );
             }
         }
         n
@@ -442,10 +509,13 @@ fn load_chunks(
     // Text from a database of another encoding is converted (and verified) by COPY, as pg_restore's
     // client_encoding would have it; text of the same encoding came out of PostgreSQL in it and is
     // covered by the chunk CRCs, so it loads as it is.
+    // A SQL_ASCII source says nothing about its bytes: they load unconverted and are verified against
+    // the database encoding, as if no ENCODING were given (COPY would take SQL_ASCII as "anything goes").
     let encoding = manifest
         .settings
         .get("server_encoding")
         .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case(&pg::database_encoding()))
+        .filter(|e| !e.eq_ignore_ascii_case("SQL_ASCII"))
         .cloned();
     let mut batch: Vec<Done> = Vec::new();
     let mut batch_tables: HashSet<usize> = HashSet::new();
@@ -482,7 +552,7 @@ fn load_chunks(
         // blocking lock here wait for ever (it waits for the leader, which waits for us).
         if !pg::try_lock_relation(relid, pg_sys::RowExclusiveLock) {
             error!(
-                "cannot load into {}: a conflicting lock is held or queued on it by {} (DDL such as ALTER                  TABLE waits for this apply's lock); the apply stops so that it can proceed, and can be                  resumed",
+                "cannot load into {}: a conflicting lock is held or queued on it by {} (DDL such as ALTER TABLE waits for this apply's lock); the apply stops so that it can proceed, and can be resumed",
                 table.label(),
                 pg::lockers_of(relid)
             );
@@ -516,12 +586,35 @@ fn load_chunks(
             }
         };
         source.report();
+        // COPY stops at a line `\.` (its end-of-data marker), which COPY TO never writes as data: a
+        // chunk holding one would have the rest of the unit dropped unnoticed, and its end-of-file checks
+        // never run. So the unit must be used up exactly where COPY stopped.
+        let mut probe = [0u8; 1];
+        match source.reader.read(&mut probe) {
+            Ok(0) => {}
+            Ok(_) => crate::api::user_error(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!(
+                    "chunk {}{part} of {}: COPY stopped before the end of its rows (a line \\. in the chunk)",
+                    entry.file,
+                    table.label()
+                ),
+                None,
+            ),
+            Err(e) => crate::api::user_error(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("chunk {}{part} of {}: {e}", entry.file, table.label()),
+                None,
+            ),
+        }
         if count.is_some() {
-            source
-                .reader
-                .get_mut()
-                .check_file_to_end()
-                .unwrap_or_else(|e| error!("chunk {}{part} of {}: {e}", entry.file, table.label()));
+            source.reader.get_mut().check_file_to_end().unwrap_or_else(|e| {
+                crate::api::user_error(
+                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                    format!("chunk {}{part} of {}: {e}", entry.file, table.label()),
+                    None,
+                )
+            });
         }
         if rows != row_end - row_start {
             error!(

@@ -205,6 +205,14 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     job.tables_done.store(metas.len() as u32, Ordering::Relaxed);
 
     // Sequences under the same snapshot, then let go of it.
+    let stopped = |job: &JobSlot| -> Result<(), JobError> {
+        pgrx::check_for_interrupts!();
+        match job.should_stop() {
+            true => Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped"))),
+            false => Ok(()),
+        }
+    };
+    stopped(job)?;
     job.set_phase(Phase::Sequences);
     let table_oids: Vec<u32> = metas.iter().map(|m| m.oid).collect();
     let sequences = catalog::list_sequences(&patterns, &table_oids).map_err(|e| e.to_string())?;
@@ -219,7 +227,11 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     // Small chunks were renamed without fsync (Durability::DeferSmall): make them all durable at once,
     // before the manifest says the snapshot is complete.
     steep_repl_engine::chunk::sync_filesystem(&out_dir).map_err(|e| e.to_string())?;
+    stopped(job)?;
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
+    // A cancel that came while the manifest was written still wins: the job ends cancelled, and a
+    // cancelled snapshot never has a manifest (finish removes it).
+    stopped(job)?;
     Ok(())
 }
 
@@ -254,7 +266,7 @@ impl ScanObserver for Observer<'_> {
         // A data worker dies here on SIGTERM (its exit callback fails the job); the leader scanning
         // alone keeps its own SIGTERM flag, read below.
         pgrx::check_for_interrupts!();
-        if BackgroundWorker::sigterm_received() {
+        if pg::dying() {
             let msg = format!(
                 "worker pid {} was terminated (SIGTERM: server shutdown or pg_terminate_backend)",
                 pg::my_pid()
@@ -339,9 +351,16 @@ fn scan_chunks(
         // blocking lock here wait for ever (it waits for the leader, which waits for us).
         if !pg::try_lock_relation(relid, pg_sys::AccessShareLock) {
             error!(
-                "cannot read {}: a conflicting lock is held or queued on it by {} (DDL such as ALTER TABLE                  waits for this snapshot's lock); the snapshot stops so that it can proceed",
+                "cannot read {}: a conflicting lock is held or queued on it by {} (DDL such as ALTER TABLE waits for this snapshot's lock); the snapshot stops so that it can proceed",
                 QualifiedName::new(schema.clone(), name.clone()),
                 pg::lockers_of(relid)
+            );
+        }
+        if pg::rls_applies(relid) {
+            // The leader refused such tables when it listed them; a policy added since is refused here.
+            error!(
+                "row-level security hides rows of {} from the job's role; a snapshot must hold every row",
+                QualifiedName::new(schema.clone(), name.clone())
             );
         }
         let index = c.index.load(Ordering::Relaxed);

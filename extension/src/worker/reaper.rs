@@ -2,7 +2,7 @@
 //! monitoring reads, so that no `steep_repl.snapshots` or `work_queue` row says `pending` or `running`
 //! for a job that no longer runs (after a restart, or after a leader died).
 //!
-//! With database 0 it connects to no database, lists the databases that allow connections (a scan of
+//! With database 0 it connects to no database, lists every database a job can have run in (a scan of
 //! the shared catalog `pg_database`), and runs one reaper per database, one after the other. With a
 //! database, it connects to it as the bootstrap superuser, pins the search path, and, if steep_repl is
 //! installed there, marks its unfinished jobs failed (`job::reap_interrupted`, the same statements the
@@ -24,7 +24,7 @@ pub extern "C-unwind" fn steep_repl_reaper(arg: pg_sys::Datum) {
     let db = arg.value() as u32;
     if db == 0 {
         BackgroundWorker::connect_worker_to_spi_by_oid(None, None);
-        let databases = BackgroundWorker::transaction(catalog::connectable_databases);
+        let databases = BackgroundWorker::transaction(catalog::job_databases);
         for db in databases {
             if BackgroundWorker::sigterm_received() {
                 return;
@@ -37,7 +37,7 @@ pub extern "C-unwind" fn steep_repl_reaper(arg: pg_sys::Datum) {
     pg::connect_bypassing_allowconn(db);
     let reaped = pg::xact::try_catch(|| {
         BackgroundWorker::transaction(|| {
-            rights::pin_search_path();
+            rights::pin_session();
             let installed = Spi::get_one::<bool>(
                 "SELECT true FROM pg_catalog.pg_extension e \
                  WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'::pg_catalog.name",

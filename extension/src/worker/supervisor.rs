@@ -127,7 +127,10 @@ fn reap_dead_leaders(shared: &Shared) {
         if busy {
             continue;
         }
-        if shared.release_job(slot, generation) {
+        // With no leader known, free the slot only while it still waits for one: a leader that attaches
+        // meanwhile makes this fail, and then it is the leader's.
+        let only_from = (leader <= 0).then_some(job_state::STARTING);
+        if shared.release_job_in(slot, generation, only_from) {
             log!(
                 "steep_repl supervisor: job {} lost its leader (pid {leader}); its slots are freed",
                 job.id.get()
