@@ -178,13 +178,17 @@ time_pgcopydb() { # source target workdir
 
 min() { echo "if ($1 < $2) $1 else $2" | bc; }
 
-# alternate "OURS COMMAND" "PEER COMMAND": runs them one after the other, $rounds times. Sets a and b
-# (each one's fastest wall time) and runs_a and runs_b (every run, in order).
+# alternate "OURS COMMAND" "PEER COMMAND": runs them one after the other, $rounds times, each after a
+# sync (untimed). Sets a and b (each one's fastest wall time) and runs_a and runs_b (every run, in order).
 alternate() {
   local i x y
   a=""; b=""; runs_a=""; runs_b=""
   for i in $(seq 1 "$rounds"); do
-    x=$(eval "$1"); y=$(eval "$2")
+    # Each run starts with nothing of the previous one left to write out: the write-back of the other
+    # tool's output (tens of thousands of files for `many`) would otherwise fall into this run's time,
+    # and into steep-repl's syncfs.
+    sync; x=$(eval "$1")
+    sync; y=$(eval "$2")
     runs_a="$runs_a${runs_a:+, }${x}s"; runs_b="$runs_b${runs_b:+, }${y}s"
     if [ -z "$a" ]; then a=$x; b=$y; else a=$(min "$a" "$x"); b=$(min "$b" "$y"); fi
   done
@@ -211,7 +215,12 @@ bench_many() {
   fi
   q "${target}_tpl" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
   prewarm "$dbname"
-  alternate 'time_ours_generate "$dbname" "$ours_dir"' 'time_pg_dump "$dbname" "$dump_dir" -a'
+  # Every run writes a new directory, and all are removed at the end: removing tens of thousands of
+  # files and directories just before a run makes ext4 skip its recently freed inodes for a while, which
+  # slowed the next run's file creation (ours two per table, pg_dump's one) by up to 5x here.
+  rm -rf "$work"/many.run.*
+  alternate 'time_ours_generate "$dbname" "$(fresh_dir ours)"' 'time_pg_dump "$dbname" "$(fresh_dir dump)" -a'
+  ours_dir=$(cat "$work/many.last.ours"); dump_dir=$(cat "$work/many.last.dump")
   report "generate many ($many_tables tables of 20 rows):"
   report "  steep-repl start_snapshot  ${a}s (runs $runs_a)  output $(mb "$(size "$ours_dir")") MB"
   report "  pg_dump -Fd -j$parallel -Z1 -a   ${b}s (runs $runs_b)  output $(mb "$(size "$dump_dir")") MB"
@@ -221,7 +230,14 @@ bench_many() {
   report "  steep-repl start_apply     ${a}s (runs $runs_a)"
   report "  pg_restore -j$parallel --data-only ${b}s (runs $runs_b)"
   report "  ratio steep-repl / pg_restore: $(ratio "$a" "$b")x"
-  [ "$keep" = 1 ] || rm -rf "$ours_dir" "$dump_dir"
+  [ "$keep" = 1 ] || rm -rf "$work"/many.run.*
+}
+
+# A path for one run's output, new (it does not exist yet), remembered as the last of its kind.
+fresh_dir() { # ours|dump
+  local d; d=$(mktemp -u "$work/many.run.$1.XXXXXX")
+  echo "$d" > "$work/many.last.$1"
+  echo "$d"
 }
 
 if [ "$what" = many ]; then

@@ -433,3 +433,31 @@ fn a_failed_direct_apply_resumes_with_its_id() {
     assert!(stdout(&out).contains(&format!("apply {id} applied")), "{}", stdout(&out));
     assert_same_rows(cluster, &dir, "cli_dresume_src", "cli_dresume_dst");
 }
+
+#[test]
+fn a_snapshot_the_server_may_not_read_is_an_error_naming_its_os_user_not_a_verification_failure() {
+    let cluster = preloaded();
+    let src = source_db(cluster, "cli_perm_src");
+    let snap = snapshot_path("cli_perm");
+    let out = steep_repl(&["snapshot", "generate", "--client", "--output", path_str(&snap), "-d", &src]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let into = target_db(cluster, "cli_perm_src", "cli_perm_dst", true);
+    // Written by this process (not the server's OS user), 0700: the server reads none of it.
+    let out = steep_repl(&["snapshot", "apply", "--direct", "--input", path_str(&snap), "-d", &into]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("\"postgres\"") && err.contains(path_str(&snap)), "{err}");
+    assert!(!err.contains("verification failed"), "{err}");
+    // The directories and manifest readable, the chunk files not: refused by the job, the same way.
+    let sh = |script: &str| {
+        let ok = std::process::Command::new("sh").args(["-c", script, "sh"]).arg(&snap).status().unwrap();
+        assert!(ok.success(), "{script}");
+    };
+    sh(r#"find "$1" -type d -exec chmod 755 {} + && chmod 644 "$1/manifest.json""#);
+    sh(r#"find "$1/data" -type f -exec chmod 600 {} +"#);
+    let out = steep_repl(&["snapshot", "apply", "--direct", "--input", path_str(&snap), "-d", &into]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("\"postgres\"") && err.contains("may not read"), "{err}");
+    assert!(!err.contains("verification failed"), "{err}");
+}

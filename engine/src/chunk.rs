@@ -218,7 +218,18 @@ enum Sink {
     /// Batches are written as they are.
     Plain(CrcFile),
     /// Each batch becomes one zstd frame, compressed into `out` then written.
-    Zstd { compressor: Compressor<'static>, out: Vec<u8>, frames: u64, file: CrcFile },
+    Zstd { compressor: Compressor<'static>, level: i32, out: Vec<u8>, frames: u64, file: CrcFile },
+}
+
+/// A compressor and buffers that [`ChunkWriter`]s can borrow and give back
+/// ([`ChunkWriter::create_with`], [`ChunkWriter::finish_into`]), so that a process writing many small
+/// chunks sets them up once rather than once per chunk (a zstd context and two 4 MiB buffers cost
+/// more than compressing a small table).
+#[derive(Default)]
+pub struct WriterScratch {
+    compressor: Option<(i32, Compressor<'static>)>,
+    out: Vec<u8>,
+    pending: Vec<u8>,
 }
 
 impl Sink {
@@ -233,7 +244,7 @@ impl Sink {
     fn consume(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Sink::Plain(file) => file.write_all(data),
-            Sink::Zstd { compressor, out, frames, file } => {
+            Sink::Zstd { compressor, out, frames, file, .. } => {
                 // `out` holds compress_bound(ZSTD_FRAME_BYTES), so a frame always fits.
                 compressor.compress_to_buffer(data, out)?;
                 *frames += 1;
@@ -243,13 +254,18 @@ impl Sink {
     }
 
     /// Writes what is still needed to end the stream (an empty frame if there was no data, so the
-    /// file is valid zstd); returns the file.
-    fn finish(mut self) -> io::Result<CrcFile> {
+    /// file is valid zstd); returns the file, and the compressor and buffer for reuse.
+    fn finish(mut self, scratch: &mut WriterScratch) -> io::Result<CrcFile> {
         if let Sink::Zstd { frames: 0, .. } = self {
             self.consume(&[])?;
         }
         match self {
-            Sink::Plain(file) | Sink::Zstd { file, .. } => Ok(file),
+            Sink::Plain(file) => Ok(file),
+            Sink::Zstd { file, compressor, level, out, .. } => {
+                scratch.compressor = Some((level, compressor));
+                scratch.out = out;
+                Ok(file)
+            }
         }
     }
 }
@@ -356,6 +372,17 @@ impl ChunkWriter {
     /// [`naming::chunk_rel_path`]): checks the path is a normalised path inside `data/` whose suffix
     /// matches `compression`, creates the parent directories and the temporary file.
     pub fn create(root_dir: &Path, rel_path: &str, compression: Compression) -> Result<Self> {
+        Self::create_with(root_dir, rel_path, compression, &mut WriterScratch::default())
+    }
+
+    /// [`create`](Self::create), taking the compressor and buffers from `scratch` when it has them
+    /// (give them back with [`finish_into`](Self::finish_into)).
+    pub fn create_with(
+        root_dir: &Path,
+        rel_path: &str,
+        compression: Compression,
+        scratch: &mut WriterScratch,
+    ) -> Result<Self> {
         naming::check_rel_path(rel_path)
             .map_err(|reason| Error::UnsafePath { path: rel_path.to_string(), reason })?;
         if !rel_path.ends_with(compression.file_suffix())
@@ -374,12 +401,22 @@ impl ChunkWriter {
         fs::create_dir_all(&dir_path).map_err(|e| Error::io("create directory", &dir_path, e))?;
         let (file, tmp_path) = create_temp_file(&dir_path, &file_name.to_string_lossy())?;
         let file = CrcFile { file, crc: crc32fast::Hasher::new(), bytes: 0 };
+        let reused = match scratch.compressor.take() {
+            Some((l, c)) if compression == (Compression::Zstd { level: l }) => Some(c),
+            _ => None,
+        };
         let sink = match compression {
             Compression::None => Sink::Plain(file),
-            Compression::Zstd { level } => match new_compressor(level) {
+            Compression::Zstd { level } => match reused.map(Ok).unwrap_or_else(|| new_compressor(level)) {
                 Ok(compressor) => Sink::Zstd {
                     compressor,
-                    out: Vec::with_capacity(zstd::zstd_safe::compress_bound(ZSTD_FRAME_BYTES)),
+                    level,
+                    out: {
+                        let mut out = std::mem::take(&mut scratch.out);
+                        out.clear();
+                        out.reserve(zstd::zstd_safe::compress_bound(ZSTD_FRAME_BYTES));
+                        out
+                    },
                     frames: 0,
                     file,
                 },
@@ -391,8 +428,11 @@ impl ChunkWriter {
                 }
             },
         };
+        let mut pending = std::mem::take(&mut scratch.pending);
+        pending.clear();
+        pending.reserve(sink.batch_bytes());
         Ok(ChunkWriter {
-            pending: Vec::with_capacity(sink.batch_bytes()),
+            pending,
             sink: Some(sink),
             raw_crc: crc32fast::Hasher::new(),
             rows: 0,
@@ -455,7 +495,13 @@ impl ChunkWriter {
     }
 
     /// [`finish`](Self::finish), with the fsyncs as `durability` says.
-    pub fn finish_with(mut self, durability: Durability) -> Result<ChunkStats> {
+    pub fn finish_with(self, durability: Durability) -> Result<ChunkStats> {
+        self.finish_into(durability, &mut WriterScratch::default())
+    }
+
+    /// [`finish_with`](Self::finish_with), giving the compressor and buffers back to `scratch` for the
+    /// next chunk.
+    pub fn finish_into(mut self, durability: Durability, scratch: &mut WriterScratch) -> Result<ChunkStats> {
         self.consume_pending().map_err(|e| Error::io("write", &self.tmp_path, e))?;
         let Some(sink) = self.sink.take() else {
             return Err(Error::io(
@@ -468,7 +514,7 @@ impl ChunkWriter {
         // From here on `self.sink` is None, so drop would not remove the file: do it on error.
         let mut synced = false;
         let result = (|| {
-            let file = sink.finish().map_err(|e| Error::io("write", &self.tmp_path, e))?;
+            let file = sink.finish(scratch).map_err(|e| Error::io("write", &self.tmp_path, e))?;
             if durability == Durability::Now || file.bytes >= SYNC_NOW_BYTES {
                 file.file.sync_all().map_err(|e| Error::io("fsync", &self.tmp_path, e))?;
                 synced = true;
@@ -491,6 +537,7 @@ impl ChunkWriter {
         if synced {
             fsync_dir(&self.dir_path).map_err(|e| Error::io("fsync directory", &self.dir_path, e))?;
         }
+        scratch.pending = std::mem::take(&mut self.pending);
         let file_crc32 = crc.finalize();
         let raw_crc32 = if is_plain { file_crc32 } else { self.raw_crc.clone().finalize() };
         Ok(ChunkStats {

@@ -358,6 +358,7 @@ pub fn watch_workers(shared: &Shared, slot: usize, mut on_tick: impl FnMut(&JobS
     let count = job.chunk_count.load(Ordering::Acquire);
     let base = job.chunk_base.load(Ordering::Acquire) as usize;
     let me = pg::my_pid();
+    let mut last_count = 0u64;
     loop {
         if job.units_done.load(Ordering::Acquire) >= count || job.should_stop() {
             return;
@@ -380,7 +381,13 @@ pub fn watch_workers(shared: &Shared, slot: usize, mut on_tick: impl FnMut(&JobS
         if active == 0 && job.units_done.load(Ordering::Acquire) < count {
             job.fail("every worker exited before all chunks were done");
         }
-        job.tables_done.store(count_tables_done(shared, base, count as usize), Ordering::Relaxed);
+        // Workers wake the leader at every unit done: count tables (a pass over every chunk slot) at
+        // most every tick, not at every wake-up.
+        let now = pg::now_ms();
+        if now.saturating_sub(last_count) >= LEADER_TICK.as_millis() as u64 {
+            job.tables_done.store(count_tables_done(shared, base, count as usize), Ordering::Relaxed);
+            last_count = now;
+        }
         on_tick(job);
         nap(LEADER_TICK);
     }
@@ -732,5 +739,32 @@ pub fn reap_interrupted() {
             "interrupted by a server restart; for an apply, run steep_repl.resume_apply(id) to continue"
         };
         bookkeeping::mark_interrupted(&id, reason);
+    }
+}
+
+/// How long each step of a leader took, logged at DEBUG1 (`SET log_min_messages = debug1` in
+/// postgresql.conf): where a job's time goes, without a profiler.
+pub struct Laps {
+    id: String,
+    start: u64,
+    last: u64,
+}
+
+impl Laps {
+    pub fn new(id: &str) -> Laps {
+        let now = pg::now_ms();
+        Laps { id: id.to_string(), start: now, last: now }
+    }
+
+    /// Logs the time since the previous lap (and since the start) for `step`.
+    pub fn lap(&mut self, step: &str) {
+        let now = pg::now_ms();
+        debug1!(
+            "steep_repl: {} {step}: {} ms ({} ms since the leader began)",
+            self.id,
+            now.saturating_sub(self.last),
+            now.saturating_sub(self.start)
+        );
+        self.last = now;
     }
 }

@@ -29,17 +29,25 @@ mod tests {
     }
 
     #[pg_test]
-    fn health_counts_operations_and_errors() {
+    fn health_reaps_dead_operations_and_shows_the_last_error() {
         Spi::run(
             "INSERT INTO steep_repl.snapshots (id, op, status, path, parallel_requested, error, finished_at) VALUES \
              ('g1', 'generate', 'running', '/tmp/a', 2, NULL, NULL), \
-             ('g2', 'generate', 'failed', '/tmp/b', 2, 'disk full', now())",
+             ('g2', 'generate', 'failed', '/tmp/b', 2, 'disk full', now() - interval '1 minute')",
         )
         .unwrap();
+        // g1 says it runs, but no job of this server holds it: health() reaps it first, so it is
+        // neither counted as active nor left looking alive.
         let (active, last_error) =
             Spi::get_two::<i64, String>("SELECT active_operations, last_error FROM steep_repl.health()")
                 .unwrap();
-        assert_eq!(active, Some(1));
+        assert_eq!(active, Some(0));
+        let last_error = last_error.unwrap_or_default();
+        assert!(last_error.starts_with("g1: interrupted: the job's leader process ended"), "{last_error}");
+        let g1 = Spi::get_one::<String>("SELECT status FROM steep_repl.snapshots WHERE id = 'g1'").unwrap();
+        assert_eq!(g1.as_deref(), Some("failed"));
+        Spi::run("DELETE FROM steep_repl.snapshots WHERE id = 'g1'").unwrap();
+        let last_error = Spi::get_one::<String>("SELECT last_error FROM steep_repl.health()").unwrap();
         assert_eq!(last_error.as_deref(), Some("g2: disk full"));
     }
 

@@ -246,21 +246,40 @@ fn interrupted_then_resumed(interrupt: &str, in_cut_tail: bool) {
         .client(&src)
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, h text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 60000) g")
         .unwrap();
-    let dir = generate(cluster, &src, &format!("app_{tag}"), &["SET steep_repl.chunk_size = '64kB'"]);
+    // The cut tail is the last two chunks or so: with fewer, larger chunks and a longer pause it lasts
+    // seconds, so a busy machine still sees it partly loaded before the cancel lands.
+    let (chunk_size, pause) = if in_cut_tail { ("256kB", "400ms") } else { ("64kB", "150ms") };
+    let dir = generate(
+        cluster,
+        &src,
+        &format!("app_{tag}"),
+        &[&format!("SET steep_repl.chunk_size = '{chunk_size}'")],
+    );
     cluster.fresh_db(&dst, false);
     copy_schema(cluster, &src, &dst);
     let mut d = cluster.client(&dst);
-    let setup = ["SET steep_repl.chunk_pause = '150ms'", "SET steep_repl.apply_part_size = '1kB'"];
+    let pause = format!("SET steep_repl.chunk_pause = '{pause}'");
+    let setup = [pause.as_str(), "SET steep_repl.apply_part_size = '1kB'"];
     let id = start_apply(&mut d, &setup, &dir, ", parallel => 2").unwrap();
     // Let a few chunks commit (or the first cut range of a chunk), then interrupt.
+    let tail = Manifest::load(&dir).unwrap();
     let progressed = |d: &mut harness::postgres::Client| -> bool {
         if in_cut_tail {
-            d.query_one(
-                "SELECT EXISTS (SELECT FROM steep_repl.apply_chunks WHERE apply_id = $1 AND row_start > 0)",
-                &[&id],
-            )
-            .unwrap()
-            .get(0)
+            // The last chunk is cut into the most pieces (about a third of it, then two ninths, ...
+            // down to a few 1kB ones). Once a piece past its start has committed and a quarter of it
+            // or more is still to load, that rest is several units away, each behind a 400ms pause:
+            // the cancel lands while the chunk is partly loaded.
+            let last = &tail.tables[0].chunks;
+            let (index, rows) = (last.len() as i32 - 1, last[last.len() - 1].rows as i64);
+            let (loaded, cut): (i64, bool) = d
+                .query_one(
+                    "SELECT coalesce(sum(rows_loaded), 0)::int8, coalesce(bool_or(row_start > 0), false) \
+                     FROM steep_repl.apply_chunks WHERE apply_id = $1 AND chunk_index = $2",
+                    &[&id, &index],
+                )
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap();
+            cut && loaded * 4 <= rows * 3
         } else {
             let done: i32 = d
                 .query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id])

@@ -643,3 +643,77 @@ fn timeouts_and_read_only_defaults_of_the_role_do_not_break_a_job() {
     assert_eq!(n, 20000);
     d.batch_execute("ALTER DATABASE role_settings_dst RESET ALL").unwrap();
 }
+
+#[test]
+fn server_limits_name_the_setting_to_raise_and_a_value() {
+    let cluster = dedicated_with(
+        "limits",
+        "max_locks_per_transaction = 10\nsteep_repl.max_chunk_slots = 1024\nmax_worker_processes = 3",
+    );
+    cluster.fresh_db("limits", true);
+    let mut c = cluster.client("limits");
+    c.batch_execute(
+        "CREATE TABLE small (id int); INSERT INTO small SELECT generate_series(1, 100); \
+         CREATE TABLE big (id int, v text); INSERT INTO big SELECT g, repeat('x', 500) FROM generate_series(1, 150000) g",
+    )
+    .unwrap();
+
+    // Worker slots: the logical replication launcher and the supervisor take two of the three, a
+    // running job's leader the last one.
+    let held = start_snapshot(
+        &mut c,
+        &["SET steep_repl.chunk_pause = '10s'"],
+        &snapshot_path("limits_held"),
+        ", tables => ARRAY['small']",
+    );
+    wait_for_phase(&mut c, &held, &["data"]);
+    let e = sql_err(
+        &mut c,
+        &format!("SELECT steep_repl.start_snapshot('{}')", snapshot_path("limits_second").display()),
+    );
+    assert!(e.contains("no background worker slot"), "{e}");
+    let hint: String = {
+        let err = c
+            .query_one(
+                &format!("SELECT steep_repl.start_snapshot('{}')", snapshot_path("limits_third").display()),
+                &[],
+            )
+            .unwrap_err();
+        err.as_db_error().and_then(|d| d.hint()).unwrap_or_default().to_string()
+    };
+    assert!(hint.contains("max_worker_processes (now 3"), "{hint}");
+    assert!(c.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&held]).unwrap().get::<_, bool>(0));
+    assert_eq!(wait_for(&mut c, &held, 30).0, "cancelled");
+    c.batch_execute("RESET steep_repl.chunk_pause").unwrap();
+
+    // Chunk slots: 36 MB in 64 kB chunks is more than 1024.
+    let id = start_snapshot(
+        &mut c,
+        &["SET steep_repl.chunk_size = '64kB'"],
+        &snapshot_path("limits_chunks"),
+        ", tables => ARRAY['big']",
+    );
+    let (status, error) = wait_for(&mut c, &id, 60);
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("steep_repl.max_chunk_slots to about"), "{error}");
+
+    // Locks: a snapshot locks every table; 1500 tables are more than 10 x the backends.
+    c.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..1500 LOOP EXECUTE format('CREATE TABLE many_%s (id int)', i); \
+         IF i % 100 = 0 THEN COMMIT; END IF; END LOOP; END $$",
+    )
+    .unwrap();
+    let e = sql_err(
+        &mut c,
+        &format!("SELECT steep_repl.start_snapshot('{}')", snapshot_path("limits_locks").display()),
+    );
+    assert!(e.contains("Raise max_locks_per_transaction to about"), "{e}");
+    let wanted: i64 = e
+        .split("Raise max_locks_per_transaction to about ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(wanted > 10, "{e}");
+}

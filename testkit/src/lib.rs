@@ -14,6 +14,8 @@ pub struct Cluster {
     pub name: String,
     /// conninfo of its `postgres` database.
     pub conninfo: String,
+    /// Extra postgresql.conf lines it was started with (kept across restarts).
+    conf: Option<String>,
 }
 
 impl Cluster {
@@ -41,7 +43,7 @@ impl Cluster {
 
     /// Restarts the cluster (fast shutdown: running jobs are interrupted).
     pub fn restart(&self) {
-        let out = pg_sh(&["start", &self.name]);
+        let out = pg_sh_with(&["start", &self.name], self.conf.as_deref());
         assert!(out.status.success(), "restarting {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
     }
 
@@ -90,12 +92,18 @@ fn base_dir() -> &'static PathBuf {
 static STARTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn pg_sh(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(repo_root().join("scripts/pg.sh"))
-        .args(args)
-        .env("STEEP_PG_BASE", base_dir())
-        .output()
-        .expect("running scripts/pg.sh")
+    pg_sh_with(args, None)
+}
+
+/// Runs scripts/pg.sh with the test clusters' base dir, and extra postgresql.conf lines when given.
+fn pg_sh_with(args: &[&str], conf: Option<&str>) -> Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("scripts/pg.sh")).args(args).env("STEEP_PG_BASE", base_dir());
+    match conf {
+        Some(c) => cmd.env("STEEP_PG_CONF", c),
+        None => cmd.env_remove("STEEP_PG_CONF"),
+    };
+    cmd.output().expect("running scripts/pg.sh")
 }
 
 extern "C" fn stop_all_clusters() {
@@ -107,6 +115,10 @@ extern "C" fn stop_all_clusters() {
 }
 
 fn start(name: &str, preload: bool) -> Cluster {
+    start_with(name, preload, None)
+}
+
+fn start_with(name: &str, preload: bool, conf: Option<&str>) -> Cluster {
     assert!(
         Path::new("/usr/share/postgresql/15/extension/steep_repl.control").exists(),
         "the steep_repl extension is not installed into PostgreSQL 15: run `cargo pgrx install -p steep_repl \
@@ -116,7 +128,7 @@ fn start(name: &str, preload: bool) -> Cluster {
     if !preload {
         args.push("--no-preload");
     }
-    let out = pg_sh(&args);
+    let out = pg_sh_with(&args, conf);
     assert!(
         out.status.success(),
         "scripts/pg.sh start {name} failed:\n{}{}",
@@ -132,7 +144,11 @@ fn start(name: &str, preload: bool) -> Cluster {
         }
     }
     started.push(name.to_string());
-    Cluster { name: name.to_string(), conninfo: String::from_utf8_lossy(&out.stdout).trim().to_string() }
+    Cluster {
+        name: name.to_string(),
+        conninfo: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        conf: conf.map(str::to_string),
+    }
 }
 
 /// The shared cluster with `shared_preload_libraries = 'steep_repl'`.
@@ -275,4 +291,9 @@ pub fn stdout(o: &Output) -> String {
 /// Standard error of a finished command, as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Starts a cluster of its own with extra postgresql.conf lines (`STEEP_PG_CONF`), e.g. small limits.
+pub fn dedicated_with(name: &str, conf: &str) -> Cluster {
+    start_with(name, true, Some(conf))
 }

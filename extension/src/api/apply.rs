@@ -131,12 +131,15 @@ fn check_privileges(m: &Manifest, truncate: bool) {
 /// The oids of the manifest's tables in this database, in manifest order (they exist: `check_schema`
 /// passed).
 pub(crate) fn target_relids(m: &Manifest) -> Vec<u32> {
-    let names: Vec<String> =
-        m.tables.iter().map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string()).collect();
+    let schemas: Vec<&str> = m.tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
     let oids = Spi::get_one_with_args::<Vec<pgrx::pg_sys::Oid>>(
-        "SELECT coalesce(pg_catalog.array_agg(pg_catalog.to_regclass(q)::pg_catalog.oid ORDER BY n), '{}') \
-         FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS t(q, n)",
-        &[names.into()],
+        "SELECT coalesce(pg_catalog.array_agg(coalesce(c.oid, 0) ORDER BY w.k), '{}') \
+         FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[])) \
+              WITH ORDINALITY AS w(s, t, k) \
+         LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = w.s \
+         LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.t",
+        &[schemas.into(), names.into()],
     )
     .unwrap_or_else(|e| error!("looking up the target tables: {e}"))
     .unwrap_or_default();
@@ -146,12 +149,26 @@ pub(crate) fn target_relids(m: &Manifest) -> Vec<u32> {
 /// Refuses target tables that already hold rows. Checked without reading any row's contents (the caller
 /// has INSERT on each table, checked before), one table at a time, in a few microseconds each.
 fn check_empty(m: &Manifest, relids: &[u32]) {
+    // A table whose files are empty has no rows: known from a stat, without opening it (a target of
+    // many thousands of fresh tables is checked in milliseconds); any other is scanned to its first row.
+    let oids: Vec<pgrx::pg_sys::Oid> = relids.iter().map(|&r| pgrx::pg_sys::Oid::from(r)).collect();
+    let paths = Spi::get_one_with_args::<Vec<Option<String>>>(
+        "SELECT coalesce(pg_catalog.array_agg(pg_catalog.pg_relation_filepath(w.r) ORDER BY w.k), '{}') \
+         FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS w(r, k)",
+        &[oids.into()],
+    )
+    .unwrap_or_else(|e| error!("looking up the target tables' files: {e}"))
+    .unwrap_or_default();
     let full: Vec<String> = m
         .tables
         .iter()
         .zip(relids)
-        .filter(|(_, relid)| pg::relation_has_rows(pgrx::pg_sys::Oid::from(**relid)))
-        .map(|(t, _)| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
+        .zip(paths.iter().map(Option::as_deref).chain(std::iter::repeat(None)))
+        .filter(|((_, relid), path)| {
+            crate::pg::catalog::fork_bytes(*path) > 0
+                && pg::relation_has_rows(pgrx::pg_sys::Oid::from(**relid))
+        })
+        .map(|((t, _), _)| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
         .collect();
     if !full.is_empty() {
         let shown: Vec<&str> = full.iter().take(20).map(String::as_str).collect();
@@ -254,12 +271,15 @@ fn start_apply(
     let path = check_path("input_path", input_path);
     check_parallel(parallel);
     let (m, sha256) = load_manifest(&path);
-    check_schema(&m);
-    check_privileges(&m, truncate);
-    let relids = target_relids(&m);
-    if !truncate {
-        check_empty(&m, &relids);
-    }
+    let relids = crate::pg::session::with_settings(&[("jit", "off")], || {
+        check_schema(&m);
+        check_privileges(&m, truncate);
+        let relids = target_relids(&m);
+        if !truncate {
+            check_empty(&m, &relids);
+        }
+        relids
+    });
     let mut job_flags = 0;
     for (on, f) in [
         (verify, flags::VERIFY),

@@ -93,7 +93,37 @@ fn start_snapshot(
             })
         })
         .collect();
-    if let Err(e) = catalog::list_tables(&patterns) {
+    // Listing reads every table's size, which locks it until the end of this transaction: a database
+    // of more tables than the lock table holds fails here, as the snapshot itself would.
+    // (Counted first: after the ERROR, no further query may run in this transaction.)
+    let tables = Spi::get_one::<i64>(
+        "SELECT count(*) FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'm', 'p') \
+         AND c.relnamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0);
+    if !crate::limits::locks_fit(tables.max(0) as usize) {
+        user_error(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            crate::limits::lock_table_error(tables.max(0) as usize),
+            None,
+        );
+    }
+    let listed = match xact::try_catch(|| {
+        crate::pg::session::with_settings(&[("jit", "off")], || catalog::list_tables(&patterns, false))
+    }) {
+        Ok(listed) => listed,
+        Err(c) if c.sqlstate == crate::limits::OUT_OF_SHARED_MEMORY => {
+            user_error(
+                PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+                format!("out of shared memory: {}", crate::limits::lock_table_error(tables.max(0) as usize)),
+                None,
+            );
+        }
+        Err(c) => user_error(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, c.full(), None),
+    };
+    if let Err(e) = listed {
         let code = if e.permission_only {
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
         } else {

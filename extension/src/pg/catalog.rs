@@ -4,25 +4,76 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::catalog::{
-    self, SEQUENCES_SQL, SERVER_INFO_SQL, SelectionError, SequenceRow, TABLES_SQL, TableRow,
+    self, SEQUENCES_SQL, SERVER_INFO_SQL, SelectionError, SequenceRow, TABLES_BRIEF_SQL, TABLES_BY_FILE_SQL,
+    TableRow,
 };
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::manifest::SequenceEntry;
 
 pub use steep_repl_engine::catalog::TableMeta;
 
-/// Lists the tables to snapshot under the current snapshot.
-pub fn list_tables(patterns: &[TablePattern]) -> Result<Vec<TableMeta>, SelectionError> {
+/// The path (relative to the data directory) of the first file of a relation's main fork, from its
+/// `<tablespace oid>/<relfilenode>` as [`TABLES_BY_FILE_SQL`] gives it (tablespace 0: the database's).
+fn main_fork_path(location: &str) -> Option<String> {
+    let (spc, node) = location.split_once('/')?;
+    let (spc, node) = (spc.parse::<u32>().ok()?, node.parse::<u32>().ok()?);
+    // SAFETY: GetRelationPath only formats a path (palloc'd, copied out at once) from the numbers it is
+    // given; MyDatabaseId and MyDatabaseTableSpace are set once connected to a database.
+    unsafe {
+        let spc = if spc == 0 { pg_sys::MyDatabaseTableSpace } else { pg_sys::Oid::from(spc) };
+        let p = pg_sys::GetRelationPath(
+            pg_sys::MyDatabaseId,
+            spc,
+            pg_sys::Oid::from(node),
+            pg_sys::InvalidBackendId,
+            pg_sys::ForkNumber::MAIN_FORKNUM,
+        );
+        let path = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        pg_sys::pfree(p.cast());
+        Some(path)
+    }
+}
+
+/// Bytes of a relation's main fork, from its files (the first segment at `path`, relative to the data
+/// directory, which is every backend's working directory; then `path.1`, `path.2`, ...). No relation is
+/// opened or locked. 0 without storage (`path` NULL) or when the file is gone meanwhile.
+pub(crate) fn fork_bytes(path: Option<&str>) -> u64 {
+    let Some(path) = path else { return 0 };
+    // A relation's file is cut into segments of RELSEG_SIZE blocks; the next one exists only when this
+    // one is full.
+    let segment_bytes = u64::from(pg_sys::RELSEG_SIZE) * u64::from(pg_sys::BLCKSZ);
+    let mut total = 0u64;
+    for segment in 0u32.. {
+        let file = if segment == 0 { path.to_string() } else { format!("{path}.{segment}") };
+        match std::fs::metadata(&file) {
+            Ok(m) => {
+                total += m.len();
+                if m.len() < segment_bytes {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    total
+}
+
+/// Lists the tables to snapshot under the current snapshot. With `sized`, with their column lists and
+/// their sizes read from their files, for the plan; without, only which tables there are and whether
+/// they may be read (checking a selection, or locking the tables, needs no more).
+pub fn list_tables(patterns: &[TablePattern], sized: bool) -> Result<Vec<TableMeta>, SelectionError> {
+    let size = |location: Option<String>| fork_bytes(location.as_deref().and_then(main_fork_path).as_deref());
+    let sql = if sized { TABLES_BY_FILE_SQL } else { TABLES_BRIEF_SQL };
     let rows = Spi::connect(|client| -> Result<Vec<TableRow>, pgrx::spi::Error> {
         let mut v = Vec::new();
-        for r in client.select(TABLES_SQL, None, &[])? {
+        for r in client.select(sql, None, &[])? {
             v.push(TableRow {
                 oid: r.get::<i64>(1)?.unwrap_or(0) as u32,
                 schema: r.get::<String>(2)?.unwrap_or_default(),
                 name: r.get::<String>(3)?.unwrap_or_default(),
                 relkind: r.get::<String>(4)?.unwrap_or_default(),
-                heap_bytes: r.get::<i64>(5)?.unwrap_or(0).max(0) as u64,
-                toast_bytes: r.get::<i64>(6)?.unwrap_or(0).max(0) as u64,
+                heap_bytes: size(r.get::<String>(5)?),
+                toast_bytes: size(r.get::<String>(6)?),
                 est_rows: r.get::<i64>(7)?.unwrap_or(0).max(0) as u64,
                 can_select: r.get::<bool>(8)?.unwrap_or(false),
                 column_names: r.get::<Vec<String>>(9)?.unwrap_or_default(),
@@ -118,4 +169,26 @@ pub fn job_databases() -> Vec<u32> {
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
     }
     out
+}
+
+/// Fills in the COPY column lists of `tables` (listed with [`list_tables`] `sized`, which leaves them
+/// out), in one query. Call while the tables are locked, so their columns are those of the snapshot.
+pub fn fill_columns(tables: &mut [TableMeta]) -> Result<(), String> {
+    let oids: Vec<pg_sys::Oid> = tables.iter().map(|t| pg_sys::Oid::from(t.oid)).collect();
+    let mut by_oid: std::collections::HashMap<u32, Vec<steep_repl_engine::manifest::Column>> =
+        std::collections::HashMap::with_capacity(tables.len());
+    Spi::connect(|client| -> Result<(), pgrx::spi::Error> {
+        for r in client.select(steep_repl_engine::catalog::COLUMNS_SQL, None, &[oids.into()])? {
+            let oid = r.get::<i64>(1)?.unwrap_or(0) as u32;
+            let name = r.get::<String>(2)?.unwrap_or_default();
+            let type_name = r.get::<String>(3)?.unwrap_or_default();
+            by_oid.entry(oid).or_default().push(steep_repl_engine::manifest::Column { name, type_name });
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("reading the tables' columns: {e}"))?;
+    for t in tables {
+        t.columns = by_oid.remove(&t.oid).unwrap_or_default();
+    }
+    Ok(())
 }

@@ -36,6 +36,9 @@ pub fn pin_session() {
         ("lock_timeout", "0"),
         ("idle_in_transaction_session_timeout", "0"),
         ("default_transaction_read_only", "off"),
+        // Catalog queries over many thousands of relations look expensive enough to be JIT-compiled,
+        // which then costs more than running them.
+        ("jit", "off"),
     ] {
         crate::pg::session::set(name, value);
     }

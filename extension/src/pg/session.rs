@@ -36,3 +36,32 @@ pub fn pin_output_settings(timezone: &str) {
         set("TimeZone", timezone);
     }
 }
+
+/// Runs `f` with `settings` changed for its duration only (as a function's SET clause does: a new GUC
+/// nest level, popped afterwards; an ERROR inside is undone by the transaction's abort). For the SQL
+/// functions whose catalog queries over many thousands of relations must not be JIT-compiled.
+pub fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+    // SAFETY: inside a transaction (an SQL function call); NewGUCNestLevel/set_config_option with
+    // GUC_ACTION_SAVE is how PostgreSQL applies a function's SET clause, and AtEOXact_GUC pops it.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    for (name, value) in settings {
+        let (Ok(n), Ok(v)) = (CString::new(*name), CString::new(*value)) else { continue };
+        // SAFETY: as above; an unknown setting or bad value raises an ERROR.
+        unsafe {
+            pg_sys::set_config_option(
+                n.as_ptr(),
+                v.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+    let r = f();
+    // SAFETY: pops exactly the level pushed above, on the normal path.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    r
+}

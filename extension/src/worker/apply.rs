@@ -135,12 +135,15 @@ const SESSION_LOCK_MIN_BYTES: u64 = 1 << 20;
 fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let id = job.id.get();
+    let mut laps = job::Laps::new(&id);
     let (dir, manifest) = load_manifest(job)?;
+    laps.lap("read the manifest");
 
     if has(job, flags::VERIFY) {
         job.set_phase(Phase::Verify);
         progress::publish_if_due(job, true);
         verify_files(job, &dir)?;
+        laps.lap("verified the files");
     }
 
     let (done, relids) = BackgroundWorker::transaction(|| {
@@ -213,6 +216,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let workers =
         job.parallel_requested.load(Ordering::Relaxed).min(crate::gucs::MAX_WORKERS.get().max(1) as u32);
     let part_bytes = job.chunk_bytes.load(Ordering::Relaxed).max(1);
+    laps.lap("looked up the tables and what was loaded");
     let todo = schedule::schedule(&work, workers, part_bytes);
     let pending_tables: HashSet<usize> = todo.iter().map(|u| u.table).collect();
     let tables_complete = (manifest.tables.len() - pending_tables.len()) as u32;
@@ -253,7 +257,9 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     job.set_phase(Phase::Data);
     progress::publish_if_due(job, true);
 
+    laps.lap("scheduled and published the units");
     let launched = job::launch_workers(shared, slot, Entry::ApplyWorker, todo.len());
+    laps.lap("launched the workers");
     if launched == 0 && !todo.is_empty() {
         // No worker slot free anywhere: the leader loads alone.
         let (ws, wgen) =
@@ -281,6 +287,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         }
     });
 
+    laps.lap("data phase");
     if !manifest.sequences.is_empty() {
         stop_point(job)?;
         job.set_phase(Phase::Sequences);
@@ -297,6 +304,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
             Ok(())
         })?;
     }
+    laps.lap("sequences");
     if has(job, flags::ANALYZE) && !manifest.tables.is_empty() {
         stop_point(job)?;
         job.set_phase(Phase::Analyze);

@@ -27,7 +27,7 @@ use std::time::Duration;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use steep_repl_engine::chunk::{ChunkWriter, Compression, Durability};
+use steep_repl_engine::chunk::{ChunkWriter, Compression, Durability, WriterScratch};
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::{
@@ -115,9 +115,10 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let compression = compression_of(job);
 
     // Tables as of now, to lock before the snapshot is taken.
+    let mut laps = job::Laps::new(&id);
     let (patterns, prelisted, server) = BackgroundWorker::transaction(|| -> Result<_, String> {
         let patterns = job_patterns(&id)?;
-        let prelisted = catalog::list_tables(&patterns).map_err(|e| e.to_string())?;
+        let prelisted = catalog::list_tables(&patterns, false).map_err(|e| e.to_string())?;
         Ok((patterns, prelisted, catalog::server_info()?))
     })?;
 
@@ -127,11 +128,13 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         xact::import_snapshot(&given);
     }
     let prelisted_oids: Vec<u32> = prelisted.iter().map(|t| t.oid).collect();
+    laps.lap("listed the tables");
     lock_tables(&prelisted_oids, prelisted_oids.len())?;
+    laps.lap("locked them");
     // Taking the transaction snapshot now, after the locks; tables created since the pre-list get
     // locked at once. SPI queries below run under this snapshot.
     xact::push_transaction_snapshot();
-    let tables = catalog::list_tables(&patterns).map_err(|e| e.to_string())?;
+    let mut tables = catalog::list_tables(&patterns, true).map_err(|e| e.to_string())?;
     let prelisted_set: HashSet<u32> = prelisted_oids.iter().copied().collect();
     let new_oids: Vec<u32> = tables.iter().map(|t| t.oid).filter(|o| !prelisted_set.contains(o)).collect();
     lock_tables(&new_oids, prelisted_oids.len() + new_oids.len())?;
@@ -143,6 +146,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         .unwrap_or_default();
 
     // Plan and publish.
+    laps.lap("listed again under the snapshot and exported it");
     let (plan, chunk_bytes) = steep_repl_engine::catalog::plan_snapshot(
         &tables,
         job.chunk_bytes.load(Ordering::Relaxed),
@@ -150,15 +154,18 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     )
     .map_err(|e| e.to_string())?;
     job.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
-    let by_name: HashMap<(&str, &str), &TableMeta> =
-        tables.iter().map(|t| ((t.schema.as_str(), t.name.as_str()), t)).collect();
-    let metas: Vec<&TableMeta> = plan
+    // Where each planned table is in `tables`.
+    let by_name: HashMap<(&str, &str), usize> =
+        tables.iter().enumerate().map(|(i, t)| ((t.schema.as_str(), t.name.as_str()), i)).collect();
+    let order: Vec<usize> = plan
         .tables
         .iter()
         .map(|s| {
             by_name.get(&(s.schema.as_str(), s.name.as_str())).copied().ok_or("planned table is not listed")
         })
         .collect::<Result<_, _>>()?;
+    drop(by_name);
+    let metas: Vec<&TableMeta> = order.iter().map(|&i| &tables[i]).collect();
     let base = shared
         .alloc_chunks(slot, plan.chunks.len())
         .ok_or_else(|| crate::limits::chunk_slots_error(plan.chunks.len(), shared.free_chunk_slots()))?;
@@ -188,7 +195,15 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     job.set_phase(Phase::Data);
 
     // Workers: as many as asked, the plan can use, and the server and steep_repl.max_workers allow.
+    laps.lap("planned and published the chunks");
     let launched = job::launch_workers(shared, slot, Entry::GenerateWorker, plan.chunks.len());
+    laps.lap("launched the workers");
+    // The column lists for the manifest, read while the workers read the data (the tables are locked:
+    // their columns are those of the snapshot).
+    drop(metas);
+    catalog::fill_columns(&mut tables)?;
+    let metas: Vec<&TableMeta> = order.iter().map(|&i| &tables[i]).collect();
+    laps.lap("read the column lists");
     if launched == 0 && !plan.chunks.is_empty() {
         // No worker slot free anywhere: the leader scans alone, under its own snapshot.
         session::pin_output_settings(&job.timezone.get());
@@ -197,7 +212,20 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         me.word.transition(me.word.get().0, worker_state::RUNNING, worker_state::DONE);
         scanned?;
     }
-    job::watch_workers(shared, slot, |_| {});
+    // While the workers write, make what they wrote durable a second at a time (small chunks are
+    // renamed without fsync, Durability::DeferSmall), so that little is left for the last syncfs.
+    let mut last_sync = pg::now_ms();
+    let mut sync_error = None;
+    job::watch_workers(shared, slot, |job| {
+        if sync_error.is_none() && pg::now_ms().saturating_sub(last_sync) >= 1000 {
+            if let Err(e) = steep_repl_engine::chunk::sync_filesystem(&out_dir) {
+                job.fail(&e.to_string());
+                sync_error = Some(e);
+            }
+            last_sync = pg::now_ms();
+        }
+    });
+    laps.lap("data phase");
     if job.should_stop() {
         return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
     }
@@ -221,14 +249,17 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
 
     job.set_phase(Phase::Finalizing);
     progress::publish_if_due(job, true);
+    laps.lap("sequences");
     let manifest =
         build_manifest(shared, slot, &plan, &metas, sequences, &server, &lsn, &exported, compression);
-    steep_repl_engine::chunk::remove_leftover_temp_files(&out_dir).map_err(|e| e.to_string())?;
+    laps.lap("built the manifest");
     // Small chunks were renamed without fsync (Durability::DeferSmall): make them all durable at once,
     // before the manifest says the snapshot is complete.
     steep_repl_engine::chunk::sync_filesystem(&out_dir).map_err(|e| e.to_string())?;
+    laps.lap("synced the files");
     stopped(job)?;
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
+    laps.lap("wrote the manifest");
     // A cancel that came while the manifest was written still wins: the job ends cancelled, and a
     // cancelled snapshot never has a manifest (finish removes it).
     stopped(job)?;
@@ -315,6 +346,8 @@ fn scan_chunks(
     let chunks = shared.chunks();
     // (started at, raw bytes) of the open batch, if any.
     let mut batch: Option<(u64, u64)> = None;
+    // One compressor and one set of buffers for every chunk this process writes.
+    let mut scratch = WriterScratch::default();
     let pausing = job.chunk_pause_ms.load(Ordering::Relaxed) > 0;
     loop {
         if job.should_stop() {
@@ -365,7 +398,7 @@ fn scan_chunks(
         }
         let index = c.index.load(Ordering::Relaxed);
         let rel_path = chunk_rel_path(&table_dir(&schema, &name), index, &compression);
-        let mut writer = ChunkWriter::create(&out_dir, &rel_path, compression)
+        let mut writer = ChunkWriter::create_with(&out_dir, &rel_path, compression, &mut scratch)
             .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
         let end = c.block_end.load(Ordering::Relaxed);
         let mut observer = Observer { job, me };
@@ -377,7 +410,7 @@ fn scan_chunks(
             &mut observer,
         );
         let stats = writer
-            .finish_with(Durability::DeferSmall)
+            .finish_into(Durability::DeferSmall, &mut scratch)
             .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
         pg::unlock_relation(relid, pg_sys::AccessShareLock);
         if !own_transactions {
