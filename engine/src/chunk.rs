@@ -160,7 +160,7 @@ pub struct ChunkStats {
     /// CRC-32 of the file's bytes.
     pub file_crc32: u32,
     /// Whether the file (and its name) is already durable; false when [`Durability::DeferSmall`] left
-    /// it to a later [`sync_filesystem`].
+    /// it to a later [`FsSync::sync`].
     pub synced: bool,
 }
 
@@ -170,7 +170,8 @@ pub enum Durability {
     /// fsync the file, rename it, fsync its directory, before `finish` returns.
     Now,
     /// As `Now` for files of at least [`SYNC_NOW_BYTES`]; smaller files are renamed without fsync,
-    /// and the writer of the snapshot must call [`sync_filesystem`] before the manifest is written.
+    /// and the writer of the snapshot must call [`FsSync::sync`] (opened before the first such file)
+    /// before the manifest is written.
     /// An fsync of a file and of its directory costs about a millisecond whatever the size, which for
     /// a database of 20 000 small tables was most of a snapshot's time; one `syncfs` at the end makes
     /// them all durable for the price of a few. The manifest is written last either way, so a crash
@@ -182,19 +183,39 @@ pub enum Durability {
 /// fsync costs little next to their writing, and it keeps the work left for the end bounded.
 pub const SYNC_NOW_BYTES: u64 = 8 << 20;
 
-/// Makes durable every file written on the file system holding `dir` (Linux `syncfs`): the end of a
-/// snapshot whose small chunks were finished with [`Durability::DeferSmall`]. Errors of the write-back
-/// of any of them are reported here.
-#[allow(unsafe_code)]
-pub fn sync_filesystem(dir: &Path) -> Result<()> {
-    let d = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
-    // SAFETY: syncfs takes a file descriptor we own for the duration of the call and touches no memory
-    // of ours.
-    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) };
-    if rc != 0 {
-        return Err(Error::io("syncfs", dir, io::Error::last_os_error()));
+/// A handle on the file system holding a snapshot directory, to make durable at once every file
+/// written on it (Linux `syncfs`): how a snapshot whose small chunks were finished with
+/// [`Durability::DeferSmall`] becomes durable.
+///
+/// Open it **before** writing the first deferred chunk and keep it until the last sync: the kernel
+/// reports to a `syncfs` the write-back errors of the file system since the descriptor was opened,
+/// so an error in the background write-back of a chunk renamed earlier is reported by the next
+/// [`FsSync::sync`], never lost.
+#[derive(Debug)]
+pub struct FsSync {
+    dir: PathBuf,
+    fd: File,
+}
+
+impl FsSync {
+    /// Opens the directory `dir` (which must exist) for later syncs.
+    pub fn open(dir: &Path) -> Result<FsSync> {
+        let fd = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+        Ok(FsSync { dir: dir.to_path_buf(), fd })
     }
-    Ok(())
+
+    /// Makes every file written on the file system so far durable; fails with any write-back error
+    /// the file system met since [`FsSync::open`] (or since the previous sync reported one).
+    #[allow(unsafe_code)]
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: syncfs takes a file descriptor we own for the duration of the call and touches no
+        // memory of ours.
+        let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&self.fd)) };
+        if rc != 0 {
+            return Err(Error::io("syncfs", &self.dir, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
 }
 
 /// A file being written that CRCs and counts every byte it passes on.

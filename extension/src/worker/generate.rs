@@ -27,7 +27,7 @@ use std::time::Duration;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use steep_repl_engine::chunk::{ChunkWriter, Compression, Durability, WriterScratch};
+use steep_repl_engine::chunk::{ChunkWriter, Compression, Durability, FsSync, WriterScratch};
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::{
@@ -186,6 +186,9 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         .mode(0o700)
         .create(out_dir.join("data"))
         .map_err(|e| format!("creating {}: {e}", out_dir.join("data").display()))?;
+    // Opened before any chunk is written, so that every later syncfs reports the write-back errors of
+    // all of them.
+    let fs_sync = FsSync::open(&out_dir).map_err(|e| e.to_string())?;
     job.tables_total.store(metas.len() as u32, Ordering::Relaxed);
     job.work_total.store(metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(), Ordering::Relaxed);
     job.export_name.set(&exported).map_err(|_| format!("snapshot name {exported:?} too long"))?;
@@ -218,7 +221,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let mut sync_error = None;
     job::watch_workers(shared, slot, |job| {
         if sync_error.is_none() && pg::now_ms().saturating_sub(last_sync) >= 1000 {
-            if let Err(e) = steep_repl_engine::chunk::sync_filesystem(&out_dir) {
+            if let Err(e) = fs_sync.sync() {
                 job.fail(&e.to_string());
                 sync_error = Some(e);
             }
@@ -255,7 +258,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     laps.lap("built the manifest");
     // Small chunks were renamed without fsync (Durability::DeferSmall): make them all durable at once,
     // before the manifest says the snapshot is complete.
-    steep_repl_engine::chunk::sync_filesystem(&out_dir).map_err(|e| e.to_string())?;
+    fs_sync.sync().map_err(|e| e.to_string())?;
     laps.lap("synced the files");
     stopped(job)?;
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
