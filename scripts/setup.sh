@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent machine setup for steep-repl on Debian 12.
 #
-# Installs only what is missing: PostgreSQL 15 and its server headers, clang/libclang (pgrx's bindgen),
+# Installs only what is missing: PostgreSQL 15, its server headers and libpq (the extension connects to
+# peers with it), clang/libclang (pgrx's bindgen),
 # pkg-config, sudo (cargo pgrx test --runas), zstd, pgcopydb (benchmark peer), cargo-pgrx 0.16.1, and runs
 # `cargo pgrx init --pg15 /usr/bin/pg_config` once. A second run finishes in seconds and says what it skipped.
 set -euo pipefail
 
 PGRX_VERSION=0.16.1
 PG_CONFIG=/usr/bin/pg_config
-APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config libssl-dev sudo zstd pgcopydb bc)
+APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libpq-dev clang libclang-dev pkg-config libssl-dev sudo zstd pgcopydb bc)
 
 log() { printf 'setup: %s\n' "$*"; }
 

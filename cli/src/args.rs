@@ -52,6 +52,74 @@ pub enum Command {
     /// Generate, apply, watch and check snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// The node registry: this server and its peers, with heartbeats and health.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `steep-repl node ...`: runs in the server (the registry and the probes live there).
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Register a node (or update it): this server with --local, or a peer with --conninfo.
+    #[command(after_help = NODE_REGISTER_HELP)]
+    Register(NodeRegisterArgs),
+    /// Remove a node from the registry.
+    #[command(after_help = "Example:\n  steep-repl node unregister replica-2 -d \"dbname=app\"")]
+    Unregister(NodeIdArg),
+    /// List the registered nodes with how the server reaches them (needs rights on steep_repl.nodes).
+    #[command(after_help = "Example:\n  steep-repl node list -d \"dbname=app\"")]
+    List,
+    /// Show every node (or one) as the last heartbeat saw it: status, last seen, RTT, clock offset.
+    #[command(after_help = "Examples:\n  steep-repl node status -d \"dbname=app\"\n  \
+                            steep-repl node status replica-2 --json\n\n\
+                            Exits 1 when a node shown is unreachable or degraded.")]
+    Status(NodeOptionalIdArg),
+    /// Beat now: for the local node, or probe one peer at once.
+    #[command(after_help = "Examples:\n  steep-repl node heartbeat -d \"dbname=app\"\n  \
+                            steep-repl node heartbeat replica-2\n\n\
+                            Exits 1 when the node does not answer.")]
+    Heartbeat(NodeOptionalIdArg),
+}
+
+const NODE_REGISTER_HELP: &str = "\
+Examples:
+  steep-repl node register primary --local --name \"app primary\" -d \"dbname=app\"
+  steep-repl node register replica-2 --conninfo \"host=10.0.0.12 dbname=app user=steep\" --priority 60
+
+A conninfo holding a password is refused: the server connects to its peers with the password file of
+its operating-system user (~/.pgpass of postgres) or the one named by passfile=.";
+
+/// `node register`.
+#[derive(Debug, Args)]
+pub struct NodeRegisterArgs {
+    /// Node id: 1 to 63 letters, digits, _ . or -.
+    pub id: String,
+    /// A readable name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How this server reaches the node (key=value or URI, no password).
+    #[arg(long, value_name = "CONNINFO")]
+    pub conninfo: Option<String>,
+    /// 1 to 100 (default 50).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub priority: i32,
+    /// This node is the server the command connects to.
+    #[arg(long)]
+    pub local: bool,
+}
+
+/// A node id.
+#[derive(Debug, Args)]
+pub struct NodeIdArg {
+    /// Node id.
+    pub id: String,
+}
+
+/// An optional node id.
+#[derive(Debug, Args)]
+pub struct NodeOptionalIdArg {
+    /// Node id (default: every node for status, the local node for heartbeat).
+    pub id: Option<String>,
 }
 
 /// `steep-repl snapshot ...`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use steep_repl_engine::chunk::Compression;
 use steep_repl_engine::filter::TablePattern;
 
-use crate::args::{Cli, Command, SnapshotCommand};
+use crate::args::{Cli, Command, NodeCommand, SnapshotCommand};
 use crate::conn::ConnSpec;
 use crate::error::CliError;
 use crate::mode::ModeChoice;
@@ -54,6 +54,17 @@ pub enum Action {
     Cancel { conn: ConnSpec, id: String },
     Verify { dir: PathBuf, deep: bool },
     Inspect { dir: PathBuf },
+    Node { conn: ConnSpec, action: NodeAction },
+}
+
+/// `node ...`.
+#[derive(Debug, Clone)]
+pub enum NodeAction {
+    Register { id: String, name: Option<String>, conninfo: Option<String>, priority: i32, local: bool },
+    Unregister { id: String },
+    List,
+    Status { id: Option<String> },
+    Heartbeat { id: Option<String> },
 }
 
 /// Everything a run needs.
@@ -112,6 +123,22 @@ impl Config {
             Command::Snapshot(SnapshotCommand::Cancel(c)) => Action::Cancel { conn: conn()?, id: c.id },
             Command::Snapshot(SnapshotCommand::Verify(v)) => Action::Verify { dir: v.dir, deep: v.deep },
             Command::Snapshot(SnapshotCommand::Inspect(i)) => Action::Inspect { dir: i.dir },
+            Command::Node(n) => Action::Node {
+                conn: conn()?,
+                action: match n {
+                    NodeCommand::Register(r) => NodeAction::Register {
+                        id: r.id,
+                        name: r.name,
+                        conninfo: r.conninfo,
+                        priority: r.priority,
+                        local: r.local,
+                    },
+                    NodeCommand::Unregister(u) => NodeAction::Unregister { id: u.id },
+                    NodeCommand::List => NodeAction::List,
+                    NodeCommand::Status(s) => NodeAction::Status { id: s.id },
+                    NodeCommand::Heartbeat(h) => NodeAction::Heartbeat { id: h.id },
+                },
+            },
         };
         Ok(Config { json: cli.json, action })
     }

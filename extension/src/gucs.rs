@@ -36,6 +36,15 @@ pub static APPLY_PART_SIZE_KB: GucSetting<i32> =
 /// tables (every table is at least one chunk).
 pub static MAX_CHUNK_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_CHUNK_SLOTS);
 
+/// `steep_repl.heartbeat_interval`: how often, in seconds, the supervisor beats for the local node and
+/// probes every registered peer (PRODUCT.md §8: default 10 s; changed by a reload).
+pub static HEARTBEAT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+
+/// `steep_repl.peer_timeout`: the longest, in seconds, a connection to a peer and one statement on it
+/// may take (a probe, a heartbeat, a schema compare's catalog query). A probe also ends by the next
+/// heartbeat, whichever comes first.
+pub static PEER_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(5);
+
 /// Default of `steep_repl.max_chunk_slots`.
 pub const DEFAULT_MAX_CHUNK_SLOTS: i32 = 131_072;
 
@@ -94,6 +103,26 @@ pub fn init() {
         i32::MAX / 2,
         GucContext::Userset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.heartbeat_interval",
+        c"How often the supervisor beats for the local node and probes every registered peer.",
+        c"A peer is unreachable after 3 failed probes in a row and healthy again on the next success.",
+        &HEARTBEAT_INTERVAL_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.peer_timeout",
+        c"Longest wait for a connection to a peer and for one statement on it.",
+        c"Probes also end by the next heartbeat.",
+        &PEER_TIMEOUT_S,
+        1,
+        3_600,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"steep_repl.max_workers",

@@ -112,6 +112,7 @@ pub enum Entry {
     ApplyLeader,
     ApplyWorker,
     Reaper,
+    Prober,
 }
 
 impl Entry {
@@ -122,6 +123,7 @@ impl Entry {
             Entry::ApplyLeader => "steep_repl_apply_leader",
             Entry::ApplyWorker => "steep_repl_apply_worker",
             Entry::Reaper => "steep_repl_reaper",
+            Entry::Prober => "steep_repl_prober",
         }
     }
 
@@ -130,6 +132,7 @@ impl Entry {
             Entry::GenerateLeader | Entry::ApplyLeader => "steep_repl leader",
             Entry::GenerateWorker | Entry::ApplyWorker => "steep_repl worker",
             Entry::Reaper => "steep_repl reaper",
+            Entry::Prober => "steep_repl prober",
         }
     }
 }

@@ -10,7 +10,9 @@
 //!   limits a job can hit and the settings to raise;
 //! - [`shmem`]: the shared-memory slot arrays that workers coordinate through;
 //! - [`worker`]: background worker entry points;
-//! - [`gucs`]: the `steep_repl.*` settings.
+//! - [`gucs`]: the `steep_repl.*` settings;
+//! - [`peer`]: every connection from this server to another; [`nodes`]: what a probe of a peer asks and
+//!   what its answer means.
 //!
 //! Most of the SQL API needs `shared_preload_libraries = 'steep_repl'` (shared memory and workers can only
 //! be set up at server start). Loaded any other way, `health()` still answers and reports
@@ -23,6 +25,8 @@ pub mod bookkeeping;
 pub mod gucs;
 pub mod job;
 pub mod limits;
+pub mod nodes;
+pub mod peer;
 pub mod pg;
 pub mod progress;
 pub mod shmem;
@@ -31,6 +35,7 @@ pub mod worker;
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/nodes.sql", name = "nodes", requires = ["schema"]);
 
 /// Called by PostgreSQL when the library is loaded: at server start under `shared_preload_libraries`, or
 /// on first use in a backend otherwise.

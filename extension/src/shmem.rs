@@ -51,6 +51,8 @@ pub const MAX_WAITERS: usize = 8;
 /// Databases whose interrupted jobs the supervisor can have a reaper look at without waiting; more
 /// are taken at the next tick.
 pub const MAX_REAP_REQUESTS: usize = 16;
+/// How many databases of one server may hold a node registry the supervisor probes.
+pub const MAX_NODE_DATABASES: usize = 32;
 
 /// Longest path (bytes) a job can be given: the capacity of [`JobSlot::path`]. Longer paths are
 /// refused when the job starts, never cut.
@@ -449,6 +451,10 @@ pub struct Shared {
     pub startup_reaped: AtomicU32,
     /// Databases (oids) whose `pending`/`running` rows a reaper must look at; 0 = empty entry.
     pub reap_requests: [AtomicU32; MAX_REAP_REQUESTS],
+    /// Databases (oids) whose `steep_repl.nodes` the supervisor has probed every
+    /// `steep_repl.heartbeat_interval`; 0 = empty entry. Filled by `register_node` and, after a server
+    /// start, by the reaper; an entry whose registry is empty is dropped by its prober.
+    pub node_databases: [AtomicU32; MAX_NODE_DATABASES],
     /// Around allocating chunk ranges; held for a scan of MAX_JOBS entries only.
     chunk_alloc_lock: SpinLock,
     pub jobs: [JobSlot; MAX_JOBS],
@@ -633,6 +639,29 @@ impl Shared {
             }
         }
         pg::set_latch(self.supervisor_latch.load(Ordering::Acquire));
+    }
+}
+
+impl Shared {
+    /// Has the supervisor probe the nodes registered in database `db`; false when
+    /// [`MAX_NODE_DATABASES`] other databases already have a registry.
+    pub fn watch_nodes(&self, db: u32) -> bool {
+        if db == 0 || self.node_databases.iter().any(|d| d.load(Ordering::Acquire) == db) {
+            return db != 0;
+        }
+        let ok = self
+            .node_databases
+            .iter()
+            .any(|d| d.compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+        pg::set_latch(self.supervisor_latch.load(Ordering::Acquire));
+        ok
+    }
+
+    /// Stops probing the registry of database `db` (it has no node left).
+    pub fn unwatch_nodes(&self, db: u32) {
+        for d in &self.node_databases {
+            let _ = d.compare_exchange(db, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
     }
 }
 

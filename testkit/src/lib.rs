@@ -47,6 +47,12 @@ impl Cluster {
         assert!(out.status.success(), "restarting {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Stops the cluster (fast shutdown); [`Cluster::restart`] starts it again.
+    pub fn stop(&self) {
+        let out = pg_sh(&["stop", &self.name]);
+        assert!(out.status.success(), "stopping {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Stops the cluster as a crash would (`pg_ctl stop -m immediate`: no shutdown checkpoint, every
     /// process killed) and starts it again; it runs crash recovery before accepting connections.
     pub fn crash_restart(&self) {

@@ -6,6 +6,7 @@ mod generate;
 mod health;
 mod inspect;
 mod list;
+mod node;
 mod progress;
 mod verify;
 
@@ -26,5 +27,6 @@ pub async fn run(config: Config) -> Result<(), CliError> {
         Action::Cancel { conn, id } => cancel::run(&conn, &id, json).await,
         Action::Verify { dir, deep } => verify::run(&dir, deep, json).await,
         Action::Inspect { dir } => inspect::run(&dir, json),
+        Action::Node { conn, action } => node::run(&conn, action, json).await,
     }
 }

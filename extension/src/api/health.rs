@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 use crate::{gucs, pg, shmem};
 
 /// A supervisor heartbeat older than this means the supervisor is not running (it beats every second).
-const SUPERVISOR_STALE_MS: u64 = 5_000;
+pub const SUPERVISOR_STALE_MS: u64 = 5_000;
 
 /// The version of the loaded library (which may differ from the installed SQL objects' version after an
 /// upgrade without `ALTER EXTENSION ... UPDATE`).
@@ -30,6 +30,11 @@ pub(crate) fn version_for_tests() -> &'static str {
 ///   `max_worker_processes` (counting every background worker of the server, as pg_stat_activity shows
 ///   them) and what is left of `steep_repl.max_workers`. An estimate: other extensions and parallel
 ///   queries take slots at any moment.
+/// - `system_identifier`: this server's (pg_control_system), which tells a physical clone from its origin.
+/// - `node_id`, `peers_total`, `peers_unreachable`: the node registry (`node_status()` has the details).
+/// - `replication_slots`, `max_slot_retained_bytes`: slots on this server and the most WAL one of them
+///   holds back from removal; `subscriptions_not_streaming`: enabled subscriptions of this database
+///   whose apply worker is not running.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
@@ -46,6 +51,13 @@ fn health() -> TableIterator<
         name!(free_worker_slots, i32),
         name!(active_operations, i64),
         name!(last_error, Option<String>),
+        name!(system_identifier, i64),
+        name!(node_id, Option<String>),
+        name!(peers_total, i64),
+        name!(peers_unreachable, i64),
+        name!(replication_slots, i64),
+        name!(max_slot_retained_bytes, Option<i64>),
+        name!(subscriptions_not_streaming, i64),
     ),
 > {
     let preloaded = pg::is_preloaded();
@@ -95,6 +107,31 @@ fn health() -> TableIterator<
     .ok()
     .flatten();
 
+    let (node_id, peers_total, peers_unreachable) = crate::bookkeeping::nodes::summary();
+    let (replication_slots, max_slot_retained_bytes, subscriptions_not_streaming) = Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT (SELECT count(*) FROM pg_replication_slots), \
+                        (SELECT max(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                                         ELSE pg_current_wal_lsn() END, restart_lsn))::bigint \
+                           FROM pg_replication_slots), \
+                        (SELECT count(*) FROM pg_subscription sub \
+                           WHERE sub.subenabled \
+                             AND sub.subdbid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()) \
+                             AND NOT EXISTS (SELECT FROM pg_stat_subscription st \
+                                             WHERE st.subid = sub.oid AND st.relid IS NULL AND st.pid IS NOT NULL))",
+                None,
+                &[],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<i64>(2)?,
+            row.get::<i64>(3)?.unwrap_or(0),
+        ))
+    })
+    .unwrap_or((0, None, 0));
+
     let status = if !preloaded {
         "not preloaded".to_string()
     } else if !supervisor_running {
@@ -120,5 +157,12 @@ fn health() -> TableIterator<
         free_worker_slots,
         active_operations,
         last_error,
+        pg::system_identifier(),
+        node_id,
+        peers_total,
+        peers_unreachable,
+        replication_slots,
+        max_slot_retained_bytes,
+        subscriptions_not_streaming,
     ))
 }

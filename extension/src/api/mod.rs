@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod health;
+pub mod nodes;
 pub mod progress;
 pub mod snapshot;
 

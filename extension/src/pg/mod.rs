@@ -514,3 +514,17 @@ pub fn rls_applies(relid: pg_sys::Oid) -> bool {
             == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
     }
 }
+
+/// This server's system identifier (pg_control_system()), read without the privileges that SQL
+/// function needs. As a signed 64-bit number, the way PostgreSQL's SQL functions show it.
+pub fn system_identifier() -> i64 {
+    // SAFETY: reads a value fixed at initdb from the shared control data; valid in any backend.
+    unsafe { pg_sys::GetSystemIdentifier() as i64 }
+}
+
+/// Re-reads the configuration files, as a process does on SIGHUP (for `PGC_SIGHUP` settings).
+pub fn reload_config() {
+    // SAFETY: ProcessConfigFile is what every auxiliary process calls after SIGHUP, outside any
+    // transaction, from its main loop.
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+}

@@ -2,5 +2,6 @@
 
 pub mod apply;
 pub mod generate;
+pub mod prober;
 pub mod reaper;
 pub mod supervisor;

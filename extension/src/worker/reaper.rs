@@ -6,7 +6,8 @@
 //! the shared catalog `pg_database`), and runs one reaper per database, one after the other. With a
 //! database, it connects to it as the bootstrap superuser, pins the search path, and, if steep_repl is
 //! installed there, marks its unfinished jobs failed (`job::reap_interrupted`, the same statements the
-//! SQL functions run). It runs no other statement.
+//! SQL functions run) and tells the supervisor whether the database holds a node registry to probe.
+//! It runs no other statement.
 
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub extern "C-unwind" fn steep_repl_reaper(arg: pg_sys::Datum) {
             .unwrap_or(false);
             if installed {
                 crate::job::reap_interrupted();
+                // After a server start, the supervisor learns here which databases hold a node registry.
+                if crate::bookkeeping::nodes::any() {
+                    crate::shmem::require().watch_nodes(db);
+                }
             }
         })
     });

@@ -9,7 +9,10 @@
 //!   started in the job's database to mark its row failed;
 //! - worker slots left by a job that is gone are freed once their process has exited;
 //! - once after every server start, when recovery is over, a reaper looks at every database and marks
-//!   the jobs the restart interrupted failed, so no row says `running` once the server is up.
+//!   the jobs the restart interrupted failed, so no row says `running` once the server is up;
+//! - every `steep_repl.heartbeat_interval`, a prober (`crate::worker::prober`) is started in each
+//!   database holding a node registry, unless the previous one there still runs: the network waits
+//!   are the prober's, so nothing a peer does can stall this loop.
 //!
 //! It never frees a slot whose process is alive, and every free is a compare-and-swap on the slot's
 //! generation, so a slot claimed again meanwhile is never touched.
@@ -57,14 +60,67 @@ pub extern "C-unwind" fn steep_repl_supervisor_main(_arg: pg_sys::Datum) {
     log!("steep_repl supervisor started");
 
     let mut reaper: Option<DynamicBackgroundWorker> = None;
+    let mut probers = Probers::default();
     while BackgroundWorker::wait_latch(Some(TICK)) {
+        if BackgroundWorker::sighup_received() {
+            pg::reload_config();
+        }
         shared.supervisor_heartbeat_ms.store(pg::now_ms(), Ordering::Release);
         reap_dead_workers(shared);
         reap_dead_leaders(shared);
         start_reaper(shared, &mut reaper);
+        probers.tick(shared);
     }
     shared.supervisor_latch.store(0, Ordering::Release);
     shared.supervisor_pid.store(0, Ordering::Release);
+}
+
+/// The probers started, one per database with a node registry, and when each database's last round
+/// began.
+#[derive(Default)]
+struct Probers {
+    running: Vec<(u32, DynamicBackgroundWorker)>,
+    last_round_ms: Vec<(u32, u64)>,
+}
+
+impl Probers {
+    /// Starts a prober in each watched database whose round is due (a database just registered at
+    /// once) and whose previous prober has exited. Not while in recovery (a standby's registry cannot
+    /// be written).
+    fn tick(&mut self, shared: &Shared) {
+        self.running.retain(|(_, h)| !has_exited(h));
+        if pg::recovery_in_progress() {
+            return;
+        }
+        let every_ms = crate::gucs::HEARTBEAT_INTERVAL_S.get().max(1) as u64 * 1000;
+        let now = pg::now_ms();
+        let watched: Vec<u32> =
+            shared.node_databases.iter().map(|d| d.load(Ordering::Acquire)).filter(|&d| d != 0).collect();
+        self.last_round_ms.retain(|(db, _)| watched.contains(db));
+        for db in watched {
+            let last = self.last_round_ms.iter().find(|(d, _)| *d == db).map(|&(_, t)| t);
+            let due = last.is_none_or(|t| now.saturating_sub(t) >= every_ms);
+            if !due || self.running.iter().any(|(r, _)| *r == db) {
+                continue;
+            }
+            self.last_round_ms.retain(|(d, _)| *d != db);
+            self.last_round_ms.push((db, now));
+            let launched = BackgroundWorkerBuilder::new(&format!("steep_repl prober {db}"))
+                .set_type(Entry::Prober.kind())
+                .set_library("steep_repl")
+                .set_function("steep_repl_prober")
+                .set_argument(Some(pg_sys::Datum::from(db as u64)))
+                .enable_spi_access()
+                .load_dynamic();
+            match launched {
+                Ok(h) => self.running.push((db, h)),
+                // No worker slot free now: the next round tries again.
+                Err(_) => log!(
+                    "steep_repl supervisor: no background worker slot to probe the nodes of database {db}"
+                ),
+            }
+        }
+    }
 }
 
 fn alive(pid: i32) -> bool {

@@ -10,6 +10,9 @@
 //! queue entry), `apply_chunks` (ranges of rows an apply has loaded, committed with the rows),
 //! `apply_targets` (which apply last loaded each table), and `operation_errors` (the full text of an
 //! error whose public form in `snapshots.error` leaves out row data; readable by the owner alone).
+//! The node registry's statements (`nodes`, extension/sql/nodes.sql) are in [`nodes`].
+
+pub mod nodes;
 
 use std::sync::atomic::Ordering;
 
