@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|many|all] [--mixed-scale N] [--onebig-scale N]
-#                    [--many-tables N] [--parallel N] [--rounds N] [--keep]
+#   scripts/bench.sh [generate|apply|client|copy|many|schema|all] [--mixed-scale N] [--onebig-scale N]
+#                    [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
@@ -11,6 +11,9 @@
 #             (mixed database only)
 #   copy      a full copy: direct generate then apply  vs  pgcopydb copy table-data --table-jobs N,
 #             into the same pre-created schema (mixed database only)
+#   schema    schema fingerprints of a database of --schema-tables tables (default 10 000, 3 indexes each;
+#             fixtures/sql/fingerprint.sql): schema_fingerprint() vs pg_dump --schema-only, and
+#             compare_schema() against a copy vs pg_dump --schema-only of both and diff
 #   many      a database of --many-tables small tables (default 20 000, 20 rows each; fixtures/sql/many.sql):
 #             start_snapshot vs pg_dump -Fd -j N -Z 1 -a, then start_apply vs pg_restore -j N --data-only
 #             into the same pre-created schema (a fresh copy of it for every run). Not part of `all`.
@@ -25,17 +28,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; mixed_scale=64; onebig_scale=40; many_tables=20000; parallel=2; rounds=3; keep=0
+what=all; mixed_scale=64; onebig_scale=40; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|client|copy|many|all) what="$1" ;;
+    generate|apply|client|copy|many|schema|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --many-tables) many_tables="$2"; shift ;;
+    --schema-tables) schema_tables="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|many|all] [--mixed-scale N] [--onebig-scale N] [--many-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|many|schema|all] [--mixed-scale N] [--onebig-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -239,6 +243,49 @@ fresh_dir() { # ours|dump
   echo "$d" > "$work/many.last.$1"
   echo "$d"
 }
+
+bench_schema() {
+  local a_db=bench_schema b_db=bench_schema_copy
+  ensure_dataset "$a_db" fingerprint.sql "$schema_tables"
+  q "$a_db" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+  q postgres "DROP DATABASE IF EXISTS $b_db WITH (FORCE)"
+  q postgres "CREATE DATABASE $b_db TEMPLATE $a_db"
+  local objects; objects=$(q "$a_db" "SELECT count(*) FROM steep_repl.schema_fingerprint()")
+  local indexes; indexes=$(q "$a_db" "SELECT count(*) FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'fp'")
+  # Statements the server ran for one fingerprint: the function's own statement counts are in
+  # pg_stat_user_functions only for SQL functions, so count what it runs through SPI by design: one.
+  alternate 'time_sql "$a_db" "SELECT count(*) FROM steep_repl.schema_fingerprint()"' \
+            'time_cmd pg_dump --schema-only -d "$(db "$a_db")" -f "$work/schema.a.sql"'
+  report "schema fingerprint ($schema_tables tables, $indexes indexes, $objects objects, 1 catalog query):"
+  report "  steep-repl schema_fingerprint()  ${a}s (runs $runs_a)"
+  report "  pg_dump --schema-only           ${b}s (runs $runs_b)"
+  report "  ratio steep-repl / pg_dump: $(ratio "$a" "$b")x"
+  alternate 'time_sql "$a_db" "SELECT count(*) FROM steep_repl.compare_schema('"'"'$(db "$b_db")'"'"')"' \
+            'time_cmd bash -c "pg_dump --schema-only -d \"$(db "$a_db")\" -f \"$work/schema.a.sql\" & pg_dump --schema-only -d \"$(db "$b_db")\" -f \"$work/schema.b.sql\"; wait; diff -q \"$work/schema.a.sql\" \"$work/schema.b.sql\" >/dev/null || true"'
+  report "schema compare (two databases of $schema_tables tables, identical):"
+  report "  steep-repl compare_schema()     ${a}s (runs $runs_a)"
+  report "  pg_dump --schema-only x2 + diff ${b}s (runs $runs_b)"
+  report "  ratio steep-repl / pg_dump+diff: $(ratio "$a" "$b")x"
+  rm -f "$work"/schema.*.sql
+}
+
+time_sql() { # db sql
+  local t0; t0=$(now)
+  q "$1" "$2" >/dev/null
+  echo "$(now) - $t0" | bc
+}
+
+time_cmd() { # command...
+  local t0; t0=$(now)
+  "$@" >/dev/null
+  echo "$(now) - $t0" | bc
+}
+
+if [ "$what" = schema ]; then
+  bench_schema
+  echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
+  exit 0
+fi
 
 if [ "$what" = many ]; then
   bench_many

@@ -55,6 +55,60 @@ pub enum Command {
     /// The node registry: this server and its peers, with heartbeats and health.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Schema fingerprints: capture them, compare this server's schema with a peer's.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
+}
+
+/// `steep-repl schema ...`: runs in the server (`-d`), which reads the peer's catalogs itself.
+#[derive(Debug, Subcommand)]
+pub enum SchemaCommand {
+    /// Store the fingerprints of this server (or of a registered peer) in steep_repl.schema_fingerprints.
+    #[command(after_help = "Examples:\n  steep-repl schema capture -d \"dbname=app\"\n  \
+                            steep-repl schema capture --node replica-2")]
+    Capture(SchemaCaptureArgs),
+    /// Compare this server's schema with a peer's, object by object; differences only unless --all.
+    #[command(after_help = "Examples:\n  steep-repl schema compare --peer replica-2 -d \"dbname=app\"\n  \
+                            steep-repl schema compare --peer \"host=10.0.0.12 dbname=app\" --schema sales --json\n\n\
+                            Exits 3 when anything differs, 0 when the schemas are identical.")]
+    Compare(SchemaCompareArgs),
+    /// Show one table's objects (columns, constraints, indexes, triggers) on both sides.
+    #[command(after_help = "Example:\n  steep-repl schema diff --peer replica-2 --table sales.orders\n\n\
+                            Exits 3 when the table differs.")]
+    Diff(SchemaDiffArgs),
+}
+
+/// `schema capture`.
+#[derive(Debug, Args)]
+pub struct SchemaCaptureArgs {
+    /// A registered node to capture (default: this server, the local node).
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+}
+
+/// `schema compare`.
+#[derive(Debug, Args)]
+pub struct SchemaCompareArgs {
+    /// The peer: a registered node id or a conninfo (no password).
+    #[arg(long, value_name = "CONN|NODE")]
+    pub peer: String,
+    /// Also list the objects that match.
+    #[arg(long)]
+    pub all: bool,
+    /// Only this schema (repeatable; default: every user schema).
+    #[arg(long = "schema", value_name = "NAME")]
+    pub schemas: Vec<String>,
+}
+
+/// `schema diff`.
+#[derive(Debug, Args)]
+pub struct SchemaDiffArgs {
+    /// The peer: a registered node id or a conninfo (no password).
+    #[arg(long, value_name = "CONN|NODE")]
+    pub peer: String,
+    /// The table, as schema.table (public when no schema is given).
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    pub table: String,
 }
 
 /// `steep-repl node ...`: runs in the server (the registry and the probes live there).

@@ -7,7 +7,7 @@ use std::time::Duration;
 use steep_repl_engine::chunk::Compression;
 use steep_repl_engine::filter::TablePattern;
 
-use crate::args::{Cli, Command, NodeCommand, SnapshotCommand};
+use crate::args::{Cli, Command, NodeCommand, SchemaCommand, SnapshotCommand};
 use crate::conn::ConnSpec;
 use crate::error::CliError;
 use crate::mode::ModeChoice;
@@ -55,6 +55,15 @@ pub enum Action {
     Verify { dir: PathBuf, deep: bool },
     Inspect { dir: PathBuf },
     Node { conn: ConnSpec, action: NodeAction },
+    Schema { conn: ConnSpec, action: SchemaAction },
+}
+
+/// `schema ...`.
+#[derive(Debug, Clone)]
+pub enum SchemaAction {
+    Capture { node: Option<String> },
+    Compare { peer: String, all: bool, schemas: Vec<String> },
+    Diff { peer: String, schema: String, table: String },
 }
 
 /// `node ...`.
@@ -137,6 +146,28 @@ impl Config {
                     NodeCommand::List => NodeAction::List,
                     NodeCommand::Status(s) => NodeAction::Status { id: s.id },
                     NodeCommand::Heartbeat(h) => NodeAction::Heartbeat { id: h.id },
+                },
+            },
+            Command::Schema(sc) => Action::Schema {
+                conn: conn()?,
+                action: match sc {
+                    SchemaCommand::Capture(c) => SchemaAction::Capture { node: c.node },
+                    SchemaCommand::Compare(c) => {
+                        SchemaAction::Compare { peer: c.peer, all: c.all, schemas: c.schemas }
+                    }
+                    SchemaCommand::Diff(d) => {
+                        let (schema, table) = match d.table.split_once('.') {
+                            Some((s, t)) if !s.is_empty() && !t.is_empty() => (s.to_string(), t.to_string()),
+                            None if !d.table.is_empty() => ("public".to_string(), d.table.clone()),
+                            _ => {
+                                return Err(CliError::Usage(format!(
+                                    "--table wants schema.table or table, not {:?}",
+                                    d.table
+                                )));
+                            }
+                        };
+                        SchemaAction::Diff { peer: d.peer, schema, table }
+                    }
                 },
             },
         };

@@ -50,6 +50,9 @@ pub enum CliError {
     /// The target database's tables do not match the snapshot; every problem is listed.
     #[error("the target schema does not match the snapshot ({} problem(s)):{}", .problems.len(), Lines(.problems))]
     SchemaMismatch { problems: Vec<String> },
+    /// Two nodes' schemas differ (`schema compare`, `schema diff`); the differences were printed.
+    #[error("the schema differs from {peer}'s in {count} object(s)")]
+    SchemaDiffers { peer: String, count: usize },
     /// The snapshot failed verification; every problem is listed.
     #[error("{}: verification failed ({} problem(s)):{}", .dir.display(), .problems.len(), Lines(.problems))]
     VerifyFailed { dir: PathBuf, problems: Vec<String> },
@@ -98,7 +101,7 @@ impl CliError {
             CliError::Query { source, .. } if is_connection_error(source) => EXIT_CONNECTION,
             CliError::Query { source, .. } if sqlstate(source) == Some("57014") => EXIT_TIMEOUT,
             CliError::Usage(_) => EXIT_USAGE,
-            CliError::SchemaMismatch { .. } => EXIT_SCHEMA_MISMATCH,
+            CliError::SchemaMismatch { .. } | CliError::SchemaDiffers { .. } => EXIT_SCHEMA_MISMATCH,
             CliError::VerifyFailed { .. } => EXIT_VERIFY_FAILED,
             CliError::JobFailed { error, .. } if error.starts_with(VERIFICATION_FAILED_PREFIX) => {
                 EXIT_VERIFY_FAILED

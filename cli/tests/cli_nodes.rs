@@ -91,3 +91,53 @@ fn node_commands_register_show_probe_and_remove() {
     let out = steep_repl(&["node", "status", "-d", &conninfo]);
     assert!(stdout(&out).contains("no nodes registered"), "{}", stdout(&out));
 }
+
+#[test]
+fn schema_commands_compare_diff_and_capture() {
+    let cluster = preloaded();
+    let local = cluster.fresh_db("cli_schema_a", true);
+    let peer = cluster.fresh_db("cli_schema_b", true);
+    for db in ["cli_schema_a", "cli_schema_b"] {
+        cluster
+            .client(db)
+            .batch_execute(
+                "CREATE SCHEMA s; CREATE TABLE s.orders (id int PRIMARY KEY, amount numeric(10,2) NOT NULL); \
+                 CREATE INDEX orders_amount ON s.orders (amount); CREATE TABLE s.other (a int)",
+            )
+            .unwrap();
+    }
+    let out = steep_repl(&["schema", "compare", "--peer", &peer, "-d", &local]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("0 differ"), "{}", stdout(&out));
+
+    cluster
+        .client("cli_schema_b")
+        .batch_execute("ALTER TABLE s.orders ALTER amount TYPE numeric(12,2)")
+        .unwrap();
+    let out = steep_repl(&["schema", "compare", "--peer", &peer, "-d", &local]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stdout(&out).contains("mismatch    column      s.orders.amount"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("numeric(12,2)"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("s.other"), "matches are listed only with --all");
+    let out = steep_repl(&["--json", "schema", "compare", "--all", "--peer", &peer, "-d", &local]);
+    assert_eq!(out.status.code(), Some(3));
+    let rows = json(&out);
+    assert!(rows.as_array().unwrap().iter().any(|r| r["table_name"] == "other" && r["status"] == "match"));
+
+    let out = steep_repl(&["schema", "diff", "--peer", &peer, "--table", "s.other", "-d", &local]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = steep_repl(&["schema", "diff", "--peer", &peer, "--table", "s.orders", "-d", &local]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stdout(&out).contains("orders_amount") && stdout(&out).contains("1 differ"), "{}", stdout(&out));
+    let out = steep_repl(&["schema", "diff", "--peer", &peer, "--table", "s.nope", "-d", &local]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = steep_repl(&["schema", "capture", "-d", &local]);
+    assert_eq!(out.status.code(), Some(1), "no local node yet");
+    assert!(stderr(&out).contains("no local node"), "{}", stderr(&out));
+    let out = steep_repl(&["node", "register", "cap", "--local", "-d", &local]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = steep_repl(&["--json", "schema", "capture", "-d", &local]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(json(&out)["objects"].as_i64().unwrap() >= 8);
+}

@@ -9,7 +9,8 @@
 //! - [`naming`]: table directory and chunk file names;
 //! - [`chunk`]: writing and reading checksummed, compressed chunk files;
 //! - [`manifest`]: `manifest.json`, its validation and atomic writing;
-//! - [`verify`]: checking a whole snapshot, quickly or deeply, in parallel.
+//! - [`verify`]: checking a whole snapshot, quickly or deeply, in parallel;
+//! - [`schema`]: schema fingerprints, read by one catalog query, and their comparison between nodes.
 //!
 //! # Example: write a one-table snapshot and verify it
 //!
@@ -96,6 +97,7 @@ pub mod manifest;
 pub mod naming;
 pub mod plan;
 pub mod schedule;
+pub mod schema;
 pub mod verify;
 
 /// The `chrono` this crate's timestamps ([`Manifest::created_at`]) are made of.

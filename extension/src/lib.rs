@@ -36,6 +36,11 @@ pub mod worker;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/nodes.sql", name = "nodes", requires = ["schema"]);
+pgrx::extension_sql_file!(
+    "../sql/schema_fingerprints.sql",
+    name = "schema_fingerprints",
+    requires = ["schema"]
+);
 
 /// Called by PostgreSQL when the library is loaded: at server start under `shared_preload_libraries`, or
 /// on first use in a backend otherwise.

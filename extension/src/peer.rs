@@ -186,9 +186,11 @@ impl Conn {
         deadline: Instant,
         interrupt: &mut dyn FnMut() -> Result<(), PeerError>,
     ) -> Result<Rows, PeerError> {
-        let mut ex = Exchange::new(vec![sql.to_string()]);
-        ex.start_next_statement(self);
         let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
+        // The peer gives up when we do.
+        let ms = (budget * 1000.0).ceil().max(1.0) as u64;
+        let mut ex = Exchange::new(vec![format!("SET statement_timeout = {ms}; {sql}")]);
+        ex.start_next_statement(self);
         let cell = std::cell::RefCell::new(ex);
         drive(1, deadline, interrupt, &mut |_| cell.borrow_mut().advance(self, budget), &mut |_, e| {
             cell.borrow_mut().finish(Err(e))
@@ -300,7 +302,8 @@ impl Exchange {
                         // Pin the session before any statement of the caller.
                         let ms = (timeout_s * 1000.0).ceil().max(1.0) as u64;
                         self.statements.push(format!(
-                            "SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}"
+                            "SET search_path = pg_catalog, pg_temp; SET standard_conforming_strings = on; \
+                             SET statement_timeout = {ms}"
                         ));
                         self.pinning = true;
                         self.start_next_statement(conn);

@@ -262,20 +262,26 @@ pub fn pin_session(client: &mut postgres::Client, timezone: &str) {
 
 /// Copies the schema (no data) of one database into another with pg_dump | psql.
 pub fn copy_schema(cluster: &Cluster, from_db: &str, to_db: &str) {
+    copy_schema_between(&cluster.conninfo_for(from_db), &cluster.conninfo_for(to_db));
+}
+
+/// Copies the schema (no data) of database `from` into database `to` (conninfos, possibly of two
+/// clusters) with pg_dump | psql.
+pub fn copy_schema_between(from: &str, to: &str) {
     let dump = Command::new("pg_dump")
-        .args(["--schema-only", "--no-owner", "--no-privileges", "-d", &cluster.conninfo_for(from_db)])
+        .args(["--schema-only", "--no-owner", "--no-privileges", "-d", from])
         .output()
         .expect("running pg_dump");
     assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
     let mut psql = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &cluster.conninfo_for(to_db), "-f", "-"])
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", to, "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("running psql");
     use std::io::Write;
     psql.stdin.take().expect("stdin").write_all(&dump.stdout).expect("feeding psql");
-    assert!(psql.wait().expect("psql").success(), "restoring the schema into {to_db} failed");
+    assert!(psql.wait().expect("psql").success(), "restoring the schema into {to} failed");
 }
 
 /// The rows of `qualified` (a table, or `ONLY table`) as sorted COPY lines (pinned settings): equal lists mean EXCEPT ALL is empty in

@@ -8,6 +8,7 @@ mod inspect;
 mod list;
 mod node;
 mod progress;
+mod schema;
 mod verify;
 
 use crate::config::{Action, Config};
@@ -28,5 +29,6 @@ pub async fn run(config: Config) -> Result<(), CliError> {
         Action::Verify { dir, deep } => verify::run(&dir, deep, json).await,
         Action::Inspect { dir } => inspect::run(&dir, json),
         Action::Node { conn, action } => node::run(&conn, action, json).await,
+        Action::Schema { conn, action } => schema::run(&conn, action, json).await,
     }
 }

@@ -137,3 +137,32 @@ pub fn summary() -> (Option<String>, i64, i64) {
     })
     .unwrap_or((None, 0, 0))
 }
+
+/// Replaces the stored fingerprints of node `node_id` with `rows` (object, SHA-256), in one statement.
+pub fn store_fingerprints(node_id: &str, rows: &[(steep_repl_engine::schema::SchemaObject, String)]) {
+    let kinds: Vec<&str> = rows.iter().map(|(o, _)| o.kind.as_str()).collect();
+    let schemas: Vec<&str> = rows.iter().map(|(o, _)| o.schema.as_str()).collect();
+    let tables: Vec<Option<&str>> = rows.iter().map(|(o, _)| o.table.as_deref()).collect();
+    let names: Vec<&str> = rows.iter().map(|(o, _)| o.name.as_str()).collect();
+    let definitions: Vec<&str> = rows.iter().map(|(o, _)| o.definition.as_str()).collect();
+    let fingerprints: Vec<&str> = rows.iter().map(|(_, f)| f.as_str()).collect();
+    as_owner(|| {
+        Spi::run_with_args("DELETE FROM steep_repl.schema_fingerprints WHERE node_id = $1", &[node_id.into()])?;
+        Spi::run_with_args(
+            "INSERT INTO steep_repl.schema_fingerprints \
+                 (node_id, kind, schema_name, table_name, object_name, definition, fingerprint) \
+             SELECT $1, k, s, t, o, d, f \
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS x(k, s, t, o, d, f)",
+            &[
+                node_id.into(),
+                kinds.into(),
+                schemas.into(),
+                tables.into(),
+                names.into(),
+                definitions.into(),
+                fingerprints.into(),
+            ],
+        )
+    })
+    .unwrap_or_else(|e| error!("storing the fingerprints of node {node_id}: {e}"));
+}

@@ -1,0 +1,372 @@
+//! Schema fingerprints (PRODUCT.md §9): one canonical text per schema object, read from PostgreSQL's
+//! own deparsing functions in a single catalog query, and the comparison of two such lists.
+//!
+//! Shared by the extension (`schema_fingerprint`, `capture_fingerprints`, `compare_schema`, which runs
+//! [`FINGERPRINT_SQL`] locally and on the peer) and the CLI, so every side reads schemas with the same
+//! query and compares them with the same rules.
+//!
+//! Canonical text: the definitions come from `format_type`, `pg_get_expr`, `pg_get_indexdef`,
+//! `pg_get_constraintdef`, `pg_get_triggerdef` and `pg_get_partkeydef`, run with `search_path` pinned
+//! to `pg_catalog, pg_temp`, so every user object in them is schema-qualified the same way on any
+//! server of the same major version. Nothing that legitimately differs between two copies of one
+//! schema enters them: no oid, no owner, no privilege, no statistics, no column position.
+
+use std::collections::HashMap;
+
+/// The objects of the user schemas, one row each: `kind, schema_name, table_name, object_name,
+/// definition, fingerprint` (SHA-256 of the definition in UTF-8, hex), in a stable order.
+///
+/// `$1` (text[]): the schemas to read, NULL for every user schema (all but `pg_catalog`,
+/// `information_schema`, `pg_toast`, temporary schemas, `steep_repl` and schemas of extensions).
+/// Objects that belong to an extension are left out. Run it with `search_path = pg_catalog, pg_temp`.
+///
+/// Kinds, and what `table_name` and `object_name` hold:
+/// - `schema`: NULL, the schema;
+/// - `table` (also partitioned and foreign tables): the table, the table; its definition has the kind,
+///   persistence, partition key, inheritance parents and replica identity;
+/// - `column`: the table, the column: type with typmod, collation when not the type's, NOT NULL,
+///   DEFAULT or GENERATED expression, identity;
+/// - `constraint`: the table, the constraint (`pg_get_constraintdef`);
+/// - `index`: the table, the index (`pg_get_indexdef`), except indexes that implement a primary key,
+///   unique or exclusion constraint (the constraint stands for them);
+/// - `sequence`: NULL, the sequence: type, start, increment, bounds, cache, cycle, owning column;
+/// - `partition`: the partition, the partition: its parent and bound;
+/// - `trigger`: the table, the trigger (`pg_get_triggerdef`) and whether and when it fires.
+pub const FINGERPRINT_SQL: &str = r#"
+WITH ns AS (
+    SELECT n.oid, n.nspname::text AS nspname FROM pg_catalog.pg_namespace n
+    WHERE n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast', 'steep_repl'])
+      AND n.nspname OPERATOR(pg_catalog.!~) '^pg_(toast_)?temp_'
+      AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                        AND d.objid OPERATOR(pg_catalog.=) n.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
+      AND ($1::pg_catalog.text[] IS NULL OR n.nspname::pg_catalog.text OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]))
+), rel AS (
+    SELECT c.oid, c.relname::text AS relname, c.relkind, c.relpersistence, c.relispartition, c.relreplident,
+           c.relpartbound, ns.nspname
+    FROM pg_catalog.pg_class c JOIN ns ON c.relnamespace OPERATOR(pg_catalog.=) ns.oid
+    WHERE c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'f', 'S']::pg_catalog."char"[])
+      AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                        AND d.objid OPERATOR(pg_catalog.=) c.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
+), tab AS (
+    SELECT * FROM rel WHERE relkind OPERATOR(pg_catalog.<>) 'S'
+), objs AS (
+    SELECT 'schema'::text AS kind, ns.nspname AS schema_name, NULL::text AS table_name,
+           ns.nspname AS object_name, 'schema'::text AS definition
+    FROM ns
+  UNION ALL
+    SELECT 'table', t.nspname, t.relname, t.relname,
+           pg_catalog.concat_ws('; ',
+               CASE t.relkind WHEN 'p' THEN 'partitioned table' WHEN 'f' THEN 'foreign table' ELSE 'table' END,
+               CASE t.relpersistence WHEN 'u' THEN 'unlogged' END,
+               'partition key ' OPERATOR(pg_catalog.||) pg_catalog.pg_get_partkeydef(t.oid),
+               (SELECT 'inherits ' OPERATOR(pg_catalog.||) pg_catalog.string_agg(
+                           pg_catalog.quote_ident(pn.nspname) OPERATOR(pg_catalog.||) '.'
+                           OPERATOR(pg_catalog.||) pg_catalog.quote_ident(p.relname), ', ' ORDER BY i.inhseqno)
+                FROM pg_catalog.pg_inherits i
+                JOIN pg_catalog.pg_class p ON p.oid OPERATOR(pg_catalog.=) i.inhparent
+                JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.relnamespace
+                WHERE i.inhrelid OPERATOR(pg_catalog.=) t.oid AND NOT t.relispartition),
+               'replica identity ' OPERATOR(pg_catalog.||) CASE t.relreplident
+                   WHEN 'd' THEN 'default' WHEN 'f' THEN 'full' WHEN 'n' THEN 'nothing'
+                   WHEN 'i' THEN (SELECT 'index ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(ic.relname)
+                                  FROM pg_catalog.pg_index x
+                                  JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) x.indexrelid
+                                  WHERE x.indrelid OPERATOR(pg_catalog.=) t.oid AND x.indisreplident) END)
+    FROM tab t
+  UNION ALL
+    SELECT 'column', t.nspname, t.relname, a.attname::text,
+           pg_catalog.concat_ws(' ',
+               pg_catalog.format_type(a.atttypid, a.atttypmod),
+               CASE WHEN a.attcollation OPERATOR(pg_catalog.<>) ty.typcollation THEN
+                   'COLLATE ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(cn.nspname) OPERATOR(pg_catalog.||) '.'
+                   OPERATOR(pg_catalog.||) pg_catalog.quote_ident(co.collname) END,
+               CASE WHEN a.attnotnull THEN 'NOT NULL' END,
+               CASE WHEN a.attgenerated OPERATOR(pg_catalog.=) 's' THEN
+                        'GENERATED ALWAYS AS (' OPERATOR(pg_catalog.||) pg_catalog.pg_get_expr(ad.adbin, ad.adrelid)
+                        OPERATOR(pg_catalog.||) ') STORED'
+                    WHEN a.atthasdef THEN 'DEFAULT ' OPERATOR(pg_catalog.||) pg_catalog.pg_get_expr(ad.adbin, ad.adrelid) END,
+               CASE a.attidentity WHEN 'a' THEN 'GENERATED ALWAYS AS IDENTITY'
+                                  WHEN 'd' THEN 'GENERATED BY DEFAULT AS IDENTITY' END)
+    FROM tab t
+    JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) t.oid
+         AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+    JOIN pg_catalog.pg_type ty ON ty.oid OPERATOR(pg_catalog.=) a.atttypid
+    LEFT JOIN pg_catalog.pg_collation co ON co.oid OPERATOR(pg_catalog.=) a.attcollation
+    LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid OPERATOR(pg_catalog.=) co.collnamespace
+    LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid OPERATOR(pg_catalog.=) a.attrelid
+         AND ad.adnum OPERATOR(pg_catalog.=) a.attnum
+  UNION ALL
+    SELECT 'constraint', t.nspname, t.relname, c.conname::text, pg_catalog.pg_get_constraintdef(c.oid)
+    FROM tab t JOIN pg_catalog.pg_constraint c ON c.conrelid OPERATOR(pg_catalog.=) t.oid
+  UNION ALL
+    SELECT 'index', t.nspname, t.relname, ic.relname::text,
+           pg_catalog.pg_get_indexdef(x.indexrelid)
+           OPERATOR(pg_catalog.||) CASE WHEN x.indisvalid THEN '' ELSE ' (invalid)' END
+    FROM tab t
+    JOIN pg_catalog.pg_index x ON x.indrelid OPERATOR(pg_catalog.=) t.oid
+    JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) x.indexrelid
+    WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_constraint c
+                      WHERE c.conrelid OPERATOR(pg_catalog.=) t.oid
+                        AND c.conindid OPERATOR(pg_catalog.=) x.indexrelid
+                        AND c.contype OPERATOR(pg_catalog.=) ANY (ARRAY['p', 'u', 'x']::pg_catalog."char"[]))
+  UNION ALL
+    SELECT 'sequence', r.nspname, NULL, r.relname,
+           pg_catalog.concat_ws(' ', pg_catalog.format_type(s.seqtypid, NULL),
+               'START', s.seqstart, 'INCREMENT', s.seqincrement, 'MINVALUE', s.seqmin, 'MAXVALUE', s.seqmax,
+               'CACHE', s.seqcache, CASE WHEN s.seqcycle THEN 'CYCLE' ELSE 'NO CYCLE' END,
+               (SELECT 'OWNED BY ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(on_.nspname)
+                       OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(oc.relname)
+                       OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(oa.attname)
+                FROM pg_catalog.pg_depend d
+                JOIN pg_catalog.pg_class oc ON oc.oid OPERATOR(pg_catalog.=) d.refobjid
+                JOIN pg_catalog.pg_namespace on_ ON on_.oid OPERATOR(pg_catalog.=) oc.relnamespace
+                JOIN pg_catalog.pg_attribute oa ON oa.attrelid OPERATOR(pg_catalog.=) d.refobjid
+                     AND oa.attnum OPERATOR(pg_catalog.=) d.refobjsubid
+                WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                  AND d.objid OPERATOR(pg_catalog.=) r.oid
+                  AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                  AND d.deptype OPERATOR(pg_catalog.=) ANY (ARRAY['a', 'i']::pg_catalog."char"[])
+                LIMIT 1))
+    FROM rel r JOIN pg_catalog.pg_sequence s ON s.seqrelid OPERATOR(pg_catalog.=) r.oid
+  UNION ALL
+    SELECT 'partition', t.nspname, t.relname, t.relname,
+           'PARTITION OF ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(pn.nspname) OPERATOR(pg_catalog.||) '.'
+           OPERATOR(pg_catalog.||) pg_catalog.quote_ident(p.relname) OPERATOR(pg_catalog.||) ' '
+           OPERATOR(pg_catalog.||) pg_catalog.pg_get_expr(t.relpartbound, t.oid)
+    FROM tab t
+    JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) t.oid
+    JOIN pg_catalog.pg_class p ON p.oid OPERATOR(pg_catalog.=) i.inhparent
+    JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.relnamespace
+    WHERE t.relispartition
+  UNION ALL
+    SELECT 'trigger', t.nspname, t.relname, tg.tgname::text,
+           pg_catalog.pg_get_triggerdef(tg.oid) OPERATOR(pg_catalog.||) CASE tg.tgenabled
+               WHEN 'O' THEN ' (enabled)' WHEN 'D' THEN ' (disabled)'
+               WHEN 'R' THEN ' (enabled replica)' WHEN 'A' THEN ' (enabled always)' END
+    FROM tab t JOIN pg_catalog.pg_trigger tg ON tg.tgrelid OPERATOR(pg_catalog.=) t.oid AND NOT tg.tgisinternal
+)
+SELECT kind, schema_name, table_name, object_name, definition,
+       pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(definition, 'UTF8')), 'hex') AS fingerprint
+FROM objs
+ORDER BY kind, schema_name, table_name NULLS FIRST, object_name
+"#;
+
+/// One schema object as [`FINGERPRINT_SQL`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaObject {
+    pub kind: String,
+    pub schema: String,
+    /// The table the object belongs to (None for schemas and sequences).
+    pub table: Option<String>,
+    pub name: String,
+    pub definition: String,
+}
+
+impl SchemaObject {
+    fn key(&self) -> (&str, &str, Option<&str>, &str) {
+        (&self.kind, &self.schema, self.table.as_deref(), &self.name)
+    }
+}
+
+/// How an object compares between the local node and the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Match,
+    /// Only on the local node.
+    LocalOnly,
+    /// Only on the peer.
+    PeerOnly,
+    /// On both, with different definitions.
+    Mismatch,
+}
+
+impl Status {
+    /// As `compare_schema` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Match => "match",
+            Status::LocalOnly => "local_only",
+            Status::PeerOnly => "peer_only",
+            Status::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// One row of a comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    pub kind: String,
+    pub schema: String,
+    pub table: Option<String>,
+    pub name: String,
+    pub status: Status,
+    pub local: Option<String>,
+    pub peer: Option<String>,
+}
+
+/// Compares two fingerprint lists object by object (kind, schema, table, name). An object inside a
+/// schema or table that exists on one side only is not listed again: the schema or table row says it,
+/// so each difference is named once, as the object that differs. Sorted by kind, schema, table, name.
+pub fn compare(local: &[SchemaObject], peer: &[SchemaObject]) -> Vec<Comparison> {
+    let peer_by_key: HashMap<_, &SchemaObject> = peer.iter().map(|o| (o.key(), o)).collect();
+    let local_by_key: HashMap<_, &SchemaObject> = local.iter().map(|o| (o.key(), o)).collect();
+    let schemas = |side: &[SchemaObject]| -> std::collections::HashSet<String> {
+        side.iter().filter(|o| o.kind == "schema").map(|o| o.schema.clone()).collect()
+    };
+    let tables = |side: &[SchemaObject]| -> std::collections::HashSet<(String, String)> {
+        side.iter().filter(|o| o.kind == "table").map(|o| (o.schema.clone(), o.name.clone())).collect()
+    };
+    let (local_schemas, peer_schemas) = (schemas(local), schemas(peer));
+    let (local_tables, peer_tables) = (tables(local), tables(peer));
+    // Whether `o`, present on one side only, is inside a schema or table that side alone has.
+    let implied = |o: &SchemaObject,
+                   mine_s: &std::collections::HashSet<String>,
+                   theirs_s: &std::collections::HashSet<String>,
+                   mine_t: &std::collections::HashSet<(String, String)>,
+                   theirs_t: &std::collections::HashSet<(String, String)>| {
+        if o.kind != "schema" && mine_s.contains(&o.schema) && !theirs_s.contains(&o.schema) {
+            return true;
+        }
+        match &o.table {
+            Some(t) if o.kind != "table" => {
+                let k = (o.schema.clone(), t.clone());
+                mine_t.contains(&k) && !theirs_t.contains(&k)
+            }
+            _ => false,
+        }
+    };
+    let mut out = Vec::new();
+    for o in local {
+        let (status, peer_def) = match peer_by_key.get(&o.key()) {
+            Some(p) if p.definition == o.definition => (Status::Match, Some(p.definition.clone())),
+            Some(p) => (Status::Mismatch, Some(p.definition.clone())),
+            None => {
+                if implied(o, &local_schemas, &peer_schemas, &local_tables, &peer_tables) {
+                    continue;
+                }
+                (Status::LocalOnly, None)
+            }
+        };
+        out.push(Comparison {
+            kind: o.kind.clone(),
+            schema: o.schema.clone(),
+            table: o.table.clone(),
+            name: o.name.clone(),
+            status,
+            local: Some(o.definition.clone()),
+            peer: peer_def,
+        });
+    }
+    for p in peer {
+        if local_by_key.contains_key(&p.key())
+            || implied(p, &peer_schemas, &local_schemas, &peer_tables, &local_tables)
+        {
+            continue;
+        }
+        out.push(Comparison {
+            kind: p.kind.clone(),
+            schema: p.schema.clone(),
+            table: p.table.clone(),
+            name: p.name.clone(),
+            status: Status::PeerOnly,
+            local: None,
+            peer: Some(p.definition.clone()),
+        });
+    }
+    out.sort_by(|a, b| (&a.kind, &a.schema, &a.table, &a.name).cmp(&(&b.kind, &b.schema, &b.table, &b.name)));
+    out
+}
+
+/// [`FINGERPRINT_SQL`] with its parameter written in, for a connection that sends statements without
+/// parameters (a peer's).
+pub fn fingerprint_sql_for(schemas: Option<&[String]>) -> String {
+    FINGERPRINT_SQL.replace("$1", &text_array_literal(schemas))
+}
+
+/// A SQL literal for a `text[]` (for a statement sent without parameters): `NULL` for None, else
+/// `ARRAY[...]::pg_catalog.text[]` with every element quoted as a standard-conforming string literal.
+pub fn text_array_literal(values: Option<&[String]>) -> String {
+    match values {
+        None => "NULL::pg_catalog.text[]".to_string(),
+        Some(v) => {
+            let items: Vec<String> = v.iter().map(|s| format!("'{}'", s.replace('\'', "''"))).collect();
+            format!("ARRAY[{}]::pg_catalog.text[]", items.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(kind: &str, schema: &str, table: Option<&str>, name: &str, def: &str) -> SchemaObject {
+        SchemaObject {
+            kind: kind.into(),
+            schema: schema.into(),
+            table: table.map(str::to_string),
+            name: name.into(),
+            definition: def.into(),
+        }
+    }
+
+    #[test]
+    fn each_difference_is_named_once() {
+        let local = vec![
+            o("schema", "public", None, "public", "schema"),
+            o("schema", "extra", None, "extra", "schema"),
+            o("table", "extra", Some("x"), "x", "table"),
+            o("column", "extra", Some("x"), "id", "integer"),
+            o("table", "public", Some("t"), "t", "table"),
+            o("column", "public", Some("t"), "id", "integer NOT NULL"),
+            o("column", "public", Some("t"), "v", "text"),
+            o("table", "public", Some("only_here"), "only_here", "table"),
+            o("column", "public", Some("only_here"), "a", "integer"),
+        ];
+        let peer = vec![
+            o("schema", "public", None, "public", "schema"),
+            o("table", "public", Some("t"), "t", "table"),
+            o("column", "public", Some("t"), "id", "bigint NOT NULL"),
+            o("column", "public", Some("t"), "w", "text"),
+        ];
+        let c = compare(&local, &peer);
+        let shown: Vec<(&str, &str, &str)> =
+            c.iter().map(|c| (c.kind.as_str(), c.name.as_str(), c.status.as_str())).collect();
+        assert_eq!(
+            shown,
+            [
+                ("column", "id", "mismatch"),
+                ("column", "v", "local_only"),
+                ("column", "w", "peer_only"),
+                ("schema", "extra", "local_only"),
+                ("schema", "public", "match"),
+                ("table", "only_here", "local_only"),
+                ("table", "t", "match"),
+            ]
+        );
+        let id = &c[0];
+        assert_eq!(
+            (id.local.as_deref(), id.peer.as_deref()),
+            (Some("integer NOT NULL"), Some("bigint NOT NULL"))
+        );
+    }
+
+    #[test]
+    fn identical_lists_all_match() {
+        let l = vec![
+            o("schema", "s", None, "s", "schema"),
+            o("index", "s", Some("t"), "i", "CREATE INDEX i ON s.t"),
+        ];
+        assert!(compare(&l, &l).iter().all(|c| c.status == Status::Match));
+    }
+
+    #[test]
+    fn array_literals_quote_every_element() {
+        assert_eq!(text_array_literal(None), "NULL::pg_catalog.text[]");
+        assert_eq!(
+            text_array_literal(Some(&["a".into(), "it's".into()])),
+            "ARRAY['a', 'it''s']::pg_catalog.text[]"
+        );
+    }
+}

@@ -1,0 +1,16 @@
+-- Schema fingerprints captured per node (PRODUCT.md §9): what steep_repl.capture_fingerprints() read
+-- from a node, to compare later or to keep as a record of a schema at a point in time. One capture per
+-- node: a new one replaces the old in the same transaction. Definitions are catalog text every role
+-- can read on the node itself.
+CREATE TABLE steep_repl.schema_fingerprints (
+    node_id      text        NOT NULL,
+    captured_at  timestamptz NOT NULL DEFAULT now(),
+    kind         text        NOT NULL,
+    schema_name  text        NOT NULL,
+    table_name   text,
+    object_name  text        NOT NULL,
+    definition   text        NOT NULL,
+    fingerprint  text        NOT NULL
+);
+CREATE INDEX schema_fingerprints_node_idx ON steep_repl.schema_fingerprints (node_id, kind, schema_name);
+GRANT SELECT ON steep_repl.schema_fingerprints TO PUBLIC;

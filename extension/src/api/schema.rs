@@ -1,0 +1,206 @@
+//! Schema fingerprints (PRODUCT.md §9): `schema_fingerprint`, `capture_fingerprints`, `compare_schema`.
+//! The catalog query and the comparison rules are the engine's (`steep_repl_engine::schema`), the same
+//! for this server and for the peer, which is read over a connection from `crate::peer` (no steep_repl
+//! needed there).
+//!
+//! Rights: `schema_fingerprint` reads catalogs every role may read, as its caller. Capturing into
+//! `steep_repl.schema_fingerprints` and comparing with a peer (the server connects with its own
+//! credentials) are for superusers: EXECUTE is revoked from PUBLIC.
+
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use steep_repl_engine::schema::{self, SchemaObject};
+
+use crate::api::user_error;
+use crate::bookkeeping::nodes as book;
+use crate::gucs;
+use crate::peer::{Conn, PeerError};
+
+/// The least time a peer is given to read its fingerprints (a database of tens of thousands of tables
+/// takes seconds); `steep_repl.peer_timeout` when larger.
+const PEER_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A fingerprint row: the object and its SHA-256.
+type Row = (SchemaObject, String);
+
+fn local_objects(schemas: Option<&[String]>) -> Vec<Row> {
+    let arg: Option<Vec<String>> = schemas.map(<[String]>::to_vec);
+    Spi::connect(|client| {
+        let mut v = Vec::new();
+        for r in client.select(schema::FINGERPRINT_SQL, None, &[arg.into()])? {
+            v.push((
+                SchemaObject {
+                    kind: r.get::<String>(1)?.unwrap_or_default(),
+                    schema: r.get::<String>(2)?.unwrap_or_default(),
+                    table: r.get::<String>(3)?,
+                    name: r.get::<String>(4)?.unwrap_or_default(),
+                    definition: r.get::<String>(5)?.unwrap_or_default(),
+                },
+                r.get::<String>(6)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, pgrx::spi::Error>(v)
+    })
+    .unwrap_or_else(|e| error!("reading the schema's catalogs: {e}"))
+}
+
+/// Who a `peer` argument names: a registered node (its id shown in errors) or a conninfo.
+fn resolve_peer(peer: &str) -> (String, String) {
+    if let Some(n) = book::get(peer) {
+        if n.is_local {
+            user_error(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("node {peer} is this server (the local node), not a peer"),
+                None,
+            );
+        }
+        return (format!("node {peer}"), n.conninfo.unwrap_or_default());
+    }
+    if peer.contains('=') || peer.starts_with("postgres://") || peer.starts_with("postgresql://") {
+        return ("the peer".to_string(), peer.to_string());
+    }
+    user_error(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("no node {peer} is registered, and it is not a conninfo"),
+        Some("Name a node of steep_repl.node_status(), or give 'host=... dbname=...'."),
+    )
+}
+
+/// Reads the fingerprints of the peer's schemas.
+fn peer_objects(who: &str, conninfo: &str, schemas: Option<&[String]>) -> Vec<Row> {
+    let mut interrupt = || -> Result<(), PeerError> {
+        pgrx::check_for_interrupts!();
+        Ok(())
+    };
+    let timeout = Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64);
+    let fail = |e: PeerError| -> ! {
+        user_error(
+            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            format!("reading the schema of {who}: {e}"),
+            Some(
+                "steep_repl.peer_timeout bounds the connection; the server connects with its own credentials (~/.pgpass of its OS user).",
+            ),
+        )
+    };
+    let conn = Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt).unwrap_or_else(|e| fail(e));
+    let rows = conn
+        .query(
+            &schema::fingerprint_sql_for(schemas),
+            Instant::now() + timeout.max(PEER_READ_TIMEOUT),
+            &mut interrupt,
+        )
+        .unwrap_or_else(|e| fail(e));
+    rows.rows
+        .into_iter()
+        .map(|r| {
+            let mut it = r.into_iter();
+            let mut next = || it.next().flatten();
+            let kind = next().unwrap_or_default();
+            let schema = next().unwrap_or_default();
+            let table = next();
+            let name = next().unwrap_or_default();
+            let definition = next().unwrap_or_default();
+            let fingerprint = next().unwrap_or_default();
+            (SchemaObject { kind, schema, table, name, definition }, fingerprint)
+        })
+        .collect()
+}
+
+/// One row per schema object of the user schemas (or of `schemas`), with its canonical definition
+/// and the SHA-256 of it: the same schema gives the same rows on any server of the same major version.
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+#[search_path(pg_catalog, pg_temp)]
+fn schema_fingerprint(
+    schemas: default!(Option<Vec<String>>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(kind, String),
+        name!(schema_name, String),
+        name!(table_name, Option<String>),
+        name!(object_name, String),
+        name!(definition, String),
+        name!(fingerprint, String),
+    ),
+> {
+    let rows = local_objects(schemas.as_deref());
+    TableIterator::new(rows.into_iter().map(|(o, f)| (o.kind, o.schema, o.table, o.name, o.definition, f)))
+}
+
+/// Stores the fingerprints of a node in `steep_repl.schema_fingerprints`, replacing its previous
+/// capture: this server's (`node_id` NULL or the local node's id) or a registered peer's. Returns the
+/// number of objects stored.
+#[pg_extern]
+#[search_path(pg_catalog, pg_temp)]
+fn capture_fingerprints(node_id: default!(Option<&str>, "NULL")) -> i64 {
+    let local = book::list().into_iter().find(|n| n.is_local);
+    let (id, rows) = match node_id {
+        None => match local {
+            Some(n) => (n.node_id, local_objects(None)),
+            None => user_error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                "no local node is registered to capture the fingerprints of".into(),
+                Some(
+                    "Register this server first: SELECT steep_repl.register_node('id', is_local => true); or name a node.",
+                ),
+            ),
+        },
+        Some(id) if local.as_ref().is_some_and(|n| n.node_id == id) => (id.to_string(), local_objects(None)),
+        Some(id) => {
+            if book::get(id).is_none() {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                    format!("no node {id} is registered"),
+                    None,
+                );
+            }
+            let (who, conninfo) = resolve_peer(id);
+            (id.to_string(), peer_objects(&who, &conninfo, None))
+        }
+    };
+    book::store_fingerprints(&id, &rows);
+    rows.len() as i64
+}
+
+/// Compares this server's schema with a peer's (`peer`: a registered node id or a conninfo), object by
+/// object: `match`, `local_only`, `peer_only` or `mismatch`, with both definitions. An object inside a
+/// schema or table only one side has is not listed again.
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+#[search_path(pg_catalog, pg_temp)]
+fn compare_schema(
+    peer: &str,
+    schemas: default!(Option<Vec<String>>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(kind, String),
+        name!(schema_name, String),
+        name!(table_name, Option<String>),
+        name!(object_name, String),
+        name!(status, String),
+        name!(local_definition, Option<String>),
+        name!(peer_definition, Option<String>),
+    ),
+> {
+    let (who, conninfo) = resolve_peer(peer);
+    let local: Vec<SchemaObject> = local_objects(schemas.as_deref()).into_iter().map(|(o, _)| o).collect();
+    let theirs: Vec<SchemaObject> =
+        peer_objects(&who, &conninfo, schemas.as_deref()).into_iter().map(|(o, _)| o).collect();
+    let rows = schema::compare(&local, &theirs);
+    TableIterator::new(
+        rows.into_iter()
+            .map(|c| (c.kind, c.schema, c.table, c.name, c.status.as_str().to_string(), c.local, c.peer)),
+    )
+}
+
+extension_sql!(
+    r#"
+REVOKE EXECUTE ON FUNCTION steep_repl.capture_fingerprints(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.compare_schema(text, text[]) FROM PUBLIC;
+"#,
+    name = "schema_rights",
+    requires = ["schema_fingerprints", capture_fingerprints, compare_schema]
+);
