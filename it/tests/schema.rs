@@ -47,8 +47,11 @@ CREATE INDEX m_local_a ON app.m_local (a);
 CREATE TABLE app.busy (id bigserial PRIMARY KEY, v text);
 "#;
 
-/// Each mutation made on the peer, and the one row it must give: (kind, table, object, status).
-const MUTATIONS: &[(&str, (&str, &str, &str, &str))] = &[
+/// The row a difference gives: (kind, table, object, status).
+type Expected = (&'static str, &'static str, &'static str, &'static str);
+
+/// Each mutation made on the peer, and the one row it must give.
+const MUTATIONS: &[(&str, Expected)] = &[
     ("ALTER TABLE app.m_type ALTER a TYPE bigint", ("column", "m_type", "a", "mismatch")),
     ("ALTER TABLE app.m_typmod ALTER a TYPE varchar(20)", ("column", "m_typmod", "a", "mismatch")),
     ("ALTER TABLE app.m_null ALTER a SET NOT NULL", ("column", "m_null", "a", "mismatch")),
