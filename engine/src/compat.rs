@@ -1,6 +1,8 @@
 //! Whether a target database can receive a snapshot: every table present with the snapshot's columns
 //! and compatible types, and every sequence present. Used by the extension's `start_apply` and by the
-//! CLI's client-mode apply, so both refuse the same targets with the same list of problems.
+//! CLI's client-mode apply, so both refuse the same targets with the same list of problems. The target
+//! is read with the schema fingerprints' catalog query ([`crate::schema::FINGERPRINT_SQL`], see
+//! [`targets_from_schema`]), so a compare and an apply see a schema the same way.
 //!
 //! Compatible types: the same type once type modifiers are set aside (`character varying(20)` and
 //! `character varying(50)`, `numeric(10,2)` and `numeric`), since COPY text carries values, not
@@ -11,24 +13,54 @@
 use crate::ident::QualifiedName;
 use crate::manifest::Manifest;
 
-/// Reads the target tables among those wanted, with their columns. Parameters: `$1` schemas (text[]),
-/// `$2` table names (text[]), pairwise. Columns: schema, table, column name (NULL for a table without
-/// columns), `format_type` of the column, generated (bool). Rows grouped by table, columns in order.
-pub const TARGET_TABLES_SQL: &str = "\
-SELECT n.nspname::text, c.relname::text, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
-       a.attgenerated <> ''
-FROM unnest($1::text[], $2::text[]) AS want(s, t)
-JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
-JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind IN ('r', 'p')
-LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY 1, 2, a.attnum";
+/// The target's tables (plain and partitioned: a foreign table is no target) and sequences, from
+/// the rows of [`crate::schema::FINGERPRINT_SQL`] read with the kinds [`crate::schema::TARGET_KINDS`]:
+/// a target is read with the same catalog query and the same canonical names as a schema compare.
+pub fn targets_from_schema(
+    objects: &[crate::schema::SchemaObject],
+) -> (Vec<TargetTable>, Vec<QualifiedName>) {
+    let mut tables: Vec<TargetTable> = Vec::new();
+    let mut index: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
+    let mut sequences = Vec::new();
+    for o in objects {
+        match o.kind.as_str() {
+            "table" if !o.definition.starts_with("foreign table") => {
+                index.insert((o.schema.as_str(), o.name.as_str()), tables.len());
+                tables.push(TargetTable {
+                    schema: o.schema.clone(),
+                    name: o.name.clone(),
+                    columns: Vec::new(),
+                });
+            }
+            "sequence" => sequences.push(QualifiedName::new(o.schema.clone(), o.name.clone())),
+            _ => {}
+        }
+    }
+    for o in objects.iter().filter(|o| o.kind == "column") {
+        let Some(table) = o.table.as_deref() else { continue };
+        if let Some(&i) = index.get(&(o.schema.as_str(), table)) {
+            tables[i].columns.push(TargetColumn {
+                name: o.name.clone(),
+                type_name: o.column_type.clone().unwrap_or_default(),
+                generated: o.generated,
+            });
+        }
+    }
+    (tables, sequences)
+}
 
-/// Reads which of the wanted sequences exist on the target. Parameters as [`TARGET_TABLES_SQL`];
-/// columns: schema, name.
-pub const TARGET_SEQUENCES_SQL: &str = "\
-SELECT n.nspname::text, c.relname::text FROM unnest($1::text[], $2::text[]) AS want(s, t)
-JOIN pg_catalog.pg_namespace n ON n.nspname = want.s
-JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.t AND c.relkind = 'S'";
+/// The schemas a target check reads: every schema of the snapshot's tables and sequences, once.
+pub fn target_schemas(manifest: &Manifest) -> Vec<String> {
+    let mut v: Vec<String> = manifest
+        .tables
+        .iter()
+        .map(|t| t.schema.clone())
+        .chain(manifest.sequences.iter().map(|s| s.schema.clone()))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
 
 /// One column of a target table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +213,40 @@ mod tests {
         assert!(!types_match("public.mood", "mood2"));
         assert!(!types_match("ood", "public.mood"));
         assert!(types_match("character varying(3)", "character varying(10)"));
+    }
+
+    #[test]
+    fn targets_come_from_fingerprint_rows() {
+        use crate::schema::SchemaObject;
+        let row =
+            |kind: &str, table: Option<&str>, name: &str, def: &str, ty: Option<&str>, generated: bool| {
+                SchemaObject {
+                    kind: kind.into(),
+                    schema: "s".into(),
+                    table: table.map(str::to_string),
+                    name: name.into(),
+                    definition: def.into(),
+                    column_type: ty.map(str::to_string),
+                    generated,
+                }
+            };
+        let objects = vec![
+            row("column", Some("t"), "a", "integer NOT NULL", Some("integer"), false),
+            row("column", Some("t"), "g", "integer GENERATED ALWAYS AS (a) STORED", Some("integer"), true),
+            row("column", Some("f"), "x", "text", Some("text"), false),
+            row("index", Some("t"), "i", "CREATE INDEX i ON s.t USING btree (a)", None, false),
+            row("sequence", None, "q", "bigint START 1", None, false),
+            row("table", Some("f"), "f", "foreign table; replica identity default", None, false),
+            row("table", Some("p"), "p", "partitioned table; partition key RANGE (a)", None, false),
+            row("table", Some("t"), "t", "table; replica identity default", None, false),
+        ];
+        let (tables, sequences) = targets_from_schema(&objects);
+        let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["p", "t"], "a foreign table is no target");
+        let t = &tables[1];
+        assert_eq!(t.columns.len(), 2);
+        assert_eq!((t.columns[0].type_name.as_str(), t.columns[1].generated), ("integer", true));
+        assert_eq!(sequences, [QualifiedName::new("s".to_string(), "q".to_string())]);
     }
 
     #[test]

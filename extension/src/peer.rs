@@ -16,9 +16,10 @@
 //! - **Many peers at once.** [`run_all`] drives several connections together, so one hanging peer
 //!   delays no other.
 //! - **A pinned session on the peer.** Before the caller's first statement, the session's
-//!   `search_path` is set to `pg_catalog, pg_temp` and its `statement_timeout` to the deadline, so a name
-//!   in our statements never resolves through a schema the peer's role controls and a statement we gave
-//!   up on does not run on forever.
+//!   `search_path` is set to `pg_catalog, pg_temp`, `standard_conforming_strings` on, JIT off (our
+//!   catalog queries are many small lookups) and `statement_timeout` to the deadline, so a name in our
+//!   statements never resolves through a schema the peer's role controls and a statement we gave up on
+//!   does not run on forever.
 //!
 //! Results are text (libpq's text format), at most [`MAX_RESULT_BYTES`] per statement: a peer is
 //! treated as hostile input like any file.
@@ -186,13 +187,39 @@ impl Conn {
         deadline: Instant,
         interrupt: &mut dyn FnMut() -> Result<(), PeerError>,
     ) -> Result<Rows, PeerError> {
+        self.start(sql, deadline).finish(interrupt)
+    }
+
+    /// Sends `sql` and returns at once: the peer works on it while this process does something else
+    /// (its own half of a comparison); [`Pending::finish`] collects the answer. `deadline` bounds the
+    /// whole exchange, and the peer's `statement_timeout` is set to it.
+    pub fn start(&self, sql: &str, deadline: Instant) -> Pending<'_> {
         let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
         // The peer gives up when we do.
         let ms = (budget * 1000.0).ceil().max(1.0) as u64;
         let mut ex = Exchange::new(vec![format!("SET statement_timeout = {ms}; {sql}")]);
         ex.start_next_statement(self);
+        // Push the statement out now (it is small); the answer is read by `finish`.
+        let _ = ex.advance(self, budget);
+        Pending { conn: self, ex, deadline, budget }
+    }
+}
+
+/// A statement sent with [`Conn::start`], not yet answered.
+pub struct Pending<'c> {
+    conn: &'c Conn,
+    ex: Exchange,
+    deadline: Instant,
+    budget: f64,
+}
+
+impl Pending<'_> {
+    /// Waits for the answer (at most until the deadline given to [`Conn::start`]) and returns the rows
+    /// of the last statement.
+    pub fn finish(self, interrupt: &mut dyn FnMut() -> Result<(), PeerError>) -> Result<Rows, PeerError> {
+        let Pending { conn, ex, deadline, budget } = self;
         let cell = std::cell::RefCell::new(ex);
-        drive(1, deadline, interrupt, &mut |_| cell.borrow_mut().advance(self, budget), &mut |_, e| {
+        drive(1, deadline, interrupt, &mut |_| cell.borrow_mut().advance(conn, budget), &mut |_, e| {
             cell.borrow_mut().finish(Err(e))
         });
         let mut ex = cell.into_inner();
@@ -303,7 +330,7 @@ impl Exchange {
                         let ms = (timeout_s * 1000.0).ceil().max(1.0) as u64;
                         self.statements.push(format!(
                             "SET search_path = pg_catalog, pg_temp; SET standard_conforming_strings = on; \
-                             SET statement_timeout = {ms}"
+                             SET jit = off; SET statement_timeout = {ms}"
                         ));
                         self.pinning = true;
                         self.start_next_statement(conn);

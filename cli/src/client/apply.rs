@@ -21,10 +21,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::SinkExt;
 use steep_repl_engine::chunk::ChunkReader;
-use steep_repl_engine::compat::{self, TargetColumn, TargetTable};
+use steep_repl_engine::compat;
 use steep_repl_engine::error::ManifestError;
 use steep_repl_engine::ident::{QualifiedName, quote_ident};
 use steep_repl_engine::manifest::{ChunkEntry, Manifest};
+use steep_repl_engine::schema;
 use steep_repl_engine::verify::{VerifyMode, verify_snapshot};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -107,36 +108,26 @@ pub async fn run(
 
 /// Every check of the module documentation that needs the target; fails listing every problem.
 async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(), CliError> {
-    let schemas: Vec<&str> = m.tables.iter().map(|t| t.schema.as_str()).collect();
-    let names: Vec<&str> = m.tables.iter().map(|t| t.name.as_str()).collect();
+    // Read with the schema fingerprints' query, as the extension's apply does.
+    let schemas = compat::target_schemas(m);
+    let kinds: Vec<&str> = schema::TARGET_KINDS.to_vec();
     let rows = client
-        .query(compat::TARGET_TABLES_SQL, &[&schemas, &names])
+        .query(schema::FINGERPRINT_SQL, &[&schemas, &kinds])
         .await
-        .map_err(CliError::query("reading the target tables"))?;
-    let mut targets: Vec<TargetTable> = Vec::new();
-    for r in &rows {
-        let schema: String = r.get(0);
-        let name: String = r.get(1);
-        if targets.last().is_none_or(|t| t.schema != schema || t.name != name) {
-            targets.push(TargetTable { schema, name, columns: Vec::new() });
-        }
-        if let (Some(col), Some(last)) = (r.get::<_, Option<String>>(2), targets.last_mut()) {
-            last.columns.push(TargetColumn {
-                name: col,
-                type_name: r.get::<_, Option<String>>(3).unwrap_or_default(),
-                generated: r.get::<_, Option<bool>>(4).unwrap_or(false),
-            });
-        }
-    }
-    let seq_schemas: Vec<&str> = m.sequences.iter().map(|s| s.schema.as_str()).collect();
-    let seq_names: Vec<&str> = m.sequences.iter().map(|s| s.name.as_str()).collect();
-    let sequences: Vec<QualifiedName> = client
-        .query(compat::TARGET_SEQUENCES_SQL, &[&seq_schemas, &seq_names])
-        .await
-        .map_err(CliError::query("reading the target sequences"))?
+        .map_err(CliError::query("reading the target's tables and sequences"))?;
+    let objects: Vec<schema::SchemaObject> = rows
         .iter()
-        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .map(|r| schema::SchemaObject {
+            kind: r.get(0),
+            schema: r.get(1),
+            table: r.get(2),
+            name: r.get(3),
+            definition: r.get(4),
+            column_type: r.get(5),
+            generated: r.get(6),
+        })
         .collect();
+    let (targets, sequences) = compat::targets_from_schema(&objects);
     let problems = compat::check_target(m, &targets, &sequences);
     if !problems.is_empty() {
         return Err(CliError::SchemaMismatch {

@@ -3,9 +3,10 @@
 use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
-use steep_repl_engine::compat::{self, Mismatch, TargetColumn, TargetTable};
+use steep_repl_engine::compat::{self, Mismatch};
 use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::Manifest;
+use steep_repl_engine::schema::SchemaObject;
 
 use crate::api::{check_parallel, check_path, no_job_slot, require_file_role, require_startable, user_error};
 use crate::bookkeeping::{self, NewOperation};
@@ -32,40 +33,13 @@ pub fn load_manifest(path: &str) -> (Manifest, String) {
 
 /// Checks the target tables and sequences against the manifest; one ERROR lists every problem.
 fn check_schema(m: &Manifest) {
-    let schemas: Vec<String> = m.tables.iter().map(|t| t.schema.clone()).collect();
-    let names: Vec<String> = m.tables.iter().map(|t| t.name.clone()).collect();
-    let mut targets: Vec<TargetTable> = Vec::new();
-    Spi::connect(|client| -> Result<(), pgrx::spi::Error> {
-        for r in client.select(compat::TARGET_TABLES_SQL, None, &[schemas.into(), names.into()])? {
-            let schema = r.get::<String>(1)?.unwrap_or_default();
-            let name = r.get::<String>(2)?.unwrap_or_default();
-            if targets.last().is_none_or(|t| t.schema != schema || t.name != name) {
-                targets.push(TargetTable { schema, name, columns: Vec::new() });
-            }
-            if let Some(col) = r.get::<String>(3)? {
-                targets.last_mut().expect("pushed above").columns.push(TargetColumn {
-                    name: col,
-                    type_name: r.get::<String>(4)?.unwrap_or_default(),
-                    generated: r.get::<bool>(5)?.unwrap_or(false),
-                });
-            }
-        }
-        Ok(())
-    })
-    .unwrap_or_else(|e| error!("reading the target tables: {e}"));
-    let seq_schemas: Vec<String> = m.sequences.iter().map(|s| s.schema.clone()).collect();
-    let seq_names: Vec<String> = m.sequences.iter().map(|s| s.name.clone()).collect();
-    let mut sequences = Vec::new();
-    Spi::connect(|client| -> Result<(), pgrx::spi::Error> {
-        for r in client.select(compat::TARGET_SEQUENCES_SQL, None, &[seq_schemas.into(), seq_names.into()])? {
-            sequences.push(QualifiedName::new(
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<String>(2)?.unwrap_or_default(),
-            ));
-        }
-        Ok(())
-    })
-    .unwrap_or_else(|e| error!("reading the target sequences: {e}"));
+    // Read with the schema fingerprints' query: one catalog query, the same view of a schema as a
+    // compare_schema.
+    let objects: Vec<SchemaObject> = crate::api::schema::local_objects(
+        Some(&compat::target_schemas(m)),
+        Some(&steep_repl_engine::schema::TARGET_KINDS),
+    );
+    let (targets, sequences) = compat::targets_from_schema(&objects);
     let problems = compat::check_target(m, &targets, &sequences);
     if !problems.is_empty() {
         let missing =

@@ -15,34 +15,38 @@ use steep_repl_engine::schema::{self, SchemaObject};
 use crate::api::user_error;
 use crate::bookkeeping::nodes as book;
 use crate::gucs;
-use crate::peer::{Conn, PeerError};
+use crate::peer::{Conn, PeerError, Pending};
 
 /// The least time a peer is given to read its fingerprints (a database of tens of thousands of tables
 /// takes seconds); `steep_repl.peer_timeout` when larger.
 const PEER_READ_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A fingerprint row: the object and its SHA-256.
-type Row = (SchemaObject, String);
-
-fn local_objects(schemas: Option<&[String]>) -> Vec<Row> {
-    let arg: Option<Vec<String>> = schemas.map(<[String]>::to_vec);
-    Spi::connect(|client| {
-        let mut v = Vec::new();
-        for r in client.select(schema::FINGERPRINT_SQL, None, &[arg.into()])? {
-            v.push((
-                SchemaObject {
+/// This database's schema objects (of `schemas`, of `kinds`; None: all), sorted. The apply's target
+/// check reads the target through this too (`crate::api::apply`).
+pub(crate) fn local_objects(schemas: Option<&[String]>, kinds: Option<&[&str]>) -> Vec<SchemaObject> {
+    let schemas: Option<Vec<String>> = schemas.map(<[String]>::to_vec);
+    let kinds: Option<Vec<String>> = kinds.map(|k| k.iter().map(|s| s.to_string()).collect());
+    // Tens of thousands of small catalog lookups: JIT compilation would cost more than it saves.
+    let mut v = crate::pg::session::with_settings(&[("jit", "off")], || {
+        Spi::connect(|client| {
+            let mut v = Vec::new();
+            for r in client.select(schema::FINGERPRINT_SQL, None, &[schemas.into(), kinds.into()])? {
+                v.push(SchemaObject {
                     kind: r.get::<String>(1)?.unwrap_or_default(),
                     schema: r.get::<String>(2)?.unwrap_or_default(),
                     table: r.get::<String>(3)?,
                     name: r.get::<String>(4)?.unwrap_or_default(),
                     definition: r.get::<String>(5)?.unwrap_or_default(),
-                },
-                r.get::<String>(6)?.unwrap_or_default(),
-            ));
-        }
-        Ok::<_, pgrx::spi::Error>(v)
+                    column_type: r.get::<String>(6)?,
+                    generated: r.get::<bool>(7)?.unwrap_or(false),
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(v)
+        })
     })
-    .unwrap_or_else(|e| error!("reading the schema's catalogs: {e}"))
+    .unwrap_or_else(|e| error!("reading the schema's catalogs: {e}"));
+    schema::sort(&mut v);
+    v
 }
 
 /// Who a `peer` argument names: a registered node (its id shown in errors) or a conninfo.
@@ -67,44 +71,58 @@ fn resolve_peer(peer: &str) -> (String, String) {
     )
 }
 
-/// Reads the fingerprints of the peer's schemas.
-fn peer_objects(who: &str, conninfo: &str, schemas: Option<&[String]>) -> Vec<Row> {
-    let mut interrupt = || -> Result<(), PeerError> {
+fn interrupt() -> impl FnMut() -> Result<(), PeerError> {
+    || {
         pgrx::check_for_interrupts!();
         Ok(())
-    };
+    }
+}
+
+fn peer_failure(who: &str, e: PeerError) -> ! {
+    user_error(
+        PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+        format!("reading the schema of {who}: {e}"),
+        Some(
+            "steep_repl.peer_timeout bounds the connection; the server connects with its own credentials \
+             (~/.pgpass of its OS user).",
+        ),
+    )
+}
+
+/// Connects to the peer and sends it the fingerprint query; the answer is read by [`peer_answer`], so
+/// that the peer works while this server reads its own catalogs.
+fn peer_connect(who: &str, conninfo: &str) -> Conn {
     let timeout = Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64);
-    let fail = |e: PeerError| -> ! {
-        user_error(
-            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-            format!("reading the schema of {who}: {e}"),
-            Some(
-                "steep_repl.peer_timeout bounds the connection; the server connects with its own credentials (~/.pgpass of its OS user).",
-            ),
-        )
-    };
-    let conn = Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt).unwrap_or_else(|e| fail(e));
-    let rows = conn
-        .query(
-            &schema::fingerprint_sql_for(schemas),
-            Instant::now() + timeout.max(PEER_READ_TIMEOUT),
-            &mut interrupt,
-        )
-        .unwrap_or_else(|e| fail(e));
-    rows.rows
+    Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt())
+        .unwrap_or_else(|e| peer_failure(who, e))
+}
+
+fn peer_deadline() -> Instant {
+    Instant::now() + Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64).max(PEER_READ_TIMEOUT)
+}
+
+/// The peer's objects from its answer to the fingerprint query, sorted.
+fn peer_answer(who: &str, pending: Pending<'_>) -> Vec<SchemaObject> {
+    let rows = pending.finish(&mut interrupt()).unwrap_or_else(|e| peer_failure(who, e));
+    let mut v: Vec<SchemaObject> = rows
+        .rows
         .into_iter()
         .map(|r| {
             let mut it = r.into_iter();
             let mut next = || it.next().flatten();
-            let kind = next().unwrap_or_default();
-            let schema = next().unwrap_or_default();
-            let table = next();
-            let name = next().unwrap_or_default();
-            let definition = next().unwrap_or_default();
-            let fingerprint = next().unwrap_or_default();
-            (SchemaObject { kind, schema, table, name, definition }, fingerprint)
+            SchemaObject {
+                kind: next().unwrap_or_default(),
+                schema: next().unwrap_or_default(),
+                table: next(),
+                name: next().unwrap_or_default(),
+                definition: next().unwrap_or_default(),
+                column_type: next(),
+                generated: next().as_deref() == Some("t"),
+            }
         })
-        .collect()
+        .collect();
+    schema::sort(&mut v);
+    v
 }
 
 /// One row per schema object of the user schemas (or of `schemas`), with its canonical definition
@@ -125,8 +143,11 @@ fn schema_fingerprint(
         name!(fingerprint, String),
     ),
 > {
-    let rows = local_objects(schemas.as_deref());
-    TableIterator::new(rows.into_iter().map(|(o, f)| (o.kind, o.schema, o.table, o.name, o.definition, f)))
+    let rows = local_objects(schemas.as_deref(), None);
+    TableIterator::new(rows.into_iter().map(|o| {
+        let f = schema::fingerprint(&o.definition);
+        (o.kind, o.schema, o.table, o.name, o.definition, f)
+    }))
 }
 
 /// Stores the fingerprints of a node in `steep_repl.schema_fingerprints`, replacing its previous
@@ -138,7 +159,7 @@ fn capture_fingerprints(node_id: default!(Option<&str>, "NULL")) -> i64 {
     let local = book::list().into_iter().find(|n| n.is_local);
     let (id, rows) = match node_id {
         None => match local {
-            Some(n) => (n.node_id, local_objects(None)),
+            Some(n) => (n.node_id, local_objects(None, None)),
             None => user_error(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 "no local node is registered to capture the fingerprints of".into(),
@@ -147,7 +168,9 @@ fn capture_fingerprints(node_id: default!(Option<&str>, "NULL")) -> i64 {
                 ),
             ),
         },
-        Some(id) if local.as_ref().is_some_and(|n| n.node_id == id) => (id.to_string(), local_objects(None)),
+        Some(id) if local.as_ref().is_some_and(|n| n.node_id == id) => {
+            (id.to_string(), local_objects(None, None))
+        }
         Some(id) => {
             if book::get(id).is_none() {
                 user_error(
@@ -157,7 +180,9 @@ fn capture_fingerprints(node_id: default!(Option<&str>, "NULL")) -> i64 {
                 );
             }
             let (who, conninfo) = resolve_peer(id);
-            (id.to_string(), peer_objects(&who, &conninfo, None))
+            let conn = peer_connect(&who, &conninfo);
+            let pending = conn.start(&schema::fingerprint_sql_for(None), peer_deadline());
+            (id.to_string(), peer_answer(&who, pending))
         }
     };
     book::store_fingerprints(&id, &rows);
@@ -186,9 +211,11 @@ fn compare_schema(
     ),
 > {
     let (who, conninfo) = resolve_peer(peer);
-    let local: Vec<SchemaObject> = local_objects(schemas.as_deref()).into_iter().map(|(o, _)| o).collect();
-    let theirs: Vec<SchemaObject> =
-        peer_objects(&who, &conninfo, schemas.as_deref()).into_iter().map(|(o, _)| o).collect();
+    // The peer reads its catalogs while this server reads its own.
+    let conn = peer_connect(&who, &conninfo);
+    let pending = conn.start(&schema::fingerprint_sql_for(schemas.as_deref()), peer_deadline());
+    let local = local_objects(schemas.as_deref(), None);
+    let theirs = peer_answer(&who, pending);
     let rows = schema::compare(&local, &theirs);
     TableIterator::new(
         rows.into_iter()

@@ -138,14 +138,15 @@ pub fn summary() -> (Option<String>, i64, i64) {
     .unwrap_or((None, 0, 0))
 }
 
-/// Replaces the stored fingerprints of node `node_id` with `rows` (object, SHA-256), in one statement.
-pub fn store_fingerprints(node_id: &str, rows: &[(steep_repl_engine::schema::SchemaObject, String)]) {
-    let kinds: Vec<&str> = rows.iter().map(|(o, _)| o.kind.as_str()).collect();
-    let schemas: Vec<&str> = rows.iter().map(|(o, _)| o.schema.as_str()).collect();
-    let tables: Vec<Option<&str>> = rows.iter().map(|(o, _)| o.table.as_deref()).collect();
-    let names: Vec<&str> = rows.iter().map(|(o, _)| o.name.as_str()).collect();
-    let definitions: Vec<&str> = rows.iter().map(|(o, _)| o.definition.as_str()).collect();
-    let fingerprints: Vec<&str> = rows.iter().map(|(_, f)| f.as_str()).collect();
+/// Replaces the stored fingerprints of node `node_id` with those of `rows`, in one statement.
+pub fn store_fingerprints(node_id: &str, rows: &[steep_repl_engine::schema::SchemaObject]) {
+    let kinds: Vec<&str> = rows.iter().map(|o| o.kind.as_str()).collect();
+    let schemas: Vec<&str> = rows.iter().map(|o| o.schema.as_str()).collect();
+    let tables: Vec<Option<&str>> = rows.iter().map(|o| o.table.as_deref()).collect();
+    let names: Vec<&str> = rows.iter().map(|o| o.name.as_str()).collect();
+    let definitions: Vec<&str> = rows.iter().map(|o| o.definition.as_str()).collect();
+    let fingerprints: Vec<String> =
+        rows.iter().map(|o| steep_repl_engine::schema::fingerprint(&o.definition)).collect();
     as_owner(|| {
         Spi::run_with_args("DELETE FROM steep_repl.schema_fingerprints WHERE node_id = $1", &[node_id.into()])?;
         Spi::run_with_args(
