@@ -1,7 +1,7 @@
 //! Whether a target database can receive a snapshot: every table present with the snapshot's columns
 //! and compatible types, and every sequence present. Used by the extension's `start_apply` and by the
 //! CLI's client-mode apply, so both refuse the same targets with the same list of problems. The target
-//! is read with the schema fingerprints' catalog query ([`crate::schema::FINGERPRINT_SQL`], see
+//! is read with the schema fingerprints' catalog query ([`crate::schema::fingerprint_sql`], see
 //! [`targets_from_schema`]), so a compare and an apply see a schema the same way.
 //!
 //! Compatible types: the same type once type modifiers are set aside (`character varying(20)` and
@@ -14,7 +14,7 @@ use crate::ident::QualifiedName;
 use crate::manifest::Manifest;
 
 /// The target's tables (plain and partitioned: a foreign table is no target) and sequences, from
-/// the rows of [`crate::schema::FINGERPRINT_SQL`] read with the kinds [`crate::schema::TARGET_KINDS`]:
+/// the rows of [`crate::schema::fingerprint_sql`] read with the kinds [`crate::schema::TARGET_KINDS`]:
 /// a target is read with the same catalog query and the same canonical names as a schema compare.
 pub fn targets_from_schema(
     objects: &[crate::schema::SchemaObject],

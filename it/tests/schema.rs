@@ -257,3 +257,54 @@ fn bad_peers_are_named_and_rights_hold() {
         assert!(e.contains("permission denied"), "{f}: {e}");
     }
 }
+
+/// The fingerprint writes common indexes itself (for speed): the text must be exactly
+/// pg_get_indexdef's, for every shape, under the pinned search path.
+#[test]
+fn index_definitions_are_exactly_pg_get_indexdef() {
+    let c = preloaded();
+    c.fresh_db("fp_idx", true);
+    let mut s = c.client("fp_idx");
+    s.batch_execute(
+        r#"CREATE SCHEMA "Odd Schema";
+        CREATE TABLE "Odd Schema"."T x" (id int, "Col A" text, v varchar(20), arr int[], j jsonb, t text COLLATE "C",
+                                         n numeric, ts timestamptz);
+        CREATE INDEX plain ON "Odd Schema"."T x" (id);
+        CREATE UNIQUE INDEX uniq ON "Odd Schema"."T x" (id, "Col A");
+        CREATE INDEX "Quoted Name" ON "Odd Schema"."T x" ("Col A");
+        CREATE INDEX partial ON "Odd Schema"."T x" (n) WHERE n > 100 AND "Col A" <> 'x';
+        CREATE INDEX descending ON "Odd Schema"."T x" (id DESC NULLS LAST);
+        CREATE INDEX expr ON "Odd Schema"."T x" (lower("Col A"));
+        CREATE INDEX with_include ON "Odd Schema"."T x" (id) INCLUDE (v);
+        CREATE INDEX varchar_ops ON "Odd Schema"."T x" (v);
+        CREATE INDEX pattern ON "Odd Schema"."T x" ("Col A" text_pattern_ops);
+        CREATE INDEX collated ON "Odd Schema"."T x" ("Col A" COLLATE "POSIX");
+        CREATE INDEX coll_same ON "Odd Schema"."T x" (t);
+        CREATE INDEX gin_arr ON "Odd Schema"."T x" USING gin (arr);
+        CREATE INDEX gin_json ON "Odd Schema"."T x" USING gin (j);
+        CREATE INDEX hash_i ON "Odd Schema"."T x" USING hash (id);
+        CREATE INDEX brin_ts ON "Odd Schema"."T x" USING brin (ts);
+        CREATE INDEX fill ON "Odd Schema"."T x" (id) WITH (fillfactor = 70);
+        CREATE UNIQUE INDEX nnd ON "Odd Schema"."T x" (n) NULLS NOT DISTINCT;
+        CREATE TABLE "Odd Schema".p (k int, v int) PARTITION BY RANGE (k);
+        CREATE TABLE "Odd Schema".p1 PARTITION OF "Odd Schema".p FOR VALUES FROM (0) TO (10);
+        CREATE INDEX p_v ON "Odd Schema".p (v);"#,
+    )
+    .unwrap();
+    s.batch_execute("SET search_path = pg_catalog, pg_temp").unwrap();
+    let rows = s
+        .query(
+            "SELECT f.object_name, f.definition, pg_get_indexdef(i.oid) \
+             FROM steep_repl.schema_fingerprint() f \
+             JOIN pg_class i ON i.relname = f.object_name AND i.relkind IN ('i', 'I') \
+             JOIN pg_namespace n ON n.oid = i.relnamespace AND n.nspname = f.schema_name \
+             WHERE f.kind = 'index'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 19, "every index is listed (the partition's own index too)");
+    for r in &rows {
+        let (name, ours, theirs): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        assert_eq!(ours, theirs, "index {name}");
+    }
+}

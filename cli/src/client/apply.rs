@@ -111,8 +111,14 @@ async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(
     // Read with the schema fingerprints' query, as the extension's apply does.
     let schemas = compat::target_schemas(m);
     let kinds: Vec<&str> = schema::TARGET_KINDS.to_vec();
+    let version: String = client
+        .query_one("SELECT pg_catalog.current_setting('server_version_num')", &[])
+        .await
+        .map_err(CliError::query("reading the target's version"))?
+        .get(0);
+    let sql = schema::fingerprint_sql(version.parse().unwrap_or(0));
     let rows = client
-        .query(schema::FINGERPRINT_SQL, &[&schemas, &kinds])
+        .query(sql.as_str(), &[&schemas, &kinds])
         .await
         .map_err(CliError::query("reading the target's tables and sequences"))?;
     let objects: Vec<schema::SchemaObject> = rows

@@ -30,7 +30,8 @@ pub(crate) fn local_objects(schemas: Option<&[String]>, kinds: Option<&[&str]>) 
     let mut v = crate::pg::session::with_settings(&[("jit", "off")], || {
         Spi::connect(|client| {
             let mut v = Vec::new();
-            for r in client.select(schema::FINGERPRINT_SQL, None, &[schemas.into(), kinds.into()])? {
+            let sql = schema::fingerprint_sql(server_version_num());
+            for r in client.select(&sql, None, &[schemas.into(), kinds.into()])? {
                 v.push(SchemaObject {
                     kind: r.get::<String>(1)?.unwrap_or_default(),
                     schema: r.get::<String>(2)?.unwrap_or_default(),
@@ -47,6 +48,11 @@ pub(crate) fn local_objects(schemas: Option<&[String]>, kinds: Option<&[&str]>) 
     .unwrap_or_else(|e| error!("reading the schema's catalogs: {e}"));
     schema::sort(&mut v);
     v
+}
+
+/// This server's `server_version_num`.
+fn server_version_num() -> u32 {
+    crate::pg::setting("server_version_num").and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Who a `peer` argument names: a registered node (its id shown in errors) or a conninfo.
@@ -89,8 +95,27 @@ fn peer_failure(who: &str, e: PeerError) -> ! {
     )
 }
 
-/// Connects to the peer and sends it the fingerprint query; the answer is read by [`peer_answer`], so
-/// that the peer works while this server reads its own catalogs.
+/// Learns the peer's version and sends it the fingerprint query (of `schemas`); the answer is read by
+/// [`peer_answer`], so that the peer works while this server reads its own catalogs.
+fn peer_start<'c>(who: &str, conn: &'c Conn, schemas: Option<&[String]>) -> Pending<'c> {
+    let timeout = Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64);
+    let answer = conn
+        .query(
+            "SELECT pg_catalog.current_setting('server_version_num')",
+            Instant::now() + timeout,
+            &mut interrupt(),
+        )
+        .unwrap_or_else(|e| peer_failure(who, e));
+    let version: u32 = answer
+        .rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    conn.start(&schema::fingerprint_sql_for(version, schemas), peer_deadline())
+}
+
+/// Connects to the peer.
 fn peer_connect(who: &str, conninfo: &str) -> Conn {
     let timeout = Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64);
     Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt())
@@ -181,7 +206,7 @@ fn capture_fingerprints(node_id: default!(Option<&str>, "NULL")) -> i64 {
             }
             let (who, conninfo) = resolve_peer(id);
             let conn = peer_connect(&who, &conninfo);
-            let pending = conn.start(&schema::fingerprint_sql_for(None), peer_deadline());
+            let pending = peer_start(&who, &conn, None);
             (id.to_string(), peer_answer(&who, pending))
         }
     };
@@ -213,7 +238,7 @@ fn compare_schema(
     let (who, conninfo) = resolve_peer(peer);
     // The peer reads its catalogs while this server reads its own.
     let conn = peer_connect(&who, &conninfo);
-    let pending = conn.start(&schema::fingerprint_sql_for(schemas.as_deref()), peer_deadline());
+    let pending = peer_start(&who, &conn, schemas.as_deref());
     let local = local_objects(schemas.as_deref(), None);
     let theirs = peer_answer(&who, pending);
     let rows = schema::compare(&local, &theirs);
