@@ -16,7 +16,8 @@ use std::collections::HashMap;
 /// The objects of the user schemas, one row each: `kind, schema_name, table_name, object_name,
 /// definition`, then `column_type` (`format_type` of a column, NULL for other kinds) and `generated`
 /// (a generated column), in no particular order ([`sort`]; [`fingerprint`] hashes a definition). Run it
-/// with JIT off: it is tens of thousands of small catalog lookups that JIT compilation only slows.
+/// with JIT off (it is tens of thousands of small catalog lookups that JIT compilation only slows) and
+/// with [`DEPARSE_SETTINGS`], which fix how the constants inside expressions print.
 ///
 /// `$1` (text[]): the schemas to read, NULL for every user schema (all but `pg_catalog`,
 /// `information_schema`, `pg_toast`, temporary schemas, `steep_repl` and schemas of extensions).
@@ -39,7 +40,7 @@ const FINGERPRINT_SQL_TEMPLATE: &str = r#"
 WITH want AS (
     SELECT $2::pg_catalog.text[] AS kinds
 ), ns AS (
-    SELECT n.oid, n.nspname::text AS nspname FROM pg_catalog.pg_namespace n
+    SELECT n.oid, n.nspname::pg_catalog.text AS nspname FROM pg_catalog.pg_namespace n
     WHERE n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast', 'steep_repl'])
       AND n.nspname OPERATOR(pg_catalog.!~) '^pg_(toast_)?temp_'
       AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
@@ -47,7 +48,7 @@ WITH want AS (
                         AND d.objid OPERATOR(pg_catalog.=) n.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
       AND ($1::pg_catalog.text[] IS NULL OR n.nspname::pg_catalog.text OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]))
 ), rel AS (
-    SELECT c.oid, c.relname::text AS relname, c.relkind, c.relpersistence, c.relispartition, c.relreplident,
+    SELECT c.oid, c.relname::pg_catalog.text AS relname, c.relkind, c.relpersistence, c.relispartition, c.relreplident,
            c.relpartbound, ns.nspname
     FROM pg_catalog.pg_class c JOIN ns ON c.relnamespace OPERATOR(pg_catalog.=) ns.oid
     WHERE c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'f', 'S']::pg_catalog."char"[])
@@ -57,9 +58,9 @@ WITH want AS (
 ), tab AS (
     SELECT * FROM rel WHERE relkind OPERATOR(pg_catalog.<>) 'S'
 ), objs AS (
-    SELECT 'schema'::text AS kind, ns.nspname AS schema_name, NULL::text AS table_name,
-           ns.nspname AS object_name, 'schema'::text AS definition,
-           NULL::text AS column_type, false AS generated
+    SELECT 'schema'::pg_catalog.text AS kind, ns.nspname AS schema_name, NULL::pg_catalog.text AS table_name,
+           ns.nspname AS object_name, 'schema'::pg_catalog.text AS definition,
+           NULL::pg_catalog.text AS column_type, false AS generated
     FROM ns WHERE (SELECT kinds IS NULL OR 'schema' OPERATOR(pg_catalog.=) ANY (kinds) FROM want)
   UNION ALL
     SELECT 'table', t.nspname, t.relname, t.relname,
@@ -83,7 +84,7 @@ WITH want AS (
            NULL, false
     FROM tab t WHERE (SELECT kinds IS NULL OR 'table' OPERATOR(pg_catalog.=) ANY (kinds) FROM want)
   UNION ALL
-    SELECT 'column', t.nspname, t.relname, a.attname::text,
+    SELECT 'column', t.nspname, t.relname, a.attname::pg_catalog.text,
            pg_catalog.concat_ws(' ',
                pg_catalog.format_type(a.atttypid, a.atttypmod),
                CASE WHEN a.attcollation OPERATOR(pg_catalog.<>) ty.typcollation THEN
@@ -107,11 +108,11 @@ WITH want AS (
          AND ad.adnum OPERATOR(pg_catalog.=) a.attnum
     WHERE (SELECT kinds IS NULL OR 'column' OPERATOR(pg_catalog.=) ANY (kinds) FROM want)
   UNION ALL
-    SELECT 'constraint', t.nspname, t.relname, c.conname::text, pg_catalog.pg_get_constraintdef(c.oid), NULL, false
+    SELECT 'constraint', t.nspname, t.relname, c.conname::pg_catalog.text, pg_catalog.pg_get_constraintdef(c.oid), NULL, false
     FROM tab t JOIN pg_catalog.pg_constraint c ON c.conrelid OPERATOR(pg_catalog.=) t.oid
     WHERE (SELECT kinds IS NULL OR 'constraint' OPERATOR(pg_catalog.=) ANY (kinds) FROM want)
   UNION ALL
-    SELECT 'index', t.nspname, t.relname, ic.relname::text,
+    SELECT 'index', t.nspname, t.relname, ic.relname::pg_catalog.text,
            CASE WHEN plain.ok THEN
                'CREATE ' OPERATOR(pg_catalog.||) CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END
                OPERATOR(pg_catalog.||) 'INDEX ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(ic.relname)
@@ -142,6 +143,8 @@ WITH want AS (
              AND a.attnum OPERATOR(pg_catalog.=) x.indkey[k]
         LEFT JOIN pg_catalog.pg_opclass opc ON opc.oid OPERATOR(pg_catalog.=) x.indclass[k]
     ) plain ON x.indnatts OPERATOR(pg_catalog.=) x.indnkeyatts AND ic.reloptions IS NULL{NULLS_NOT_DISTINCT}
+           AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute ia
+                           WHERE ia.attrelid OPERATOR(pg_catalog.=) x.indexrelid AND ia.attoptions IS NOT NULL)
     WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_constraint c
                       WHERE c.conrelid OPERATOR(pg_catalog.=) t.oid
                         AND c.conindid OPERATOR(pg_catalog.=) x.indexrelid
@@ -178,7 +181,7 @@ WITH want AS (
     JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.relnamespace
     WHERE t.relispartition AND (SELECT kinds IS NULL OR 'partition' OPERATOR(pg_catalog.=) ANY (kinds) FROM want)
   UNION ALL
-    SELECT 'trigger', t.nspname, t.relname, tg.tgname::text,
+    SELECT 'trigger', t.nspname, t.relname, tg.tgname::pg_catalog.text,
            pg_catalog.pg_get_triggerdef(tg.oid) OPERATOR(pg_catalog.||) CASE tg.tgenabled
                WHEN 'O' THEN ' (enabled)' WHEN 'D' THEN ' (disabled)'
                WHEN 'R' THEN ' (enabled replica)' WHEN 'A' THEN ' (enabled always)' END, NULL, false
@@ -194,6 +197,46 @@ FROM objs
 pub fn fingerprint_sql(server_version_num: u32) -> String {
     let nnd = if server_version_num >= 150_000 { " AND NOT x.indnullsnotdistinct" } else { "" };
     FINGERPRINT_SQL_TEMPLATE.replace("{NULLS_NOT_DISTINCT}", nnd)
+}
+
+/// The listing `schema_fingerprint()` returns: [`fingerprint_sql`]'s rows with the SHA-256 of each
+/// definition (as [`fingerprint`] computes it, for a UTF-8 database), sorted as [`sort`] sorts.
+pub fn fingerprint_listing_sql(server_version_num: u32) -> String {
+    format!(
+        "SELECT o.kind, o.schema_name, o.table_name, o.object_name, o.definition, \
+                pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(o.definition, 'UTF8')), 'hex') \
+         FROM ({}) o \
+         ORDER BY o.kind COLLATE \"C\", o.schema_name COLLATE \"C\", o.table_name COLLATE \"C\" NULLS FIRST, \
+                  o.object_name COLLATE \"C\"",
+        fingerprint_sql(server_version_num)
+    )
+}
+
+/// The settings the fingerprint query runs under on every side: constants in defaults, CHECK
+/// expressions, index predicates and partition bounds print through their types' output functions,
+/// which follow these (a `timestamptz` bound prints differently under another TimeZone).
+pub const DEPARSE_SETTINGS: &[(&str, &str)] = &[
+    ("search_path", "pg_catalog, pg_temp"),
+    ("jit", "off"),
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+];
+
+/// `SET` statements for [`DEPARSE_SETTINGS`], for a connection (values are fixed, simple literals;
+/// `search_path` is a list, written unquoted).
+pub fn deparse_settings_sql() -> String {
+    DEPARSE_SETTINGS
+        .iter()
+        .map(
+            |(k, v)| {
+                if *k == "search_path" { format!("SET {k} = {v}; ") } else { format!("SET {k} = '{v}'; ") }
+            },
+        )
+        .collect()
 }
 
 /// The fingerprint of a definition: SHA-256 of its UTF-8 text, in hex (computed here rather than in
@@ -349,7 +392,8 @@ pub fn compare(local: &[SchemaObject], peer: &[SchemaObject]) -> Vec<Comparison>
 /// [`fingerprint_sql`] with its parameters written in (every kind), for a connection that sends
 /// statements without parameters (a peer's).
 pub fn fingerprint_sql_for(server_version_num: u32, schemas: Option<&[String]>) -> String {
-    fingerprint_sql(server_version_num).replace("$1", &text_array_literal(schemas)).replace("$2", "NULL")
+    // $2 first: the literal written for $1 may hold "$2" itself.
+    fingerprint_sql(server_version_num).replace("$2", "NULL").replace("$1", &text_array_literal(schemas))
 }
 
 /// The kinds a target check needs ([`crate::compat::targets_from_schema`]): `$2` of
@@ -432,6 +476,17 @@ mod tests {
             o("index", "s", Some("t"), "i", "CREATE INDEX i ON s.t"),
         ];
         assert!(compare(&l, &l).iter().all(|c| c.status == Status::Match));
+    }
+
+    #[test]
+    fn deparse_settings_and_parameters() {
+        let sql = deparse_settings_sql();
+        assert!(sql.starts_with("SET search_path = pg_catalog, pg_temp; "), "{sql}");
+        assert!(sql.contains("SET TimeZone = 'UTC'; "), "{sql}");
+        let q = fingerprint_sql_for(150_000, Some(&["a$2".to_string()]));
+        assert!(q.contains("ARRAY['a$2']") && !q.contains("$1"), "a literal is never rewritten");
+        assert!(q.contains("indnullsnotdistinct"));
+        assert!(!fingerprint_sql(140_000).contains("indnullsnotdistinct"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 -- Schema fingerprints captured per node (PRODUCT.md §9): what steep_repl.capture_fingerprints() read
 -- from a node, to compare later or to keep as a record of a schema at a point in time. One capture per
--- node: a new one replaces the old in the same transaction. Definitions are catalog text every role
--- can read on the node itself.
+-- node: a new one replaces the old in the same transaction, and unregister_node removes a node's.
+-- Not readable by PUBLIC: a peer's definitions (defaults, CHECK expressions) are the peer's catalog,
+-- which local roles may have no right to see.
 CREATE TABLE steep_repl.schema_fingerprints (
     node_id      text        NOT NULL,
     captured_at  timestamptz NOT NULL DEFAULT now(),
@@ -13,4 +14,4 @@ CREATE TABLE steep_repl.schema_fingerprints (
     fingerprint  text        NOT NULL
 );
 CREATE INDEX schema_fingerprints_node_idx ON steep_repl.schema_fingerprints (node_id, kind, schema_name);
-GRANT SELECT ON steep_repl.schema_fingerprints TO PUBLIC;
+REVOKE ALL ON steep_repl.schema_fingerprints FROM PUBLIC;

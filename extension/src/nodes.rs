@@ -42,9 +42,10 @@ pub enum Outcome {
 pub struct Answer {
     /// `healthy` or `degraded`.
     pub status: &'static str,
-    pub rtt_ms: f64,
+    /// None when not measured (the peer answered with an error).
+    pub rtt_ms: Option<f64>,
     /// The peer's clock minus ours, estimated at the middle of the round trip.
-    pub clock_offset_ms: f64,
+    pub clock_offset_ms: Option<f64>,
     pub server_version: Option<String>,
     pub system_identifier: Option<i64>,
     pub extension_version: Option<String>,
@@ -54,15 +55,30 @@ pub struct Answer {
     pub peer_health: Option<String>,
 }
 
+/// A peer's text made safe to store: no NUL (PostgreSQL text cannot hold one), at most `max` bytes.
 fn cut(s: &str, max: usize) -> String {
+    let s: String = s.chars().filter(|&c| c != '\0').collect();
     if s.len() <= max {
-        return s.to_string();
+        return s;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
     format!("{}...", &s[..end])
+}
+
+/// A peer's JSON made safe to store as jsonb: every string without NUL (jsonb refuses `\u0000`).
+fn clean_json(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(s.replace('\0', "")),
+        Value::Array(a) => Value::Array(a.into_iter().map(clean_json).collect()),
+        Value::Object(o) => {
+            Value::Object(o.into_iter().map(|(k, v)| (k.replace('\0', ""), clean_json(v))).collect())
+        }
+        other => other,
+    }
 }
 
 /// Probes every peer `(node_id, conninfo)` at once; each ends by `timeout`. `interrupt` is checked at
@@ -104,15 +120,17 @@ fn interpret(op: &Op) -> Outcome {
 }
 
 fn answer(clock: &Rows, rows: &Rows) -> Answer {
-    let rtt_ms = clock.elapsed.as_secs_f64() * 1000.0;
-    let peer_now = clock.get(0, "now_ms").and_then(|v| v.parse::<f64>().ok());
-    let clock_offset_ms = peer_now.map_or(0.0, |p| p - (clock.sent_unix_ms + rtt_ms / 2.0));
+    let rtt = clock.elapsed.as_secs_f64() * 1000.0;
+    let peer_now = clock.get(0, "now_ms").and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite());
+    let clock_offset_ms = peer_now.map(|p| p - (clock.sent_unix_ms + rtt / 2.0));
+    let rtt_ms = Some(rtt);
     let health: Option<serde_json::Value> =
         rows.get(0, "health").filter(|h| h.len() <= MAX_DOCUMENT).and_then(|h| serde_json::from_str(h).ok());
     let replication: Option<serde_json::Value> = rows
         .get(0, "replication")
         .filter(|h| h.len() <= MAX_DOCUMENT)
-        .and_then(|h| serde_json::from_str(h).ok());
+        .and_then(|h| serde_json::from_str(h).ok())
+        .map(clean_json);
     let field =
         |k: &str| health.as_ref().and_then(|h| h.get(k)).and_then(|v| v.as_str()).map(|s| cut(s, MAX_FIELD));
     let peer_status = field("status");

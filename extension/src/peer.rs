@@ -87,7 +87,8 @@ pub fn check_conninfo(conninfo: &str) -> Result<(), PeerError> {
         }
         // SAFETY: keyword and val are NUL-terminated strings owned by the array (val may be NULL).
         let key = unsafe { CStr::from_ptr(o.keyword) };
-        if key.to_bytes() == b"password" && !o.val.is_null() && unsafe { *o.val } != 0 {
+        let secret = matches!(key.to_bytes(), b"password" | b"sslpassword");
+        if secret && !o.val.is_null() && unsafe { *o.val } != 0 {
             has_password = true;
         }
         i += 1;
@@ -197,7 +198,9 @@ impl Conn {
         let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
         // The peer gives up when we do.
         let ms = (budget * 1000.0).ceil().max(1.0) as u64;
-        let mut ex = Exchange::new(vec![format!("SET statement_timeout = {ms}; {sql}")]);
+        let mut ex = Exchange::new(vec![format!(
+            "SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}; {sql}"
+        )]);
         ex.start_next_statement(self);
         // Push the statement out now (it is small); the answer is read by `finish`.
         let _ = ex.advance(self, budget);
@@ -257,6 +260,10 @@ struct Exchange {
     /// The peer's error for the running statement, reported once its results are all read (so the
     /// connection stays usable).
     failed: Option<PeerError>,
+    /// The rows of the running statement received so far.
+    partial: Rows,
+    /// Bytes received for the running statement (see `read_result`).
+    received: usize,
     outcome: Option<Result<(), PeerError>>,
 }
 
@@ -270,6 +277,8 @@ impl Exchange {
             pinning: false,
             sent: Instant::now(),
             failed: None,
+            partial: Rows::default(),
+            received: 0,
             outcome: None,
         }
     }
@@ -291,11 +300,16 @@ impl Exchange {
             self.finish(Err(PeerError::Statement("statement contains a NUL byte".into())));
             return;
         };
-        // SAFETY: a live, idle connection; the string outlives the call (libpq copies it).
+        // SAFETY: a live, idle connection; the string outlives the call (libpq copies it). Single-row
+        // mode, set right after sending as libpq requires, hands rows over one by one.
         if unsafe { pq::PQsendQuery(conn.raw.as_ptr(), c.as_ptr()) } == 0 {
             self.finish(Err(PeerError::Lost(conn.error_message())));
             return;
         }
+        // SAFETY: as above, immediately after PQsendQuery.
+        unsafe { pq::PQsetSingleRowMode(conn.raw.as_ptr()) };
+        self.partial = Rows::default();
+        self.received = 0;
         self.stage = Stage::Sending;
         self.sent = Instant::now();
         if !self.pinning {
@@ -364,7 +378,9 @@ impl Exchange {
     }
 
     /// Reads every result available without blocking; true once the statement's last result is read.
-    /// Of a statement string with several statements, the rows of the last one with rows are kept.
+    /// Rows arrive one by one (single-row mode), so what a peer sends is counted as it comes and a
+    /// peer that sends too much is cut off before it is buffered. Of a statement string with several
+    /// statements, the rows of the last one that returns rows are kept.
     fn collect_results(&mut self, conn: &Conn) -> Result<bool, PeerError> {
         let raw = conn.raw.as_ptr();
         loop {
@@ -385,23 +401,29 @@ impl Exchange {
                 }
                 return Ok(true);
             }
-            let r = read_result(res);
+            let r = read_result(res, &mut self.partial, &mut self.received);
             // SAFETY: frees the result once.
             unsafe { pq::PQclear(res) };
-            let rows = match r {
-                Ok(rows) => rows,
-                Err(e) => {
-                    self.failed.get_or_insert(e);
-                    None
-                }
-            };
-            if let Some(rows) = rows {
-                if !self.pinning {
-                    if let Some(last) = self.rows.last_mut() {
-                        last.columns = rows.columns;
-                        last.rows = rows.rows;
+            match r {
+                Got::Row | Got::Command => {}
+                Got::Rows => {
+                    let done = std::mem::take(&mut self.partial);
+                    if !self.pinning {
+                        if let Some(last) = self.rows.last_mut() {
+                            last.columns = done.columns;
+                            last.rows = done.rows;
+                        }
                     }
                 }
+                // The statement failed on the peer; the rest of its results are read so that the
+                // connection stays usable.
+                Got::Failed(e) => {
+                    self.partial = Rows::default();
+                    self.failed.get_or_insert(e);
+                }
+                // Nothing more may be read from this connection (a COPY the peer started, a result
+                // too large): stop now, the caller drops it.
+                Got::Fatal(e) => return Err(e),
             }
         }
     }
@@ -473,58 +495,94 @@ fn open(conninfo: &str) -> Result<Conn, PeerError> {
     if unsafe { pq::PQstatus(conn.raw.as_ptr()) } == pq::ConnStatusType::CONNECTION_BAD {
         return Err(PeerError::Connect(conn.error_message()));
     }
-    // SAFETY: a live connection; non-blocking mode makes every send return at once.
-    unsafe { pq::PQsetnonblocking(conn.raw.as_ptr(), 1) };
+    // SAFETY: a live connection; non-blocking mode makes every send return at once. The notice
+    // processor drops the peer's notices, which libpq would otherwise print into this server's log.
+    unsafe {
+        pq::PQsetnonblocking(conn.raw.as_ptr(), 1);
+        pq::PQsetNoticeProcessor(conn.raw.as_ptr(), Some(ignore_notice), std::ptr::null_mut());
+    }
     Ok(conn)
 }
 
-/// Turns one result into rows (`None` for a command without rows) or the peer's error.
-fn read_result(res: *mut pq::PGresult) -> Result<Option<Rows>, PeerError> {
+/// A libpq notice processor that drops the notice: a peer's messages are not ours to log.
+unsafe extern "C" fn ignore_notice(_arg: *mut std::ffi::c_void, _message: *const c_char) {}
+
+/// What one result brought.
+enum Got {
+    /// One row (single-row mode), added to the partial result.
+    Row,
+    /// The end of a statement's rows: the partial result is complete.
+    Rows,
+    /// A statement without rows.
+    Command,
+    /// The peer's error for the statement.
+    Failed(PeerError),
+    /// Something after which the connection cannot be used.
+    Fatal(PeerError),
+}
+
+/// Reads one result into `partial`, counting what was received in `received` (bytes, with a fixed cost
+/// per value and per row, so that a peer cannot send unbounded NULLs or empty strings for free).
+fn read_result(res: *mut pq::PGresult, partial: &mut Rows, received: &mut usize) -> Got {
     // SAFETY: `res` is a live result; every accessor below reads inside its bounds.
     unsafe {
-        match pq::PQresultStatus(res) {
-            pq::ExecStatusType::PGRES_TUPLES_OK => {
+        let status = pq::PQresultStatus(res);
+        match status {
+            pq::ExecStatusType::PGRES_SINGLE_TUPLE | pq::ExecStatusType::PGRES_TUPLES_OK => {
                 let nf = pq::PQnfields(res).max(0) as usize;
                 let nt = pq::PQntuples(res).max(0) as usize;
-                let mut columns = Vec::with_capacity(nf);
-                for f in 0..nf {
-                    columns.push(CStr::from_ptr(pq::PQfname(res, f as i32)).to_string_lossy().into_owned());
+                if partial.columns.is_empty() && nf > 0 {
+                    for f in 0..nf {
+                        partial
+                            .columns
+                            .push(CStr::from_ptr(pq::PQfname(res, f as i32)).to_string_lossy().into_owned());
+                    }
                 }
-                let mut total = 0usize;
-                let mut rows = Vec::with_capacity(nt);
                 for t in 0..nt {
                     let mut row = Vec::with_capacity(nf);
+                    *received += 32;
                     for f in 0..nf {
+                        *received += 16;
                         if pq::PQgetisnull(res, t as i32, f as i32) != 0 {
                             row.push(None);
                             continue;
                         }
                         let len = pq::PQgetlength(res, t as i32, f as i32).max(0) as usize;
-                        total += len;
-                        if total > MAX_RESULT_BYTES {
-                            return Err(PeerError::Lost(format!(
-                                "the peer sent more than {} MB for one statement",
-                                MAX_RESULT_BYTES >> 20
-                            )));
-                        }
+                        *received += len;
                         let p = pq::PQgetvalue(res, t as i32, f as i32) as *const u8;
                         let bytes = std::slice::from_raw_parts(p, len);
                         row.push(Some(String::from_utf8_lossy(bytes).into_owned()));
                     }
-                    rows.push(row);
+                    partial.rows.push(row);
                 }
-                Ok(Some(Rows { columns, rows, ..Rows::default() }))
+                if *received > MAX_RESULT_BYTES {
+                    return Got::Fatal(PeerError::Lost(format!(
+                        "the peer sent more than {} MB for one statement",
+                        MAX_RESULT_BYTES >> 20
+                    )));
+                }
+                if status == pq::ExecStatusType::PGRES_SINGLE_TUPLE { Got::Row } else { Got::Rows }
             }
-            pq::ExecStatusType::PGRES_COMMAND_OK | pq::ExecStatusType::PGRES_EMPTY_QUERY => Ok(None),
-            _ => {
+            pq::ExecStatusType::PGRES_COMMAND_OK | pq::ExecStatusType::PGRES_EMPTY_QUERY => Got::Command,
+            pq::ExecStatusType::PGRES_FATAL_ERROR | pq::ExecStatusType::PGRES_NONFATAL_ERROR => {
                 let m = CStr::from_ptr(pq::PQresultErrorMessage(res)).to_string_lossy();
                 let m = m.trim_end();
-                Err(PeerError::Statement(if m.is_empty() {
-                    "the peer reported an error".into()
+                let m = if m.is_empty() { "the peer reported an error".to_string() } else { m.to_string() };
+                let code = pq::PQresultErrorField(res, pq::PG_DIAG_SQLSTATE as i32);
+                let code = if code.is_null() {
+                    String::new()
                 } else {
-                    m.into()
-                }))
+                    CStr::from_ptr(code).to_string_lossy().into_owned()
+                };
+                // Cancelled, shutting down, out of connections: the peer is not answering, whatever
+                // it said.
+                if code.starts_with("57") || code.starts_with("08") || code.starts_with("53") {
+                    Got::Failed(PeerError::Lost(m))
+                } else {
+                    Got::Failed(PeerError::Statement(m))
+                }
             }
+            other => Got::Fatal(PeerError::Lost(format!("unexpected answer from the peer ({other:?})"))),
         }
     }
 }

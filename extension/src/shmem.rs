@@ -451,10 +451,12 @@ pub struct Shared {
     pub startup_reaped: AtomicU32,
     /// Databases (oids) whose `pending`/`running` rows a reaper must look at; 0 = empty entry.
     pub reap_requests: [AtomicU32; MAX_REAP_REQUESTS],
-    /// Databases (oids) whose `steep_repl.nodes` the supervisor has probed every
-    /// `steep_repl.heartbeat_interval`; 0 = empty entry. Filled by `register_node` and, after a server
-    /// start, by the reaper; an entry whose registry is empty is dropped by its prober.
-    pub node_databases: [AtomicU32; MAX_NODE_DATABASES],
+    /// Databases whose `steep_repl.nodes` the supervisor has probed every
+    /// `steep_repl.heartbeat_interval`: each entry is a generation (high 32 bits) and a database oid
+    /// (low 32 bits, 0 = empty entry). Filled when a `register_node` commits and, after a server start,
+    /// by the reaper; an entry whose registry is empty is dropped by its prober, only if no watch
+    /// happened since the prober looked (the generation), so a node registered meanwhile is never lost.
+    node_databases: [AtomicU64; MAX_NODE_DATABASES],
     /// Around allocating chunk ranges; held for a scan of MAX_JOBS entries only.
     chunk_alloc_lock: SpinLock,
     pub jobs: [JobSlot; MAX_JOBS],
@@ -643,26 +645,74 @@ impl Shared {
 }
 
 impl Shared {
-    /// Has the supervisor probe the nodes registered in database `db`; false when
-    /// [`MAX_NODE_DATABASES`] other databases already have a registry.
+    /// Has the supervisor probe the nodes registered in database `db` (again: a new generation);
+    /// false when [`MAX_NODE_DATABASES`] other databases already have a registry. Only atomics and a
+    /// latch: safe in a commit callback.
     pub fn watch_nodes(&self, db: u32) -> bool {
-        if db == 0 || self.node_databases.iter().any(|d| d.load(Ordering::Acquire) == db) {
-            return db != 0;
+        if db == 0 {
+            return false;
         }
-        let ok = self
-            .node_databases
-            .iter()
-            .any(|d| d.compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+        let done = 'found: {
+            for d in &self.node_databases {
+                let mut w = d.load(Ordering::Acquire);
+                while w as u32 == db {
+                    match d.compare_exchange(w, next_watch(w, db), Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => break 'found true,
+                        Err(now) => w = now,
+                    }
+                }
+            }
+            for d in &self.node_databases {
+                let w = d.load(Ordering::Acquire);
+                if w as u32 == 0
+                    && d.compare_exchange(w, next_watch(w, db), Ordering::AcqRel, Ordering::Acquire).is_ok()
+                {
+                    break 'found true;
+                }
+            }
+            false
+        };
         pg::set_latch(self.supervisor_latch.load(Ordering::Acquire));
-        ok
+        done
     }
 
-    /// Stops probing the registry of database `db` (it has no node left).
-    pub fn unwatch_nodes(&self, db: u32) {
+    /// Whether [`Shared::watch_nodes`] would find room for `db`.
+    pub fn room_for_nodes(&self, db: u32) -> bool {
+        self.node_databases.iter().any(|d| {
+            let w = d.load(Ordering::Acquire) as u32;
+            w == db || w == 0
+        })
+    }
+
+    /// The watched databases, with the word to give [`Shared::unwatch_nodes`].
+    pub fn watched_node_databases(&self) -> Vec<(u32, u64)> {
+        self.node_databases
+            .iter()
+            .map(|d| d.load(Ordering::Acquire))
+            .filter(|&w| w as u32 != 0)
+            .map(|w| (w as u32, w))
+            .collect()
+    }
+
+    /// The entry of database `db` now, if watched.
+    pub fn node_watch(&self, db: u32) -> Option<u64> {
+        self.watched_node_databases().into_iter().find(|&(d, _)| d == db).map(|(_, w)| w)
+    }
+
+    /// Stops probing the registry of database `db` (found empty), unless it was watched again since
+    /// `seen` was read.
+    pub fn unwatch_nodes(&self, db: u32, seen: u64) {
         for d in &self.node_databases {
-            let _ = d.compare_exchange(db, 0, Ordering::AcqRel, Ordering::Relaxed);
+            if d.load(Ordering::Acquire) == seen && seen as u32 == db {
+                let _ = d.compare_exchange(seen, seen & !0xffff_ffff, Ordering::AcqRel, Ordering::Relaxed);
+            }
         }
     }
+}
+
+/// The next word of a node-database entry: generation + 1, database `db`.
+fn next_watch(word: u64, db: u32) -> u64 {
+    (((word >> 32) + 1) << 32) | u64::from(db)
 }
 
 /// How far past the first pending chunk a claim looks for a table no other worker is loading.

@@ -245,3 +245,89 @@ fn conninfos_with_passwords_are_refused_and_roles_see_only_status() {
     assert_eq!((h.get::<_, Option<String>>(0).as_deref(), h.get::<_, i64>(1)), (Some("here"), 1));
     s.batch_execute("DELETE FROM steep_repl.nodes").unwrap();
 }
+
+/// A fake PostgreSQL server: trusts anyone, then answers every query with a COPY (which leaves libpq
+/// returning a COPY result forever) or, for `flood`, with endless rows of NULLs.
+fn fake_server(flood: bool) -> u16 {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut len = [0u8; 4];
+                if s.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let mut startup = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                if s.read_exact(&mut startup).is_err() {
+                    return;
+                }
+                // AuthenticationOk, ReadyForQuery (idle).
+                let _ = s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I']);
+                loop {
+                    let mut tag = [0u8; 1];
+                    if s.read_exact(&mut tag).is_err() || s.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                    if s.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if tag[0] != b'Q' {
+                        continue;
+                    }
+                    if flood {
+                        // RowDescription of one text column "x", then rows of one NULL, forever.
+                        let mut rd = vec![b'T'];
+                        let fields: Vec<u8> = [
+                            &[0u8, 1][..],
+                            b"x\0",
+                            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 25, 255, 255, 255, 255, 255, 255, 0, 0],
+                        ]
+                        .concat();
+                        rd.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+                        rd.extend_from_slice(&fields);
+                        if s.write_all(&rd).is_err() {
+                            return;
+                        }
+                        let row = [b'D', 0, 0, 0, 10, 0, 1, 255, 255, 255, 255];
+                        let many: Vec<u8> = row.iter().copied().cycle().take(row.len() * 10_000).collect();
+                        while s.write_all(&many).is_ok() {}
+                        return;
+                    }
+                    // CopyOutResponse, text, no columns; then silence.
+                    let _ = s.write_all(&[b'H', 0, 0, 0, 7, 0, 0, 0]);
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_hostile_peer_gets_an_error_not_a_hang() {
+    let c = preloaded();
+    c.fresh_db("hostile", true);
+    let mut s = c.client("hostile");
+    for (id, flood) in [("copier", false), ("flooder", true)] {
+        let port = fake_server(flood);
+        register(
+            &mut s,
+            id,
+            Some(&format!("host=127.0.0.1 port={port} dbname=x user=x sslmode=disable gssencmode=disable")),
+            false,
+        );
+        let start = Instant::now();
+        let answered: bool = s.query_one("SELECT steep_repl.heartbeat($1)", &[&id]).unwrap().get(0);
+        let took = start.elapsed();
+        assert!(!answered, "{id} did not really answer");
+        assert!(took < Duration::from_secs(30), "{id}: heartbeat took {took:?}");
+        let why: String =
+            s.query_one("SELECT last_error FROM steep_repl.nodes WHERE node_id = $1", &[&id]).unwrap().get(0);
+        assert!(why.contains("unexpected answer") || why.contains("more than"), "{id}: {why}");
+        // The session is still usable, and so is the server.
+        assert_eq!(s.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0), 1);
+    }
+    s.batch_execute("DELETE FROM steep_repl.nodes").unwrap();
+}

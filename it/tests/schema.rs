@@ -45,6 +45,9 @@ CREATE TABLE app.m_replident (a int);
 CREATE TABLE app.m_local (a int, b text);
 CREATE INDEX m_local_a ON app.m_local (a);
 CREATE TABLE app.busy (id bigserial PRIMARY KEY, v text);
+CREATE TABLE app.tp (at timestamptz NOT NULL DEFAULT '2024-01-01 00:00:00+00', d interval DEFAULT '1 day 02:00')
+    PARTITION BY RANGE (at);
+CREATE TABLE app.tp1 PARTITION OF app.tp FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-02-01 00:00:00+00');
 "#;
 
 /// The row a difference gives: (kind, table, object, status).
@@ -138,7 +141,11 @@ fn differences(c: &mut postgres::Client, peer: &str) -> BTreeSet<(String, String
 #[test]
 fn a_restored_schema_matches_and_each_mutation_is_named_exactly() {
     let local = preloaded();
-    let peer = dedicated_with("schema_peer", "");
+    // Another time zone and date style on the peer: constants in bounds and defaults must print alike.
+    let peer = dedicated_with(
+        "schema_peer",
+        "timezone = 'Asia/Tokyo'\ndatestyle = 'SQL, DMY'\nintervalstyle = 'iso_8601'\n",
+    );
     local.fresh_db("fp", true);
     peer.fresh_db("fp", false);
     let mut l = local.client("fp");
@@ -212,6 +219,18 @@ fn a_restored_schema_matches_and_each_mutation_is_named_exactly() {
         .unwrap()
         .get(0);
     assert_eq!(stored, mine + theirs);
+    // What was stored (hashed here) is what schema_fingerprint() shows (hashed by the server).
+    let same: i64 = l
+        .query_one(
+            "SELECT count(*) FROM steep_repl.schema_fingerprint() f JOIN steep_repl.schema_fingerprints s \
+             ON s.node_id = 'fp_local' AND s.kind = f.kind AND s.schema_name = f.schema_name \
+             AND s.object_name = f.object_name AND s.table_name IS NOT DISTINCT FROM f.table_name \
+             AND s.fingerprint = f.fingerprint",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(same, mine);
     assert_eq!(
         l.query_one("SELECT steep_repl.capture_fingerprints()", &[]).unwrap().get::<_, i64>(0),
         mine,

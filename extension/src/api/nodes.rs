@@ -40,7 +40,16 @@ fn check_node(node_id: &str, conninfo: Option<&str>, is_local: bool) {
             user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("node {node_id}: {e}"), None);
         }
     }
-    if !shared.watch_nodes(pg::database_oid()) {
+    let db = pg::database_oid();
+    if shared.room_for_nodes(db) {
+        // Watched once the registration commits: a prober started before would find the registry
+        // without this node, and one started after sees it.
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+            if let Some(s) = shmem::get() {
+                s.watch_nodes(db);
+            }
+        });
+    } else {
         user_error(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
@@ -114,10 +123,10 @@ fn heartbeat(node_id: default!(Option<&str>, "NULL")) -> bool {
                 pgrx::check_for_interrupts!();
                 Ok(())
             };
-            let (_, outcome) = nodes::probe_all(&[(n.node_id.clone(), conninfo)], t, &mut interrupt)
+            let (_, outcome) = nodes::probe_all(&[(n.node_id.clone(), conninfo.clone())], t, &mut interrupt)
                 .pop()
                 .expect("one probe");
-            book::record_probe(&n.node_id, &outcome);
+            book::record_probe(&n.node_id, &conninfo, &outcome);
             matches!(outcome, Outcome::Answered(_))
         }
         _ => {
@@ -135,9 +144,17 @@ fn heartbeat(node_id: default!(Option<&str>, "NULL")) -> bool {
     }
 }
 
+/// After how long without a recorded probe a peer's last status is no longer shown (then `unknown`):
+/// three heartbeats plus a probe's timeout, when probing has stopped (supervisor down, recovery).
+fn stale_after_s() -> f64 {
+    let every = gucs::HEARTBEAT_INTERVAL_S.get().max(1) as f64;
+    3.0 * every + probe_timeout().as_secs_f64()
+}
+
 /// Every registered node (or one) as every role may see it: no conninfo, no error text. For the local
 /// node, status and last_seen are live (the supervisor's heartbeat) and replication is read now; for a
-/// peer they are what the last probe found.
+/// peer they are what the last probe found, and its status is `unknown` once no probe was recorded
+/// for three heartbeats (probing has stopped: a status that old is not shown as current).
 #[allow(clippy::type_complexity)]
 #[pg_extern]
 #[search_path(pg_catalog, pg_temp)]
@@ -171,14 +188,15 @@ fn node_status(
                    FROM steep_repl.nodes n WHERE $1::text IS NULL OR n.node_id = $1) \
                  SELECT node_id, name, \
                         CASE WHEN is_local THEN CASE WHEN $2 IS NULL THEN 'degraded' ELSE 'healthy' END \
-                             ELSE status END, \
+                             WHEN last_probe IS NULL OR last_probe < clock_timestamp() - make_interval(secs => $3) \
+                             THEN 'unknown' ELSE status END, \
                         seen, extract(epoch FROM clock_timestamp() - seen)::float8, \
                         rtt_ms, clock_offset_ms, server_version, extension_version, \
                         CASE WHEN is_local THEN steep_repl.replication_state() \
                              ELSE peer_health -> 'replication' END \
                  FROM n ORDER BY is_local DESC, priority DESC, node_id",
                 None,
-                &[node_id.into(), beat.map(|b| b as f64).into()],
+                &[node_id.into(), beat.map(|b| b as f64).into(), stale_after_s().into()],
             )? {
                 v.push((
                     row.get::<String>(1)?.unwrap_or_default(),
@@ -291,7 +309,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     DELETE FROM steep_repl.nodes n WHERE n.node_id = unregister_node.node_id;
-    RETURN FOUND;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM steep_repl.schema_fingerprints f WHERE f.node_id = unregister_node.node_id;
+    RETURN true;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION steep_repl.unregister_node(text) FROM PUBLIC;
@@ -299,5 +321,5 @@ REVOKE EXECUTE ON FUNCTION steep_repl.heartbeat(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl._check_node(text, text, boolean) FROM PUBLIC;
 "#,
     name = "node_registry",
-    requires = ["nodes", check_node, heartbeat]
+    requires = ["nodes", "schema_fingerprints", check_node, heartbeat]
 );

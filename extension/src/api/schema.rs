@@ -26,8 +26,8 @@ const PEER_READ_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) fn local_objects(schemas: Option<&[String]>, kinds: Option<&[&str]>) -> Vec<SchemaObject> {
     let schemas: Option<Vec<String>> = schemas.map(<[String]>::to_vec);
     let kinds: Option<Vec<String>> = kinds.map(|k| k.iter().map(|s| s.to_string()).collect());
-    // Tens of thousands of small catalog lookups: JIT compilation would cost more than it saves.
-    let mut v = crate::pg::session::with_settings(&[("jit", "off")], || {
+    // The same settings as on the peer (how constants print; no JIT for many small lookups).
+    let mut v = crate::pg::session::with_settings(schema::DEPARSE_SETTINGS, || {
         Spi::connect(|client| {
             let mut v = Vec::new();
             let sql = schema::fingerprint_sql(server_version_num());
@@ -106,13 +106,14 @@ fn peer_start<'c>(who: &str, conn: &'c Conn, schemas: Option<&[String]>) -> Pend
             &mut interrupt(),
         )
         .unwrap_or_else(|e| peer_failure(who, e));
-    let version: u32 = answer
-        .rows
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    conn.start(&schema::fingerprint_sql_for(version, schemas), peer_deadline())
+    let version =
+        answer.rows.first().and_then(|r| r.first().cloned().flatten()).and_then(|v| v.parse::<u32>().ok());
+    let Some(version) = version else {
+        peer_failure(who, PeerError::Statement("its server_version_num is not a number".into()))
+    };
+    // The same settings as here, so that constants in expressions print alike.
+    let sql = format!("{}{}", schema::deparse_settings_sql(), schema::fingerprint_sql_for(version, schemas));
+    conn.start(&sql, peer_deadline())
 }
 
 /// Connects to the peer.
@@ -150,29 +151,12 @@ fn peer_answer(who: &str, pending: Pending<'_>) -> Vec<SchemaObject> {
     v
 }
 
-/// One row per schema object of the user schemas (or of `schemas`), with its canonical definition
-/// and the SHA-256 of it: the same schema gives the same rows on any server of the same major version.
-#[allow(clippy::type_complexity)]
-#[pg_extern]
+/// The statement behind `schema_fingerprint()` for this server: the engine's catalog query, hashed and
+/// sorted in SQL, so the rows go straight from the executor to the caller.
+#[pg_extern(name = "_fingerprint_sql", stable, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
-fn schema_fingerprint(
-    schemas: default!(Option<Vec<String>>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(kind, String),
-        name!(schema_name, String),
-        name!(table_name, Option<String>),
-        name!(object_name, String),
-        name!(definition, String),
-        name!(fingerprint, String),
-    ),
-> {
-    let rows = local_objects(schemas.as_deref(), None);
-    TableIterator::new(rows.into_iter().map(|o| {
-        let f = schema::fingerprint(&o.definition);
-        (o.kind, o.schema, o.table, o.name, o.definition, f)
-    }))
+fn fingerprint_sql_text() -> String {
+    schema::fingerprint_listing_sql(server_version_num())
 }
 
 /// Stores the fingerprints of a node in `steep_repl.schema_fingerprints`, replacing its previous
@@ -250,9 +234,32 @@ fn compare_schema(
 
 extension_sql!(
     r#"
+-- One row per schema object of the user schemas (or of `schemas`), with its canonical definition and
+-- the SHA-256 of it: the same schema gives the same rows on any server of the same major version
+-- (steep_repl_engine::schema documents what each kind holds). One catalog query, under the settings
+-- of steep_repl_engine::schema::DEPARSE_SETTINGS (how constants print; no JIT for tens of thousands of
+-- small catalog lookups).
+CREATE FUNCTION steep_repl.schema_fingerprint(schemas text[] DEFAULT NULL)
+RETURNS TABLE (kind text, schema_name text, table_name text, object_name text, definition text,
+               fingerprint text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+SET "TimeZone" = 'UTC'
+SET "DateStyle" = 'ISO, YMD'
+SET "IntervalStyle" = 'postgres'
+SET extra_float_digits = 3
+SET bytea_output = 'hex'
+SET lc_monetary = 'C'
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE steep_repl._fingerprint_sql() USING schema_fingerprint.schemas, NULL::text[];
+END
+$$;
+
 REVOKE EXECUTE ON FUNCTION steep_repl.capture_fingerprints(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl.compare_schema(text, text[]) FROM PUBLIC;
 "#,
     name = "schema_rights",
-    requires = ["schema_fingerprints", capture_fingerprints, compare_schema]
+    requires = ["schema_fingerprints", capture_fingerprints, compare_schema, fingerprint_sql_text]
 );

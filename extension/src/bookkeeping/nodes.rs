@@ -78,14 +78,17 @@ pub fn beat_local(f: &LocalFacts<'_>) -> bool {
 /// Records the outcome of a probe of peer `node_id`: an answer sets its status and figures and clears
 /// its failures; a failure to reach it counts one more failure in a row and makes it `unreachable` at
 /// [`UNREACHABLE_AFTER`]; a peer that was reached but answered with an error is `degraded`.
-pub fn record_probe(node_id: &str, outcome: &Outcome) {
+/// `conninfo` is the one probed: a probe of an endpoint the node no longer has is not recorded.
+pub fn record_probe(node_id: &str, conninfo: &str, outcome: &Outcome) {
     let r = as_owner(|| match outcome {
         Outcome::Answered(a) => Spi::run_with_args(
             "UPDATE steep_repl.nodes SET status = $2, failures = 0, last_seen = pg_catalog.now(), \
-                 last_probe = pg_catalog.now(), rtt_ms = $3, clock_offset_ms = $4, server_version = $5, \
-                 system_identifier = $6, extension_version = $7, last_error = $8, \
-                 peer_health = $9::pg_catalog.jsonb \
-             WHERE node_id = $1 AND NOT is_local",
+                 last_probe = pg_catalog.now(), rtt_ms = COALESCE($3, rtt_ms), \
+                 clock_offset_ms = COALESCE($4, clock_offset_ms), server_version = COALESCE($5, server_version), \
+                 system_identifier = COALESCE($6, system_identifier), \
+                 extension_version = COALESCE($7, extension_version), last_error = $8, \
+                 peer_health = COALESCE($9::pg_catalog.jsonb, peer_health) \
+             WHERE node_id = $1 AND NOT is_local AND conninfo = $10",
             &[
                 node_id.into(),
                 a.status.into(),
@@ -96,14 +99,15 @@ pub fn record_probe(node_id: &str, outcome: &Outcome) {
                 a.extension_version.as_deref().into(),
                 a.error.as_deref().into(),
                 a.peer_health.as_deref().into(),
+                conninfo.into(),
             ],
         ),
         Outcome::Failed { error } => Spi::run_with_args(
             "UPDATE steep_repl.nodes SET failures = failures + 1, last_probe = pg_catalog.now(), \
                  last_error = $2, \
                  status = CASE WHEN failures + 1 >= $3 THEN 'unreachable' ELSE status END \
-             WHERE node_id = $1 AND NOT is_local",
-            &[node_id.into(), error.as_str().into(), UNREACHABLE_AFTER.into()],
+             WHERE node_id = $1 AND NOT is_local AND conninfo = $4",
+            &[node_id.into(), error.as_str().into(), UNREACHABLE_AFTER.into(), conninfo.into()],
         ),
         Outcome::Interrupted => Ok(()),
     });

@@ -21,11 +21,20 @@ pub extern "C-unwind" fn steep_repl_prober(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = arg.value() as u32;
     let shared = shmem::require();
+    // SIGTERM ends it wherever it waits (a row lock held by an open transaction, say): it has nothing
+    // to clean up, and shutdown must not wait for it.
+    pg::die_on_sigterm();
+    // Read before the registry: a node registered after this is seen by the next round, and keeps
+    // this prober from dropping the database's entry.
+    let seen = shared.node_watch(db);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
 
     // Who to probe; the local beat. An empty registry (or no steep_repl here) ends the probing.
     let peers = BackgroundWorker::transaction(|| {
         rights::pin_session();
+        // No wait on a row lock longer than a round.
+        let every = crate::gucs::HEARTBEAT_INTERVAL_S.get().max(1);
+        crate::pg::session::set("lock_timeout", &format!("{every}s"));
         let installed = Spi::get_one::<bool>(
             "SELECT true FROM pg_catalog.pg_extension e \
              WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'::pg_catalog.name",
@@ -50,7 +59,9 @@ pub extern "C-unwind" fn steep_repl_prober(arg: pg_sys::Datum) {
         )
     });
     let Some(peers) = peers else {
-        shared.unwatch_nodes(db);
+        if let Some(seen) = seen {
+            shared.unwatch_nodes(db, seen);
+        }
         return;
     };
     if peers.is_empty() {
@@ -68,8 +79,10 @@ pub extern "C-unwind" fn steep_repl_prober(arg: pg_sys::Datum) {
     }
     BackgroundWorker::transaction(|| {
         rights::pin_session();
-        for (node_id, outcome) in &outcomes {
-            book::record_probe(node_id, outcome);
+        let every = crate::gucs::HEARTBEAT_INTERVAL_S.get().max(1);
+        crate::pg::session::set("lock_timeout", &format!("{every}s"));
+        for ((node_id, outcome), (_, conninfo)) in outcomes.iter().zip(&peers) {
+            book::record_probe(node_id, conninfo, outcome);
         }
     });
 }

@@ -94,8 +94,7 @@ impl Probers {
         }
         let every_ms = crate::gucs::HEARTBEAT_INTERVAL_S.get().max(1) as u64 * 1000;
         let now = pg::now_ms();
-        let watched: Vec<u32> =
-            shared.node_databases.iter().map(|d| d.load(Ordering::Acquire)).filter(|&d| d != 0).collect();
+        let watched: Vec<u32> = shared.watched_node_databases().into_iter().map(|(db, _)| db).collect();
         self.last_round_ms.retain(|(db, _)| watched.contains(db));
         for db in watched {
             let last = self.last_round_ms.iter().find(|(d, _)| *d == db).map(|&(_, t)| t);
