@@ -141,6 +141,17 @@ pub fn server_info() -> Result<ServerInfo, String> {
     .map_err(|e| format!("reading server facts: {e}"))
 }
 
+/// Whether steep_repl is installed in the current database. Call inside a transaction.
+pub fn steep_repl_installed() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT true FROM pg_catalog.pg_extension e \
+         WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'::pg_catalog.name",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
 /// Oids of every database a job can have run in, read from the shared catalog `pg_database` (works in a
 /// process connected to no database): all but templates that refuse connections (template0). Call
 /// inside a transaction.

@@ -11,7 +11,7 @@ use pgrx::prelude::*;
 
 use crate::bookkeeping::nodes as book;
 use crate::peer::PeerError;
-use crate::pg::{self, rights};
+use crate::pg::{self, catalog, rights};
 use crate::shmem;
 
 /// Entry point of a prober. `arg` is the database oid.
@@ -35,13 +35,7 @@ pub extern "C-unwind" fn steep_repl_prober(arg: pg_sys::Datum) {
         // No wait on a row lock longer than a round.
         let every = crate::gucs::HEARTBEAT_INTERVAL_S.get().max(1);
         crate::pg::session::set("lock_timeout", &format!("{every}s"));
-        let installed = Spi::get_one::<bool>(
-            "SELECT true FROM pg_catalog.pg_extension e \
-             WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'::pg_catalog.name",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
+        let installed = catalog::steep_repl_installed();
         if !installed {
             return None;
         }

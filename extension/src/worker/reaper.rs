@@ -39,13 +39,7 @@ pub extern "C-unwind" fn steep_repl_reaper(arg: pg_sys::Datum) {
     let reaped = pg::xact::try_catch(|| {
         BackgroundWorker::transaction(|| {
             rights::pin_session();
-            let installed = Spi::get_one::<bool>(
-                "SELECT true FROM pg_catalog.pg_extension e \
-                 WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'::pg_catalog.name",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+            let installed = catalog::steep_repl_installed();
             if installed {
                 crate::job::reap_interrupted();
                 // After a server start, the supervisor learns here which databases hold a node registry.
