@@ -644,6 +644,21 @@ fn timeouts_and_read_only_defaults_of_the_role_do_not_break_a_job() {
     d.batch_execute("ALTER DATABASE role_settings_dst RESET ALL").unwrap();
 }
 
+/// Runs a `start_snapshot` statement, again while the only error is that no worker slot is free (one
+/// held by the supervisor's reaper right after a start, or by a leader still exiting), for 10 s at most.
+fn start_once_a_slot_is_free(c: &mut postgres::Client, sql: &str) -> String {
+    for _ in 0..100 {
+        match c.query_one(sql, &[]) {
+            Ok(r) => return r.get(0),
+            Err(e) if db_message(&e).contains("no background worker slot") => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{sql}: {}", db_message(&e)),
+        }
+    }
+    panic!("{sql}: no worker slot became free in 10 s");
+}
+
 #[test]
 fn server_limits_name_the_setting_to_raise_and_a_value() {
     let cluster = dedicated_with(
@@ -659,12 +674,15 @@ fn server_limits_name_the_setting_to_raise_and_a_value() {
     .unwrap();
 
     // Worker slots: the logical replication launcher and the supervisor take two of the three, a
-    // running job's leader the last one.
-    let held = start_snapshot(
+    // running job's leader the last one. Right after the server starts, the supervisor's reaper
+    // holds the third for a moment: wait for it to go.
+    c.batch_execute("SET steep_repl.chunk_pause = '10s'").unwrap();
+    let held = start_once_a_slot_is_free(
         &mut c,
-        &["SET steep_repl.chunk_pause = '10s'"],
-        &snapshot_path("limits_held"),
-        ", tables => ARRAY['small']",
+        &format!(
+            "SELECT steep_repl.start_snapshot('{}', tables => ARRAY['small'])",
+            snapshot_path("limits_held").display()
+        ),
     );
     wait_for_phase(&mut c, &held, &["data"]);
     let e = sql_err(
@@ -687,11 +705,14 @@ fn server_limits_name_the_setting_to_raise_and_a_value() {
     c.batch_execute("RESET steep_repl.chunk_pause").unwrap();
 
     // Chunk slots: 36 MB in 64 kB chunks is more than 1024.
-    let id = start_snapshot(
+    // The cancelled leader's process may still be exiting.
+    c.batch_execute("SET steep_repl.chunk_size = '64kB'").unwrap();
+    let id = start_once_a_slot_is_free(
         &mut c,
-        &["SET steep_repl.chunk_size = '64kB'"],
-        &snapshot_path("limits_chunks"),
-        ", tables => ARRAY['big']",
+        &format!(
+            "SELECT steep_repl.start_snapshot('{}', tables => ARRAY['big'])",
+            snapshot_path("limits_chunks").display()
+        ),
     );
     let (status, error) = wait_for(&mut c, &id, 60);
     assert_eq!(status, "failed");
