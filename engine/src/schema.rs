@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 /// The objects of the user schemas, one row each: `kind, schema_name, table_name, object_name,
 /// definition`, then `column_type` (`format_type` of a column, NULL for other kinds) and `generated`
-/// (a generated column), in no particular order ([`sort`]; [`fingerprint`] hashes a definition). Run it
+/// (a generated column), in no particular order ([`fingerprint`] hashes a definition). Run it
 /// with JIT off (it is tens of thousands of small catalog lookups that JIT compilation only slows) and
 /// with [`DEPARSE_SETTINGS`], which fix how the constants inside expressions print.
 ///
@@ -211,7 +211,7 @@ pub fn fingerprint_sql(server_version_num: u32) -> String {
 }
 
 /// The listing `schema_fingerprint()` returns: [`fingerprint_sql`]'s rows with the SHA-256 of each
-/// definition (as [`fingerprint`] computes it, for a UTF-8 database), sorted as [`sort`] sorts.
+/// definition (as [`fingerprint`] computes it, for a UTF-8 database), sorted by bytes (kind, schema, table with none first, name) as [`compare`] orders its rows.
 pub fn fingerprint_listing_sql(server_version_num: u32) -> String {
     format!(
         "SELECT o.kind, o.schema_name, o.table_name, o.object_name, o.definition, \
@@ -260,14 +260,6 @@ pub fn fingerprint(definition: &str) -> String {
         hex.push_str(&format!("{b:02x}"));
     }
     hex
-}
-
-/// Sorts objects in the order schema_fingerprint shows them: kind, schema, table (none first), name,
-/// by bytes (the same on every server, whatever its collation; the query leaves sorting to us).
-pub fn sort(objects: &mut [SchemaObject]) {
-    objects.sort_by(|a, b| {
-        (&a.kind, &a.schema, &a.table, &a.name).cmp(&(&b.kind, &b.schema, &b.table, &b.name))
-    });
 }
 
 /// One schema object as [`fingerprint_sql`] reads it.

@@ -21,13 +21,13 @@ use crate::peer::{Conn, PeerError, Pending};
 /// takes seconds); `steep_repl.peer_timeout` when larger.
 const PEER_READ_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// This database's schema objects (of `schemas`, of `kinds`; None: all), sorted. The apply's target
+/// This database's schema objects (of `schemas`, of `kinds`; None: all), in no particular order. The apply's target
 /// check reads the target through this too (`crate::api::apply`).
 pub(crate) fn local_objects(schemas: Option<&[String]>, kinds: Option<&[&str]>) -> Vec<SchemaObject> {
     let schemas: Option<Vec<String>> = schemas.map(<[String]>::to_vec);
     let kinds: Option<Vec<String>> = kinds.map(|k| k.iter().map(|s| s.to_string()).collect());
     // The same settings as on the peer (how constants print; no JIT for many small lookups).
-    let mut v = crate::pg::session::with_settings(schema::DEPARSE_SETTINGS, || {
+    crate::pg::session::with_settings(schema::DEPARSE_SETTINGS, || {
         Spi::connect(|client| {
             let mut v = Vec::new();
             let sql = schema::fingerprint_sql(server_version_num());
@@ -45,9 +45,7 @@ pub(crate) fn local_objects(schemas: Option<&[String]>, kinds: Option<&[&str]>) 
             Ok::<_, pgrx::spi::Error>(v)
         })
     })
-    .unwrap_or_else(|e| error!("reading the schema's catalogs: {e}"));
-    schema::sort(&mut v);
-    v
+    .unwrap_or_else(|e| error!("reading the schema's catalogs: {e}"))
 }
 
 /// This server's `server_version_num`.
@@ -127,11 +125,10 @@ fn peer_deadline() -> Instant {
     Instant::now() + Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64).max(PEER_READ_TIMEOUT)
 }
 
-/// The peer's objects from its answer to the fingerprint query, sorted.
+/// The peer's objects from its answer to the fingerprint query, in no particular order.
 fn peer_answer(who: &str, pending: Pending<'_>) -> Vec<SchemaObject> {
     let rows = pending.finish(&mut interrupt()).unwrap_or_else(|e| peer_failure(who, e));
-    let mut v: Vec<SchemaObject> = rows
-        .rows
+    rows.rows
         .into_iter()
         .map(|r| {
             let mut it = r.into_iter();
@@ -146,9 +143,7 @@ fn peer_answer(who: &str, pending: Pending<'_>) -> Vec<SchemaObject> {
                 generated: next().as_deref() == Some("t"),
             }
         })
-        .collect();
-    schema::sort(&mut v);
-    v
+        .collect()
 }
 
 /// The statement behind `schema_fingerprint()` for this server: the engine's catalog query, hashed and

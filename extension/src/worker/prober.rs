@@ -71,10 +71,8 @@ pub extern "C-unwind" fn steep_repl_prober(arg: pg_sys::Datum) {
     if outcomes.iter().any(|(_, o)| matches!(o, crate::nodes::Outcome::Interrupted)) {
         return;
     }
+    // The session's settings pinned in the first transaction still hold.
     BackgroundWorker::transaction(|| {
-        rights::pin_session();
-        let every = crate::gucs::HEARTBEAT_INTERVAL_S.get().max(1);
-        crate::pg::session::set("lock_timeout", &format!("{every}s"));
         for ((node_id, outcome), (_, conninfo)) in outcomes.iter().zip(&peers) {
             book::record_probe(node_id, conninfo, outcome);
         }
