@@ -170,12 +170,18 @@ fn a_peer_that_never_answers_stalls_nothing() {
     // A heartbeat on demand ends by the timeout, saying the peer did not answer; a cancel ends it sooner.
     let start = Instant::now();
     assert!(!ca.query_one("SELECT steep_repl.heartbeat('silent')", &[]).unwrap().get::<_, bool>(0));
-    assert!(start.elapsed() < Duration::from_secs(4), "heartbeat took {:?}", start.elapsed());
-    ca.batch_execute("SET statement_timeout = 300").unwrap();
+    // Bounds far from the expected times (2 s, 0.3 s), so that a loaded machine does not fail them,
+    // and far below a hang.
+    assert!(start.elapsed() < Duration::from_secs(15), "heartbeat took {:?}", start.elapsed());
+    ca.batch_execute("SET steep_repl.peer_timeout = 60; SET statement_timeout = 300").unwrap();
     let start = Instant::now();
     let e = err(&mut ca, "SELECT steep_repl.heartbeat('silent')");
     assert!(e.contains("statement timeout"), "{e}");
-    assert!(start.elapsed() < Duration::from_millis(1500), "cancel took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "cancel took {:?} (the peer timeout is 60 s)",
+        start.elapsed()
+    );
     // The server still shuts down promptly with a silent peer registered.
     let start = Instant::now();
     a.stop();
