@@ -72,6 +72,7 @@ pub fn write_snapshot(dir: &Path, chunks: &[&[u8]], compression: Compression) ->
             lsn: "0/0".into(),
             exported_snapshot: "bench".into(),
             replication_slot: None,
+            plugin: None,
         },
         settings: Default::default(),
         compression,

@@ -65,6 +65,7 @@
 //!     snapshot: SnapshotInfo {
 //!         lsn: "0/3000148".into(), exported_snapshot: "00000003-0000001B-1".into(),
 //!         replication_slot: None,
+//!         plugin: None,
 //!     },
 //!     settings: Default::default(),
 //!     compression,

@@ -20,7 +20,8 @@
 //!   "snapshot": {
 //!     "lsn": "0/3000148",                      // WAL position the snapshot corresponds to
 //!     "exported_snapshot": "00000003-0000001B-1", // pg_export_snapshot() name all workers used
-//!     "replication_slot": "steep_slot"         // slot created with the snapshot, or null
+//!     "replication_slot": "steep_slot",        // slot created with the snapshot, or null
+//!     "plugin": "pgoutput"                     // that slot's output plugin, or null
 //!   },
 //!   "settings": { "DateStyle": "ISO", "TimeZone": "UTC", … }, // session settings COPY ran under
 //!   "compression": "zstd:1",                   // "none" or "zstd:N"
@@ -158,9 +159,14 @@ pub struct SnapshotInfo {
     pub lsn: String,
     /// Name of the exported snapshot every worker imported.
     pub exported_snapshot: String,
-    /// Replication slot created with the snapshot, if one was.
+    /// Replication slot created with the snapshot, if one was. Then `lsn` is that slot's consistent
+    /// point (its `confirmed_flush_lsn` at creation): the data holds exactly the transactions committed
+    /// before it, and the slot streams exactly those committed after it.
     #[serde(default)]
     pub replication_slot: Option<String>,
+    /// The slot's output plugin (`pgoutput`), when there is a slot.
+    #[serde(default)]
+    pub plugin: Option<String>,
 }
 
 /// Worker counts.
@@ -727,6 +733,7 @@ pub(crate) mod tests {
                 lsn: "0/3000148".into(),
                 exported_snapshot: "00000003-0000001B-1".into(),
                 replication_slot: None,
+                plugin: None,
             },
             settings: [("DateStyle", "ISO"), ("TimeZone", "UTC")]
                 .into_iter()

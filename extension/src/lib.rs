@@ -36,6 +36,7 @@ pub mod worker;
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 pgrx::extension_sql_file!("../sql/nodes.sql", name = "nodes", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/subscriptions.sql", name = "subscriptions", requires = ["schema"]);
 pgrx::extension_sql_file!(
     "../sql/schema_fingerprints.sql",
     name = "schema_fingerprints",

@@ -248,6 +248,8 @@ pub enum Phase {
     Truncate = 9,
     Analyze = 10,
     Applied = 11,
+    /// Generate with a slot: creating it, waiting for the transactions running when it started.
+    Slot = 12,
 }
 
 impl Phase {
@@ -264,6 +266,7 @@ impl Phase {
             9 => Phase::Truncate,
             10 => Phase::Analyze,
             11 => Phase::Applied,
+            12 => Phase::Slot,
             _ => Phase::Queued,
         }
     }
@@ -282,6 +285,7 @@ impl Phase {
             Phase::Truncate => "truncate",
             Phase::Analyze => "analyze",
             Phase::Applied => "applied",
+            Phase::Slot => "slot",
         }
     }
 
@@ -328,6 +332,8 @@ pub struct JobSlot {
     pub snapshot_name: ShmemStr<64>,
     /// Snapshot the data workers import; set by the leader when chunks are published.
     pub export_name: ShmemStr<64>,
+    /// Generate: the logical replication slot to create and read at (empty = none).
+    pub slot_name: ShmemStr<64>,
     /// The caller's TimeZone, pinned in every worker.
     pub timezone: ShmemStr<64>,
     /// Apply: SHA-256 (hex) of the manifest the job was started on; every process that reads the
@@ -832,6 +838,7 @@ impl JobSlot {
             &self.path,
             &self.snapshot_name,
             &self.export_name,
+            &self.slot_name,
             &self.timezone,
             &self.manifest_sha256,
             &self.id,

@@ -511,7 +511,7 @@ async fn generate(
             database: info.database,
             system_identifier: info.system_identifier,
         },
-        snapshot: SnapshotInfo { lsn, exported_snapshot: exported, replication_slot: None },
+        snapshot: SnapshotInfo { lsn, exported_snapshot: exported, replication_slot: None, plugin: None },
         settings,
         compression: job.compression,
         parallel: Parallelism { requested: job.parallel, used: used.max(1) as u32 },

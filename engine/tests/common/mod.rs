@@ -54,6 +54,7 @@ pub fn build_snapshot(dir: &Path, compression: Compression, tables: &[TableSpec<
             lsn: "0/1".into(),
             exported_snapshot: "00000003-00000002-1".into(),
             replication_slot: Some("slot".into()),
+            plugin: Some("pgoutput".into()),
         },
         settings: Default::default(),
         compression,

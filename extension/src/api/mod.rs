@@ -8,6 +8,7 @@ pub mod apply;
 pub mod health;
 pub mod nodes;
 pub mod progress;
+pub mod replica;
 pub mod schema;
 pub mod snapshot;
 

@@ -28,12 +28,15 @@ type ProgressRow = (
     Vec<i32>,
     Vec<String>,
     Option<String>,
+    Vec<i32>,
 );
 
 /// Live progress of one operation (`id`) or of all running ones (`id` NULL), read from shared memory
 /// without touching any table. For an id that is no longer running, its last persisted figures.
 /// `worker_pids` lists the leader first, then the data workers running now; `current_tables` the tables
-/// those workers are reading (generate) or loading (apply) at this moment.
+/// those workers are reading (generate) or loading (apply) at this moment; `waiting_for` the processes
+/// the leader waits for (in phase `slot`: the transactions that were running when the slot's creation
+/// began, which it must outlive).
 /// Needs the library preloaded.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
@@ -61,6 +64,7 @@ fn snapshot_progress(
         name!(worker_pids, Vec<i32>),
         name!(current_tables, Vec<String>),
         name!(error, Option<String>),
+        name!(waiting_for, Vec<i32>),
     ),
 > {
     let shared = shmem::require();
@@ -104,6 +108,14 @@ fn snapshot_progress(
             JobKind::Generate => "generate",
             JobKind::Apply => "apply",
         };
+        let waiting_for = if leader > 0 && job.phase() == shmem::Phase::Slot {
+            Spi::get_one_with_args::<Vec<i32>>("SELECT pg_catalog.pg_blocking_pids($1)", &[leader.into()])
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         rows.push((
             job_id,
             op.into(),
@@ -128,6 +140,7 @@ fn snapshot_progress(
             } else {
                 job.error_message()
             },
+            waiting_for,
         ));
     }
     if let (Some(want), true) = (id.as_deref(), rows.is_empty()) {
@@ -164,6 +177,7 @@ fn snapshot_progress(
                 Vec::new(),
                 Vec::new(),
                 r.get::<String>(14)?,
+                Vec::new(),
             )))
         })
         .unwrap_or_else(|e| error!("reading operation {want}: {e}"));

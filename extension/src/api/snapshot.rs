@@ -65,7 +65,10 @@ fn prepare_output_dir(path: &str) -> bool {
 /// `parallel`: data workers (1..64; fewer when the server has fewer free worker slots; the manifest
 /// records both). `compression`: `zstd`, `zstd:N` (1..22) or `none`. `tables`: patterns like pg_dump -t
 /// (`schema.table`, `*`, `?`, double quotes); NULL for every user table. `snapshot`: an already exported
-/// snapshot to read under (e.g. a replication slot's), instead of a new one.
+/// snapshot to read under, instead of a new one. `slot`: create this permanent logical replication
+/// slot (plugin `pgoutput`) and read every chunk at its consistent point, so the data is exactly the
+/// state at the LSN the manifest records and the slot streams everything committed after it (PRODUCT.md
+/// §7); needs superuser or REPLICATION and `wal_level = logical`. A failed or cancelled job drops it.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn start_snapshot(
@@ -74,6 +77,7 @@ fn start_snapshot(
     compression: default!(&str, "'zstd:1'"),
     tables: default!(Option<Vec<String>>, "NULL"),
     snapshot: default!(Option<&str>, "NULL"),
+    slot: default!(Option<&str>, "NULL"),
 ) -> String {
     let shared = shmem::require();
     job::reap_interrupted();
@@ -141,6 +145,24 @@ fn start_snapshot(
             None,
         );
     }
+    let slot_name = slot.map(str::trim).filter(|s| !s.is_empty());
+    if let Some(name) = slot_name {
+        if snapshot.is_some() {
+            user_error(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "snapshot and slot cannot be given together: a slot's data is read at the slot's own snapshot".into(),
+                None,
+            );
+        }
+        let problems = crate::pg::slot::check_requirements(name);
+        if !problems.is_empty() {
+            user_error(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot create replication slot {name:?}: {}", problems.join("; ")),
+                None,
+            );
+        }
+    }
     let timezone = Spi::get_one::<String>("SELECT pg_catalog.current_setting('TimeZone')")
         .ok()
         .flatten()
@@ -169,6 +191,7 @@ fn start_snapshot(
         user_error(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, "output_path or TimeZone is too long".into(), None);
     }
     let _checked_above = job.snapshot_name.set(snapshot.unwrap_or(""));
+    let _checked_above = job.slot_name.set(slot_name.unwrap_or(""));
     job.zstd_level.store(
         match compression {
             Compression::None => 0,
@@ -185,6 +208,7 @@ fn start_snapshot(
     let options = serde_json::json!({
         "tables": patterns_text,
         "snapshot": snapshot,
+        "slot": slot_name,
         "chunk_size_bytes": job.chunk_bytes.load(Ordering::Relaxed),
         "timezone": timezone,
     })

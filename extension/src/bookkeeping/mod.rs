@@ -13,6 +13,7 @@
 //! The node registry's statements (`nodes`, extension/sql/nodes.sql) are in [`nodes`].
 
 pub mod nodes;
+pub mod replica;
 
 use std::sync::atomic::Ordering;
 

@@ -6,6 +6,7 @@ pub mod copy_from;
 pub mod rights;
 pub mod scan;
 pub mod session;
+pub mod slot;
 pub mod wal;
 pub mod xact;
 

@@ -122,6 +122,12 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         Ok((patterns, prelisted, catalog::server_info()?))
     })?;
 
+    let slot_name = job.slot_name.get();
+    if !slot_name.is_empty() {
+        // Said (and committed, NOTIFY being transactional) before the wait slot creation may begin.
+        job.set_phase(Phase::Slot);
+        BackgroundWorker::transaction(|| progress::notify(job));
+    }
     xact::begin_repeatable_read(true);
     let given = job.snapshot_name.get();
     if !given.is_empty() {
@@ -131,6 +137,13 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     laps.lap("listed the tables");
     lock_tables(&prelisted_oids, prelisted_oids.len())?;
     laps.lap("locked them");
+    // With a slot, the transaction's snapshot is the slot's initial one (taken after the locks, as a
+    // new one would be), and the manifest's LSN is the slot's consistent point.
+    let slot_lsn = (!slot_name.is_empty()).then(|| pg::slot::create_with_snapshot(&slot_name));
+    if slot_lsn.is_some() {
+        laps.lap("created the replication slot");
+        job.set_phase(Phase::Plan);
+    }
     // Taking the transaction snapshot now, after the locks; tables created since the pre-list get
     // locked at once. SPI queries below run under this snapshot.
     xact::push_transaction_snapshot();
@@ -138,9 +151,12 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let prelisted_set: HashSet<u32> = prelisted_oids.iter().copied().collect();
     let new_oids: Vec<u32> = tables.iter().map(|t| t.oid).filter(|o| !prelisted_set.contains(o)).collect();
     lock_tables(&new_oids, prelisted_oids.len() + new_oids.len())?;
-    let lsn = Spi::get_one::<String>(steep_repl_engine::catalog::LSN_SQL)
-        .map_err(|e| format!("reading the WAL position: {e}"))?
-        .unwrap_or_default();
+    let lsn = match slot_lsn {
+        Some(lsn) => lsn,
+        None => Spi::get_one::<String>(steep_repl_engine::catalog::LSN_SQL)
+            .map_err(|e| format!("reading the WAL position: {e}"))?
+            .unwrap_or_default(),
+    };
     let exported = Spi::get_one::<String>("SELECT pg_catalog.pg_export_snapshot()")
         .map_err(|e| format!("exporting the snapshot: {e}"))?
         .unwrap_or_default();
@@ -253,14 +269,31 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     job.set_phase(Phase::Finalizing);
     progress::publish_if_due(job, true);
     laps.lap("sequences");
-    let manifest =
-        build_manifest(shared, slot, &plan, &metas, sequences, &server, &lsn, &exported, compression);
+    let slot_name = (!slot_name.is_empty()).then_some(slot_name);
+    let manifest = build_manifest(
+        shared,
+        slot,
+        &plan,
+        &metas,
+        sequences,
+        &server,
+        SnapshotInfo {
+            lsn,
+            exported_snapshot: exported,
+            plugin: slot_name.as_ref().map(|_| pg::slot::PLUGIN.to_string()),
+            replication_slot: slot_name,
+        },
+        compression,
+    );
     laps.lap("built the manifest");
     // Small chunks were renamed without fsync (Durability::DeferSmall): make them all durable at once,
     // before the manifest says the snapshot is complete.
     fs_sync.sync().map_err(|e| e.to_string())?;
     laps.lap("synced the files");
     stopped(job)?;
+    // A slot becomes permanent before the manifest names it; any failure from here on drops it
+    // (remove_output).
+    pg::slot::persist_held();
     manifest.write_atomic(&out_dir).map_err(|e| e.to_string())?;
     laps.lap("wrote the manifest");
     // A cancel that came while the manifest was written still wins: the job ends cancelled, and a
@@ -459,8 +492,7 @@ fn build_manifest(
     metas: &[&TableMeta],
     sequences: Vec<SequenceEntry>,
     server: &catalog::ServerInfo,
-    lsn: &str,
-    exported: &str,
+    snapshot: SnapshotInfo,
     compression: Compression,
 ) -> Manifest {
     let job = &shared.jobs[slot];
@@ -504,11 +536,7 @@ fn build_manifest(
             database: server.database.clone(),
             system_identifier: server.system_identifier.clone(),
         },
-        snapshot: SnapshotInfo {
-            lsn: lsn.to_string(),
-            exported_snapshot: exported.to_string(),
-            replication_slot: None,
-        },
+        snapshot,
         settings,
         compression,
         parallel: Parallelism {
@@ -543,11 +571,15 @@ const ENDING: job::Ending = job::Ending {
 
 fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), JobError>) {
     job::finish(shared, slot, outcome, &ENDING);
+    // A completed job's slot was persisted and is kept for the subscriber; a failed one's was dropped
+    // by remove_output (and an ephemeral one would go here).
+    pg::slot::release_held();
 }
 
-/// Removes what a failed or cancelled job wrote: the manifest (if any), `data/`, leftover temp files,
-/// and the directory itself if start_snapshot created it.
+/// Removes what a failed or cancelled job wrote: its replication slot, the manifest (if any), `data/`,
+/// leftover temp files, and the directory itself if start_snapshot created it.
 fn remove_output(job: &JobSlot) {
+    pg::slot::drop_held();
     let path = job.path.get();
     let dir = Path::new(&path);
     if dir.as_os_str().is_empty() {
