@@ -58,6 +58,96 @@ pub enum Command {
     /// Schema fingerprints: capture them, compare this server's schema with a peer's.
     #[command(subcommand)]
     Schema(SchemaCommand),
+    /// Start a logical replica from a snapshot with an exact LSN hand-off, and watch it.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+}
+
+/// `steep-repl replica ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Publication, snapshot with a slot, apply, subscription at the slot's LSN, catch-up: one command.
+    #[command(after_help = REPLICA_INIT_HELP)]
+    Init(ReplicaInitArgs),
+    /// Subscriptions of the target: state, received and applied LSN, lag.
+    #[command(after_help = "Example:\n  steep-repl replica status --target \"host=replica dbname=app\"")]
+    Status(ReplicaStatusArgs),
+    /// Copy the source's sequence values to the target (logical replication carries none): at switchover,
+    /// once writes on the source have stopped and the subscription has caught up.
+    #[command(
+        after_help = "Example:\n  steep-repl replica sync-sequences --source \"host=src dbname=app\" --target \"host=replica dbname=app\""
+    )]
+    SyncSequences(ReplicaSyncArgs),
+}
+
+/// `replica sync-sequences`.
+#[derive(Debug, Args)]
+pub struct ReplicaSyncArgs {
+    /// The source (publisher): conninfo or URI.
+    #[arg(long, value_name = "CONNINFO")]
+    pub source: String,
+    /// The target (subscriber): conninfo or URI.
+    #[arg(long, value_name = "CONNINFO")]
+    pub target: String,
+    /// Only the sequences of tables matching this pattern, and sequences it matches (repeatable).
+    #[arg(short = 't', long = "table", value_name = "PATTERN", value_parser = parse_pattern)]
+    pub tables: Vec<TablePattern>,
+}
+
+const REPLICA_INIT_HELP: &str = "\
+Examples:
+  steep-repl replica init --source \"host=src dbname=app\" --target \"host=replica dbname=app\" \\
+      --dir /shared/snap --parallel 8
+  steep-repl replica init --source ... --target ... --dir /shared/snap --table 'sales.*' --json
+
+Steps: preflight of both servers (every problem listed at once), publication on the source (FOR ALL
+TABLES, or the selected tables), snapshot with a logical slot, apply on the target, subscription at the
+slot's LSN, wait for catch-up. DIR is a path both servers see (shared storage). Running the same
+command again after a failure or Ctrl-C continues from the last completed step: a finished apply is
+never repeated and no second slot is created.";
+
+/// `replica init`.
+#[derive(Debug, Args)]
+pub struct ReplicaInitArgs {
+    /// The source (publisher): conninfo or URI.
+    #[arg(long, value_name = "CONNINFO")]
+    pub source: String,
+    /// The target (subscriber): conninfo or URI.
+    #[arg(long, value_name = "CONNINFO")]
+    pub target: String,
+    /// Snapshot directory, a path both servers see.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Workers for the snapshot and the apply, 1 to 64.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    /// Publication on the source (created when missing).
+    #[arg(long, default_value = "steep_repl_pub", value_name = "NAME")]
+    pub publication: String,
+    /// Subscription on the target; also the name of the replication slot on the source.
+    #[arg(long, default_value = "steep_repl_sub", value_name = "NAME")]
+    pub subscription: String,
+    /// The conninfo the target server uses to reach the source (default: --source without password).
+    #[arg(long, value_name = "CONNINFO")]
+    pub publisher_conninfo: Option<String>,
+    /// Only tables matching this pattern, pg_dump -t style (repeatable).
+    #[arg(short = 't', long = "table", value_name = "PATTERN", value_parser = parse_pattern)]
+    pub tables: Vec<TablePattern>,
+    #[command(flatten)]
+    pub mode: ModeArgs,
+    /// Return once the subscription is enabled, without waiting for catch-up.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// `replica status`.
+#[derive(Debug, Args)]
+pub struct ReplicaStatusArgs {
+    /// The target (subscriber): conninfo or URI.
+    #[arg(long, value_name = "CONNINFO")]
+    pub target: String,
 }
 
 /// `steep-repl schema ...`: runs in the server (`-d`), which reads the peer's catalogs itself.

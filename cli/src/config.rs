@@ -7,7 +7,7 @@ use std::time::Duration;
 use steep_repl_engine::chunk::Compression;
 use steep_repl_engine::filter::TablePattern;
 
-use crate::args::{Cli, Command, NodeCommand, SchemaCommand, SnapshotCommand};
+use crate::args::{Cli, Command, NodeCommand, ReplicaCommand, SchemaCommand, SnapshotCommand};
 use crate::conn::ConnSpec;
 use crate::error::CliError;
 use crate::mode::ModeChoice;
@@ -43,6 +43,23 @@ pub struct ApplyConfig {
     pub timeout: Option<Duration>,
 }
 
+/// `replica init`.
+#[derive(Debug, Clone)]
+pub struct ReplicaInitConfig {
+    pub source: ConnSpec,
+    pub target: ConnSpec,
+    pub dir: PathBuf,
+    pub parallel: u32,
+    pub publication: String,
+    pub subscription: String,
+    /// What the target server connects to the source with.
+    pub publisher_conninfo: String,
+    pub patterns: Vec<TablePattern>,
+    pub mode: ModeChoice,
+    pub wait: bool,
+    pub timeout: Option<Duration>,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -56,6 +73,9 @@ pub enum Action {
     Inspect { dir: PathBuf },
     Node { conn: ConnSpec, action: NodeAction },
     Schema { conn: ConnSpec, action: SchemaAction },
+    ReplicaInit(ReplicaInitConfig),
+    ReplicaStatus { target: ConnSpec },
+    ReplicaSyncSequences { source: ConnSpec, target: ConnSpec, patterns: Vec<TablePattern> },
 }
 
 /// `schema ...`.
@@ -88,7 +108,13 @@ impl Config {
     /// True for commands whose `--json` output is a stream of `{"event": ...}` lines (generate,
     /// apply, progress --follow); their last line always tells how they ended.
     pub fn streams_events(&self) -> bool {
-        matches!(self.action, Action::Generate(_) | Action::Apply(_) | Action::Progress { follow: true, .. })
+        matches!(
+            self.action,
+            Action::Generate(_)
+                | Action::Apply(_)
+                | Action::Progress { follow: true, .. }
+                | Action::ReplicaInit(_)
+        )
     }
 
     /// Builds the configuration; `env` looks up PG* variables (the process environment in `main`).
@@ -148,6 +174,44 @@ impl Config {
                     NodeCommand::Heartbeat(h) => NodeAction::Heartbeat { id: h.id },
                 },
             },
+            Command::Replica(ReplicaCommand::Init(r)) => {
+                let source = ConnSpec::resolve(Some(&r.source), &env)?;
+                let target = ConnSpec::resolve(Some(&r.target), &env)?;
+                for (what, name) in [("--publication", &r.publication), ("--subscription", &r.subscription)] {
+                    if name.is_empty() || name.len() > 63 {
+                        return Err(CliError::Usage(format!("{what} must be 1 to 63 bytes long")));
+                    }
+                }
+                // The subscription's name is also the slot's, which PostgreSQL restricts.
+                if !r.subscription.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    return Err(CliError::Usage(format!(
+                        "--subscription {:?} names the replication slot too: lower-case letters, digits and underscores only",
+                        r.subscription
+                    )));
+                }
+                Action::ReplicaInit(ReplicaInitConfig {
+                    publisher_conninfo: r.publisher_conninfo.unwrap_or_else(|| source.public_conninfo()),
+                    source,
+                    target,
+                    dir: r.dir,
+                    parallel: r.parallel,
+                    publication: r.publication,
+                    subscription: r.subscription,
+                    patterns: r.tables,
+                    mode: r.mode.into(),
+                    wait: !r.no_wait,
+                    timeout: seconds(r.wait.timeout),
+                })
+            }
+            Command::Replica(ReplicaCommand::SyncSequences(r)) => Action::ReplicaSyncSequences {
+                source: ConnSpec::resolve(Some(&r.source), &env)?,
+                target: ConnSpec::resolve(Some(&r.target), &env)?,
+                patterns: r.tables,
+            },
+            Command::Replica(ReplicaCommand::Status(r)) => {
+                Action::ReplicaStatus { target: ConnSpec::resolve(Some(&r.target), &env)? }
+            }
             Command::Schema(sc) => Action::Schema {
                 conn: conn()?,
                 action: match sc {

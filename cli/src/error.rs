@@ -50,6 +50,10 @@ pub enum CliError {
     /// The target database's tables do not match the snapshot; every problem is listed.
     #[error("the target schema does not match the snapshot ({} problem(s)):{}", .problems.len(), Lines(.problems))]
     SchemaMismatch { problems: Vec<String> },
+    /// `replica init`'s preflight found problems (every one is listed); nothing was changed. Exit 3 when
+    /// they are all schema problems of the target, else 1.
+    #[error("replica preflight failed ({} problem(s)), nothing was changed:{}", .problems.len(), Lines(.problems))]
+    Preflight { problems: Vec<String>, schema_only: bool },
     /// Two nodes' schemas differ (`schema compare`, `schema diff`); the differences were printed.
     #[error("the schema differs from {peer}'s in {count} object(s)")]
     SchemaDiffers { peer: String, count: usize },
@@ -102,6 +106,8 @@ impl CliError {
             CliError::Query { source, .. } if sqlstate(source) == Some("57014") => EXIT_TIMEOUT,
             CliError::Usage(_) => EXIT_USAGE,
             CliError::SchemaMismatch { .. } | CliError::SchemaDiffers { .. } => EXIT_SCHEMA_MISMATCH,
+            CliError::Preflight { schema_only: true, .. } => EXIT_SCHEMA_MISMATCH,
+            CliError::Preflight { .. } => EXIT_ERROR,
             CliError::VerifyFailed { .. } => EXIT_VERIFY_FAILED,
             CliError::JobFailed { error, .. } if error.starts_with(VERIFICATION_FAILED_PREFIX) => {
                 EXIT_VERIFY_FAILED

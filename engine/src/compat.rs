@@ -158,21 +158,54 @@ pub fn check_target(
     tables: &[TargetTable],
     sequences: &[QualifiedName],
 ) -> Vec<Mismatch> {
+    let wanted: Vec<TargetTable> = manifest
+        .tables
+        .iter()
+        .map(|t| TargetTable {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            columns: t
+                .columns
+                .iter()
+                .map(|c| TargetColumn {
+                    name: c.name.clone(),
+                    type_name: c.type_name.clone(),
+                    generated: false,
+                })
+                .collect(),
+        })
+        .collect();
+    let wanted_sequences: Vec<QualifiedName> =
+        manifest.sequences.iter().map(|s| QualifiedName::new(s.schema.clone(), s.name.clone())).collect();
+    check_tables(&wanted, &wanted_sequences, tables, sequences)
+}
+
+/// Every problem that keeps the source tables `wanted` (their generated columns set aside: COPY
+/// leaves them out) and sequences `wanted_sequences` from loading into the target's `tables` and
+/// `sequences`: what [`check_target`] checks for a snapshot, and `replica init` for a source read with
+/// the same catalog query before any snapshot exists. Empty: compatible.
+pub fn check_tables(
+    wanted: &[TargetTable],
+    wanted_sequences: &[QualifiedName],
+    tables: &[TargetTable],
+    sequences: &[QualifiedName],
+) -> Vec<Mismatch> {
     let mut problems = Vec::new();
     let by_name: std::collections::HashMap<(&str, &str), &TargetTable> =
         tables.iter().map(|x| ((x.schema.as_str(), x.name.as_str()), x)).collect();
     let sequences: std::collections::HashSet<&QualifiedName> = sequences.iter().collect();
-    for t in &manifest.tables {
+    for t in wanted {
         let qn = QualifiedName::new(t.schema.clone(), t.name.clone());
         let Some(target) = by_name.get(&(t.schema.as_str(), t.name.as_str())) else {
             problems.push(Mismatch::MissingTable(qn));
             continue;
         };
+        let columns: Vec<&TargetColumn> = t.columns.iter().filter(|c| !c.generated).collect();
         let loadable = target.columns.iter().filter(|x| !x.generated).count();
-        if t.columns.is_empty() && loadable > 0 {
+        if columns.is_empty() && loadable > 0 {
             problems.push(Mismatch::NoColumns { table: qn.clone(), target_columns: loadable });
         }
-        for c in &t.columns {
+        for c in columns {
             match target.columns.iter().find(|x| x.name == c.name) {
                 None => problems.push(Mismatch::MissingColumn { table: qn.clone(), column: c.name.clone() }),
                 Some(x) if x.generated => {
@@ -190,10 +223,9 @@ pub fn check_target(
             }
         }
     }
-    for s in &manifest.sequences {
-        let qn = QualifiedName::new(s.schema.clone(), s.name.clone());
-        if !sequences.contains(&qn) {
-            problems.push(Mismatch::MissingSequence(qn));
+    for qn in wanted_sequences {
+        if !sequences.contains(qn) {
+            problems.push(Mismatch::MissingSequence(qn.clone()));
         }
     }
     problems

@@ -223,7 +223,7 @@ async fn table_rows(client: &Client) -> Result<Vec<TableRow>, CliError> {
         .collect())
 }
 
-async fn sequence_rows(client: &Client) -> Result<Vec<SequenceRow>, CliError> {
+pub(crate) async fn sequence_rows(client: &Client) -> Result<Vec<SequenceRow>, CliError> {
     let rows = client.query(SEQUENCES_SQL, &[]).await.map_err(CliError::query("listing sequences"))?;
     Ok(rows
         .iter()

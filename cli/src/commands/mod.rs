@@ -8,6 +8,7 @@ mod inspect;
 mod list;
 mod node;
 mod progress;
+mod replica;
 mod schema;
 mod verify;
 
@@ -30,5 +31,10 @@ pub async fn run(config: Config) -> Result<(), CliError> {
         Action::Inspect { dir } => inspect::run(&dir, json),
         Action::Node { conn, action } => node::run(&conn, action, json).await,
         Action::Schema { conn, action } => schema::run(&conn, action, json).await,
+        Action::ReplicaInit(cfg) => replica::init(cfg, json).await,
+        Action::ReplicaStatus { target } => replica::status(&target, json).await,
+        Action::ReplicaSyncSequences { source, target, patterns } => {
+            replica::sync_sequences_command(&source, &target, &patterns, json).await
+        }
     }
 }
