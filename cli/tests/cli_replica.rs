@@ -100,30 +100,33 @@ fn setup(db: &str) -> (String, String) {
 
 #[test]
 fn replica_init_under_writes_gives_an_identical_replica_and_reruns_do_nothing_twice() {
-    let (s, d) = setup("rep_writes");
-    let dir = snapshot_path("rep_writes");
+    under_writes("rep_writes", "--direct");
+}
+
+#[test]
+fn client_mode_replica_init_under_writes_gives_an_identical_replica() {
+    under_writes("rep_client", "--client");
+}
+
+/// Init while the workload writes, stop it, rerun init (catch-up only), compare everything.
+fn under_writes(name: &str, mode: &str) {
+    let (s, d) = setup(name);
+    let dir = snapshot_path(name);
     let dir = dir.to_str().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicU64::new(0));
     let writer = workload(s.clone(), stop.clone(), commits.clone());
     thread::sleep(Duration::from_millis(500));
     let before = commits.load(Ordering::Relaxed);
-    let out = steep_repl(&[
-        "replica",
-        "init",
-        "--source",
-        &s,
-        "--target",
-        &d,
-        "--dir",
-        dir,
-        "--parallel",
-        "2",
-        "--subscription",
-        "rep_writes",
-        "--timeout",
-        "120",
-    ]);
+    let init = |json: bool| {
+        let mut args = vec!["replica", "init", mode, "--source", &s, "--target", &d, "--dir", dir];
+        args.extend(["--parallel", "2", "--subscription", name, "--timeout", "120"]);
+        if json {
+            args.insert(0, "--json");
+        }
+        steep_repl(&args)
+    };
+    let out = init(false);
     assert!(out.status.success(), "replica init: {}\n{}", stderr(&out), stdout(&out));
     assert!(stdout(&out).contains("caught up"), "{}", stdout(&out));
     // The source kept writing during the whole init, and after it.
@@ -133,23 +136,7 @@ fn replica_init_under_writes_gives_an_identical_replica_and_reruns_do_nothing_tw
     assert!(commits.load(Ordering::Relaxed) > before + 20, "the workload barely ran");
 
     // Writes stopped: the same command again only waits for catch-up and copies sequence values.
-    let out = steep_repl(&[
-        "--json",
-        "replica",
-        "init",
-        "--source",
-        &s,
-        "--target",
-        &d,
-        "--dir",
-        dir,
-        "--parallel",
-        "2",
-        "--subscription",
-        "rep_writes",
-        "--timeout",
-        "120",
-    ]);
+    let out = init(true);
     assert!(out.status.success(), "rerun: {}", stderr(&out));
     let summary: serde_json::Value =
         serde_json::from_str(stdout(&out).lines().last().unwrap()).expect("JSON summary");
@@ -158,27 +145,22 @@ fn replica_init_under_writes_gives_an_identical_replica_and_reruns_do_nothing_tw
 
     // Every row and sequence identical; one slot, one snapshot, one apply, one hand-off.
     assert_eq!(contents(&s), contents(&d));
-    assert_eq!(
-        scalar::<i64>(&s, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'rep_writes'"),
-        1
-    );
-    assert_eq!(scalar::<i64>(&s, "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'generate'"), 1);
-    assert_eq!(scalar::<i64>(&d, "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'apply'"), 1);
-    assert_eq!(scalar::<i64>(&d, "SELECT count(*) FROM steep_repl.subscriptions"), 1);
+    let one = |c: &str, sql: &str| assert_eq!(scalar::<i64>(c, sql), 1, "{sql}");
+    one(&s, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}'"));
+    if mode == "--direct" {
+        one(&s, "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'generate'");
+        one(&d, "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'apply'");
+        one(&d, "SELECT count(*) FROM steep_repl.subscriptions");
+    }
     // The subscriber never hit a conflict (an overlap would be a duplicate key).
-    assert_eq!(
-        scalar::<i64>(
-            &d,
-            "SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = 'rep_writes'"
-        ),
-        0
-    );
+    let errors = format!("SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = '{name}'");
+    assert_eq!(scalar::<i64>(&d, &errors), 0);
     let status = steep_repl(&["--json", "replica", "status", "--target", &d]);
     assert!(status.status.success(), "{}", stderr(&status));
     let list: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(list[0]["subscription"], "rep_writes");
+    assert_eq!(list[0]["subscription"], name);
     assert_eq!(list[0]["state"], "streaming");
-    drop_subscription(&d, "rep_writes");
+    drop_subscription(&d, name);
 }
 
 /// Drops a subscription and its slot on the source (the slot goes with it: slot_name is set).

@@ -97,6 +97,7 @@ pub mod ident;
 pub mod manifest;
 pub mod naming;
 pub mod plan;
+pub mod replica;
 pub mod schedule;
 pub mod schema;
 pub mod verify;

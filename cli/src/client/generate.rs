@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
+use super::replication::ReplicationConn;
 use super::session;
 use super::stats::Stats;
 use crate::conn::ConnSpec;
@@ -75,6 +76,9 @@ pub struct GenerateJob {
     pub patterns: Vec<TablePattern>,
     /// Target raw chunk size.
     pub chunk_bytes: u64,
+    /// Create this permanent logical slot (through a replication connection) and read at its
+    /// consistent point; dropped again if the job fails.
+    pub slot: Option<String>,
 }
 
 /// Runs the job on `coordinator` (an open connection to the source) and reports it.
@@ -107,6 +111,11 @@ pub async fn run(
             if let Err(cleanup) = out.remove_partial() {
                 reporter.note(&format!("could not remove the partial snapshot {path}: {cleanup}"));
             }
+            if let Some(slot) = &job.slot
+                && let Err(cleanup) = drop_slot(&job.conn, slot).await
+            {
+                reporter.note(&format!("could not drop replication slot {slot}: {cleanup}"));
+            }
             reporter.finish(&Summary::failed(
                 "generate",
                 id.clone(),
@@ -117,6 +126,32 @@ pub async fn run(
             Err(e)
         }
     }
+}
+
+/// Drops replication slot `name` of a failed job, waiting a few seconds for the connection that
+/// created it to go away (a cancelled creation ends its command first).
+async fn drop_slot(conn: &ConnSpec, name: &str) -> Result<(), CliError> {
+    let client = conn.connect().await?;
+    for _ in 0..50 {
+        let row = client
+            .query_opt("SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&name])
+            .await
+            .map_err(CliError::query("reading pg_replication_slots"))?;
+        match row.map(|r| r.get::<_, bool>(0)) {
+            None => return Ok(()),
+            Some(false) => {
+                client
+                    .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&name])
+                    .await
+                    .map_err(CliError::query(format!("dropping replication slot {name}")))?;
+                return Ok(());
+            }
+            Some(true) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Err(CliError::Other(anyhow::anyhow!(
+        "replication slot {name} is still in use; drop it with pg_drop_replication_slot"
+    )))
 }
 
 /// The output directory and whether this run created it.
@@ -275,29 +310,63 @@ struct Taken {
     exported: String,
 }
 
-/// Step 1 (see the module documentation).
+/// Step 1 (see the module documentation). With a slot, the snapshot is the slot's: the replication
+/// connection creates it (after the tables are locked, as a new snapshot would be taken after them)
+/// and the coordinating transaction imports it before its first query; the LSN is the slot's
+/// consistent point.
 async fn take_snapshot(job: &GenerateJob, coord: &Client) -> Result<Taken, CliError> {
     let info = server_info(coord).await?;
     let rows = table_rows(coord).await?;
     let relkinds: HashMap<u32, String> = rows.iter().map(|r| (r.oid, r.relkind.clone())).collect();
     let prelisted = catalog::select_tables(rows, &job.patterns, info.block_size).map_err(selection_error)?;
     session::run(coord, &session::pinned(&info.timezone, ""), "pinning session settings").await?;
+    let replication = match &job.slot {
+        Some(_) => {
+            let spec = job.conn.clone();
+            Some(
+                tokio::task::spawn_blocking(move || ReplicationConn::connect(&spec))
+                    .await
+                    .map_err(|e| CliError::Other(anyhow::anyhow!("replication connection thread: {e}")))??,
+            )
+        }
+        None => None,
+    };
     session::run(
         coord,
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
         "starting the snapshot transaction",
     )
     .await?;
-    lock(coord, &prelisted.iter().collect::<Vec<_>>(), &relkinds).await?;
+    // A materialized view is locked by a query, which would take a snapshot: with a slot, those are
+    // locked once the slot's snapshot is imported.
+    let prelocked: Vec<&TableMeta> = prelisted
+        .iter()
+        .filter(|t| job.slot.is_none() || relkinds.get(&t.oid).map(String::as_str) != Some("m"))
+        .collect();
+    lock(coord, &prelocked, &relkinds).await?;
+    let slot_lsn = match (&job.slot, replication) {
+        (Some(name), Some(replication)) => {
+            let (replication, created) = replication.create_slot(name).await?;
+            let sql = format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&created.snapshot_name));
+            session::run(coord, &sql, "importing the slot's snapshot").await?;
+            drop(replication);
+            Some(created.consistent_point)
+        }
+        _ => None,
+    };
     // The first statement that needs a snapshot: from here on everything reads under it.
     let rows = table_rows(coord).await?;
     let mut relkinds = relkinds;
     relkinds.extend(rows.iter().map(|r| (r.oid, r.relkind.clone())));
     let tables = catalog::select_tables(rows, &job.patterns, info.block_size).map_err(selection_error)?;
-    let late: Vec<&TableMeta> = tables.iter().filter(|t| !prelisted.iter().any(|p| p.oid == t.oid)).collect();
+    let late: Vec<&TableMeta> = tables.iter().filter(|t| !prelocked.iter().any(|p| p.oid == t.oid)).collect();
     lock(coord, &late, &relkinds).await?;
-    let lsn: String =
-        coord.query_one(LSN_SQL, &[]).await.map_err(CliError::query("reading the WAL position"))?.get(0);
+    let lsn: String = match slot_lsn {
+        Some(lsn) => lsn,
+        None => {
+            coord.query_one(LSN_SQL, &[]).await.map_err(CliError::query("reading the WAL position"))?.get(0)
+        }
+    };
     let exported: String = coord
         .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
         .await
@@ -511,7 +580,12 @@ async fn generate(
             database: info.database,
             system_identifier: info.system_identifier,
         },
-        snapshot: SnapshotInfo { lsn, exported_snapshot: exported, replication_slot: None, plugin: None },
+        snapshot: SnapshotInfo {
+            lsn,
+            exported_snapshot: exported,
+            plugin: job.slot.as_ref().map(|_| super::replication::PLUGIN.to_string()),
+            replication_slot: job.slot.clone(),
+        },
         settings,
         compression: job.compression,
         parallel: Parallelism { requested: job.parallel, used: used.max(1) as u32 },

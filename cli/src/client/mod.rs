@@ -11,6 +11,7 @@
 pub mod apply;
 pub mod generate;
 mod pool;
+pub mod replication;
 mod session;
 pub mod state;
 mod stats;

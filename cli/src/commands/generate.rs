@@ -35,6 +35,7 @@ pub async fn run(cfg: GenerateConfig, json: bool) -> Result<(), CliError> {
                 compression: cfg.compression,
                 patterns: cfg.patterns.clone(),
                 chunk_bytes: cfg.chunk_size.unwrap_or(DEFAULT_CHUNK_BYTES),
+                slot: None,
             };
             client_generate::run(&job, client, reason, reporter.as_mut(), &mut interrupt).await
         }

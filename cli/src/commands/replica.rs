@@ -17,13 +17,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use steep_repl_engine::catalog;
+use steep_repl_engine::chunk::Compression;
 use steep_repl_engine::compat;
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::ident::{QualifiedName, quote_ident};
-use steep_repl_engine::manifest::SequenceEntry;
+use steep_repl_engine::manifest::{Manifest, SequenceEntry};
+use steep_repl_engine::plan::DEFAULT_CHUNK_BYTES;
+use steep_repl_engine::replica::{
+    HandOff, PublisherFacts, hand_off_statements, publisher_check_sql, publisher_problems,
+};
 use steep_repl_engine::schema::{self, SchemaObject};
 use tokio_postgres::Client;
 
+use crate::client::apply::{self as client_apply, ApplyJob};
+use crate::client::generate::{self as client_generate, GenerateJob};
 use crate::commands::generate::server_path;
 use crate::config::ReplicaInitConfig;
 use crate::conn::ConnSpec;
@@ -46,19 +53,29 @@ struct Op {
 
 /// Runs `replica init`.
 pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
-    if cfg.mode == ModeChoice::Client {
-        return Err(CliError::Usage(
-            "replica init runs in direct mode only in this version: both servers need steep_repl installed \
-             and preloaded, and --dir on storage both servers see"
-                .into(),
-        ));
-    }
-    let dir = server_path(&cfg.dir, "--dir")?;
     let started = Instant::now();
     let mut interrupt = Interrupt::new()?;
     let mut reporter = progress::reporter(json);
     let source = cfg.source.connect().await?;
     let target = cfg.target.connect().await?;
+    let direct = match cfg.mode {
+        ModeChoice::Direct => true,
+        ModeChoice::Client => false,
+        ModeChoice::Auto => has_steep_repl(&source).await? && has_steep_repl(&target).await?,
+    };
+    if !direct {
+        reporter.note(&format!(
+            "replica: client mode ({}): the data moves through this machine, in {}",
+            if cfg.mode == ModeChoice::Client {
+                "--client given"
+            } else {
+                "steep_repl is not ready on both servers"
+            },
+            cfg.dir.display()
+        ));
+        return init_client(&cfg, source, target, reporter.as_mut(), &mut interrupt, started, json).await;
+    }
+    let dir = server_path(&cfg.dir, "--dir")?;
     let slot = cfg.subscription.as_str();
 
     let handed_off = hand_off_made(&target, &cfg.subscription, &dir).await?;
@@ -79,7 +96,11 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
             let applied = apply.as_ref().is_some_and(|a| a.status == "applied");
             let generated = generate.as_ref().is_some_and(|g| g.status == "complete");
             reporter.note("replica: [1/6] preflight");
-            preflight(&cfg, &source, &target, generate.as_ref(), apply.as_ref()).await?;
+            let done = Done {
+                snapshot: generate.as_ref().is_some_and(|g| g.status == "complete" || is_running(&g.status)),
+                apply: apply.is_some(),
+            };
+            preflight(&cfg, &source, &target, true, done).await?;
 
             reporter.note(&format!("replica: [2/6] publication {}", cfg.publication));
             ensure_publication(&source, &cfg).await?;
@@ -139,13 +160,29 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
         }
     };
 
+    finish(&cfg, &source, &target, &mut interrupt, started, &dir, &start_lsn, json).await
+}
+
+/// The end of both modes: the catch-up wait (unless --no-wait), sequences set again, the summary.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    cfg: &ReplicaInitConfig,
+    source: &Client,
+    target: &Client,
+    interrupt: &mut Interrupt,
+    started: Instant,
+    dir: &str,
+    start_lsn: &str,
+    json: bool,
+) -> Result<(), CliError> {
     let caught_up = if cfg.wait {
-        reporter.note("replica: [6/6] waiting for the subscription to catch up");
-        let c = catch_up(&cfg, &source, &target, &mut interrupt, started).await?;
-        let n = sync_sequences(&source, &target, &cfg.patterns).await?;
-        reporter.note(&format!(
+        // Notes go to stderr, as the reporters' do.
+        eprintln!("replica: [6/6] waiting for the subscription to catch up");
+        let c = catch_up(cfg, source, target, interrupt, started).await?;
+        let n = sync_sequences(source, target, &cfg.patterns).await?;
+        eprintln!(
             "replica: {n} sequence(s) set from the source (logical replication carries none: run `steep-repl replica sync-sequences` again at switchover)"
-        ));
+        );
         Some(c)
     } else {
         None
@@ -155,7 +192,7 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
         "event": "replica",
         "subscription": cfg.subscription,
         "publication": cfg.publication,
-        "slot": slot,
+        "slot": cfg.subscription,
         "dir": dir,
         "start_lsn": start_lsn,
         "caught_up": caught_up.is_some(),
@@ -182,6 +219,144 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Steps already done, for the preflight: what no longer needs checking.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    /// A snapshot with the slot completed or runs (the slot exists and is ours).
+    snapshot: bool,
+    /// An apply of it completed, runs or can be resumed (the target is no longer empty).
+    apply: bool,
+}
+
+/// Client mode: the snapshot is generated into the local DIR through a replication connection that
+/// creates the slot, applied from there (resumable through its state file), and the hand-off is made
+/// over the target connection with the same statements `steep_repl.subscribe` runs. The steps' state:
+/// DIR's manifest (snapshot complete, with this slot), its apply state file (apply complete), and the
+/// target's subscription on that slot (hand-off made).
+async fn init_client(
+    cfg: &ReplicaInitConfig,
+    source: Client,
+    target: Client,
+    reporter: &mut dyn Reporter,
+    interrupt: &mut Interrupt,
+    started: Instant,
+    json: bool,
+) -> Result<(), CliError> {
+    let slot = cfg.subscription.as_str();
+    let dir = std::path::absolute(&cfg.dir).map_err(CliError::io("resolve", &cfg.dir))?;
+    let dir_text = dir.display().to_string();
+    let manifest = Manifest::load(&dir).ok().filter(|m| m.snapshot.replication_slot.as_deref() == Some(slot));
+    let subscribed: Option<String> = target
+        .query_opt(
+            "SELECT s.subslotname::text FROM pg_catalog.pg_subscription s \
+             JOIN pg_catalog.pg_database d ON d.oid = s.subdbid AND d.datname = pg_catalog.current_database() \
+             WHERE s.subname = $1",
+            &[&cfg.subscription],
+        )
+        .await
+        .map_err(CliError::query("reading the target's subscriptions"))?
+        .map(|r| r.get(0));
+    if let (Some(m), Some(on)) = (&manifest, &subscribed)
+        && on == slot
+    {
+        reporter.note(&format!(
+            "replica: subscription {} was already started from {dir_text} at {}; waiting for catch-up",
+            cfg.subscription, m.snapshot.lsn
+        ));
+        let lsn = m.snapshot.lsn.clone();
+        return finish(cfg, &source, &target, interrupt, started, &dir_text, &lsn, json).await;
+    }
+    let state_exists = std::fs::read_dir(&dir)
+        .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("apply-state.")))
+        .unwrap_or(false);
+    reporter.note("replica: [1/6] preflight");
+    preflight(cfg, &source, &target, false, Done { snapshot: manifest.is_some(), apply: state_exists })
+        .await?;
+    reporter.note(&format!("replica: [2/6] publication {}", cfg.publication));
+    ensure_publication(&source, cfg).await?;
+    let manifest = match manifest {
+        Some(m) => {
+            reporter
+                .note(&format!("replica: [3/6] snapshot {} in {dir_text} already complete", m.snapshot_id));
+            m
+        }
+        None => {
+            reporter.note(&format!("replica: [3/6] snapshot of the source into {dir_text} with slot {slot}"));
+            let job = GenerateJob {
+                conn: cfg.source.clone(),
+                output: dir.clone(),
+                parallel: cfg.parallel,
+                compression: Compression::Zstd { level: 1 },
+                patterns: cfg.patterns.clone(),
+                chunk_bytes: DEFAULT_CHUNK_BYTES,
+                slot: Some(slot.to_string()),
+            };
+            let coordinator = cfg.source.connect().await?;
+            client_generate::run(&job, coordinator, "replica init".into(), reporter, interrupt).await?;
+            Manifest::load(&dir).map_err(|e| CliError::Other(anyhow::anyhow!("{}: {e}", dir.display())))?
+        }
+    };
+    reporter.note(&format!("replica: [4/6] apply of snapshot {} into the target", manifest.snapshot_id));
+    let job = ApplyJob {
+        conn: cfg.target.clone(),
+        input: dir.clone(),
+        parallel: cfg.parallel,
+        verify: true,
+        truncate: false,
+        analyze: true,
+    };
+    let coordinator = cfg.target.connect().await?;
+    client_apply::run(&job, coordinator, "replica init".into(), reporter, interrupt).await?;
+
+    reporter.note(&format!("replica: [5/6] subscription {} at the slot's LSN", cfg.subscription));
+    let publications = vec![cfg.publication.clone()];
+    let row = source
+        .query_one(publisher_check_sql(slot, &publications).as_str(), &[])
+        .await
+        .map_err(CliError::query("checking the publisher"))?;
+    let text = |i: usize| r_text(&row, i);
+    let facts = PublisherFacts {
+        sysid: text(0),
+        slot_exists: text(1),
+        plugin: text(2),
+        slot_type: text(3),
+        database: text(4),
+        lsn: text(5),
+        active: text(6),
+        missing: text(7),
+    };
+    let problems = publisher_problems(&facts, &manifest, slot);
+    if !problems.is_empty() {
+        return Err(CliError::Other(anyhow::anyhow!("cannot subscribe: {}", problems.join("; "))));
+    }
+    let statements = hand_off_statements(&HandOff {
+        subscription: &cfg.subscription,
+        conninfo: &cfg.publisher_conninfo,
+        publications: &publications,
+        slot,
+        lsn: &manifest.snapshot.lsn,
+        sequences: &manifest.sequences,
+        enabled: true,
+    });
+    let mut sql = String::from("BEGIN;");
+    for st in &statements {
+        sql.push_str(st);
+        sql.push(';');
+    }
+    sql.push_str("COMMIT;");
+    if let Err(e) = target.batch_execute(&sql).await {
+        let _rolled_back = target.batch_execute("ROLLBACK").await;
+        return Err(CliError::query("handing off the subscription")(e));
+    }
+    let lsn = manifest.snapshot.lsn.clone();
+    finish(cfg, &source, &target, interrupt, started, &dir_text, &lsn, json).await
+}
+
+/// Column `i` of a row of text columns, "" for NULL.
+fn r_text(row: &tokio_postgres::Row, i: usize) -> String {
+    row.try_get::<_, Option<String>>(i).ok().flatten().unwrap_or_default()
 }
 
 fn is_running(status: &str) -> bool {
@@ -303,13 +478,13 @@ async fn preflight(
     cfg: &ReplicaInitConfig,
     source: &Client,
     target: &Client,
-    generate: Option<&Op>,
-    apply: Option<&Op>,
+    direct: bool,
+    done: Done,
 ) -> Result<(), CliError> {
     let mut problems: Vec<String> = Vec::new();
     let mut schema_problems = 0usize;
     let slot = cfg.subscription.as_str();
-    for (who, client) in [("source", source), ("target", target)] {
+    for (who, client) in [("source", source), ("target", target)].into_iter().filter(|_| direct) {
         match mode::server_support(client).await? {
             ServerSupport::Ready(_) => {}
             ServerSupport::NotPreloaded(_) => problems.push(format!(
@@ -320,7 +495,7 @@ async fn preflight(
             }
         }
     }
-    let snapshot_done = generate.is_some_and(|g| g.status == "complete" || is_running(&g.status));
+    let snapshot_done = done.snapshot;
     let s = facts(
         source,
         &format!(
@@ -423,8 +598,7 @@ async fn preflight(
         schema_problems += 1;
         problems.push(format!("target: {p}"));
     }
-    let applied_or_running = apply.is_some();
-    if !applied_or_running && schema_problems == 0 {
+    if !done.apply && schema_problems == 0 {
         for name in non_empty(target, &wanted).await? {
             problems.push(format!(
                 "target: table {name} is not empty: a replica starts from empty tables (TRUNCATE it first)"

@@ -15,11 +15,13 @@
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
-use steep_repl_engine::ident::{QualifiedName, quote_ident, quote_literal};
 use steep_repl_engine::manifest::Manifest;
+use steep_repl_engine::replica::{
+    HandOff, PublisherFacts, hand_off_statements, publisher_check_sql, publisher_problems,
+};
 
 use crate::api::{check_path, require_file_role, user_error};
-use crate::bookkeeping::replica::{self as book, HandOff};
+use crate::bookkeeping::replica as book;
 use crate::gucs;
 use crate::peer::{Conn, PeerError};
 
@@ -106,7 +108,7 @@ fn _subscribe(
     }
     check_publisher(conninfo, &m, &slot, &publications);
 
-    book::record_hand_off(&HandOff {
+    book::record_hand_off(&book::HandOff {
         subscription,
         snapshot_id: &m.snapshot_id,
         snapshot_path: &path,
@@ -115,59 +117,23 @@ fn _subscribe(
         start_lsn: &m.snapshot.lsn,
         publications: &publications,
     });
-    let pubs: Vec<String> = publications.iter().map(|p| quote_ident(p)).collect();
-    run(
-        &format!(
-            "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} \
-             WITH (create_slot = false, slot_name = {}, copy_data = false, enabled = false)",
-            quote_ident(subscription),
-            quote_literal(conninfo),
-            pubs.join(", "),
-            quote_literal(&slot),
-        ),
-        "creating the subscription",
-    );
-    set_sequences(&m);
-    // Last but the enabling: nothing that can fail comes between the advance and the end.
-    let origin = Spi::get_one_with_args::<String>(
-        "SELECT 'pg_' OPERATOR(pg_catalog.||) s.oid::text FROM pg_catalog.pg_subscription s \
-         JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) s.subdbid \
-         WHERE s.subname OPERATOR(pg_catalog.=) $1::pg_catalog.name \
-           AND d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()",
-        &[subscription.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| error!("subscription {subscription:?} was created but cannot be found"));
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_replication_origin_advance($1, $2::pg_catalog.pg_lsn)",
-        &[origin.as_str().into(), m.snapshot.lsn.as_str().into()],
-    )
-    .unwrap_or_else(|e| error!("advancing replication origin {origin} to {}: {e}", m.snapshot.lsn));
-    if enabled {
-        run(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(subscription)), "enabling the subscription");
+    let statements = hand_off_statements(&HandOff {
+        subscription,
+        conninfo,
+        publications: &publications,
+        slot: &slot,
+        lsn: &m.snapshot.lsn,
+        sequences: &m.sequences,
+        enabled,
+    });
+    for sql in &statements {
+        Spi::run(sql).unwrap_or_else(|e| error!("handing off subscription {subscription:?}: {e}"));
     }
     m.snapshot.lsn
 }
 
 fn invalid(message: String) -> ! {
     user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, None)
-}
-
-fn run(sql: &str, what: &str) {
-    Spi::run(sql).unwrap_or_else(|e| error!("{what}: {e}"));
-}
-
-/// Sets every sequence of the manifest to its value at the snapshot.
-fn set_sequences(m: &Manifest) {
-    for s in &m.sequences {
-        let q = QualifiedName::new(s.schema.clone(), s.name.clone()).to_string();
-        Spi::run_with_args(
-            "SELECT pg_catalog.setval($1::pg_catalog.regclass, $2, $3)",
-            &[q.as_str().into(), s.last_value.into(), s.is_called.into()],
-        )
-        .unwrap_or_else(|e| error!("setting sequence {q}: {e}"));
-    }
 }
 
 /// Asks the publisher whether the hand-off can work; one ERROR lists every problem.
@@ -189,54 +155,21 @@ fn check_publisher(conninfo: &str, m: &Manifest, slot: &str, publications: &[Str
     };
     let conn =
         Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt).unwrap_or_else(|e| failed(e));
-    let sql = format!(
-        "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) AS sysid, \
-                s.slot_name IS NOT NULL AS slot_exists, s.plugin::text AS plugin, s.slot_type AS slot_type, \
-                s.database::text AS database, s.confirmed_flush_lsn::text AS lsn, s.active::text AS active, \
-                pg_catalog.array_to_string(ARRAY(SELECT p FROM pg_catalog.unnest({pubs}) p \
-                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = p)), ',') AS missing \
-         FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = {slot}",
-        pubs = steep_repl_engine::schema::text_array_literal(Some(publications)),
-        slot = quote_literal(slot),
-    );
-    let rows = conn.query(&sql, Instant::now() + timeout, &mut interrupt).unwrap_or_else(|e| failed(e));
+    let rows = conn
+        .query(&publisher_check_sql(slot, publications), Instant::now() + timeout, &mut interrupt)
+        .unwrap_or_else(|e| failed(e));
     let get = |c: &str| rows.get(0, c).unwrap_or_default().to_string();
-    let mut problems = Vec::new();
-    if get("sysid") != m.source.system_identifier {
-        problems.push(format!(
-            "the publisher is not the server the snapshot was taken on (system identifier {} against {} in the manifest)",
-            get("sysid"),
-            m.source.system_identifier
-        ));
-    }
-    if get("slot_exists") != "t" {
-        problems.push(format!("replication slot {slot:?} does not exist on the publisher"));
-    } else {
-        if get("slot_type") != "logical" || get("plugin") != crate::pg::slot::PLUGIN {
-            problems.push(format!("replication slot {slot:?} is not a logical pgoutput slot"));
-        }
-        if get("database") != m.source.database {
-            problems.push(format!(
-                "replication slot {slot:?} belongs to database {:?}, the snapshot to {:?}",
-                get("database"),
-                m.source.database
-            ));
-        }
-        if get("lsn") != m.snapshot.lsn {
-            problems.push(format!(
-                "replication slot {slot:?} is at {}, no longer at the snapshot's LSN {}: the changes in between were consumed elsewhere and would be missing",
-                get("lsn"),
-                m.snapshot.lsn
-            ));
-        }
-        if get("active") == "true" {
-            problems.push(format!("replication slot {slot:?} is in use by another connection"));
-        }
-    }
-    let missing = get("missing");
-    if !missing.is_empty() {
-        problems.push(format!("publication(s) {missing} do not exist on the publisher"));
-    }
+    let facts = PublisherFacts {
+        sysid: get("sysid"),
+        slot_exists: get("slot_exists"),
+        plugin: get("plugin"),
+        slot_type: get("slot_type"),
+        database: get("database"),
+        lsn: get("lsn"),
+        active: get("active"),
+        missing: get("missing"),
+    };
+    let problems = publisher_problems(&facts, m, slot);
     if !problems.is_empty() {
         user_error(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
