@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|many|schema|all] [--mixed-scale N] [--onebig-scale N]
+#   scripts/bench.sh [generate|apply|client|copy|many|schema|replica|all] [--mixed-scale N] [--onebig-scale N]
 #                    [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
@@ -17,6 +17,11 @@
 #   many      a database of --many-tables small tables (default 20 000, 20 rows each; fixtures/sql/many.sql):
 #             start_snapshot vs pg_dump -Fd -j N -Z 1 -a, then start_apply vs pg_restore -j N --data-only
 #             into the same pre-created schema (a fresh copy of it for every run). Not part of `all`.
+#   replica   a logical replica from start until caught up, source and target on two clusters (the second,
+#             `bench_target`, started like the first): steep-repl replica init --parallel N (snapshot with a
+#             slot, apply, hand-off, catch-up)  vs  CREATE SUBSCRIPTION ... (copy_data = true, defaults) until
+#             every table is ready and the subscription has caught up; same pre-created schema, on the
+#             mixed and onebig datasets. Not part of `all`.
 #
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
 # a hundred small tables) and `onebig` (one large table), scaled to take tens of seconds here. Data is
@@ -31,7 +36,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 what=all; mixed_scale=64; onebig_scale=40; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|client|copy|many|schema|all) what="$1" ;;
+    generate|apply|client|copy|many|schema|replica|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --many-tables) many_tables="$2"; shift ;;
@@ -39,7 +44,7 @@ while [ $# -gt 0 ]; do
     --parallel) parallel="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|many|schema|all] [--mixed-scale N] [--onebig-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|many|schema|replica|all] [--mixed-scale N] [--onebig-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -280,6 +285,86 @@ time_cmd() { # command...
   "$@" >/dev/null
   echo "$(now) - $t0" | bc
 }
+
+# The second cluster, for replica: the same settings as the first.
+target_conn() { # db
+  local c; c=$(bash scripts/pg.sh url bench_target)
+  echo "${c/dbname=postgres/dbname=$1}"
+}
+tq() { psql "$(target_conn "$1")" -XqAt -v ON_ERROR_STOP=1 -c "$2"; }
+
+# Empties the replica database: no subscription, empty tables, no steep_repl history; and the source:
+# no slot left by an earlier run.
+reset_replica() { # source_db replica_db
+  local sub
+  for sub in $(tq "$2" "SELECT subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = current_database()"); do
+    tq "$2" "DROP SUBSCRIPTION $sub"
+  done
+  q "$1" "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'bench\_%' AND NOT active" >/dev/null
+  tq "$2" "DO \$\$ DECLARE r record; BEGIN
+            FOR r IN SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables
+                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') LOOP
+              EXECUTE 'TRUNCATE ' || r.t;
+            END LOOP;
+            DELETE FROM steep_repl.snapshots; DELETE FROM steep_repl.subscriptions; END \$\$"
+  tq "$2" "CHECKPOINT"
+  q "$1" "DELETE FROM steep_repl.snapshots"
+}
+
+time_ours_replica() { # source_db replica_db dir
+  reset_replica "$1" "$2"
+  rm -rf "$3"
+  local t0; t0=$(now)
+  "$cli" replica init --direct --source "$(db "$1")" --target "$(target_conn "$2")" --dir "$3" \
+    --parallel "$parallel" --subscription bench_ours --publication bench_pub >"$work/replica.log" 2>&1 \
+    || { echo "bench: steep-repl replica init failed:" >&2; tail -5 "$work/replica.log" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+time_native_replica() { # source_db replica_db
+  reset_replica "$1" "$2"
+  local t0 goal; t0=$(now)
+  tq "$2" "CREATE SUBSCRIPTION bench_native CONNECTION '$(db "$1")' PUBLICATION bench_pub"
+  while :; do
+    if [ "$(tq "$2" "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = 'bench_native' AND r.srsubstate <> 'r'")" = 0 ]; then
+      goal=${goal:-$(q "$1" "SELECT pg_current_wal_lsn()")}
+      [ "$(tq "$2" "SELECT coalesce(latest_end_lsn >= '$goal', false) FROM pg_stat_subscription WHERE subname = 'bench_native' AND relid IS NULL")" = t ] && break
+    fi
+    sleep 0.1
+  done
+  echo "$(now) - $t0" | bc
+}
+
+bench_replica() {
+  local spec name file scale dbname replica
+  bash scripts/pg.sh start bench_target >/dev/null
+  for spec in "onebig:onebig.sql:$onebig_scale" "mixed:mixed.sql:$mixed_scale"; do
+    IFS=: read -r name file scale <<<"$spec"
+    dbname="bench_$name"; replica="bench_${name}_replica"
+    ensure_dataset "$dbname" "$file" "$scale"
+    q "$dbname" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+    q "$dbname" "DROP PUBLICATION IF EXISTS bench_pub; CREATE PUBLICATION bench_pub FOR ALL TABLES"
+    if [ "$(tq postgres "SELECT count(*) FROM pg_database WHERE datname = '$replica'")" = 0 ]; then
+      tq postgres "CREATE DATABASE $replica"
+      pg_dump --schema-only -d "$(db "$dbname")" | psql "$(target_conn "$replica")" -Xq -v ON_ERROR_STOP=1 >/dev/null
+    fi
+    tq "$replica" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+    prewarm "$dbname"
+    alternate 'time_ours_replica "$dbname" "$replica" "$work/$name.replica"' 'time_native_replica "$dbname" "$replica"'
+    report "replica $name (start until caught up, source and target on two clusters):"
+    report "  steep-repl replica init -j$parallel  ${a}s (runs $runs_a)"
+    report "  CREATE SUBSCRIPTION (copy_data)  ${b}s (runs $runs_b)"
+    report "  ratio steep-repl / native: $(ratio "$a" "$b")x"
+    reset_replica "$dbname" "$replica"
+    rm -rf "$work/$name.replica"
+  done
+}
+
+if [ "$what" = replica ]; then
+  bench_replica
+  echo "bench: results appended to $results (clusters 'bench' and 'bench_target' left running; stop them with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop NAME)"
+  exit 0
+fi
 
 if [ "$what" = schema ]; then
   bench_schema
