@@ -343,7 +343,8 @@ bench_replica() {
     dbname="bench_$name"; replica="bench_${name}_replica"
     ensure_dataset "$dbname" "$file" "$scale"
     q "$dbname" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
-    q "$dbname" "DROP PUBLICATION IF EXISTS bench_pub; CREATE PUBLICATION bench_pub FOR ALL TABLES"
+    # The datasets live in schema public; FOR ALL TABLES would also publish steep_repl's own tables.
+    q "$dbname" "DROP PUBLICATION IF EXISTS bench_pub; CREATE PUBLICATION bench_pub FOR TABLES IN SCHEMA public"
     if [ "$(tq postgres "SELECT count(*) FROM pg_database WHERE datname = '$replica'")" = 0 ]; then
       tq postgres "CREATE DATABASE $replica"
       pg_dump --schema-only -d "$(db "$dbname")" | psql "$(target_conn "$replica")" -Xq -v ON_ERROR_STOP=1 >/dev/null

@@ -192,7 +192,11 @@ fn the_snapshot_is_the_slot_consistent_point_and_the_subscription_applies_what_f
             .unwrap();
     }
     let mut src = postgres::Client::connect(&s, postgres::NoTls).unwrap();
-    src.batch_execute("CREATE PUBLICATION rep_exact FOR ALL TABLES").unwrap();
+    // FOR ALL TABLES would also publish steep_repl's own tables, which no snapshot holds.
+    src.batch_execute(
+        "CREATE PUBLICATION rep_all FOR ALL TABLES; CREATE PUBLICATION rep_exact FOR TABLES IN SCHEMA public",
+    )
+    .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = counter(s.clone(), stop.clone());
     thread::sleep(Duration::from_millis(300));
@@ -232,6 +236,18 @@ fn the_snapshot_is_the_slot_consistent_point_and_the_subscription_applies_what_f
         (r.get(0), r.get(1))
     };
     assert_eq!(Some(n as i32), max.or(Some(0)), "the snapshot has a gap");
+    let e = dst
+        .query_one(
+            "SELECT steep_repl.subscribe('rep_exact', $1, '{rep_all}', $2)::text",
+            &[&s, &dir.to_str().unwrap()],
+        )
+        .unwrap_err();
+    assert!(
+        db_message(&e).contains("publish table(s) the snapshot does not hold")
+            && db_message(&e).contains("steep_repl"),
+        "{}",
+        db_message(&e)
+    );
     let start: String = dst
         .query_one(
             "SELECT steep_repl.subscribe('rep_exact', $1, '{rep_exact}', $2)::text",
@@ -306,7 +322,7 @@ fn a_cancelled_snapshot_drops_its_slot_and_a_rerun_after_the_apply_repeats_nothi
     // the names init uses. The rerun applies nothing again and creates no slot.
     let dir = snapshot_path("rep_rerun");
     let dir_s = dir.to_str().unwrap();
-    src.batch_execute("CREATE PUBLICATION steep_repl_pub FOR ALL TABLES").unwrap();
+    src.batch_execute("CREATE PUBLICATION steep_repl_pub FOR TABLES IN SCHEMA public").unwrap();
     let id = start_snapshot(&mut src, &[], &dir, ", 2, slot => 'rep_rerun'");
     assert_eq!(wait_for(&mut src, &id, 120).0, "complete");
     let mut dst = postgres::Client::connect(&d, postgres::NoTls).unwrap();
@@ -399,6 +415,25 @@ fn preflight_refuses_every_problem_before_any_change() {
         0
     );
     assert!(!std::path::Path::new(dir).exists());
+
+    // An existing publication that leaves a table out is refused, naming it.
+    src.batch_execute("CREATE PUBLICATION rep_pre_pub FOR TABLE accounts").unwrap();
+    let out = init(&["--publication", "rep_pre_pub"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("publication rep_pre_pub leaves out"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("\"public\".\"ledger_a\""), "{}", stderr(&out));
+
+    // subscribe() is not for every role: it makes the server connect out with its own credentials.
+    dst.batch_execute(
+        "DO $$ BEGIN CREATE ROLE rep_nobody LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .unwrap();
+    let nobody = d.replace("user=postgres", "user=rep_nobody");
+    let mut c = postgres::Client::connect(&nobody, postgres::NoTls).unwrap();
+    let e = c
+        .query_one("SELECT steep_repl.subscribe('x', 'host=/nonexistent', '{p}', '/tmp/x')::text", &[])
+        .unwrap_err();
+    assert!(db_message(&e).contains("permission denied"), "{}", db_message(&e));
 }
 
 #[test]

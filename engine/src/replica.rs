@@ -66,25 +66,62 @@ pub fn hand_off_statements(h: &HandOff<'_>) -> Vec<String> {
     v
 }
 
-/// The query that asks the publisher for the facts [`publisher_problems`] checks: one row with
-/// columns sysid, slot_exists, plugin, slot_type, database, lsn, active, missing (publications
-/// absent, comma-separated).
-pub fn publisher_check_sql(slot: &str, publications: &[String]) -> String {
+/// The query that asks the publisher for the facts [`publisher_problems`] checks, for a hand-off of
+/// `manifest` at its slot through `publications`; `version` is the publisher's `server_version_num`
+/// (row filters exist from 15 on). One row of text columns: sysid, slot_exists, plugin, slot_type,
+/// database, lsn, lsn_matches, active, missing (publications absent), partial (publications that do
+/// not publish every action), unpublished (tables of the snapshot the publications leave out),
+/// unexpected (tables they publish that the snapshot does not hold), filtered (tables published with
+/// a row filter); lists comma-separated.
+pub fn publisher_check_sql(manifest: &Manifest, slot: &str, publications: &[String], version: u32) -> String {
+    let schemas: Vec<String> = manifest.tables.iter().map(|t| t.schema.clone()).collect();
+    let names: Vec<String> = manifest.tables.iter().map(|t| t.name.clone()).collect();
+    let pubs = crate::schema::text_array_literal(Some(publications));
+    let snapshot_tables = format!(
+        "ROWS FROM (pg_catalog.unnest({}), pg_catalog.unnest({})) AS w(s, t)",
+        crate::schema::text_array_literal(Some(&schemas)),
+        crate::schema::text_array_literal(Some(&names))
+    );
+    let filtered = if version >= 150000 {
+        format!(
+            "(SELECT pg_catalog.string_agg(DISTINCT pg_catalog.format('%I.%I', pt.schemaname, pt.tablename), ', ') \
+              FROM pg_catalog.pg_publication_tables pt WHERE pt.pubname OPERATOR(pg_catalog.=) ANY ({pubs}) \
+              AND pt.rowfilter IS NOT NULL)"
+        )
+    } else {
+        "NULL::pg_catalog.text".to_string()
+    };
     format!(
         "SELECT (SELECT system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system()) AS sysid, \
                 (s.slot_name IS NOT NULL)::pg_catalog.text AS slot_exists, s.plugin::pg_catalog.text AS plugin, \
                 s.slot_type AS slot_type, s.database::pg_catalog.text AS database, \
-                s.confirmed_flush_lsn::pg_catalog.text AS lsn, s.active::pg_catalog.text AS active, \
+                s.confirmed_flush_lsn::pg_catalog.text AS lsn, \
+                (s.confirmed_flush_lsn OPERATOR(pg_catalog.=) {lsn}::pg_catalog.pg_lsn)::pg_catalog.text AS lsn_matches, \
+                s.active::pg_catalog.text AS active, \
                 pg_catalog.array_to_string(ARRAY(SELECT p FROM pg_catalog.unnest({pubs}) p \
-                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) p)), ',') AS missing \
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) p)), ', ') AS missing, \
+                (SELECT pg_catalog.string_agg(pubname::pg_catalog.text, ', ') FROM pg_catalog.pg_publication \
+                  WHERE pubname OPERATOR(pg_catalog.=) ANY ({pubs}) \
+                    AND NOT (pubinsert AND pubupdate AND pubdelete AND pubtruncate)) AS partial, \
+                (SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I', w.s, w.t), ', ') FROM {snapshot_tables} \
+                  JOIN pg_catalog.pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) w.s \
+                  JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid AND c.relname OPERATOR(pg_catalog.=) w.t \
+                  WHERE c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.=) 'p' AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt \
+                    WHERE pt.pubname OPERATOR(pg_catalog.=) ANY ({pubs}) AND pt.schemaname OPERATOR(pg_catalog.=) w.s \
+                      AND pt.tablename OPERATOR(pg_catalog.=) w.t)) AS unpublished, \
+                (SELECT pg_catalog.string_agg(DISTINCT pg_catalog.format('%I.%I', pt.schemaname, pt.tablename), ', ') \
+                  FROM pg_catalog.pg_publication_tables pt WHERE pt.pubname OPERATOR(pg_catalog.=) ANY ({pubs}) \
+                  AND NOT EXISTS (SELECT 1 FROM {snapshot_tables} WHERE w.s OPERATOR(pg_catalog.=) pt.schemaname \
+                    AND w.t OPERATOR(pg_catalog.=) pt.tablename)) AS unexpected, \
+                {filtered} AS filtered \
          FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) {slot}",
-        pubs = crate::schema::text_array_literal(Some(publications)),
+        lsn = quote_literal(&manifest.snapshot.lsn),
         slot = quote_literal(slot),
     )
 }
 
-/// The publisher's answer to [`publisher_check_sql`], as text (`slot_exists` and `active` are
-/// `true`/`false`).
+/// The publisher's answer to [`publisher_check_sql`], as text (booleans as `true`/`false`, NULL as
+/// empty).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublisherFacts {
     pub sysid: String,
@@ -93,13 +130,59 @@ pub struct PublisherFacts {
     pub slot_type: String,
     pub database: String,
     pub lsn: String,
+    pub lsn_matches: String,
     pub active: String,
     pub missing: String,
+    pub partial: String,
+    pub unpublished: String,
+    pub unexpected: String,
+    pub filtered: String,
+}
+
+impl PublisherFacts {
+    /// The column names of [`publisher_check_sql`], in order.
+    pub const COLUMNS: [&'static str; 13] = [
+        "sysid",
+        "slot_exists",
+        "plugin",
+        "slot_type",
+        "database",
+        "lsn",
+        "lsn_matches",
+        "active",
+        "missing",
+        "partial",
+        "unpublished",
+        "unexpected",
+        "filtered",
+    ];
+
+    /// Builds the facts from a lookup of each column's text (None for NULL).
+    pub fn from_columns(mut get: impl FnMut(&str) -> Option<String>) -> PublisherFacts {
+        let mut g = |c: &str| get(c).unwrap_or_default();
+        PublisherFacts {
+            sysid: g("sysid"),
+            slot_exists: g("slot_exists"),
+            plugin: g("plugin"),
+            slot_type: g("slot_type"),
+            database: g("database"),
+            lsn: g("lsn"),
+            lsn_matches: g("lsn_matches"),
+            active: g("active"),
+            missing: g("missing"),
+            partial: g("partial"),
+            unpublished: g("unpublished"),
+            unexpected: g("unexpected"),
+            filtered: g("filtered"),
+        }
+    }
 }
 
 /// Every reason the publisher cannot take the hand-off of `manifest` (taken with `slot`): another
-/// server, a missing or foreign slot, a slot that moved past the snapshot's LSN (the changes in
-/// between were consumed elsewhere and would be missing), a slot in use, missing publications.
+/// server; a missing or foreign slot, one that moved past the snapshot's LSN (the changes in between
+/// were consumed elsewhere and would be missing) or is in use; publications that are missing, leave
+/// out a table of the snapshot (its later changes would never arrive), publish a table the snapshot
+/// does not hold (its rows before the LSN would be missing), filter rows, or skip an action.
 pub fn publisher_problems(f: &PublisherFacts, manifest: &Manifest, slot: &str) -> Vec<String> {
     let mut problems = Vec::new();
     if f.sysid != manifest.source.system_identifier {
@@ -120,7 +203,7 @@ pub fn publisher_problems(f: &PublisherFacts, manifest: &Manifest, slot: &str) -
                 f.database, manifest.source.database
             ));
         }
-        if f.lsn != manifest.snapshot.lsn {
+        if f.lsn_matches != "true" {
             problems.push(format!(
                 "replication slot {slot:?} is at {}, no longer at the snapshot's LSN {}: the changes in between were consumed elsewhere and would be missing",
                 f.lsn, manifest.snapshot.lsn
@@ -132,6 +215,28 @@ pub fn publisher_problems(f: &PublisherFacts, manifest: &Manifest, slot: &str) -
     }
     if !f.missing.is_empty() {
         problems.push(format!("publication(s) {} do not exist on the publisher", f.missing));
+    }
+    if !f.partial.is_empty() {
+        problems.push(format!(
+            "publication(s) {} do not publish every INSERT, UPDATE, DELETE and TRUNCATE: the replica would drift",
+            f.partial
+        ));
+    }
+    if !f.unpublished.is_empty() {
+        problems.push(format!(
+            "the publications leave out table(s) of the snapshot: {} (their changes would never arrive)",
+            f.unpublished
+        ));
+    }
+    if !f.unexpected.is_empty() {
+        problems.push(format!(
+            "the publications publish table(s) the snapshot does not hold: {} (their rows from before the snapshot would be missing)",
+            f.unexpected
+        ));
+    }
+    if !f.filtered.is_empty() {
+        problems
+            .push(format!("the publications filter rows of {}: the replica would not be a copy", f.filtered));
     }
     problems
 }

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,7 +100,10 @@ pub async fn run(
         reason,
     });
     let started = std::time::Instant::now();
-    let result = generate(job, &coordinator, &out.path, &id, reporter, interrupt).await;
+    // Set once this run's replication connection has begun creating the slot: only then is a slot of
+    // that name this run's to drop on failure (another run's is never touched).
+    let slot_created = AtomicBool::new(false);
+    let result = generate(job, &coordinator, &out.path, &id, reporter, interrupt, &slot_created).await;
     drop(coordinator);
     match result {
         Ok(summary) => {
@@ -111,7 +114,7 @@ pub async fn run(
             if let Err(cleanup) = out.remove_partial() {
                 reporter.note(&format!("could not remove the partial snapshot {path}: {cleanup}"));
             }
-            if let Some(slot) = &job.slot
+            if let Some(slot) = job.slot.as_ref().filter(|_| slot_created.load(Ordering::Acquire))
                 && let Err(cleanup) = drop_slot(&job.conn, slot).await
             {
                 reporter.note(&format!("could not drop replication slot {slot}: {cleanup}"));
@@ -152,6 +155,36 @@ async fn drop_slot(conn: &ConnSpec, name: &str) -> Result<(), CliError> {
     Err(CliError::Other(anyhow::anyhow!(
         "replication slot {name} is still in use; drop it with pg_drop_replication_slot"
     )))
+}
+
+/// Returns (as the error to fail with) once a lock cycle the server cannot see forms while the slot is
+/// created: slot creation (`walsender`) waits for a transaction that itself waits for a lock held by
+/// the coordinator (`coord`), which waits for slot creation in this process. Checked twice a second on
+/// a connection of its own; never returns otherwise.
+async fn lock_cycle(conn: &ConnSpec, coord: i32, walsender: i32) -> CliError {
+    let client = match conn.connect().await {
+        Ok(c) => c,
+        Err(_) => return std::future::pending().await,
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let row = client
+            .query_opt(
+                "SELECT w.pid, pg_catalog.left(coalesce(a.query, ''), 200) \
+                 FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids($2)) AS w(pid) \
+                 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid \
+                 WHERE $1 = ANY (pg_catalog.pg_blocking_pids(w.pid)) LIMIT 1",
+                &[&coord, &walsender],
+            )
+            .await;
+        if let Ok(Some(r)) = row {
+            let (pid, query): (i32, String) = (r.get(0), r.get(1));
+            return CliError::Other(anyhow::anyhow!(
+                "the replication slot waits for the transaction of pid {pid}, which waits for a lock this snapshot holds ({query}); \
+                 run again once that transaction has ended"
+            ));
+        }
+    }
 }
 
 /// The output directory and whether this run created it.
@@ -314,7 +347,11 @@ struct Taken {
 /// connection creates it (after the tables are locked, as a new snapshot would be taken after them)
 /// and the coordinating transaction imports it before its first query; the LSN is the slot's
 /// consistent point.
-async fn take_snapshot(job: &GenerateJob, coord: &Client) -> Result<Taken, CliError> {
+async fn take_snapshot(
+    job: &GenerateJob,
+    coord: &Client,
+    slot_created: &AtomicBool,
+) -> Result<Taken, CliError> {
     let info = server_info(coord).await?;
     let rows = table_rows(coord).await?;
     let relkinds: HashMap<u32, String> = rows.iter().map(|r| (r.oid, r.relkind.clone())).collect();
@@ -331,6 +368,12 @@ async fn take_snapshot(job: &GenerateJob, coord: &Client) -> Result<Taken, CliEr
         }
         None => None,
     };
+    // (Read before the transaction: SET TRANSACTION SNAPSHOT must come before its first query.)
+    let coord_pid: i32 = coord
+        .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
+        .await
+        .map_err(CliError::query("reading the coordinator's pid"))?
+        .get(0);
     session::run(
         coord,
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
@@ -346,7 +389,21 @@ async fn take_snapshot(job: &GenerateJob, coord: &Client) -> Result<Taken, CliEr
     lock(coord, &prelocked, &relkinds).await?;
     let slot_lsn = match (&job.slot, replication) {
         (Some(name), Some(replication)) => {
-            let (replication, created) = replication.create_slot(name).await?;
+            slot_created.store(true, Ordering::Release);
+            let walsender = replication.backend_pid();
+            let (replication, created) = tokio::select! {
+                r = replication.create_slot(name) => match r {
+                    Ok(created) => created,
+                    Err(e) => {
+                        // Another's slot of that name: not ours to drop.
+                        if e.to_string().contains("already exists") {
+                            slot_created.store(false, Ordering::Release);
+                        }
+                        return Err(e);
+                    }
+                },
+                cycle = lock_cycle(&job.conn, coord_pid, walsender) => return Err(cycle),
+            };
             let sql = format!("SET TRANSACTION SNAPSHOT {}", quote_literal(&created.snapshot_name));
             session::run(coord, &sql, "importing the slot's snapshot").await?;
             drop(replication);
@@ -459,6 +516,7 @@ async fn generate(
     id: &str,
     reporter: &mut dyn Reporter,
     interrupt: &mut Interrupt,
+    slot_created: &AtomicBool,
 ) -> Result<Summary, CliError> {
     let created_at = chrono::Utc::now();
     let cancelled = |detail: &str| CliError::Cancelled {
@@ -467,7 +525,7 @@ async fn generate(
         detail: Some(detail.into()),
     };
     let taken = tokio::select! {
-        r = take_snapshot(job, coord) => r?,
+        r = take_snapshot(job, coord, slot_created) => r?,
         sig = interrupt.recv() => return Err(cancelled(&format!("{sig} while taking the snapshot"))),
     };
     let Taken { info, tables, lsn, exported } = taken;

@@ -146,6 +146,12 @@ impl ReplicationConn {
         Ok(conn)
     }
 
+    /// The pid of the server process behind this connection (its walsender).
+    pub fn backend_pid(&self) -> i32 {
+        // SAFETY: a live connection.
+        unsafe { pq::PQbackendPID(self.raw.as_ptr()) }
+    }
+
     fn error_message(&self) -> String {
         // SAFETY: a string owned by the connection, valid until the next call on it.
         let m = unsafe { CStr::from_ptr(pq::PQerrorMessage(self.raw.as_ptr())) };

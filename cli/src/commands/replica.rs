@@ -312,21 +312,16 @@ async fn init_client(
 
     reporter.note(&format!("replica: [5/6] subscription {} at the slot's LSN", cfg.subscription));
     let publications = vec![cfg.publication.clone()];
-    let row = source
-        .query_one(publisher_check_sql(slot, &publications).as_str(), &[])
-        .await
-        .map_err(CliError::query("checking the publisher"))?;
-    let text = |i: usize| r_text(&row, i);
-    let facts = PublisherFacts {
-        sysid: text(0),
-        slot_exists: text(1),
-        plugin: text(2),
-        slot_type: text(3),
-        database: text(4),
-        lsn: text(5),
-        active: text(6),
-        missing: text(7),
-    };
+    let version: String =
+        query_one(&source, "SELECT pg_catalog.current_setting('server_version_num')", &[]).await?;
+    let sql = publisher_check_sql(&manifest, slot, &publications, version.parse().unwrap_or(0));
+    let row = source.query_one(sql.as_str(), &[]).await.map_err(CliError::query("checking the publisher"))?;
+    let facts = PublisherFacts::from_columns(|c| {
+        PublisherFacts::COLUMNS
+            .iter()
+            .position(|x| *x == c)
+            .and_then(|i| row.try_get::<_, Option<String>>(i).ok().flatten())
+    });
     let problems = publisher_problems(&facts, &manifest, slot);
     if !problems.is_empty() {
         return Err(CliError::Other(anyhow::anyhow!("cannot subscribe: {}", problems.join("; "))));
@@ -352,11 +347,6 @@ async fn init_client(
     }
     let lsn = manifest.snapshot.lsn.clone();
     finish(cfg, &source, &target, interrupt, started, &dir_text, &lsn, json).await
-}
-
-/// Column `i` of a row of text columns, "" for NULL.
-fn r_text(row: &tokio_postgres::Row, i: usize) -> String {
-    row.try_get::<_, Option<String>>(i).ok().flatten().unwrap_or_default()
 }
 
 fn is_running(status: &str) -> bool {
@@ -436,6 +426,8 @@ struct SourceTable {
     /// Whether UPDATE and DELETE can be published: a primary key, a replica identity index, or FULL.
     identity: bool,
     partitioned: bool,
+    /// Logged (unlogged tables cannot be published: their data is copied once, never replicated).
+    permanent: bool,
 }
 
 const SOURCE_TABLES_SQL: &str = "\
@@ -445,7 +437,7 @@ SELECT n.nspname::text, c.relname::text, c.relkind = 'p', \
          WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
          WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
          ELSE false END, \
-       c.oid::int8 \
+       c.oid::int8, c.relpersistence = 'p' \
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
 WHERE c.relkind IN ('r', 'p') \
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') AND n.nspname NOT LIKE 'pg\\_%' \
@@ -463,6 +455,7 @@ async fn source_tables(source: &Client, patterns: &[TablePattern]) -> Result<Vec
             partitioned: r.get(2),
             identity: r.get(3),
             oid: r.get::<_, i64>(4) as u32,
+            permanent: r.get(5),
         })
         .filter(|t| patterns.is_empty() || patterns.iter().any(|p| p.matches(&t.name.schema, &t.name.name)))
         .collect())
@@ -540,7 +533,16 @@ async fn preflight(
     if tables.is_empty() {
         problems.push("source: no table matches".into());
     }
-    for t in tables.iter().filter(|t| !t.partitioned && !t.identity) {
+    let publication_exists: bool = query_one(
+        source,
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
+        &[&cfg.publication],
+    )
+    .await?;
+    if publication_exists {
+        problems.extend(publication_problems(source, cfg, &tables).await?);
+    }
+    for t in publishable(&tables).into_iter().filter(|t| !t.identity) {
         problems.push(format!(
             "source: table {} has neither a primary key nor a replica identity: its UPDATEs and DELETEs cannot be replicated (add a primary key, or ALTER TABLE ... REPLICA IDENTITY)",
             t.name
@@ -700,7 +702,9 @@ pub async fn sync_sequences(
     Ok(sequences.len())
 }
 
-/// Creates the publication when missing: FOR ALL TABLES, or the selected tables.
+/// Creates the publication when missing, for exactly the tables the snapshot takes (the selection's
+/// permanent plain tables and partitions). Not `FOR ALL TABLES`: that would also publish extensions'
+/// tables (steep_repl's own bookkeeping among them), which no snapshot holds.
 async fn ensure_publication(source: &Client, cfg: &ReplicaInitConfig) -> Result<(), CliError> {
     let exists: bool = query_one(
         source,
@@ -711,18 +715,95 @@ async fn ensure_publication(source: &Client, cfg: &ReplicaInitConfig) -> Result<
     if exists {
         return Ok(());
     }
-    let what = if cfg.patterns.is_empty() {
-        "ALL TABLES".to_string()
-    } else {
-        let tables = source_tables(source, &cfg.patterns).await?;
-        let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
-        format!("TABLE {}", names.join(", "))
-    };
-    let sql = format!("CREATE PUBLICATION {} FOR {what}", quote_ident(&cfg.publication));
+    let names: Vec<String> = publishable(&source_tables(source, &cfg.patterns).await?)
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), names.join(", "));
     source
         .batch_execute(&sql)
         .await
         .map_err(CliError::query(format!("creating publication {}", cfg.publication)))
+}
+
+/// The tables a publication carries: permanent plain tables and partitions (a partitioned table's
+/// changes are published through its partitions; unlogged tables cannot be published).
+fn publishable(tables: &[SourceTable]) -> Vec<&SourceTable> {
+    tables.iter().filter(|t| !t.partitioned && t.permanent).collect()
+}
+
+/// What is wrong with an existing publication for this selection: tables it leaves out or adds, row
+/// filters, actions it skips.
+async fn publication_problems(
+    source: &Client,
+    cfg: &ReplicaInitConfig,
+    tables: &[SourceTable],
+) -> Result<Vec<String>, CliError> {
+    let version: String =
+        query_one(source, "SELECT pg_catalog.current_setting('server_version_num')", &[]).await?;
+    let filter =
+        if version.parse::<u32>().unwrap_or(0) >= 150000 { "pt.rowfilter IS NOT NULL" } else { "false" };
+    let rows = source
+        .query(
+            &format!(
+                "SELECT pt.schemaname::text, pt.tablename::text, {filter} FROM pg_catalog.pg_publication_tables pt \
+                 WHERE pt.pubname = $1"
+            ),
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(CliError::query("reading the publication's tables"))?;
+    let published: Vec<(QualifiedName, bool)> = rows
+        .iter()
+        .map(|r| (QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)), r.get(2)))
+        .collect();
+    let wanted = publishable(tables);
+    let mut problems = Vec::new();
+    let left_out: Vec<String> = wanted
+        .iter()
+        .filter(|t| !published.iter().any(|(p, _)| *p == t.name))
+        .map(|t| t.name.to_string())
+        .collect();
+    if !left_out.is_empty() {
+        problems.push(format!(
+            "source: publication {} leaves out {} (their changes would never arrive): ALTER PUBLICATION ... ADD TABLE",
+            cfg.publication,
+            left_out.join(", ")
+        ));
+    }
+    let extra: Vec<String> = published
+        .iter()
+        .filter(|(p, _)| !wanted.iter().any(|t| t.name == *p))
+        .map(|(p, _)| p.to_string())
+        .collect();
+    if !extra.is_empty() {
+        problems.push(format!(
+            "source: publication {} also publishes {}, which the snapshot does not take (their earlier rows would be missing): use --table or another publication",
+            cfg.publication,
+            extra.join(", ")
+        ));
+    }
+    let filtered: Vec<String> = published.iter().filter(|(_, f)| *f).map(|(p, _)| p.to_string()).collect();
+    if !filtered.is_empty() {
+        problems.push(format!(
+            "source: publication {} filters rows of {}: the replica would not be a copy",
+            cfg.publication,
+            filtered.join(", ")
+        ));
+    }
+    let partial: bool = query_one(
+        source,
+        "SELECT NOT (pubinsert AND pubupdate AND pubdelete AND pubtruncate) FROM pg_catalog.pg_publication WHERE pubname = $1",
+        &[&cfg.publication],
+    )
+    .await?;
+    if partial {
+        problems.push(format!(
+            "source: publication {} does not publish every INSERT, UPDATE, DELETE and TRUNCATE",
+            cfg.publication
+        ));
+    }
+    Ok(problems)
 }
 
 /// Starts the snapshot with the slot; returns its id.

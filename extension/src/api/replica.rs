@@ -40,6 +40,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT steep_repl._subscribe(subscription, conninfo, publications, snapshot_path, enabled)::pg_catalog.pg_lsn $$;
 COMMENT ON FUNCTION steep_repl.subscribe(text, text, text[], text, boolean) IS
   'Start logical replication from a snapshot taken with a slot and applied here, at the slot''s LSN';
+-- It makes this server connect out with its own credentials: not for every role.
+REVOKE ALL ON FUNCTION steep_repl.subscribe(text, text, text[], text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION steep_repl._subscribe(text, text, text[], text, boolean) FROM PUBLIC;
 "#,
     name = "subscribe",
     requires = [_subscribe, "subscriptions"]
@@ -63,6 +66,26 @@ fn _subscribe(
             Some(
                 "Run it as a statement of its own: a replication origin advanced in a transaction that rolls \
                  back later would leave its position behind.",
+            ),
+        );
+    }
+    // Before anything else, the rights the hand-off needs (CREATE SUBSCRIPTION; the origin advance):
+    // no role without them makes this server connect anywhere.
+    let allowed = crate::pg::rights::is_superuser()
+        || (crate::pg::server_version_num() >= 160000
+            && Spi::get_one::<bool>(
+                "SELECT pg_catalog.pg_has_role('pg_create_subscription', 'USAGE') \
+                 AND pg_catalog.has_function_privilege('pg_catalog.pg_replication_origin_advance(text, pg_catalog.pg_lsn)', 'EXECUTE')",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false));
+    if !allowed {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to subscribe: creating a subscription needs a superuser".into(),
+            Some(
+                "On PostgreSQL 16 and later, membership in pg_create_subscription and EXECUTE on pg_replication_origin_advance also do.",
             ),
         );
     }
@@ -155,20 +178,23 @@ fn check_publisher(conninfo: &str, m: &Manifest, slot: &str, publications: &[Str
     };
     let conn =
         Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt).unwrap_or_else(|e| failed(e));
-    let rows = conn
-        .query(&publisher_check_sql(slot, publications), Instant::now() + timeout, &mut interrupt)
+    let version = conn
+        .query(
+            "SELECT pg_catalog.current_setting('server_version_num')",
+            Instant::now() + timeout,
+            &mut interrupt,
+        )
         .unwrap_or_else(|e| failed(e));
-    let get = |c: &str| rows.get(0, c).unwrap_or_default().to_string();
-    let facts = PublisherFacts {
-        sysid: get("sysid"),
-        slot_exists: get("slot_exists"),
-        plugin: get("plugin"),
-        slot_type: get("slot_type"),
-        database: get("database"),
-        lsn: get("lsn"),
-        active: get("active"),
-        missing: get("missing"),
-    };
+    let version: u32 = version
+        .rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let rows = conn
+        .query(&publisher_check_sql(m, slot, publications, version), Instant::now() + timeout, &mut interrupt)
+        .unwrap_or_else(|e| failed(e));
+    let facts = PublisherFacts::from_columns(|c| rows.get(0, c).map(str::to_string));
     let problems = publisher_problems(&facts, m, slot);
     if !problems.is_empty() {
         user_error(

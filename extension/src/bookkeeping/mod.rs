@@ -207,6 +207,19 @@ pub fn mark_interrupted(id: &str, reason: &str) {
             "UPDATE steep_repl.work_queue SET status = 'failed', error = $2, finished_at = pg_catalog.now() \
              WHERE snapshot_id = $1 AND status IN ('pending', 'running')",
             &[id.into(), reason.into()],
+        )?;
+        // A generate with a slot that died after making the slot permanent (just before its manifest)
+        // leaves that slot behind, retaining WAL for ever: it goes with the job. Only a slot of this
+        // database that nobody uses, and only when this role may drop slots (else the next reap, by
+        // the supervisor, does it).
+        Spi::run_with_args(
+            "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) FROM steep_repl.snapshots o \
+             JOIN pg_catalog.pg_replication_slots s ON s.slot_name = (o.options->>'slot') \
+             WHERE o.id = $1 AND o.op = 'generate' AND NOT s.active \
+               AND s.database = pg_catalog.current_database() \
+               AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER \
+                           AND (r.rolsuper OR r.rolreplication))",
+            &[id.into()],
         )
     })
     .unwrap_or_else(|e| error!("marking {id} interrupted: {e}"));

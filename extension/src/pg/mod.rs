@@ -529,3 +529,8 @@ pub fn reload_config() {
     // transaction, from its main loop.
     unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
 }
+
+/// The PostgreSQL version this library was built for (`server_version_num`, e.g. 150020).
+pub fn server_version_num() -> u32 {
+    pg_sys::PG_VERSION_NUM
+}

@@ -133,7 +133,8 @@ pub fn create_with_snapshot(name: &str) -> String {
             None,
         );
         pg_sys::DecodingContextFindStartpoint(ctx);
-        let snap = SnapBuildInitialSnapshot((*ctx).snapshot_builder);
+        let builder = (*ctx).snapshot_builder;
+        let snap = pg_sys::ffi::pg_guard_ffi_boundary(|| SnapBuildInitialSnapshot(builder));
         pg_sys::RestoreTransactionSnapshot(snap, pg_sys::MyProc.cast());
         pg_sys::FreeDecodingContext(ctx);
         let lsn = (*pg_sys::MyReplicationSlot).data.confirmed_flush;
@@ -141,11 +142,15 @@ pub fn create_with_snapshot(name: &str) -> String {
     }
 }
 
-// snapbuild.h is not among the headers pgrx binds; the declaration is PostgreSQL's (13..18). The
-// three WAL reading callbacks are PostgreSQL's own (xlogutils.h, what the SQL slot functions use):
-// declared here unguarded because PostgreSQL calls them, which pgrx's guarded wrappers cannot be.
+// snapbuild.h is not among the headers pgrx binds; the declaration is PostgreSQL's (13..18), called
+// through pg_guard_ffi_boundary like pgrx's own bindings so that its ERRORs unwind as Rust panics. The three WAL reading callbacks
+// are PostgreSQL's own (xlogutils.h, what the SQL slot functions use): declared unguarded because
+// PostgreSQL calls them, which pgrx's guarded wrappers cannot be.
 unsafe extern "C-unwind" {
     fn SnapBuildInitialSnapshot(builder: *mut pg_sys::SnapBuild) -> pg_sys::Snapshot;
+}
+
+unsafe extern "C-unwind" {
     fn read_local_xlog_page(
         state: *mut pg_sys::XLogReaderState,
         target_page: pg_sys::XLogRecPtr,

@@ -570,9 +570,12 @@ const ENDING: job::Ending = job::Ending {
 };
 
 fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), JobError>) {
+    // A completed job's slot was persisted: let go of it before the job is said complete, so that a
+    // subscriber never finds it in use. A failed job's is dropped by remove_output.
+    if outcome.is_ok() {
+        pg::slot::release_held();
+    }
     job::finish(shared, slot, outcome, &ENDING);
-    // A completed job's slot was persisted and is kept for the subscriber; a failed one's was dropped
-    // by remove_output (and an ephemeral one would go here).
     pg::slot::release_held();
 }
 
