@@ -354,8 +354,9 @@ pub fn launch_workers(shared: &Shared, slot: usize, entry: Entry, max_useful: us
 }
 
 /// Waits until every chunk is done or the job stops, failing the job when a worker dies; calls
-/// `on_tick` about every 100 ms (an apply leader publishes progress there).
-pub fn watch_workers(shared: &Shared, slot: usize, mut on_tick: impl FnMut(&JobSlot)) {
+/// `on_tick` about every 100 ms (an apply leader publishes progress there). `tables_done` is kept at
+/// `tables_before` (tables a resumed job had finished) plus the tables all of whose chunks are done.
+pub fn watch_workers(shared: &Shared, slot: usize, tables_before: u32, mut on_tick: impl FnMut(&JobSlot)) {
     let job = &shared.jobs[slot];
     let generation = job.generation();
     let count = job.chunk_count.load(Ordering::Acquire);
@@ -388,7 +389,8 @@ pub fn watch_workers(shared: &Shared, slot: usize, mut on_tick: impl FnMut(&JobS
         // most every tick, not at every wake-up.
         let now = pg::now_ms();
         if now.saturating_sub(last_count) >= LEADER_TICK.as_millis() as u64 {
-            job.tables_done.store(count_tables_done(shared, base, count as usize), Ordering::Relaxed);
+            job.tables_done
+                .store(tables_before + count_tables_done(shared, base, count as usize), Ordering::Relaxed);
             last_count = now;
         }
         on_tick(job);

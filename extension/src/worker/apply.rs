@@ -272,9 +272,9 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         job.workers_launched.store(1, Ordering::Relaxed);
         loaded?;
     }
-    let base_tables = tables_complete;
-    job::watch_workers(shared, slot, |job| {
-        job.tables_done.fetch_add(base_tables, Ordering::Relaxed);
+    // Tables a resumed job had finished before count as done from the start (once: the leader's tick
+    // stores its count of this run's finished tables plus these).
+    job::watch_workers(shared, slot, tables_complete, |job| {
         progress::publish_if_due(job, false);
     });
     if job.should_stop() {

@@ -235,7 +235,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     // renamed without fsync, Durability::DeferSmall), so that little is left for the last syncfs.
     let mut last_sync = pg::now_ms();
     let mut sync_error = None;
-    job::watch_workers(shared, slot, |job| {
+    job::watch_workers(shared, slot, 0, |job| {
         if sync_error.is_none() && pg::now_ms().saturating_sub(last_sync) >= 1000 {
             if let Err(e) = fs_sync.sync() {
                 job.fail(&e.to_string());
