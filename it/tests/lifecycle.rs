@@ -443,9 +443,12 @@ fn apply_while_changing(tag: &str, change: fn(&std::path::Path)) -> String {
     let files = walk(&dir.join("data"));
     assert!(files.len() >= 3, "{files:?}");
     let mut d = target(cluster, &format!("{tag}_dst"));
+    // Each worker pauses before each chunk, so that chunks are still to be read when the files change
+    // however fast the machine loads the first ones (unpaced, a fast load sometimes finished first).
+    d.batch_execute("SET steep_repl.chunk_pause = 150").unwrap();
     let id = apply(&mut d, &dir, ", parallel => 2").unwrap();
     wait_for_phase(&mut d, &id, &["data"]);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(200));
     for file in &files {
         change(file);
     }
