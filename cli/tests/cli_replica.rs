@@ -163,6 +163,23 @@ fn under_writes(name: &str, mode: &str) {
     drop_subscription(&d, name);
 }
 
+/// Waits (up to a minute: slot creation waits for the transactions of the other tests' workloads on
+/// a busy machine) until the job reads data; on timeout, says what it waited for.
+fn wait_for_data_phase(c: &mut postgres::Client, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c
+            .query_one("SELECT phase, waiting_for::text FROM steep_repl.snapshot_progress($1)", &[&id])
+            .unwrap_or_else(|e| panic!("snapshot_progress({id}): {}", db_message(&e)));
+        let (phase, waiting): (String, String) = (r.get(0), r.get(1));
+        if phase == "data" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {id} still in phase {phase} (waiting for pids {waiting})");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Drops a subscription and its slot on the source (the slot goes with it: slot_name is set).
 fn drop_subscription(target: &str, name: &str) {
     let mut c = postgres::Client::connect(target, postgres::NoTls).unwrap();
@@ -299,7 +316,7 @@ fn a_cancelled_snapshot_drops_its_slot_and_a_rerun_after_the_apply_repeats_nothi
     let dir = snapshot_path("rep_cancel");
     let id =
         start_snapshot(&mut src, &["SET steep_repl.chunk_pause = 2000"], &dir, ", 1, slot => 'rep_cancel'");
-    wait_for_phase(&mut src, &id, &["data"]);
+    wait_for_data_phase(&mut src, &id);
     assert_eq!(
         src.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'rep_cancel'", &[])
             .unwrap()
