@@ -118,14 +118,17 @@ empty_target() { # target db
     q postgres "CREATE DATABASE $1 TEMPLATE ${1}_tpl STRATEGY FILE_COPY"
     return
   fi
-  q "$1" "DO \$\$ DECLARE r record; BEGIN
-            FOR r IN SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables
-                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') LOOP
-              EXECUTE 'TRUNCATE ' || r.t;
-            END LOOP;
-            DELETE FROM steep_repl.snapshots; END \$\$"
+  q "$1" "$EMPTY_TABLES_SQL"
   q "$1" "CHECKPOINT"
 }
+
+# Empties every user table and steep_repl's history of operations and hand-offs (run in one database).
+EMPTY_TABLES_SQL="DO \$\$ DECLARE r record; BEGIN
+  FOR r IN SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables
+           WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') LOOP
+    EXECUTE 'TRUNCATE ' || r.t;
+  END LOOP;
+  DELETE FROM steep_repl.snapshots; DELETE FROM steep_repl.subscriptions; END \$\$"
 
 # WAL pages that backends had to write themselves because the WAL buffers were full (pg_stat_wal).
 wal_full() { q "$1" "SELECT wal_buffers_full FROM pg_stat_wal"; }
@@ -301,12 +304,7 @@ reset_replica() { # source_db replica_db
     tq "$2" "DROP SUBSCRIPTION $sub"
   done
   q "$1" "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'bench\_%' AND NOT active" >/dev/null
-  tq "$2" "DO \$\$ DECLARE r record; BEGIN
-            FOR r IN SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables
-                     WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl') LOOP
-              EXECUTE 'TRUNCATE ' || r.t;
-            END LOOP;
-            DELETE FROM steep_repl.snapshots; DELETE FROM steep_repl.subscriptions; END \$\$"
+  tq "$2" "$EMPTY_TABLES_SQL"
   tq "$2" "CHECKPOINT"
   q "$1" "DELETE FROM steep_repl.snapshots"
 }

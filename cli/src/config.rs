@@ -183,11 +183,9 @@ impl Config {
                     }
                 }
                 // The subscription's name is also the slot's, which PostgreSQL restricts.
-                if !r.subscription.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-                {
+                if let Err(e) = steep_repl_engine::replica::check_slot_name(&r.subscription) {
                     return Err(CliError::Usage(format!(
-                        "--subscription {:?} names the replication slot too: lower-case letters, digits and underscores only",
-                        r.subscription
+                        "--subscription names the replication slot too: {e}"
                     )));
                 }
                 Action::ReplicaInit(ReplicaInitConfig {

@@ -236,16 +236,20 @@ fn the_snapshot_is_the_slot_consistent_point_and_the_subscription_applies_what_f
     assert_eq!(confirmed, lsn);
 
     let mut dst = postgres::Client::connect(&d, postgres::NoTls).unwrap();
-    // Refused before the apply: the hand-off follows the data.
-    let e = dst
-        .query_one(
-            "SELECT steep_repl.subscribe('rep_exact', $1, '{rep_exact}', $2)::text",
-            &[&s, &dir.to_str().unwrap()],
+    let dir_s = dir.to_str().unwrap();
+    // subscribe('rep_exact') through `publication`: the start LSN, or the error's text.
+    let subscribe = |dst: &mut postgres::Client, publication: &str| -> Result<String, String> {
+        dst.query_one(
+            "SELECT steep_repl.subscribe('rep_exact', $1, ARRAY[$3::text], $2)::text",
+            &[&s, &dir_s, &publication],
         )
-        .unwrap_err();
-    assert!(db_message(&e).contains("no completed apply"), "{}", db_message(&e));
-    let apply: String =
-        dst.query_one("SELECT steep_repl.start_apply($1, 2)", &[&dir.to_str().unwrap()]).unwrap().get(0);
+        .map(|r| r.get(0))
+        .map_err(|e| db_message(&e))
+    };
+    // Refused before the apply: the hand-off follows the data.
+    let e = subscribe(&mut dst, "rep_exact").unwrap_err();
+    assert!(e.contains("no completed apply"), "{e}");
+    let apply: String = dst.query_one("SELECT steep_repl.start_apply($1, 2)", &[&dir_s]).unwrap().get(0);
     assert_eq!(wait_for(&mut dst, &apply, 120).0, "applied");
     // The snapshot holds a contiguous prefix 1..k of the sequential inserts: one consistent snapshot.
     let (n, max): (i64, Option<i32>) = {
@@ -253,34 +257,12 @@ fn the_snapshot_is_the_slot_consistent_point_and_the_subscription_applies_what_f
         (r.get(0), r.get(1))
     };
     assert_eq!(Some(n as i32), max.or(Some(0)), "the snapshot has a gap");
-    let e = dst
-        .query_one(
-            "SELECT steep_repl.subscribe('rep_exact', $1, '{rep_all}', $2)::text",
-            &[&s, &dir.to_str().unwrap()],
-        )
-        .unwrap_err();
-    assert!(
-        db_message(&e).contains("publish table(s) the snapshot does not hold")
-            && db_message(&e).contains("steep_repl"),
-        "{}",
-        db_message(&e)
-    );
-    let start: String = dst
-        .query_one(
-            "SELECT steep_repl.subscribe('rep_exact', $1, '{rep_exact}', $2)::text",
-            &[&s, &dir.to_str().unwrap()],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(start, lsn);
+    let e = subscribe(&mut dst, "rep_all").unwrap_err();
+    assert!(e.contains("publish table(s) the snapshot does not hold") && e.contains("steep_repl"), "{e}");
+    assert_eq!(subscribe(&mut dst, "rep_exact").unwrap(), lsn);
     // A second hand-off is refused.
-    let e = dst
-        .query_one(
-            "SELECT steep_repl.subscribe('rep_exact', $1, '{rep_exact}', $2)::text",
-            &[&s, &dir.to_str().unwrap()],
-        )
-        .unwrap_err();
-    assert!(db_message(&e).contains("never made twice"), "{}", db_message(&e));
+    let e = subscribe(&mut dst, "rep_exact").unwrap_err();
+    assert!(e.contains("never made twice"), "{e}");
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let last = writer.join().unwrap();

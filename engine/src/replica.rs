@@ -11,6 +11,20 @@
 use crate::ident::{QualifiedName, quote_ident, quote_literal};
 use crate::manifest::{Manifest, SequenceEntry};
 
+/// PostgreSQL's rule for replication slot names (ReplicationSlotValidateName): 1 to 63 bytes of
+/// lower-case letters, digits and underscores. The error names the slot.
+pub fn check_slot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("replication slot name {name:?} must be 1 to 63 characters long"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(format!(
+            "replication slot name {name:?} may contain only lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
 /// What one hand-off needs.
 #[derive(Debug, Clone)]
 pub struct HandOff<'a> {

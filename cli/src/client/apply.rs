@@ -106,22 +106,24 @@ pub async fn run(
     }
 }
 
-/// Every check of the module documentation that needs the target; fails listing every problem.
-async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(), CliError> {
-    // Read with the schema fingerprints' query, as the extension's apply does.
-    let schemas = compat::target_schemas(m);
+/// The tables, columns and sequences of `schemas` as a target check reads them: with the schema
+/// fingerprints' catalog query and the kinds `schema::TARGET_KINDS`, as the extension's apply does.
+pub(crate) async fn target_objects(
+    client: &Client,
+    schemas: &[String],
+) -> Result<Vec<schema::SchemaObject>, CliError> {
     let kinds: Vec<&str> = schema::TARGET_KINDS.to_vec();
     let version: String = client
         .query_one("SELECT pg_catalog.current_setting('server_version_num')", &[])
         .await
-        .map_err(CliError::query("reading the target's version"))?
+        .map_err(CliError::query("reading the server's version"))?
         .get(0);
     let sql = schema::fingerprint_sql(version.parse().unwrap_or(0));
     let rows = client
         .query(sql.as_str(), &[&schemas, &kinds])
         .await
-        .map_err(CliError::query("reading the target's tables and sequences"))?;
-    let objects: Vec<schema::SchemaObject> = rows
+        .map_err(CliError::query("reading tables, columns and sequences"))?;
+    Ok(rows
         .iter()
         .map(|r| schema::SchemaObject {
             kind: r.get(0),
@@ -132,7 +134,13 @@ async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(
             column_type: r.get(5),
             generated: r.get(6),
         })
-        .collect();
+        .collect())
+}
+
+/// Every check of the module documentation that needs the target; fails listing every problem.
+async fn check_target(client: &Client, m: &Manifest, truncate: bool) -> Result<(), CliError> {
+    // Read with the schema fingerprints' query, as the extension's apply does.
+    let objects = target_objects(client, &compat::target_schemas(m)).await?;
     let (targets, sequences) = compat::targets_from_schema(&objects);
     let problems = compat::check_target(m, &targets, &sequences);
     if !problems.is_empty() {

@@ -26,7 +26,6 @@ use steep_repl_engine::plan::DEFAULT_CHUNK_BYTES;
 use steep_repl_engine::replica::{
     HandOff, PublisherFacts, hand_off_statements, publisher_check_sql, publisher_problems,
 };
-use steep_repl_engine::schema::{self, SchemaObject};
 use tokio_postgres::Client;
 
 use crate::client::apply::{self as client_apply, ApplyJob};
@@ -58,10 +57,13 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
     let mut reporter = progress::reporter(json);
     let source = cfg.source.connect().await?;
     let target = cfg.target.connect().await?;
+    // Asked once: the lookups of earlier steps read steep_repl's tables only where it is ready (the
+    // preflight names what is missing).
+    let (source_ready, target_ready) = (has_steep_repl(&source).await?, has_steep_repl(&target).await?);
     let direct = match cfg.mode {
         ModeChoice::Direct => true,
         ModeChoice::Client => false,
-        ModeChoice::Auto => has_steep_repl(&source).await? && has_steep_repl(&target).await?,
+        ModeChoice::Auto => source_ready && target_ready,
     };
     if !direct {
         reporter.note(&format!(
@@ -78,11 +80,17 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
     let dir = server_path(&cfg.dir, "--dir")?;
     let slot = cfg.subscription.as_str();
 
-    let handed_off = hand_off_made(&target, &cfg.subscription, &dir).await?;
-    let generate = latest_generate(&source, &dir, slot).await?;
-    let apply = match &generate {
-        Some(g) => latest_apply(&target, &dir, &g.id).await?,
-        None => None,
+    let handed_off = match target_ready {
+        true => hand_off_made(&target, &cfg.subscription, &dir).await?,
+        false => None,
+    };
+    let generate = match source_ready {
+        true => latest_generate(&source, &dir, slot).await?,
+        false => None,
+    };
+    let apply = match (&generate, target_ready) {
+        (Some(g), true) => latest_apply(&target, &dir, &g.id).await?,
+        _ => None,
     };
     let start_lsn = match handed_off {
         Some(lsn) => {
@@ -100,10 +108,10 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
                 snapshot: generate.as_ref().is_some_and(|g| g.status == "complete" || is_running(&g.status)),
                 apply: apply.is_some(),
             };
-            preflight(&cfg, &source, &target, true, done).await?;
+            let tables = preflight(&cfg, &source, &target, true, done).await?;
 
             reporter.note(&format!("replica: [2/6] publication {}", cfg.publication));
-            ensure_publication(&source, &cfg).await?;
+            ensure_publication(&source, &cfg, &tables).await?;
 
             let snapshot_id = match generate {
                 Some(g) if generated => {
@@ -272,10 +280,11 @@ async fn init_client(
         .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("apply-state.")))
         .unwrap_or(false);
     reporter.note("replica: [1/6] preflight");
-    preflight(cfg, &source, &target, false, Done { snapshot: manifest.is_some(), apply: state_exists })
-        .await?;
+    let tables =
+        preflight(cfg, &source, &target, false, Done { snapshot: manifest.is_some(), apply: state_exists })
+            .await?;
     reporter.note(&format!("replica: [2/6] publication {}", cfg.publication));
-    ensure_publication(&source, cfg).await?;
+    ensure_publication(&source, cfg, &tables).await?;
     let manifest = match manifest {
         Some(m) => {
             reporter
@@ -364,9 +373,6 @@ async fn query_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(
 
 /// The LSN of the hand-off already made for `subscription` from `dir`, if the subscription exists.
 async fn hand_off_made(target: &Client, subscription: &str, dir: &str) -> Result<Option<String>, CliError> {
-    if !has_steep_repl(target).await? {
-        return Ok(None);
-    }
     let row = target
         .query_opt(
             "SELECT r.start_lsn::text FROM steep_repl.subscriptions r \
@@ -386,9 +392,6 @@ async fn has_steep_repl(client: &Client) -> Result<bool, CliError> {
 
 /// The newest snapshot of `dir` taken with `slot` on the source.
 async fn latest_generate(source: &Client, dir: &str, slot: &str) -> Result<Option<Op>, CliError> {
-    if !has_steep_repl(source).await? {
-        return Ok(None);
-    }
     let row = source
         .query_opt(
             "SELECT id, status FROM steep_repl.snapshots \
@@ -403,9 +406,6 @@ async fn latest_generate(source: &Client, dir: &str, slot: &str) -> Result<Optio
 
 /// The newest apply of snapshot `snapshot_id` from `dir` in the target.
 async fn latest_apply(target: &Client, dir: &str, snapshot_id: &str) -> Result<Option<Op>, CliError> {
-    if !has_steep_repl(target).await? {
-        return Ok(None);
-    }
     let row = target
         .query_opt(
             "SELECT id, status FROM steep_repl.snapshots \
@@ -467,13 +467,14 @@ async fn facts(client: &Client, sql: &str) -> Result<tokio_postgres::Row, CliErr
 }
 
 /// Every check of §7's preflight that still matters at this step; one error lists every problem.
+/// Returns the source tables the selection takes (the publication is made of them).
 async fn preflight(
     cfg: &ReplicaInitConfig,
     source: &Client,
     target: &Client,
     direct: bool,
     done: Done,
-) -> Result<(), CliError> {
+) -> Result<Vec<SourceTable>, CliError> {
     let mut problems: Vec<String> = Vec::new();
     let mut schema_problems = 0usize;
     let slot = cfg.subscription.as_str();
@@ -580,7 +581,7 @@ async fn preflight(
     let mut schemas: Vec<String> = tables.iter().map(|t| t.name.schema.clone()).collect();
     schemas.sort();
     schemas.dedup();
-    let (src_tables, _) = compat::targets_from_schema(&catalog_objects(source, &schemas).await?);
+    let (src_tables, _) = compat::targets_from_schema(&client_apply::target_objects(source, &schemas).await?);
     let wanted_tables: Vec<_> = src_tables
         .into_iter()
         .filter(|t| wanted.iter().any(|w| w.schema == t.schema && w.name == t.name))
@@ -595,7 +596,8 @@ async fn preflight(
             schemas.push(s.schema.clone());
         }
     }
-    let (dst_tables, dst_sequences) = compat::targets_from_schema(&catalog_objects(target, &schemas).await?);
+    let (dst_tables, dst_sequences) =
+        compat::targets_from_schema(&client_apply::target_objects(target, &schemas).await?);
     for p in compat::check_tables(&wanted_tables, &sequences, &dst_tables, &dst_sequences) {
         schema_problems += 1;
         problems.push(format!("target: {p}"));
@@ -608,35 +610,10 @@ async fn preflight(
         }
     }
     if problems.is_empty() {
-        return Ok(());
+        return Ok(tables);
     }
     let schema_only = schema_problems == problems.len();
     Err(CliError::Preflight { problems, schema_only })
-}
-
-/// The objects a target check reads (tables, columns, sequences) of `schemas`, with the schema
-/// fingerprints' catalog query.
-async fn catalog_objects(client: &Client, schemas: &[String]) -> Result<Vec<SchemaObject>, CliError> {
-    let version: String =
-        query_one(client, "SELECT pg_catalog.current_setting('server_version_num')", &[]).await?;
-    let sql = schema::fingerprint_sql(version.parse().unwrap_or(0));
-    let kinds: Vec<&str> = schema::TARGET_KINDS.to_vec();
-    let rows = client
-        .query(sql.as_str(), &[&schemas, &kinds])
-        .await
-        .map_err(CliError::query("reading tables and columns"))?;
-    Ok(rows
-        .iter()
-        .map(|r| SchemaObject {
-            kind: r.get(0),
-            schema: r.get(1),
-            table: r.get(2),
-            name: r.get(3),
-            definition: r.get(4),
-            column_type: r.get(5),
-            generated: r.get(6),
-        })
-        .collect())
 }
 
 /// The tables of `names` that hold at least one row, a few hundred per query.
@@ -705,7 +682,11 @@ pub async fn sync_sequences(
 /// Creates the publication when missing, for exactly the tables the snapshot takes (the selection's
 /// permanent plain tables and partitions). Not `FOR ALL TABLES`: that would also publish extensions'
 /// tables (steep_repl's own bookkeeping among them), which no snapshot holds.
-async fn ensure_publication(source: &Client, cfg: &ReplicaInitConfig) -> Result<(), CliError> {
+async fn ensure_publication(
+    source: &Client,
+    cfg: &ReplicaInitConfig,
+    tables: &[SourceTable],
+) -> Result<(), CliError> {
     let exists: bool = query_one(
         source,
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
@@ -715,10 +696,7 @@ async fn ensure_publication(source: &Client, cfg: &ReplicaInitConfig) -> Result<
     if exists {
         return Ok(());
     }
-    let names: Vec<String> = publishable(&source_tables(source, &cfg.patterns).await?)
-        .iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let names: Vec<String> = publishable(tables).iter().map(|t| t.name.to_string()).collect();
     let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), names.join(", "));
     source
         .batch_execute(&sql)

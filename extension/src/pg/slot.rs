@@ -70,19 +70,8 @@ pub fn check_requirements(name: &str) -> Vec<String> {
     problems
 }
 
-/// PostgreSQL's rule for slot names (ReplicationSlotValidateName): 1..63 bytes of lower-case letters,
-/// digits and underscores.
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 63 {
-        return Err(format!("replication slot name {name:?} must be 1 to 63 characters long"));
-    }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-        return Err(format!(
-            "replication slot name {name:?} may contain only lower-case letters, digits and underscores"
-        ));
-    }
-    Ok(())
-}
+/// PostgreSQL's rule for slot names (the engine's, shared with the CLI).
+pub use steep_repl_engine::replica::check_slot_name as check_name;
 
 fn has_replication_attribute() -> bool {
     // SAFETY: a syscache lookup of the current user, inside a transaction.
