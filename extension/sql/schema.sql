@@ -90,6 +90,24 @@ CREATE TABLE steep_repl.apply_targets (
 CREATE INDEX apply_targets_apply_idx ON steep_repl.apply_targets (apply_id);
 GRANT SELECT ON steep_repl.apply_targets TO PUBLIC;
 
+-- Indexes and key constraints an apply dropped before loading its large tables, to build them once the
+-- data is in (a sort-based build, in parallel, instead of one B-tree insert per row). `statements` re-create
+-- each exactly as it was (name, definition, tablespace, clustering, replica identity, comments); a row is
+-- deleted in the transaction that ran them. So a row here is an index that is missing right now: the
+-- apply builds it before it ends, also when it fails or is cancelled, and resume_apply builds any that a
+-- crash left behind.
+CREATE TABLE steep_repl.apply_deferred_indexes (
+    apply_id     text   NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
+    relid        oid    NOT NULL,
+    schema_name  text   NOT NULL,
+    table_name   text   NOT NULL,
+    index_name   text   NOT NULL,
+    statements   text[] NOT NULL,
+    deferred_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    PRIMARY KEY (apply_id, schema_name, index_name)
+);
+GRANT SELECT ON steep_repl.apply_deferred_indexes TO PUBLIC;
+
 -- The full text of an operation's error where it differs from steep_repl.snapshots.error, which every
 -- role may read and which therefore never holds row data (a failed load's "Key (ssn)=(...) already
 -- exists", a value that failed to parse). Readable by the extension owner alone; the job's role and

@@ -30,6 +30,16 @@ pub static CHUNK_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static APPLY_PART_SIZE_KB: GucSetting<i32> =
     GucSetting::<i32>::new((steep_repl_engine::schedule::MIN_PART_BYTES / 1024) as i32);
 
+/// `steep_repl.apply_index_defer_size`: an apply drops the indexes of each table with at least this much
+/// COPY text in the snapshot, in kB, and builds them after the data (default 8 MB; -1: never; see
+/// `crate::worker::indexes`). The value in the caller's session when an apply starts is the one it and
+/// its resumes use (recorded in the operation's options).
+pub static APPLY_INDEX_DEFER_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+
+/// `steep_repl.apply_index_memory`: `maintenance_work_mem` of the index builds at the end of an apply,
+/// in kB (default 512 MB; 0: the server's). Recorded like `apply_index_defer_size`.
+pub static APPLY_INDEX_MEMORY_KB: GucSetting<i32> = GucSetting::<i32>::new(512 * 1024);
+
 /// `steep_repl.max_chunk_slots`: chunk slots in shared memory, shared by all running jobs (each chunk
 /// of a running generate, each unit of a running apply takes one). Set at server start. The default,
 /// 131 072 slots (about 11 MB), plans 32 TB at the default chunk size, or a database of about 130 000
@@ -100,6 +110,26 @@ pub fn init() {
         c"The last chunks of an apply are loaded in ranges of rows that shrink to about this much COPY text, so that workers finish together.",
         &APPLY_PART_SIZE_KB,
         1,
+        i32::MAX / 2,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.apply_index_defer_size",
+        c"Tables with at least this much COPY text get their indexes built after the data.",
+        c"An apply drops the indexes and key constraints of such tables before loading and re-creates them exactly afterwards, with a parallel build; -1 never does.",
+        &APPLY_INDEX_DEFER_SIZE_KB,
+        -1,
+        i32::MAX / 2,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.apply_index_memory",
+        c"maintenance_work_mem of the index builds at the end of an apply.",
+        c"0 uses the server's maintenance_work_mem.",
+        &APPLY_INDEX_MEMORY_KB,
+        0,
         i32::MAX / 2,
         GucContext::Userset,
         GucFlags::UNIT_KB,

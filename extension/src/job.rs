@@ -663,8 +663,9 @@ pub fn wake_leader(job: &JobSlot) {
 pub struct Ending {
     /// Phase and status of success: Complete/"complete" (generate), Applied/"applied" (apply).
     pub success: (shmem::Phase, &'static str),
-    /// Run after a failure or cancel, once the workers have stopped.
-    pub cleanup: fn(&JobSlot),
+    /// Run after a failure or cancel, once the workers have stopped; returns what it could not undo, which
+    /// the recorded error then says.
+    pub cleanup: fn(&JobSlot) -> Option<String>,
     /// The error recorded for a cancel.
     pub cancelled: fn(&str) -> String,
     /// The error recorded for a failure, from the first error and the job id.
@@ -685,13 +686,13 @@ pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), JobError>, endin
             job.fail_job(&e);
             let first = job.job_error().unwrap_or(e);
             stop_workers(shared, slot);
-            (ending.cleanup)(job);
+            let left = (ending.cleanup)(job).map(|note| format!("; {note}")).unwrap_or_default();
             if job.cancelled.load(Ordering::Acquire) != 0 {
                 job.set_phase(shmem::Phase::Cancelled);
-                ("cancelled", Some(JobError::plain((ending.cancelled)(&id))))
+                ("cancelled", Some(JobError::plain((ending.cancelled)(&id) + &left)))
             } else {
                 job.set_phase(shmem::Phase::Failed);
-                ("failed", Some(first.map(|m| (ending.failed)(m, &id))))
+                ("failed", Some(first.map(|m| (ending.failed)(m, &id) + &left)))
             }
         }
     };
@@ -711,7 +712,7 @@ pub fn finish(shared: &Shared, slot: usize, outcome: Result<(), JobError>, endin
         if error.is_none() {
             // The row cannot say the job succeeded, so it will say failed: undo what a success left
             // (a generate's manifest), so that the two never disagree.
-            (ending.cleanup)(job);
+            let _ = (ending.cleanup)(job);
         }
     }
     let db = job.database_oid.load(Ordering::Acquire);

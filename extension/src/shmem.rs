@@ -250,6 +250,8 @@ pub enum Phase {
     Applied = 11,
     /// Generate with a slot: creating it, waiting for the transactions running when it started.
     Slot = 12,
+    /// Apply: building the indexes it deferred (after the data, or to restore them after a failure).
+    Indexes = 13,
 }
 
 impl Phase {
@@ -267,6 +269,7 @@ impl Phase {
             10 => Phase::Analyze,
             11 => Phase::Applied,
             12 => Phase::Slot,
+            13 => Phase::Indexes,
             _ => Phase::Queued,
         }
     }
@@ -286,6 +289,7 @@ impl Phase {
             Phase::Analyze => "analyze",
             Phase::Applied => "applied",
             Phase::Slot => "slot",
+            Phase::Indexes => "indexes",
         }
     }
 

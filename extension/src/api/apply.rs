@@ -267,10 +267,12 @@ fn start_apply(
     }
     let part_bytes = crate::gucs::APPLY_PART_SIZE_KB.get().max(1) as u64 * 1024;
     let id = job::new_job_id(JobKind::Apply);
+    let (index_defer_bytes, index_memory_kb) = crate::worker::indexes::Settings::from_gucs().to_json();
     let options = serde_json::json!({
         "verify": verify, "truncate": truncate, "analyze": analyze_tables,
         "snapshot_id": m.snapshot_id, "replica_mode": job_flags & flags::REPLICA != 0,
         "manifest_sha256": sha256, "part_size_bytes": part_bytes,
+        "index_defer_bytes": index_defer_bytes, "index_memory_kb": index_memory_kb,
     })
     .to_string();
     bookkeeping::insert_operation(&NewOperation {

@@ -8,10 +8,12 @@
 //!
 //! The tables (extension/sql/schema.sql): `snapshots` (one row per operation), `work_queue` (its
 //! queue entry), `apply_chunks` (ranges of rows an apply has loaded, committed with the rows),
-//! `apply_targets` (which apply last loaded each table), and `operation_errors` (the full text of an
+//! `apply_targets` (which apply last loaded each table), `apply_deferred_indexes` (indexes an apply
+//! builds after its data, [`indexes`]), and `operation_errors` (the full text of an
 //! error whose public form in `snapshots.error` leaves out row data; readable by the owner alone).
 //! The node registry's statements (`nodes`, extension/sql/nodes.sql) are in [`nodes`].
 
+pub mod indexes;
 pub mod nodes;
 pub mod replica;
 
@@ -199,8 +201,13 @@ pub fn unfinished_operations() -> Vec<(String, bool)> {
 pub fn mark_interrupted(id: &str, reason: &str) {
     as_owner(|| {
         Spi::run_with_args(
-            "UPDATE steep_repl.snapshots SET status = 'failed', error = $2, finished_at = pg_catalog.now(), \
-             updated_at = pg_catalog.now() WHERE id = $1 AND status IN ('pending', 'running')",
+            "UPDATE steep_repl.snapshots SET status = 'failed', finished_at = pg_catalog.now(), \
+             updated_at = pg_catalog.now(), error = $2 OPERATOR(pg_catalog.||) coalesce(( \
+               SELECT pg_catalog.format('; %s deferred indexes are not built yet (%s): \
+                                         steep_repl.resume_apply(%L) builds them', \
+                                        pg_catalog.count(*), pg_catalog.string_agg(d.index_name, ', '), $1) \
+               FROM steep_repl.apply_deferred_indexes d WHERE d.apply_id = $1 HAVING pg_catalog.count(*) > 0), '') \
+             WHERE id = $1 AND status IN ('pending', 'running')",
             &[id.into(), reason.into()],
         )?;
         Spi::run_with_args(
@@ -380,6 +387,14 @@ pub fn claim_targets(id: &str, relids: &[u32], resume: bool) -> Vec<(u32, String
             if refused.is_empty() {
                 c.update(
                     "UPDATE steep_repl.apply_targets SET apply_id = $1 \
+                     WHERE relid = ANY ($2::pg_catalog.oid[]) AND apply_id <> $1",
+                    None,
+                    &[id.into(), oids.clone().into()],
+                )?;
+                // Indexes an earlier apply of these tables deferred and never built (it crashed and was
+                // not resumed) are this apply's to build now.
+                c.update(
+                    "UPDATE steep_repl.apply_deferred_indexes SET apply_id = $1 \
                      WHERE relid = ANY ($2::pg_catalog.oid[]) AND apply_id <> $1",
                     None,
                     &[id.into(), oids.clone().into()],

@@ -43,6 +43,7 @@ use crate::pg::wal::WalWriterNudge;
 use crate::pg::{self, session, xact};
 use crate::progress;
 use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
+use crate::worker::indexes;
 
 /// Job flags of an apply.
 pub mod flags {
@@ -146,10 +147,10 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         laps.lap("verified the files");
     }
 
-    let (done, relids) = BackgroundWorker::transaction(|| {
+    let (done, relids, index_settings) = BackgroundWorker::transaction(|| {
         let relids: Vec<pg_sys::Oid> =
             crate::api::apply::target_relids(&manifest).into_iter().map(pg_sys::Oid::from).collect();
-        (bookkeeping::loaded_ranges(&id), relids)
+        (bookkeeping::loaded_ranges(&id), relids, index_settings(&id))
     });
     if let Some(k) = relids.iter().position(|r| *r == pg_sys::InvalidOid) {
         return Err(JobError::plain(format!("table {} does not exist any more", manifest.tables[k].label())));
@@ -219,6 +220,11 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     laps.lap("looked up the tables and what was loaded");
     let todo = schedule::schedule(&work, workers, part_bytes);
     let pending_tables: HashSet<usize> = todo.iter().map(|u| u.table).collect();
+
+    // The indexes of the large tables still to load are built after the data (crate::worker::indexes).
+    stop_point(job)?;
+    let deferred = indexes::defer(&id, index_settings, &manifest, &relids, &pending_tables)?;
+    laps.lap(&format!("deferred {deferred} indexes"));
     let tables_complete = (manifest.tables.len() - pending_tables.len()) as u32;
     let base = shared
         .alloc_chunks(slot, todo.len())
@@ -288,6 +294,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     });
 
     laps.lap("data phase");
+    build_indexes(job, &id, index_settings)?;
+    laps.lap("built the deferred indexes");
     if !manifest.sequences.is_empty() {
         stop_point(job)?;
         job.set_phase(Phase::Sequences);
@@ -368,6 +376,58 @@ fn truncate(id: &str, manifest: &Manifest, relids: &[pg_sys::Oid]) -> Result<(),
     }
 }
 
+/// How apply `id` defers its indexes (from its row's options). Inside a transaction.
+fn index_settings(id: &str) -> indexes::Settings {
+    bookkeeping::operation(id)
+        .map(|op| indexes::Settings::from_options(&op.options))
+        .unwrap_or(indexes::Settings { defer_bytes: None, memory_kb: 0 })
+}
+
+/// Builds the indexes deferred by this apply (or by the run it resumes), with the server's parallel
+/// index build; an error naming every index that could not be built or came out different.
+fn build_indexes(job: &JobSlot, id: &str, settings: indexes::Settings) -> Result<(), JobError> {
+    let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
+    let mut announced = false;
+    let problems = indexes::build(id, settings, helpers, |_| {
+        if !announced {
+            job.set_phase(Phase::Indexes);
+            progress::publish_if_due(job, true);
+            announced = true;
+        }
+    });
+    if problems.is_empty() { Ok(()) } else { Err(JobError::plain(indexes::problems_note(id, &problems))) }
+}
+
+/// After a failure or cancel: builds the indexes the apply deferred, so that the schema is as it was
+/// (not when the server is shutting down: then `resume_apply` builds them). What it could not build.
+fn restore_indexes(job: &JobSlot) -> Option<String> {
+    let id = job.id.get();
+    if job.phase() == Phase::Indexes {
+        // The job failed while it built them: each was tried, and the error names those that failed.
+        return None;
+    }
+    // The cancel that ended the job must not end its clean-up too.
+    pg::take_cancel_request();
+    let settings = xact::try_catch(|| BackgroundWorker::transaction(|| index_settings(&id)));
+    let Ok(settings) = settings else {
+        xact::abort_after_error();
+        return Some(format!(
+            "its deferred indexes could not be read: steep_repl.resume_apply('{id}') builds them"
+        ));
+    };
+    let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
+    let mut announced = false;
+    let problems = indexes::build(&id, settings, helpers, |_| {
+        if !announced {
+            job.set_phase(Phase::Indexes);
+            let _ = xact::try_catch(|| progress::publish_if_due(job, true))
+                .map_err(|_| xact::abort_after_error());
+            announced = true;
+        }
+    });
+    (!problems.is_empty()).then(|| indexes::problems_note(&id, &problems))
+}
+
 /// Between two steps of the leader: a cancel or terminate that arrived during the last one ends the job
 /// here, before the next step changes anything.
 fn stop_point(job: &JobSlot) -> Result<(), JobError> {
@@ -381,7 +441,7 @@ fn stop_point(job: &JobSlot) -> Result<(), JobError> {
 /// How an apply ends: what it loaded stays, and can be resumed.
 const ENDING: job::Ending = job::Ending {
     success: (Phase::Applied, "applied"),
-    cleanup: |_| {},
+    cleanup: restore_indexes,
     cancelled: |id| {
         format!("cancelled by steep_repl.cancel_snapshot(); resume with steep_repl.resume_apply('{id}')")
     },

@@ -48,7 +48,7 @@ use crate::shmem::{self, JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn steep_repl_generate_leader(arg: pg_sys::Datum) {
     // A rolled-back start_snapshot never existed: remove the directory it created.
-    job::lead(arg, remove_output, run_leader, finish);
+    job::lead(arg, |job| drop(remove_output(job)), run_leader, finish);
 }
 
 /// Entry point of a data worker. `arg` carries the job slot, the worker slot and its generation.
@@ -581,12 +581,12 @@ fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), JobError>) {
 
 /// Removes what a failed or cancelled job wrote: its replication slot, the manifest (if any), `data/`,
 /// leftover temp files, and the directory itself if start_snapshot created it.
-fn remove_output(job: &JobSlot) {
+fn remove_output(job: &JobSlot) -> Option<String> {
     pg::slot::drop_held();
     let path = job.path.get();
     let dir = Path::new(&path);
     if dir.as_os_str().is_empty() {
-        return;
+        return None;
     }
     let _absent = std::fs::remove_file(dir.join(steep_repl_engine::manifest::MANIFEST_FILE));
     let _absent = std::fs::remove_dir_all(dir.join("data"));
@@ -600,4 +600,5 @@ fn remove_output(job: &JobSlot) {
     if job.flags.load(Ordering::Relaxed) & crate::api::snapshot::FLAG_CREATED_DIR != 0 {
         let _not_empty = std::fs::remove_dir(dir);
     }
+    None
 }

@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod generate;
+pub mod indexes;
 pub mod prober;
 pub mod reaper;
 pub mod supervisor;

@@ -1,0 +1,314 @@
+//! Indexes an apply builds after the data instead of maintaining them row by row.
+//!
+//! Loading rows into a table with a B-tree costs one index insert per row and index (about a fifth of a
+//! load's CPU on the bench datasets); building the index once the rows are in is one sort, run by the
+//! server's parallel index build. pg_restore and pgcopydb order a restore that way. An apply does the
+//! same for the tables it loads that are large enough to gain (`steep_repl.apply_index_defer_size`):
+//!
+//! 1. **Defer** (leader, before the data phase): each eligible index or key constraint is dropped in the
+//!    transaction that records, in `steep_repl.apply_deferred_indexes`, the statements that re-create it
+//!    exactly: its definition from `pg_get_indexdef`/`pg_get_constraintdef` (under a `search_path` of
+//!    `pg_catalog` only, so every name in them is qualified), its tablespace, `CLUSTER ON`, `REPLICA
+//!    IDENTITY USING INDEX` and its comments. A table the leader cannot lock at once keeps its indexes.
+//! 2. **Build** (leader, after the data phase; also after a failure or a cancel, before the job ends):
+//!    each recorded index is re-created in one transaction that also deletes its record, so it exists or
+//!    is recorded, never neither. Then the statements are generated again from the new index and must
+//!    equal the recorded ones: the schema is what it was, or the job says what differs.
+//!
+//! A crash between the two leaves the records; `resume_apply` builds them (and says so before).
+//!
+//! Eligible: valid, live B-tree or other indexes of ordinary tables the caller owns (or acts for), plain
+//! or backing a PRIMARY KEY or UNIQUE constraint, on which nothing else depends (a foreign key that
+//! references it, for one; the index and the triggers of a deferrable constraint are its own parts), not attached to a partitioned index, without per-column statistics targets
+//! or security labels. Exclusion constraints stay. Everything else keeps its index during the load.
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use steep_repl_engine::manifest::Manifest;
+
+use crate::bookkeeping::indexes::{self as records, Deferred};
+use crate::job::JobError;
+use crate::pg::{self, xact};
+
+/// One row per eligible index of the tables in `$1` (oids): the table's schema, name and oid, the index's
+/// name, the statement that drops it, and the statements that re-create it exactly. Read under
+/// `search_path = pg_catalog, pg_temp` (the leader's session), so the definitions name every object with
+/// its schema. `$2`: the index to describe instead (by oid), for checking a re-created one.
+const ELIGIBLE_SQL: &str = "\
+SELECT tn.nspname::pg_catalog.text, t.relname::pg_catalog.text, t.oid, ic.relname::pg_catalog.text,
+       CASE WHEN c.oid IS NULL THEN pg_catalog.format('DROP INDEX %I.%I', tn.nspname, ic.relname)
+            ELSE pg_catalog.format('ALTER TABLE %I.%I DROP CONSTRAINT %I', tn.nspname, t.relname, c.conname)
+       END,
+       pg_catalog.array_remove(ARRAY[
+         pg_catalog.format('SET LOCAL default_tablespace = %L', coalesce(ts.spcname, '')),
+         CASE WHEN c.oid IS NULL THEN pg_catalog.pg_get_indexdef(i.indexrelid)
+              ELSE pg_catalog.format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', tn.nspname, t.relname, c.conname,
+                                     pg_catalog.pg_get_constraintdef(c.oid)) END,
+         CASE WHEN i.indisclustered
+              THEN pg_catalog.format('ALTER TABLE %I.%I CLUSTER ON %I', tn.nspname, t.relname, ic.relname) END,
+         CASE WHEN i.indisreplident
+              THEN pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I', tn.nspname, t.relname,
+                                     ic.relname) END,
+         CASE WHEN di.description IS NOT NULL
+              THEN pg_catalog.format('COMMENT ON INDEX %I.%I IS %L', tn.nspname, ic.relname, di.description) END,
+         CASE WHEN dc.description IS NOT NULL
+              THEN pg_catalog.format('COMMENT ON CONSTRAINT %I ON %I.%I IS %L', c.conname, tn.nspname, t.relname,
+                                     dc.description) END
+       ], NULL)
+FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
+JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+LEFT JOIN pg_catalog.pg_tablespace ts ON ts.oid = ic.reltablespace
+LEFT JOIN pg_catalog.pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+                                    AND c.contype OPERATOR(pg_catalog.<>) 'f'
+LEFT JOIN pg_catalog.pg_description di ON di.objoid = i.indexrelid AND di.objsubid = 0
+                                      AND di.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+LEFT JOIN pg_catalog.pg_description dc ON dc.objoid = c.oid AND dc.objsubid = 0
+                                      AND dc.classoid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+WHERE CASE WHEN $2::pg_catalog.oid IS NULL THEN i.indrelid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])
+                                           AND i.indisvalid AND i.indisready AND i.indislive
+           ELSE i.indexrelid OPERATOR(pg_catalog.=) $2::pg_catalog.oid END
+  AND t.relkind OPERATOR(pg_catalog.=) 'r' AND ic.relkind OPERATOR(pg_catalog.=) 'i'
+  AND (c.oid IS NULL OR c.contype OPERATOR(pg_catalog.=) ANY ('{p,u}'::pg_catalog.\"char\"[]))
+  AND pg_catalog.pg_has_role(t.relowner, 'USAGE')
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits h WHERE h.inhrelid OPERATOR(pg_catalog.=) i.indexrelid)
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                    AND d.refobjid OPERATOR(pg_catalog.=) i.indexrelid)
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_constraint'::pg_catalog.regclass
+                    AND d.refobjid OPERATOR(pg_catalog.=) c.oid
+                    AND d.deptype OPERATOR(pg_catalog.<>) 'i')
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) i.indexrelid
+                    AND coalesce(a.attstattarget::pg_catalog.int4, -1) OPERATOR(pg_catalog.<>) -1)
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_seclabel l WHERE l.objoid OPERATOR(pg_catalog.=) i.indexrelid
+                    AND l.classoid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass)
+ORDER BY t.oid, ic.relname";
+
+/// An index to defer: its record, and the statement that drops it.
+struct Eligible {
+    deferred: Deferred,
+    drop: String,
+}
+
+fn eligible(relids: &[pg_sys::Oid], index: Option<pg_sys::Oid>) -> Vec<Eligible> {
+    Spi::connect(|client| -> Result<Vec<Eligible>, pgrx::spi::Error> {
+        let mut v = Vec::new();
+        for row in client.select(ELIGIBLE_SQL, None, &[relids.to_vec().into(), index.into()])? {
+            v.push(Eligible {
+                deferred: Deferred {
+                    schema: row.get::<String>(1)?.unwrap_or_default(),
+                    table: row.get::<String>(2)?.unwrap_or_default(),
+                    relid: row.get::<pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or_default(),
+                    index: row.get::<String>(4)?.unwrap_or_default(),
+                    statements: row.get::<Vec<String>>(6)?.unwrap_or_default(),
+                },
+                drop: row.get::<String>(5)?.unwrap_or_default(),
+            });
+        }
+        Ok(v)
+    })
+    .unwrap_or_else(|e| error!("reading the target tables' indexes: {e}"))
+}
+
+/// How an apply defers and builds its indexes, as recorded in its options when it started.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// The smallest table (bytes of COPY text in the snapshot) whose indexes are deferred; None: never.
+    pub defer_bytes: Option<u64>,
+    /// `maintenance_work_mem` of the builds in kB; 0: the server's.
+    pub memory_kb: i64,
+}
+
+impl Settings {
+    /// From the caller's session (`steep_repl.apply_index_defer_size`, `steep_repl.apply_index_memory`).
+    pub fn from_gucs() -> Settings {
+        let kb = crate::gucs::APPLY_INDEX_DEFER_SIZE_KB.get();
+        Settings {
+            defer_bytes: (kb >= 0).then_some(kb as u64 * 1024),
+            memory_kb: crate::gucs::APPLY_INDEX_MEMORY_KB.get().max(0) as i64,
+        }
+    }
+
+    /// As an operation's options record them (`index_defer_bytes`: -1 for never).
+    pub fn to_json(self) -> (i64, i64) {
+        (self.defer_bytes.map(|b| b as i64).unwrap_or(-1), self.memory_kb)
+    }
+
+    /// From an operation's options; an apply recorded before these existed defers nothing.
+    pub fn from_options(options: &serde_json::Value) -> Settings {
+        let bytes = options.get("index_defer_bytes").and_then(|v| v.as_i64()).unwrap_or(-1);
+        Settings {
+            defer_bytes: (bytes >= 0).then_some(bytes as u64),
+            memory_kb: options.get("index_memory_kb").and_then(|v| v.as_i64()).unwrap_or(0).max(0),
+        }
+    }
+}
+
+/// Drops the eligible indexes of the manifest's large tables that have rows still to load (`to_load`:
+/// indexes into the manifest's tables), recording how to re-create each; returns how many. One transaction per table, so a table's indexes and their records commit together.
+pub fn defer(
+    id: &str,
+    settings: Settings,
+    manifest: &Manifest,
+    relids: &[pg_sys::Oid],
+    to_load: &std::collections::HashSet<usize>,
+) -> Result<usize, JobError> {
+    let Some(min) = settings.defer_bytes else { return Ok(0) };
+    let mut large: Vec<(u64, pg_sys::Oid)> = manifest
+        .tables
+        .iter()
+        .zip(relids)
+        .enumerate()
+        .filter(|(k, _)| to_load.contains(k))
+        .map(|(_, (t, r))| (t.chunks.iter().map(|c| c.raw_bytes).sum::<u64>(), *r))
+        .filter(|(bytes, _)| *bytes >= min && *bytes > 0)
+        .collect();
+    large.sort_unstable_by_key(|l| std::cmp::Reverse(l.0));
+    let mut deferred = 0;
+    for (_, relid) in large {
+        let done = xact::try_catch(|| {
+            BackgroundWorker::transaction(|| {
+                // A table someone else is using keeps its indexes: never wait here (nor deadlock with a
+                // session that waits for this apply).
+                if !pg::try_lock_relation(relid, pg_sys::AccessExclusiveLock) {
+                    return 0;
+                }
+                let list = eligible(&[relid], None);
+                for e in &list {
+                    Spi::run(&e.drop).unwrap_or_else(|err| error!("{}: {err}", e.drop));
+                    records::record(id, &e.deferred);
+                }
+                list.len()
+            })
+        });
+        match done {
+            Ok(n) => deferred += n,
+            Err(c) => {
+                xact::abort_after_error();
+                let name = pg::relation_name(relid).map(|(s, t)| format!("{s}.{t}")).unwrap_or_default();
+                return Err(JobError::caught(Some(&format!("deferring the indexes of {name}")), &c));
+            }
+        }
+    }
+    Ok(deferred)
+}
+
+/// Holds query cancels off while an index is built: a cancel of the job arriving then takes effect once
+/// the index exists (the job would otherwise have to build it again to restore the schema). Termination
+/// (SIGTERM, shutdown) is not held off.
+struct HoldCancel;
+
+impl HoldCancel {
+    fn new() -> HoldCancel {
+        // SAFETY: a process-local counter PostgreSQL reads in ProcessInterrupts; incremented and
+        // decremented in pairs (Drop), as the backend does around reading a client message.
+        unsafe { pg_sys::QueryCancelHoldoffCount += 1 };
+        HoldCancel
+    }
+}
+
+impl Drop for HoldCancel {
+    fn drop(&mut self) {
+        // SAFETY: pairs with the increment in `new`. An ERROR resets the counter to zero before it unwinds
+        // through here (errfinish), so it is only decremented while positive: never below zero, and never
+        // a panic inside a drop that runs during unwinding.
+        unsafe {
+            let held = pg_sys::QueryCancelHoldoffCount;
+            if held > 0 {
+                pg_sys::QueryCancelHoldoffCount = held - 1;
+            }
+        }
+    }
+}
+
+/// Builds every index apply `id` has deferred and not yet built, largest tables first, each in its own
+/// transaction with its record. `workers`: the parallel index build's helpers (the leader takes part
+/// too). Returns one message per index it could not build or that came out different (empty: the schema
+/// is as it was); `on_index` runs before each.
+pub fn build(id: &str, settings: Settings, workers: u32, mut on_index: impl FnMut(&Deferred)) -> Vec<String> {
+    let pending = BackgroundWorker::transaction(|| records::pending(id));
+    let memory_kb = settings.memory_kb;
+    let mut problems = Vec::new();
+    for d in pending {
+        if pg::dying() {
+            problems.push(format!("{} on {}.{} (not built: shutting down)", d.index, d.schema, d.table));
+            continue;
+        }
+        on_index(&d);
+        pg::take_cancel_request();
+        let built = xact::try_catch(|| {
+            BackgroundWorker::transaction(|| {
+                // A table dropped since (or dropped and created again) has no index of ours to restore.
+                let exists = Spi::get_one_with_args::<bool>(
+                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+                     ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) $1 \
+                     AND n.nspname OPERATOR(pg_catalog.=) $2 AND c.relname OPERATOR(pg_catalog.=) $3)",
+                    &[pg_sys::Oid::from(d.relid).into(), d.schema.as_str().into(), d.table.as_str().into()],
+                )
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+                if !exists {
+                    records::forget(id, &d);
+                    return None;
+                }
+                let _hold = HoldCancel::new();
+                if memory_kb > 0 {
+                    Spi::run(&format!("SET LOCAL maintenance_work_mem = {memory_kb}"))
+                        .unwrap_or_else(|e| error!("{e}"));
+                }
+                Spi::run(&format!("SET LOCAL max_parallel_maintenance_workers = {workers}"))
+                    .unwrap_or_else(|e| error!("{e}"));
+                for s in &d.statements {
+                    Spi::run(s).unwrap_or_else(|e| error!("{s}: {e}"));
+                }
+                records::forget(id, &d);
+                let index = Spi::get_one_with_args::<pg_sys::Oid>(
+                    "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text))::pg_catalog.oid",
+                    &[d.schema.as_str().into(), d.index.as_str().into()],
+                )
+                .ok()
+                .flatten();
+                let now = index.map(|i| eligible(&[], Some(i))).unwrap_or_default();
+                match now.first() {
+                    Some(e) if e.deferred.statements == d.statements => None,
+                    Some(e) => Some(format!(
+                        "{} on {}.{} was re-created but differs: it was {:?}, it is {:?}",
+                        d.index, d.schema, d.table, d.statements, e.deferred.statements
+                    )),
+                    None => Some(format!(
+                        "{} on {}.{} was re-created but is not found",
+                        d.index, d.schema, d.table
+                    )),
+                }
+            })
+        });
+        match built {
+            Ok(None) => {}
+            Ok(Some(differs)) => problems.push(differs),
+            Err(c) => {
+                xact::abort_after_error();
+                problems.push(format!(
+                    "{} on {}.{} could not be built: {}",
+                    d.index,
+                    d.schema,
+                    d.table,
+                    c.public()
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// What an error message says about indexes still deferred after `problems`.
+pub fn problems_note(id: &str, problems: &[String]) -> String {
+    format!(
+        "indexes not as they were: {}; those not built are listed in steep_repl.apply_deferred_indexes, and \
+         steep_repl.resume_apply('{id}') builds them",
+        problems.join("; ")
+    )
+}

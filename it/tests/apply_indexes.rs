@@ -1,0 +1,300 @@
+//! Apply builds the indexes of large tables after the data (issue 16): afterwards, and after a cancel or a
+//! killed worker in the middle of the load, every index and constraint exists with its name, definition,
+//! tablespace, clustering, replica identity and comments, and `resume_apply` finishes the job.
+
+use steep_repl_testkit as harness;
+
+use harness::*;
+use steep_repl_engine::ident::{QualifiedName, quote_ident};
+use steep_repl_engine::manifest::Manifest;
+
+/// Tables with every kind of index the deferral handles, and some it must leave alone.
+const SCHEMA: &str = r#"
+CREATE SCHEMA "Ix S";
+CREATE TABLE "Ix S".main (id bigint PRIMARY KEY, code text NOT NULL, email text, score int, tags text[],
+                          created timestamptz, note text);
+CREATE UNIQUE INDEX main_code ON "Ix S".main (code) INCLUDE (score) WITH (fillfactor = 70);
+CREATE INDEX "main lower" ON "Ix S".main (lower(email)) WHERE score > 10;
+CREATE INDEX main_tags ON "Ix S".main USING gin (tags);
+CREATE INDEX main_created ON "Ix S".main (created DESC NULLS LAST, id);
+ALTER TABLE "Ix S".main ADD CONSTRAINT main_email_key UNIQUE (email) DEFERRABLE INITIALLY DEFERRED;
+COMMENT ON INDEX "Ix S"."main lower" IS 'for the login page';
+COMMENT ON CONSTRAINT main_pkey ON "Ix S".main IS 'the key';
+ALTER TABLE "Ix S".main CLUSTER ON main_created;
+CREATE TABLE ri (a int NOT NULL, b text NOT NULL, v text);
+CREATE UNIQUE INDEX ri_ab ON ri (a, b);
+ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_ab;
+CREATE TABLE parent (id int PRIMARY KEY, label text);
+CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id), v text);
+CREATE INDEX child_parent ON child (parent_id);
+CREATE TABLE spans (id int PRIMARY KEY, r int4range, EXCLUDE USING gist (r WITH &&));
+"#;
+
+const DATA: &str = r#"
+INSERT INTO "Ix S".main SELECT g, 'c' || g, CASE WHEN g % 7 = 0 THEN NULL ELSE 'u' || g || '@x' END, g % 50,
+       ARRAY['t' || (g % 13), 't' || (g % 5)], timestamptz '2024-01-01' + g * interval '1 minute',
+       repeat('n', g % 40) FROM generate_series(1, 40000) g;
+INSERT INTO ri SELECT g % 1000, 'b' || (g / 1000), 'v' FROM generate_series(1, 20000) g;
+INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 5000) g;
+INSERT INTO child SELECT g, 1 + g % 5000, md5(g::text) FROM generate_series(1, 30000) g;
+INSERT INTO spans SELECT g, int4range(g * 10, g * 10 + 5) FROM generate_series(1, 5000) g;
+"#;
+
+/// Every index and constraint of the user tables, as text that differs if anything about one differs:
+/// name, definition, tablespace, validity, clustering, replica identity, comment, and its oid apart.
+fn schema_of(c: &mut postgres::Client) -> (Vec<String>, Vec<(String, u32)>) {
+    let defs = c
+        .query(
+            "SELECT format('%s %s %s valid=%s ready=%s clustered=%s replident=%s ts=%s comment=%s', \
+                    i.indrelid::regclass, ic.relname, pg_get_indexdef(i.indexrelid), i.indisvalid, i.indisready, \
+                    i.indisclustered, i.indisreplident, coalesce(ic.reltablespace, 0), \
+                    obj_description(i.indexrelid, 'pg_class')) \
+             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname IN ('public', 'Ix S') \
+             UNION ALL \
+             SELECT format('%s constraint %s %s validated=%s deferrable=%s deferred=%s comment=%s', \
+                    conrelid::regclass, conname, pg_get_constraintdef(oid), convalidated, condeferrable, \
+                    condeferred, obj_description(oid, 'pg_constraint')) \
+             FROM pg_constraint WHERE connamespace IN (SELECT oid FROM pg_namespace \
+                                                      WHERE nspname IN ('public', 'Ix S')) \
+             UNION ALL \
+             SELECT format('%s replica identity %s', oid::regclass, relreplident) FROM pg_class \
+             WHERE relnamespace IN (SELECT oid FROM pg_namespace WHERE nspname IN ('public', 'Ix S')) \
+               AND relkind = 'r' \
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let oids = c
+        .query(
+            "SELECT ic.relname::text, ic.oid FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+             JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+             WHERE n.nspname IN ('public', 'Ix S') ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, postgres::types::Oid>(1)))
+        .collect();
+    (defs, oids)
+}
+
+fn oid_of(oids: &[(String, u32)], name: &str) -> u32 {
+    oids.iter().find(|(n, _)| n == name).map(|(_, o)| *o).unwrap_or_else(|| panic!("no index {name}"))
+}
+
+/// Indexes whose oid changed (they were dropped and built again).
+fn rebuilt(before: &[(String, u32)], after: &[(String, u32)]) -> Vec<String> {
+    before.iter().filter(|(n, o)| oid_of(after, n) != *o).map(|(n, _)| n.clone()).collect()
+}
+
+fn assert_same_rows(cluster: &Cluster, src: &str, dst: &str, dir: &std::path::Path) {
+    let m = Manifest::load(dir).unwrap();
+    let (mut a, mut b) = (cluster.client(src), cluster.client(dst));
+    for t in &m.tables {
+        let q = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
+        let cols = t.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        assert!(sorted_rows(&mut a, &q, &cols) == sorted_rows(&mut b, &q, &cols), "{q}: rows differ");
+    }
+}
+
+fn pending_records(d: &mut postgres::Client, id: &str) -> i64 {
+    d.query_one("SELECT count(*) FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+/// Source and target databases holding SCHEMA (the source also DATA), and a snapshot of the source.
+fn prepare(cluster: &Cluster, tag: &str, chunk_size: &str) -> (String, String, std::path::PathBuf) {
+    let (src, dst) = (format!("ixd_{tag}_src"), format!("ixd_{tag}_dst"));
+    cluster.fresh_db(&src, true);
+    cluster
+        .client(&src)
+        .batch_execute(&format!("{SCHEMA}{DATA}"))
+        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    let mut c = cluster.client(&src);
+    let dir = snapshot_path(&format!("ixd_{tag}"));
+    let id = start_snapshot(
+        &mut c,
+        &[&format!("SET steep_repl.chunk_size = '{chunk_size}'")],
+        &dir,
+        ", parallel => 2",
+    );
+    let (status, error) = wait_for(&mut c, &id, 120);
+    assert_eq!(status, "complete", "generate: {error:?}");
+    cluster.fresh_db(&dst, false);
+    copy_schema(cluster, &src, &dst);
+    (src, dst, dir)
+}
+
+#[test]
+fn indexes_built_after_the_data_are_exactly_as_they_were() {
+    let cluster = preloaded();
+    let (src, dst, dir) = prepare(cluster, "ok", "256kB");
+    let mut d = cluster.client(&dst);
+    let (defs_before, oids_before) = schema_of(&mut d);
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0").unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let (status, error) = wait_for(&mut d, &id, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, &src, &dst, &dir);
+    let (defs_after, oids_after) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_after, "every index and constraint is as it was");
+    let mut again = rebuilt(&oids_before, &oids_after);
+    again.sort();
+    // Built after the data: every index of main and ri, child's; kept: parent's key (child's foreign key
+    // depends on it) and the exclusion constraint's index. child_pkey and spans_pkey are plain keys.
+    assert_eq!(
+        again,
+        [
+            "child_parent",
+            "child_pkey",
+            "main lower",
+            "main_code",
+            "main_created",
+            "main_email_key",
+            "main_pkey",
+            "main_tags",
+            "ri_ab",
+            "spans_pkey"
+        ],
+        "the indexes built after the data"
+    );
+    assert_eq!(pending_records(&mut d, &id), 0);
+    // The rebuilt indexes hold every row: an index-only lookup finds the last one.
+    d.batch_execute("SET enable_seqscan = off").unwrap();
+    let n: i64 =
+        d.query_one(r#"SELECT count(*) FROM "Ix S".main WHERE code = 'c39999'"#, &[]).unwrap().get(0);
+    assert_eq!(n, 1);
+    // The default size defers nothing for tables this small.
+    cluster.fresh_db("ixd_small_dst", false);
+    copy_schema(cluster, &src, "ixd_small_dst");
+    let mut s = cluster.client("ixd_small_dst");
+    let (_, small_before) = schema_of(&mut s);
+    let id: String = s
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let (status, error) = wait_for(&mut s, &id, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    let (_, small_after) = schema_of(&mut s);
+    assert!(rebuilt(&small_before, &small_after).is_empty());
+}
+
+/// Interrupts an apply that deferred its indexes in the middle of its data phase; the schema must be as
+/// it was once the job has ended, and resume_apply must finish the load and build the indexes again.
+fn interrupted(interrupt: &str) {
+    let cluster = preloaded();
+    let (src, dst, dir) = prepare(cluster, interrupt, "64kB");
+    let mut d = cluster.client(&dst);
+    let (defs_before, oids_before) = schema_of(&mut d);
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '150ms'")
+        .unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let mut progressed = false;
+    for _ in 0..1500 {
+        let done: i32 =
+            d.query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        if done >= 3 {
+            progressed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(progressed, "apply made no progress");
+    // In the data phase the deferred indexes are gone, and recorded.
+    assert!(pending_records(&mut d, &id) >= 9);
+    if interrupt == "kill" {
+        let pids: Vec<i32> =
+            d.query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        d.query_one("SELECT pg_terminate_backend($1)", &[&pids[pids.len() - 1]]).unwrap();
+    } else {
+        assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
+    }
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, if interrupt == "kill" { "failed" } else { "cancelled" }, "{error:?}");
+    let (defs_stopped, _) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_stopped, "the schema is as it was when the job has ended");
+    assert_eq!(pending_records(&mut d, &id), 0);
+    let partial: i64 = d.query_one(r#"SELECT count(*) FROM "Ix S".main"#, &[]).unwrap().get(0);
+    let total: i64 =
+        cluster.client(&src).query_one(r#"SELECT count(*) FROM "Ix S".main"#, &[]).unwrap().get(0);
+    assert!(partial < total, "stopped in the middle: {partial} of {total}");
+
+    d.batch_execute("RESET steep_repl.chunk_pause").unwrap();
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    assert_eq!(again, id);
+    let (status, error) = wait_for(&mut d, &id, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, &src, &dst, &dir);
+    let (defs_after, oids_after) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_after);
+    assert!(rebuilt(&oids_before, &oids_after).contains(&"main_pkey".to_string()));
+    assert_eq!(pending_records(&mut d, &id), 0);
+}
+
+#[test]
+fn a_cancel_during_the_load_restores_the_indexes_and_resume_finishes() {
+    interrupted("cancel");
+}
+
+#[test]
+fn a_killed_worker_restores_the_indexes_and_resume_finishes() {
+    interrupted("kill");
+}
+
+/// A unique index that the loaded rows violate cannot be built: the job fails naming it, the index stays
+/// recorded (not silently lost), and once the duplicate is gone resume_apply builds it.
+#[test]
+fn an_index_the_data_violates_is_reported_and_built_by_resume() {
+    let cluster = preloaded();
+    let (src, dst) = ("ixd_dup_src", "ixd_dup_dst");
+    cluster.fresh_db(src, true);
+    // The source has no unique index on code; the target has one; the source holds a duplicate code.
+    cluster
+        .client(src)
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, code text); \
+             INSERT INTO t SELECT g, 'c' || g FROM generate_series(1, 20000) g; UPDATE t SET code = 'c1' WHERE id = 2",
+        )
+        .unwrap();
+    let mut c = cluster.client(src);
+    let dir = snapshot_path("ixd_dup");
+    let id = start_snapshot(&mut c, &[], &dir, ", parallel => 2");
+    assert_eq!(wait_for(&mut c, &id, 120).0, "complete");
+    cluster.fresh_db(dst, false);
+    copy_schema(cluster, src, dst);
+    let mut d = cluster.client(dst);
+    d.batch_execute("CREATE UNIQUE INDEX t_code ON t (code)").unwrap();
+    let (defs_before, _) = schema_of(&mut d);
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0").unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("t_code") && error.contains("resume_apply"), "{error}");
+    let left: Vec<String> = d
+        .query("SELECT index_name FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1", &[&id])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["t_code"]);
+    d.batch_execute("DELETE FROM t WHERE id = 2").unwrap();
+    d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap();
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_eq!(schema_of(&mut d).0, defs_before);
+}
