@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|many|schema|replica|all] [--mixed-scale N] [--onebig-scale N]
-#                    [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]
+#   scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|all] [--mixed-scale N]
+#                    [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N]
+#                    [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
-#             both into the same pre-created schema with its indexes and keys (emptied in between)
+#             both into the same pre-created schema with its indexes and keys (emptied in between);
+#             steep-repl's time includes building the indexes it deferred
 #   client    steep-repl snapshot generate --client --parallel N (the CLI runs the engine)  vs  pg_dump
 #             (mixed database only)
 #   copy      a full copy: direct generate then apply  vs  pgcopydb copy table-data --table-jobs N,
 #             into the same pre-created schema (mixed database only)
+#   ready     a ready copy into an empty database (schema, data, indexes, constraints; ANALYZE for ours and
+#             pgcopydb): pg_dump --schema-only | psql, start_snapshot, start_apply  vs  pg_dump -Fd -j N -Z 1
+#             then pg_restore -j N  vs  pgcopydb clone --table-jobs N --index-jobs N. Not part of `all`.
 #   schema    schema fingerprints of a database of --schema-tables tables (default 10 000, 3 indexes each;
 #             fixtures/sql/fingerprint.sql): schema_fingerprint() vs pg_dump --schema-only, and
 #             compare_schema() against a copy vs pg_dump --schema-only of both and diff
@@ -24,7 +29,9 @@
 #             mixed and onebig datasets. Not part of `all`.
 #
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
-# a hundred small tables) and `onebig` (one large table), scaled to take tens of seconds here. Data is
+# a hundred small tables), `onebig` (one large table) and `wide` (pgbench at scale 50 and a 3-million-row
+# table of jsonb, numeric, arrays, bytea and more, where type input dominates a load), scaled to take tens
+# of seconds here. `generate`, `client` and `copy` use mixed and onebig. Data is
 # VACUUM FREEZE ANALYZEd and prewarmed into shared_buffers before timing, so every tool reads the same
 # warm pages. Each measurement runs --rounds times (default 3), alternating the tools run by run so
 # that a drift of the machine's speed hits both alike; each tool's fastest run counts, and every run is
@@ -33,18 +40,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; mixed_scale=64; onebig_scale=40; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
+what=all; mixed_scale=64; onebig_scale=40; wide_scale=50; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|client|copy|many|schema|replica|all) what="$1" ;;
+    generate|apply|client|copy|ready|many|schema|replica|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
+    --wide-scale) wide_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --many-tables) many_tables="$2"; shift ;;
     --schema-tables) schema_tables="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|many|schema|replica|all] [--mixed-scale N] [--onebig-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|all] [--mixed-scale N] [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -188,6 +196,44 @@ time_pgcopydb() { # source target workdir
   echo "$(now) - $t0" | bc
 }
 
+fresh_target() { # db: an empty database of that name
+  q postgres "DROP DATABASE IF EXISTS $1 WITH (FORCE)"
+  q postgres "CREATE DATABASE $1"
+}
+
+time_ours_ready() { # source target snapdir
+  fresh_target "$2"
+  rm -rf "$3"
+  local t0 id status
+  t0=$(now)
+  pg_dump --schema-only -d "$(db "$1")" | psql "$(db "$2")" -Xq -v ON_ERROR_STOP=1 >/dev/null
+  id=$(q "$1" "SELECT steep_repl.start_snapshot('$3', parallel => $parallel)")
+  status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = complete ] || { echo "bench: steep-repl generate failed: $status" >&2; exit 1; }
+  id=$(q "$2" "SELECT steep_repl.start_apply('$3', parallel => $parallel)")
+  status=$(q "$2" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = applied ] || { echo "bench: steep-repl apply failed: $status" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+time_dump_restore_ready() { # source target dumpdir
+  fresh_target "$2"
+  rm -rf "$3"
+  local t0; t0=$(now)
+  pg_dump -Fd -j "$parallel" -Z 1 -f "$3" -d "$(db "$1")"
+  pg_restore -j "$parallel" -d "$(db "$2")" "$3"
+  echo "$(now) - $t0" | bc
+}
+
+time_pgcopydb_ready() { # source target workdir
+  fresh_target "$2"
+  rm -rf "$3"
+  local t0; t0=$(now)
+  pgcopydb clone --source "$(uri "$1")" --target "$(uri "$2")" --table-jobs "$parallel" --index-jobs "$parallel" \
+    --dir "$3" >"$3.log" 2>&1 || { echo "bench: pgcopydb clone failed (log: $3.log)" >&2; tail -5 "$3.log" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
 min() { echo "if ($1 < $2) $1 else $2" | bc; }
 
 # alternate "OURS COMMAND" "PEER COMMAND": runs them one after the other, $rounds times, each after a
@@ -203,6 +249,18 @@ alternate() {
     sync; y=$(eval "$2")
     runs_a="$runs_a${runs_a:+, }${x}s"; runs_b="$runs_b${runs_b:+, }${y}s"
     if [ -z "$a" ]; then a=$x; b=$y; else a=$(min "$a" "$x"); b=$(min "$b" "$y"); fi
+  done
+}
+# alternate3 "OURS" "PEER B" "PEER C": as alternate, for three tools; also sets c and runs_c.
+alternate3() {
+  local i x y z
+  a=""; b=""; c=""; runs_a=""; runs_b=""; runs_c=""
+  for i in $(seq 1 "$rounds"); do
+    sync; x=$(eval "$1")
+    sync; y=$(eval "$2")
+    sync; z=$(eval "$3")
+    runs_a="$runs_a${runs_a:+, }${x}s"; runs_b="$runs_b${runs_b:+, }${y}s"; runs_c="$runs_c${runs_c:+, }${z}s"
+    if [ -z "$a" ]; then a=$x; b=$y; c=$z; else a=$(min "$a" "$x"); b=$(min "$b" "$y"); c=$(min "$c" "$z"); fi
   done
 }
 ratio() { echo "scale=3; $1 / $2" | bc; }
@@ -377,8 +435,9 @@ if [ "$what" = many ]; then
   exit 0
 fi
 
-for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
+for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale" "wide:wide.sql:$wide_scale"; do
   IFS=: read -r name file scale <<<"$spec"
+  case "$name:$what" in wide:apply|wide:ready|wide:all) ;; wide:*) continue ;; esac
   dbname="bench_$name"
   ensure_dataset "$dbname" "$file" "$scale"
   # The SQL objects must match the library just installed (the version number does not move in development).
@@ -420,6 +479,20 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale"; do
     fi
   fi
 
+  if [ "$what" = ready ]; then
+    target="${dbname}_ready"
+    alternate3 'time_ours_ready "$dbname" "$target" "$ours_dir.ready"' \
+      'time_dump_restore_ready "$dbname" "$target" "$dump_dir.ready"' \
+      'time_pgcopydb_ready "$dbname" "$target" "$work/pgcopydb.ready"'
+    report "ready copy $name into an empty database (schema, data, indexes, constraints):"
+    report "  steep-repl schema + start_snapshot + start_apply (with ANALYZE)  ${a}s (runs $runs_a)"
+    report "  pg_dump -Fd -j$parallel -Z1 + pg_restore -j$parallel (no ANALYZE)        ${b}s (runs $runs_b)"
+    report "  pgcopydb clone --table-jobs $parallel --index-jobs $parallel (with VACUUM ANALYZE)  ${c}s (runs $runs_c)"
+    report "  ratio steep-repl / pg_dump+pg_restore: $(ratio "$a" "$b")x   steep-repl / pgcopydb: $(ratio "$a" "$c")x"
+    rm -rf "$ours_dir.ready" "$dump_dir.ready" "$work/pgcopydb.ready"
+    q postgres "DROP DATABASE IF EXISTS $target WITH (FORCE)"
+    continue
+  fi
   case "$what" in client|copy) continue ;; esac
   if [ "$what" != apply ] || [ ! -f "$ours_dir/manifest.json" ] || [ ! -f "$dump_dir/toc.dat" ]; then
     alternate 'time_ours_generate "$dbname" "$ours_dir"' 'time_pg_dump "$dbname" "$dump_dir"'

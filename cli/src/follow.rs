@@ -123,6 +123,8 @@ pub async fn follow(f: Follow<'_>, listener: Option<Listener>) -> Result<Final, 
         Some(l) => l,
         None => conn.connect_listening(CHANNEL).await?,
     };
+    // A warning is shown once, whether it came as a server WARNING (start_apply raises it) or in progress.
+    let mut warned: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -149,6 +151,7 @@ pub async fn follow(f: Follow<'_>, listener: Option<Listener>) -> Result<Final, 
             Step::Event(Some(ServerEvent::Notification { .. })) => None,
             Step::Event(Some(ServerEvent::Notice(msg))) => {
                 reporter.note(&format!("server {msg}"));
+                warned.push(msg);
                 None
             }
             Step::Event(Some(ServerEvent::Lost(reason))) => {
@@ -174,6 +177,10 @@ pub async fn follow(f: Follow<'_>, listener: Option<Listener>) -> Result<Final, 
             },
         };
         if let Some(u) = update {
+            if let Some(w) = u.warning.as_deref().filter(|w| !warned.iter().any(|seen| seen.contains(w))) {
+                reporter.note(&format!("server WARNING: {w}"));
+                warned.push(w.to_string());
+            }
             reporter.update(&u);
             if u.is_terminal() {
                 break;

@@ -41,6 +41,9 @@ pub struct Update {
     /// Tables being worked on now, when the source says (`snapshot_progress` does, NOTIFY does not).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_tables: Option<Vec<String>>,
+    /// What the user should know that does not stop the operation (an apply that will force checkpoints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl Update {
@@ -70,6 +73,7 @@ impl Update {
                 .get("current_tables")
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()),
+            warning: obj.get("warning").and_then(Value::as_str).filter(|w| !w.is_empty()).map(str::to_string),
         })
     }
 

@@ -10,6 +10,7 @@
 //! - [`chunk`]: writing and reading checksummed, compressed chunk files;
 //! - [`manifest`]: `manifest.json`, its validation and atomic writing;
 //! - [`verify`]: checking a whole snapshot, quickly or deeply, in parallel;
+//! - [`checkpoints`]: whether a load will force checkpoints, and the settings that avoid them;
 //! - [`schema`]: schema fingerprints, read by one catalog query, and their comparison between nodes.
 //!
 //! # Example: write a one-table snapshot and verify it
@@ -88,6 +89,7 @@
 //! ```
 
 pub mod catalog;
+pub mod checkpoints;
 pub mod chunk;
 pub mod compat;
 pub mod copy_text;

@@ -95,7 +95,7 @@ GRANT SELECT ON steep_repl.apply_targets TO PUBLIC;
 -- each exactly as it was (name, definition, tablespace, clustering, replica identity, comments); a row is
 -- deleted in the transaction that ran them. So a row here is an index that is missing right now: the
 -- apply builds it before it ends, also when it fails or is cancelled, and resume_apply builds any that a
--- crash left behind.
+-- crash left behind. Builders claim rows with FOR UPDATE SKIP LOCKED, so several build at once.
 CREATE TABLE steep_repl.apply_deferred_indexes (
     apply_id     text   NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
     relid        oid    NOT NULL,
@@ -104,6 +104,9 @@ CREATE TABLE steep_repl.apply_deferred_indexes (
     index_name   text   NOT NULL,
     statements   text[] NOT NULL,
     deferred_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    -- Why the last attempt to build it failed (a duplicate key the loaded rows hold); the rest of that
+    -- run passes it over, resume_apply tries again.
+    last_error   text,
     PRIMARY KEY (apply_id, schema_name, index_name)
 );
 GRANT SELECT ON steep_repl.apply_deferred_indexes TO PUBLIC;

@@ -398,6 +398,34 @@ pub fn watch_workers(shared: &Shared, slot: usize, tables_before: u32, mut on_ti
     }
 }
 
+/// After the data phase: waits until every worker of the job has finished what it still does (an apply's
+/// workers build deferred indexes) and ended, or the job stops; a worker that died fails the job.
+pub fn wait_for_workers(shared: &Shared, slot: usize) {
+    let job = &shared.jobs[slot];
+    let generation = job.generation();
+    let me = pg::my_pid();
+    loop {
+        if job.should_stop() {
+            return;
+        }
+        pgrx::check_for_interrupts!();
+        let mut active = 0;
+        for (i, w, _) in shared.job_workers(slot, Some(generation)) {
+            let pid = w.pid.load(Ordering::Acquire);
+            if matches!(w.word.state(), worker_state::LAUNCHING | worker_state::RUNNING) && pid != me {
+                active += 1;
+                if pid > 0 && !pg::process_alive(pid) {
+                    job.fail(&format!("worker #{i} (pid {pid}) exited unexpectedly"));
+                }
+            }
+        }
+        if active == 0 {
+            return;
+        }
+        nap(LEADER_TICK);
+    }
+}
+
 /// Tables all of whose chunks are done, whatever order the chunks were planned in.
 pub fn count_tables_done(shared: &Shared, base: usize, count: usize) -> u32 {
     let Some(slots) = shared.chunks().get(base..base + count) else { return 0 };

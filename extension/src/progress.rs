@@ -84,6 +84,7 @@ pub fn payload(job: &JobSlot) -> String {
             "bytes_per_s": rate.round(),
             "eta_s": eta.map(|e| e.round()),
             "error": error,
+            "warning": Some(job.warning.get()).filter(|w| !w.is_empty()),
         });
         let s = v.to_string();
         match &mut error {

@@ -331,6 +331,9 @@ pub struct JobSlot {
     pub error_claimed: AtomicU32,
     pub error: ShmemStr<1024>,
     pub error_full: ShmemStr<2048>,
+    /// Something the user should know about the job that does not stop it (an apply that will force
+    /// checkpoints: `steep_repl_engine::checkpoints`); empty when nothing.
+    pub warning: ShmemStr<512>,
     pub path: ShmemStr<MAX_PATH_BYTES>,
     /// Snapshot to import: given by the caller (empty = export a new one), then the exported one.
     pub snapshot_name: ShmemStr<64>,
@@ -839,6 +842,7 @@ impl JobSlot {
         for s in [
             &self.error as &dyn ClearStr,
             &self.error_full,
+            &self.warning,
             &self.path,
             &self.snapshot_name,
             &self.export_name,

@@ -298,3 +298,46 @@ fn an_index_the_data_violates_is_reported_and_built_by_resume() {
     assert_eq!(status, "applied", "{error:?}");
     assert_eq!(schema_of(&mut d).0, defs_before);
 }
+
+/// A load that will force checkpoints is told so before it starts: a WARNING to the caller and in the
+/// server log, and the job's progress, each naming max_wal_size and a value that avoids them.
+#[test]
+fn a_load_that_will_force_checkpoints_names_the_setting_and_a_value() {
+    let cluster = dedicated_with("ixd_wal", "max_wal_size = 32MB\nmin_wal_size = 32MB");
+    cluster.fresh_db("wal_src", true);
+    // About 24 MB of COPY text: some 31 MB of WAL, where max_wal_size = 32MB checkpoints every 16.8 MB.
+    cluster
+        .client("wal_src")
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, repeat('x', 110) FROM generate_series(1, 200000) g")
+        .unwrap();
+    let mut c = cluster.client("wal_src");
+    let dir = snapshot_path("ixd_wal");
+    let id = start_snapshot(&mut c, &[], &dir, ", parallel => 2");
+    assert_eq!(wait_for(&mut c, &id, 120).0, "complete");
+    cluster.fresh_db("wal_dst", false);
+    copy_schema(&cluster, "wal_src", "wal_dst");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut config: postgres::Config = cluster.conninfo_for("wal_dst").parse().unwrap();
+    config.notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
+    let mut d = config.connect(postgres::NoTls).unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let warned = notices.lock().unwrap().clone();
+    assert!(
+        warned.iter().any(|w| w.contains("max_wal_size = 32MB forces about") && w.contains("set max_wal_size = '1GB'")),
+        "{warned:?}"
+    );
+    let progress: Option<String> =
+        d.query_one("SELECT warning FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+    assert!(progress.unwrap_or_default().contains("max_wal_size"));
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    // Still there once the job has ended, and in the log.
+    let persisted: Option<String> =
+        d.query_one("SELECT warning FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+    assert!(persisted.unwrap_or_default().contains("max_wal_size"));
+    assert!(cluster.server_log().contains("forces about"), "the warning is in the server log");
+}

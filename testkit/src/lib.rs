@@ -41,6 +41,11 @@ impl Cluster {
         self.conninfo_for(db)
     }
 
+    /// The cluster's server log so far.
+    pub fn server_log(&self) -> String {
+        String::from_utf8_lossy(&pg_sh(&["log", &self.name]).stdout).into_owned()
+    }
+
     /// Restarts the cluster (fast shutdown: running jobs are interrupted).
     pub fn restart(&self) {
         let out = pg_sh_with(&["start", &self.name], self.conf.as_deref());

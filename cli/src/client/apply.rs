@@ -209,6 +209,35 @@ struct Work {
 
 /// Resolves chunks left pending by an interrupted run: committed ones are done, aborted ones are
 /// loaded again; an unknown outcome (too old to tell) is an error naming the chunk.
+/// What `steep_repl_engine::checkpoints` says of loading `copy_bytes` into the target with `workers`
+/// connections: the settings that would force checkpoints during it, and values that avoid them.
+async fn checkpoint_warning(
+    client: &Client,
+    copy_bytes: u64,
+    workers: u32,
+) -> Result<Option<String>, CliError> {
+    use steep_repl_engine::checkpoints::{self, Estimate, Settings};
+    let sql = "SELECT (SELECT setting::int8 FROM pg_catalog.pg_settings WHERE name = 'max_wal_size'), \
+                      (SELECT setting::float8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_completion_target'), \
+                      (SELECT setting::int8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_timeout')";
+    let row = client
+        .query_one(sql, &[])
+        .await
+        .map_err(CliError::query("reading the target's checkpoint settings"))?;
+    let (Some(wal_mb), Some(target), Some(timeout)) =
+        (row.get::<_, Option<i64>>(0), row.get::<_, Option<f64>>(1), row.get::<_, Option<i64>>(2))
+    else {
+        return Ok(None);
+    };
+    let settings = Settings {
+        max_wal_size_bytes: (wal_mb.max(0) as u64) << 20,
+        checkpoint_completion_target: target,
+        checkpoint_timeout_s: timeout.max(0) as u64,
+    };
+    let estimate = Estimate::of(copy_bytes, workers.max(1));
+    Ok(checkpoints::warning(estimate, &checkpoints::advise(estimate, settings)))
+}
+
 async fn resolve_pending(
     client: &Client,
     state: &mut StateFile,
@@ -338,6 +367,17 @@ async fn apply(
             state.state.done.len(),
             state.path.display()
         ));
+    }
+
+    let left: u64 = m
+        .tables
+        .iter()
+        .flat_map(|t| &t.chunks)
+        .filter(|c| !state.state.done.contains_key(&c.file))
+        .map(|c| c.raw_bytes)
+        .sum();
+    if let Some(w) = checkpoint_warning(coord, left, job.parallel).await? {
+        reporter.note(&format!("warning: {w}"));
     }
 
     // Tables that this apply has not started: they must be empty, or be emptied.

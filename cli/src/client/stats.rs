@@ -109,6 +109,7 @@ impl Stats {
             eta_s: eta.map(f64::round),
             error: None,
             current_tables: None,
+            warning: None,
         }
     }
 }

@@ -196,9 +196,50 @@ fn claim_targets(id: &str, m: &Manifest, relids: &[u32], resume: bool) {
     );
 }
 
+/// COPY text apply `id` has loaded already.
+fn loaded_bytes(id: &str) -> u64 {
+    Spi::get_one_with_args::<i64>(
+        "SELECT coalesce(pg_catalog.sum(raw_bytes), 0)::pg_catalog.int8 FROM steep_repl.apply_chunks WHERE apply_id = $1",
+        &[id.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+    .max(0) as u64
+}
+
+/// Warns (to the caller, and in the server log) when loading what is left of the snapshot will force
+/// checkpoints, naming the setting to raise and a value that avoids them; the warning, if any, for the
+/// job's progress. `steep_repl_engine::checkpoints` holds the estimate.
+fn warn_about_checkpoints(m: &Manifest, loaded_bytes: u64, parallel: i32) -> Option<String> {
+    use steep_repl_engine::checkpoints::{self, Estimate, Settings};
+    let total: u64 = m.tables.iter().flat_map(|t| &t.chunks).map(|c| c.raw_bytes).sum();
+    let estimate = Estimate::of(total.saturating_sub(loaded_bytes), parallel.max(1) as u32);
+    let (wal_mb, target, timeout) = Spi::get_three::<i64, f64, i64>(
+        "SELECT (SELECT setting::pg_catalog.int8 FROM pg_catalog.pg_settings WHERE name = 'max_wal_size'),                 (SELECT setting::pg_catalog.float8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_completion_target'),                 (SELECT setting::pg_catalog.int8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_timeout')",
+    )
+    .ok()?;
+    let settings = Settings {
+        max_wal_size_bytes: (wal_mb? as u64) << 20,
+        checkpoint_completion_target: target?,
+        checkpoint_timeout_s: timeout? as u64,
+    };
+    let warning = checkpoints::warning(estimate, &checkpoints::advise(estimate, settings))?;
+    pgrx::warning!("{warning}");
+    Some(warning)
+}
+
 /// Claims a job slot for `id`, fills it, and launches the leader; an ERROR (with the slot freed) when
 /// it cannot start.
-fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32, manifest_sha256: &str, part_bytes: u64) {
+fn launch_apply(
+    id: &str,
+    path: &str,
+    parallel: i32,
+    job_flags: u32,
+    manifest_sha256: &str,
+    part_bytes: u64,
+    warning: Option<&str>,
+) {
     let shared = shmem::require();
     let Some((slot, generation)) = shared.claim_job_slot() else { no_job_slot() };
     let guard = StartGuard::new(slot, generation);
@@ -215,6 +256,7 @@ fn launch_apply(id: &str, path: &str, parallel: i32, job_flags: u32, manifest_sh
     job.flags.store(job_flags, Ordering::Relaxed);
     job.chunk_pause_ms.store(crate::gucs::CHUNK_PAUSE_MS.get().max(0) as u64, Ordering::Relaxed);
     job.chunk_bytes.store(part_bytes.max(1), Ordering::Relaxed);
+    job.warning.set_truncated(warning.unwrap_or_default());
     job.set_phase(Phase::Queued);
     job::launch_leader(Entry::ApplyLeader, shared, slot, generation);
     guard.launched();
@@ -266,6 +308,7 @@ fn start_apply(
         }
     }
     let part_bytes = crate::gucs::APPLY_PART_SIZE_KB.get().max(1) as u64 * 1024;
+    let warning = warn_about_checkpoints(&m, 0, parallel);
     let id = job::new_job_id(JobKind::Apply);
     let (index_defer_bytes, index_memory_kb) = crate::worker::indexes::Settings::from_gucs().to_json();
     let options = serde_json::json!({
@@ -273,6 +316,7 @@ fn start_apply(
         "snapshot_id": m.snapshot_id, "replica_mode": job_flags & flags::REPLICA != 0,
         "manifest_sha256": sha256, "part_size_bytes": part_bytes,
         "index_defer_bytes": index_defer_bytes, "index_memory_kb": index_memory_kb,
+        "warning": warning,
     })
     .to_string();
     bookkeeping::insert_operation(&NewOperation {
@@ -287,7 +331,7 @@ fn start_apply(
         chunks_total: m.totals.chunks as i32,
     });
     claim_targets(&id, &m, &relids, false);
-    launch_apply(&id, &path, parallel, job_flags, &sha256, part_bytes);
+    launch_apply(&id, &path, parallel, job_flags, &sha256, part_bytes, warning.as_deref());
     id
 }
 
@@ -379,6 +423,7 @@ fn resume_apply(id: &str) -> String {
         not_resumable(&status);
     }
     claim_targets(id, &m, &relids, true);
-    launch_apply(id, &op.path, op.parallel, job_flags, &sha256, part_bytes);
+    let warning = warn_about_checkpoints(&m, loaded_bytes(id), op.parallel);
+    launch_apply(id, &op.path, op.parallel, job_flags, &sha256, part_bytes, warning.as_deref());
     id.to_string()
 }

@@ -29,6 +29,7 @@ type ProgressRow = (
     Vec<String>,
     Option<String>,
     Vec<i32>,
+    Option<String>,
 );
 
 /// Live progress of one operation (`id`) or of all running ones (`id` NULL), read from shared memory
@@ -36,7 +37,8 @@ type ProgressRow = (
 /// `worker_pids` lists the leader first, then the data workers running now; `current_tables` the tables
 /// those workers are reading (generate) or loading (apply) at this moment; `waiting_for` the processes
 /// the leader waits for (in phase `slot`: the transactions that were running when the slot's creation
-/// began, which it must outlive).
+/// began, which it must outlive); `warning` what the user should know that does not stop the job (an
+/// apply that will force checkpoints, naming the setting to raise).
 /// Needs the library preloaded.
 #[allow(clippy::type_complexity)]
 #[pg_extern]
@@ -65,6 +67,7 @@ fn snapshot_progress(
         name!(current_tables, Vec<String>),
         name!(error, Option<String>),
         name!(waiting_for, Vec<i32>),
+        name!(warning, Option<String>),
     ),
 > {
     let shared = shmem::require();
@@ -141,6 +144,7 @@ fn snapshot_progress(
                 job.error_message()
             },
             waiting_for,
+            Some(job.warning.get()).filter(|w| !w.is_empty()),
         ));
     }
     if let (Some(want), true) = (id.as_deref(), rows.is_empty()) {
@@ -150,7 +154,7 @@ fn snapshot_progress(
                 "SELECT id, op, phase, status, CASE WHEN status IN ('complete', 'applied') THEN 100 ELSE 0 END::float8, \
                  tables_done, tables_total, chunks_done, chunks_total, rows_done, bytes_done, bytes_written, \
                  CASE WHEN finished_at > started_at THEN (bytes_done / extract(epoch FROM finished_at - started_at))::int8 \
-                 ELSE 0 END, steep_repl.operation_error(id) FROM steep_repl.snapshots WHERE id = $1",
+                 ELSE 0 END, steep_repl.operation_error(id), options->>'warning' FROM steep_repl.snapshots WHERE id = $1",
                 Some(1),
                 &[want.into()],
             )?;
@@ -178,6 +182,7 @@ fn snapshot_progress(
                 Vec::new(),
                 r.get::<String>(14)?,
                 Vec::new(),
+                r.get::<String>(15)?,
             )))
         })
         .unwrap_or_else(|e| error!("reading operation {want}: {e}"));

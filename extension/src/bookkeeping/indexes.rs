@@ -37,26 +37,79 @@ pub fn record(id: &str, d: &Deferred) {
     .unwrap_or_else(|e| error!("recording that {id} deferred index {}: {e}", d.index));
 }
 
-/// The indexes apply `id` has deferred and not re-created yet, largest tables first.
-pub fn pending(id: &str) -> Vec<Deferred> {
-    Spi::connect(|client| -> Result<Vec<Deferred>, pgrx::spi::Error> {
+fn deferred_of(r: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Deferred, pgrx::spi::Error> {
+    Ok(Deferred {
+        schema: r.get::<String>(1)?.unwrap_or_default(),
+        table: r.get::<String>(2)?.unwrap_or_default(),
+        relid: r.get::<pgrx::pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or_default(),
+        index: r.get::<String>(4)?.unwrap_or_default(),
+        statements: r.get::<Vec<String>>(5)?.unwrap_or_default(),
+    })
+}
+
+/// Locks the record of one index apply `id` deferred, to build it in the current transaction: not of a
+/// table in `loading`, not locked by another process (`SKIP LOCKED`: a builder in another process has
+/// it), not failed in this run; the largest table's first. None when there is none.
+pub fn claim(id: &str, loading: &[pgrx::pg_sys::Oid]) -> Option<Deferred> {
+    as_owner(|| {
+        Spi::connect_mut(|client| -> Result<Option<Deferred>, pgrx::spi::Error> {
+            let t = client.update(
+                "SELECT d.schema_name, d.table_name, d.relid, d.index_name, d.statements \
+                 FROM steep_repl.apply_deferred_indexes d \
+                 LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.relid \
+                 WHERE d.apply_id OPERATOR(pg_catalog.=) $1 AND d.last_error IS NULL \
+                   AND d.relid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[]) \
+                 ORDER BY coalesce(c.relpages, 0) DESC, d.relid, d.index_name \
+                 LIMIT 1 FOR UPDATE OF d SKIP LOCKED",
+                None,
+                &[id.into(), loading.to_vec().into()],
+            )?;
+            match t.into_iter().next() {
+                Some(r) => deferred_of(&r).map(Some),
+                None => Ok(None),
+            }
+        })
+    })
+    .unwrap_or_else(|e| error!("claiming an index {id} deferred: {e}"))
+}
+
+/// Records why `d`'s index could not be built (the rest of this run passes it over).
+pub fn mark_failed(id: &str, d: &Deferred, error: &str) {
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE steep_repl.apply_deferred_indexes SET last_error = $4 \
+             WHERE apply_id OPERATOR(pg_catalog.=) $1 AND schema_name OPERATOR(pg_catalog.=) $2 \
+               AND index_name OPERATOR(pg_catalog.=) $3",
+            &[id.into(), d.schema.as_str().into(), d.index.as_str().into(), error.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("recording that index {} could not be built: {e}", d.index));
+}
+
+/// Makes every index of apply `id` that failed to build eligible again (a resume tries them again).
+pub fn clear_failures(id: &str) {
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE steep_repl.apply_deferred_indexes SET last_error = NULL \
+             WHERE apply_id OPERATOR(pg_catalog.=) $1 AND last_error IS NOT NULL",
+            &[id.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("clearing the index failures of {id}: {e}"));
+}
+
+/// The indexes apply `id` has deferred and not re-created, with the error of a failed build.
+pub fn left(id: &str) -> Vec<(Deferred, Option<String>)> {
+    Spi::connect(|client| -> Result<Vec<(Deferred, Option<String>)>, pgrx::spi::Error> {
         let mut v = Vec::new();
         for r in client.select(
-            "SELECT d.schema_name, d.table_name, d.relid, d.index_name, d.statements \
-             FROM steep_repl.apply_deferred_indexes d \
-             LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.relid \
-             WHERE d.apply_id OPERATOR(pg_catalog.=) $1 \
-             ORDER BY coalesce(c.relpages, 0) DESC, d.relid, d.index_name",
+            "SELECT schema_name, table_name, relid, index_name, statements, last_error \
+             FROM steep_repl.apply_deferred_indexes WHERE apply_id OPERATOR(pg_catalog.=) $1 \
+             ORDER BY schema_name, index_name",
             None,
             &[id.into()],
         )? {
-            v.push(Deferred {
-                schema: r.get::<String>(1)?.unwrap_or_default(),
-                table: r.get::<String>(2)?.unwrap_or_default(),
-                relid: r.get::<pgrx::pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or_default(),
-                index: r.get::<String>(4)?.unwrap_or_default(),
-                statements: r.get::<Vec<String>>(5)?.unwrap_or_default(),
-            });
+            v.push((deferred_of(&r)?, r.get::<String>(6)?));
         }
         Ok(v)
     })
@@ -74,15 +127,4 @@ pub fn forget(id: &str, d: &Deferred) {
         )
     })
     .unwrap_or_else(|e| error!("recording that {id} re-created index {}: {e}", d.index));
-}
-
-/// How many indexes apply `id` has deferred and not re-created.
-pub fn count_pending(id: &str) -> i64 {
-    Spi::get_one_with_args::<i64>(
-        "SELECT pg_catalog.count(*) FROM steep_repl.apply_deferred_indexes WHERE apply_id OPERATOR(pg_catalog.=) $1",
-        &[id.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(0)
 }

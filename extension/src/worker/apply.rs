@@ -150,6 +150,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let (done, relids, index_settings) = BackgroundWorker::transaction(|| {
         let relids: Vec<pg_sys::Oid> =
             crate::api::apply::target_relids(&manifest).into_iter().map(pg_sys::Oid::from).collect();
+        // Indexes an earlier run could not build are tried again.
+        bookkeeping::indexes::clear_failures(&id);
         (bookkeeping::loaded_ranges(&id), relids, index_settings(&id))
     });
     if let Some(k) = relids.iter().position(|r| *r == pg_sys::InvalidOid) {
@@ -280,21 +282,49 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     }
     // Tables a resumed job had finished before count as done from the start (once: the leader's tick
     // stores its count of this run's finished tables plus these).
+    // A table with deferred indexes is let go of once all its rows are in, so that a worker with nothing
+    // left to load can build its indexes (ALTER TABLE ... ADD CONSTRAINT waits for this lock) while the
+    // others still load.
+    let mut held: HashSet<pg_sys::Oid> = session_locked.iter().copied().collect();
+    let mut to_build: HashSet<pg_sys::Oid> = if deferred > 0 {
+        BackgroundWorker::transaction(|| bookkeeping::indexes::left(&id))
+            .into_iter()
+            .map(|(d, _)| pg_sys::Oid::from(d.relid))
+            .filter(|r| held.contains(r))
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let mut last_release = 0u64;
     job::watch_workers(shared, slot, tables_complete, |job| {
         progress::publish_if_due(job, false);
+        let now = pg::now_ms();
+        if to_build.is_empty() || now.saturating_sub(last_release) < 200 {
+            return;
+        }
+        last_release = now;
+        let loading = tables_loading(shared, job);
+        to_build.retain(|relid| {
+            if loading.contains(relid) {
+                return true;
+            }
+            pg::unlock_relation_for_session(*relid, pg_sys::ShareUpdateExclusiveLock);
+            held.remove(relid);
+            false
+        });
     });
     if job.should_stop() {
         return Err(job.job_error().unwrap_or_else(|| JobError::plain("stopped")));
     }
     job.tables_done.store(manifest.tables.len() as u32, Ordering::Relaxed);
     BackgroundWorker::transaction(|| {
-        for &relid in &session_locked {
+        for &relid in &held {
             pg::unlock_relation_for_session(relid, pg_sys::ShareUpdateExclusiveLock);
         }
     });
 
     laps.lap("data phase");
-    build_indexes(job, &id, index_settings)?;
+    build_indexes(shared, slot, &id, index_settings)?;
     laps.lap("built the deferred indexes");
     if !manifest.sequences.is_empty() {
         stop_point(job)?;
@@ -383,18 +413,28 @@ fn index_settings(id: &str) -> indexes::Settings {
         .unwrap_or(indexes::Settings { defer_bytes: None, memory_kb: 0 })
 }
 
-/// Builds the indexes deferred by this apply (or by the run it resumes), with the server's parallel
-/// index build; an error naming every index that could not be built or came out different.
-fn build_indexes(job: &JobSlot, id: &str, settings: indexes::Settings) -> Result<(), JobError> {
+/// Builds the indexes deferred by this apply (or by the run it resumes) that its workers have not built,
+/// with the server's parallel index build, then waits for the workers still building; an error naming
+/// every index that could not be built or came out different.
+fn build_indexes(
+    shared: &Shared,
+    slot: usize,
+    id: &str,
+    settings: indexes::Settings,
+) -> Result<(), JobError> {
+    let job = &shared.jobs[slot];
     let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
     let mut announced = false;
-    let problems = indexes::build(id, settings, helpers, |_| {
+    let mut problems = indexes::build_all(id, settings, helpers, || {
         if !announced {
             job.set_phase(Phase::Indexes);
             progress::publish_if_due(job, true);
             announced = true;
         }
     });
+    job::wait_for_workers(shared, slot);
+    stop_point(job)?;
+    problems.extend(indexes::left(id));
     if problems.is_empty() { Ok(()) } else { Err(JobError::plain(indexes::problems_note(id, &problems))) }
 }
 
@@ -402,10 +442,6 @@ fn build_indexes(job: &JobSlot, id: &str, settings: indexes::Settings) -> Result
 /// (not when the server is shutting down: then `resume_apply` builds them). What it could not build.
 fn restore_indexes(job: &JobSlot) -> Option<String> {
     let id = job.id.get();
-    if job.phase() == Phase::Indexes {
-        // The job failed while it built them: each was tried, and the error names those that failed.
-        return None;
-    }
     // The cancel that ended the job must not end its clean-up too.
     pg::take_cancel_request();
     let settings = xact::try_catch(|| BackgroundWorker::transaction(|| index_settings(&id)));
@@ -417,7 +453,7 @@ fn restore_indexes(job: &JobSlot) -> Option<String> {
     };
     let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
     let mut announced = false;
-    let problems = indexes::build(&id, settings, helpers, |_| {
+    let mut problems = indexes::build_all(&id, settings, helpers, || {
         if !announced {
             job.set_phase(Phase::Indexes);
             let _ = xact::try_catch(|| progress::publish_if_due(job, true))
@@ -425,6 +461,7 @@ fn restore_indexes(job: &JobSlot) -> Option<String> {
             announced = true;
         }
     });
+    problems.extend(indexes::left(&id));
     (!problems.is_empty()).then(|| indexes::problems_note(&id, &problems))
 }
 
@@ -462,11 +499,54 @@ pub extern "C-unwind" fn steep_repl_apply_worker(arg: pg_sys::Datum) {
     let job = &shared.jobs[slot];
     let result = xact::try_catch(|| {
         let (dir, manifest) = load_manifest(job)?;
-        load_chunks(shared, slot, me, &dir, &manifest)
+        load_chunks(shared, slot, me, &dir, &manifest)?;
+        build_ready_indexes(shared, slot);
+        Ok(())
     })
     .map_err(|c| JobError::caught(None, &c))
     .and_then(|r| r);
     job::end_worker(job, me, result);
+}
+
+/// The tables of `job` with a unit not committed yet.
+fn tables_loading(shared: &Shared, job: &JobSlot) -> HashSet<pg_sys::Oid> {
+    let base = job.chunk_base.load(Ordering::Acquire) as usize;
+    let count = job.chunk_count.load(Ordering::Acquire) as usize;
+    shared.chunks()[base..base + count]
+        .iter()
+        .filter(|u| u.state.load(Ordering::Acquire) != chunk_state::DONE)
+        .map(|u| pg_sys::Oid::from(u.relid.load(Ordering::Relaxed)))
+        .collect()
+}
+
+/// Once no unit is left to claim, a worker builds the deferred indexes of tables whose rows are all in,
+/// while other workers finish loading theirs: concurrently with them, and with other builders (each index
+/// is claimed with `FOR UPDATE SKIP LOCKED`). It returns when nothing is left it could build; the leader
+/// builds what remains and reports what failed.
+fn build_ready_indexes(shared: &Shared, slot: usize) {
+    let job = &shared.jobs[slot];
+    let id = job.id.get();
+    let settings = BackgroundWorker::transaction(|| index_settings(&id));
+    if settings.defer_bytes.is_none() {
+        return;
+    }
+    let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
+    loop {
+        if job.should_stop() || pg::dying() {
+            return;
+        }
+        let loading: Vec<pg_sys::Oid> = tables_loading(shared, job).into_iter().collect();
+        if loading.is_empty() && job.phase() == Phase::Data {
+            job.set_phase(Phase::Indexes);
+            progress::publish_if_due(job, true);
+        }
+        match indexes::build_next(&id, settings, helpers, &loading) {
+            indexes::Built::One(_) | indexes::Built::Failed(_) => continue,
+            indexes::Built::Nothing if loading.is_empty() => return,
+            // The indexes left are of tables other workers are still loading: wait for their units.
+            indexes::Built::Nothing => job::nap(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Pins the settings the snapshot was written with, so type input parses what type output printed.

@@ -224,84 +224,130 @@ impl Drop for HoldCancel {
     }
 }
 
-/// Builds every index apply `id` has deferred and not yet built, largest tables first, each in its own
-/// transaction with its record. `workers`: the parallel index build's helpers (the leader takes part
-/// too). Returns one message per index it could not build or that came out different (empty: the schema
-/// is as it was); `on_index` runs before each.
-pub fn build(id: &str, settings: Settings, workers: u32, mut on_index: impl FnMut(&Deferred)) -> Vec<String> {
-    let pending = BackgroundWorker::transaction(|| records::pending(id));
-    let memory_kb = settings.memory_kb;
-    let mut problems = Vec::new();
-    for d in pending {
-        if pg::dying() {
-            problems.push(format!("{} on {}.{} (not built: shutting down)", d.index, d.schema, d.table));
-            continue;
-        }
-        on_index(&d);
-        pg::take_cancel_request();
-        let built = xact::try_catch(|| {
-            BackgroundWorker::transaction(|| {
-                // A table dropped since (or dropped and created again) has no index of ours to restore.
-                let exists = Spi::get_one_with_args::<bool>(
-                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
-                     ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) $1 \
-                     AND n.nspname OPERATOR(pg_catalog.=) $2 AND c.relname OPERATOR(pg_catalog.=) $3)",
-                    &[pg_sys::Oid::from(d.relid).into(), d.schema.as_str().into(), d.table.as_str().into()],
-                )
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-                if !exists {
-                    records::forget(id, &d);
-                    return None;
-                }
-                let _hold = HoldCancel::new();
-                if memory_kb > 0 {
-                    Spi::run(&format!("SET LOCAL maintenance_work_mem = {memory_kb}"))
-                        .unwrap_or_else(|e| error!("{e}"));
-                }
-                Spi::run(&format!("SET LOCAL max_parallel_maintenance_workers = {workers}"))
-                    .unwrap_or_else(|e| error!("{e}"));
-                for s in &d.statements {
-                    Spi::run(s).unwrap_or_else(|e| error!("{s}: {e}"));
-                }
-                records::forget(id, &d);
-                let index = Spi::get_one_with_args::<pg_sys::Oid>(
-                    "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text))::pg_catalog.oid",
-                    &[d.schema.as_str().into(), d.index.as_str().into()],
-                )
-                .ok()
-                .flatten();
-                let now = index.map(|i| eligible(&[], Some(i))).unwrap_or_default();
-                match now.first() {
-                    Some(e) if e.deferred.statements == d.statements => None,
-                    Some(e) => Some(format!(
-                        "{} on {}.{} was re-created but differs: it was {:?}, it is {:?}",
-                        d.index, d.schema, d.table, d.statements, e.deferred.statements
-                    )),
-                    None => Some(format!(
-                        "{} on {}.{} was re-created but is not found",
-                        d.index, d.schema, d.table
-                    )),
-                }
-            })
-        });
-        match built {
-            Ok(None) => {}
-            Ok(Some(differs)) => problems.push(differs),
-            Err(c) => {
+/// What one attempt to build a deferred index came to.
+pub enum Built {
+    /// An index was built (with a message when it came out different from what it was).
+    One(Option<String>),
+    /// An index could not be built: its record keeps the error, and later attempts of this run pass it
+    /// over (`resume_apply` tries it again).
+    Failed(String),
+    /// No index is left that may be built now (the rest are being built by other processes, are waiting
+    /// for their tables' data, or failed).
+    Nothing,
+}
+
+/// Claims one deferred index of apply `id` whose table is not in `loading` (oids of tables whose rows are
+/// still being loaded) and that no other process is building (`FOR UPDATE SKIP LOCKED` on its record),
+/// largest table first, and builds it in the transaction that deletes its record. `helpers`: the parallel
+/// index build's helper processes. Call outside any transaction.
+pub fn build_next(id: &str, settings: Settings, helpers: u32, loading: &[pg_sys::Oid]) -> Built {
+    let mut claimed: Option<Deferred> = None;
+    pg::take_cancel_request();
+    // Held across the commit too: a cancel must not roll back a finished build.
+    let hold = HoldCancel::new();
+    let built = xact::try_catch(std::panic::AssertUnwindSafe(|| {
+        BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+            let d = records::claim(id, loading)?;
+            claimed = Some(d.clone());
+            Some(rebuild(id, &d, settings.memory_kb, helpers))
+        }))
+    }));
+    drop(hold);
+    match (built, claimed) {
+        (Ok(None), _) => Built::Nothing,
+        (Ok(Some(differs)), _) => Built::One(differs),
+        (Err(c), Some(d)) => {
+            xact::abort_after_error();
+            let message =
+                format!("{} on {}.{} could not be built: {}", d.index, d.schema, d.table, c.public());
+            let recorded =
+                xact::try_catch(|| BackgroundWorker::transaction(|| records::mark_failed(id, &d, &message)));
+            if recorded.is_err() {
                 xact::abort_after_error();
-                problems.push(format!(
-                    "{} on {}.{} could not be built: {}",
-                    d.index,
-                    d.schema,
-                    d.table,
-                    c.public()
-                ));
             }
+            Built::Failed(message)
+        }
+        (Err(c), None) => {
+            xact::abort_after_error();
+            Built::Failed(format!("claiming a deferred index: {}", c.public()))
         }
     }
-    problems
+}
+
+/// Runs `d`'s statements and deletes its record, in the caller's transaction; then reads the new index's
+/// definition back: a message when it differs from what was recorded.
+fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<String> {
+    // A table dropped since (or dropped and created again) has no index of ours to restore.
+    let exists = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+         ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) $1 \
+         AND n.nspname OPERATOR(pg_catalog.=) $2 AND c.relname OPERATOR(pg_catalog.=) $3)",
+        &[pg_sys::Oid::from(d.relid).into(), d.schema.as_str().into(), d.table.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !exists {
+        records::forget(id, d);
+        return None;
+    }
+    if memory_kb > 0 {
+        Spi::run(&format!("SET LOCAL maintenance_work_mem = {memory_kb}")).unwrap_or_else(|e| error!("{e}"));
+    }
+    Spi::run(&format!("SET LOCAL max_parallel_maintenance_workers = {helpers}"))
+        .unwrap_or_else(|e| error!("{e}"));
+    for s in &d.statements {
+        Spi::run(s).unwrap_or_else(|e| error!("{s}: {e}"));
+    }
+    records::forget(id, d);
+    let index = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text))::pg_catalog.oid",
+        &[d.schema.as_str().into(), d.index.as_str().into()],
+    )
+    .ok()
+    .flatten();
+    let now = index.map(|i| eligible(&[], Some(i))).unwrap_or_default();
+    match now.first() {
+        Some(e) if e.deferred.statements == d.statements => None,
+        Some(e) => Some(format!(
+            "{} on {}.{} was re-created but differs: it was {:?}, it is {:?}",
+            d.index, d.schema, d.table, d.statements, e.deferred.statements
+        )),
+        None => Some(format!("{} on {}.{} was re-created but is not found", d.index, d.schema, d.table)),
+    }
+}
+
+/// Builds every index apply `id` has deferred that is not being built by another process and has not
+/// failed in this run, largest tables first, one transaction each; `on_index` runs before each attempt.
+/// Returns a message per index that came out different; [`left`] says what is still missing.
+pub fn build_all(id: &str, settings: Settings, helpers: u32, mut on_index: impl FnMut()) -> Vec<String> {
+    let mut differs = Vec::new();
+    while !pg::dying() {
+        on_index();
+        match build_next(id, settings, helpers, &[]) {
+            Built::One(None) | Built::Failed(_) => {}
+            Built::One(Some(d)) => differs.push(d),
+            Built::Nothing => break,
+        }
+    }
+    differs
+}
+
+/// One message per index apply `id` deferred and has not built (with the error of a failed build).
+/// Once no process builds any more.
+pub fn left(id: &str) -> Vec<String> {
+    match xact::try_catch(|| BackgroundWorker::transaction(|| records::left(id))) {
+        Ok(left) => left
+            .into_iter()
+            .map(|(d, error)| {
+                error.unwrap_or_else(|| format!("{} on {}.{} (not built)", d.index, d.schema, d.table))
+            })
+            .collect(),
+        Err(c) => {
+            xact::abort_after_error();
+            vec![format!("reading the indexes left to build: {}", c.public())]
+        }
+    }
 }
 
 /// What an error message says about indexes still deferred after `problems`.
