@@ -8,7 +8,9 @@
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
 #             both into the same pre-created schema with its indexes and keys (emptied in between);
-#             steep-repl's time includes building the indexes it deferred
+#             steep-repl's time includes building the indexes it deferred; then the time until a target is
+#             ready: into an empty database, pg_dump --schema-only | psql and start_apply (with ANALYZE)
+#             vs pg_restore -j N of the same dump (schema, data, indexes, constraints; no ANALYZE)
 #   client    steep-repl snapshot generate --client --parallel N (the CLI runs the engine)  vs  pg_dump
 #             (mixed database only)
 #   copy      a full copy: direct generate then apply  vs  pgcopydb copy table-data --table-jobs N,
@@ -34,8 +36,8 @@
 # of seconds here. `generate`, `client` and `copy` use mixed and onebig. Data is
 # VACUUM FREEZE ANALYZEd and prewarmed into shared_buffers before timing, so every tool reads the same
 # warm pages. Each measurement runs --rounds times (default 3), alternating the tools run by run so
-# that a drift of the machine's speed hits both alike; each tool's fastest run counts, and every run is
-# printed. Prints wall times, ratios and output sizes, and appends them to target/bench/results.txt.
+# that a drift of the machine's speed hits both alike; each tool's fastest run and its median run are
+# reported (ratios of both), and every run is printed. Prints wall times, ratios and output sizes, and appends them to target/bench/results.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -163,6 +165,23 @@ time_pg_restore() { # target dumpdir
   echo $(( $(wal_full "$1") - w0 )) > "$work/wal_full.peer"
 }
 
+time_ours_apply_ready() { # source target snapdir: schema into an empty database, then apply with ANALYZE
+  fresh_target "$2"
+  local t0 id status; t0=$(now)
+  pg_dump --schema-only -d "$(db "$1")" | psql "$(db "$2")" -Xq -v ON_ERROR_STOP=1 >/dev/null
+  id=$(q "$2" "SELECT steep_repl.start_apply('$3', parallel => $parallel)")
+  status=$(q "$2" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = applied ] || { echo "bench: steep-repl apply failed: $status" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+}
+
+time_pg_restore_full() { # target dumpdir: the whole dump into an empty database
+  fresh_target "$1"
+  local t0; t0=$(now)
+  pg_restore -j "$parallel" -d "$(db "$1")" "$2"
+  echo "$(now) - $t0" | bc
+}
+
 time_ours_client() { # db outdir
   rm -rf "$2"
   local t0; t0=$(now)
@@ -235,6 +254,8 @@ time_pgcopydb_ready() { # source target workdir
 }
 
 min() { echo "if ($1 < $2) $1 else $2" | bc; }
+# median "12.3s, 10.1s, 11.0s": the middle run (the lower middle of an even count).
+median() { printf '%s\n' "$1" | tr ',' '\n' | tr -d ' s' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 # alternate "OURS COMMAND" "PEER COMMAND": runs them one after the other, $rounds times, each after a
 # sync (untimed). Sets a and b (each one's fastest wall time) and runs_a and runs_b (every run, in order).
@@ -264,6 +285,12 @@ alternate3() {
   done
 }
 ratio() { echo "scale=3; $1 / $2" | bc; }
+# "best X.XXXx, median Y.YYYx" of the last alternate/alternate3 for tools a and b (or c, given "c").
+ratios() {
+  local other_best=$b other_runs=$runs_b
+  if [ "${1:-b}" = c ]; then other_best=$c; other_runs=$runs_c; fi
+  echo "best $(ratio "$a" "$other_best")x, median $(ratio "$(median "$runs_a")" "$(median "$other_runs")")x"
+}
 size() { du -sb "$1" | cut -f1; }
 mb() { echo "scale=1; $1 / 1048576" | bc; }
 
@@ -488,7 +515,7 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale" "wi
     report "  steep-repl schema + start_snapshot + start_apply (with ANALYZE)  ${a}s (runs $runs_a)"
     report "  pg_dump -Fd -j$parallel -Z1 + pg_restore -j$parallel (no ANALYZE)        ${b}s (runs $runs_b)"
     report "  pgcopydb clone --table-jobs $parallel --index-jobs $parallel (with VACUUM ANALYZE)  ${c}s (runs $runs_c)"
-    report "  ratio steep-repl / pg_dump+pg_restore: $(ratio "$a" "$b")x   steep-repl / pgcopydb: $(ratio "$a" "$c")x"
+    report "  ratio steep-repl / pg_dump+pg_restore: $(ratios b)   steep-repl / pgcopydb: $(ratios c)"
     rm -rf "$ours_dir.ready" "$dump_dir.ready" "$work/pgcopydb.ready"
     q postgres "DROP DATABASE IF EXISTS $target WITH (FORCE)"
     continue
@@ -511,8 +538,14 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale" "wi
     report "apply $name (into the pre-created schema with its indexes and keys):"
     report "  steep-repl start_apply     ${a}s (runs $runs_a)"
     report "  pg_restore -j$parallel --data-only ${b}s (runs $runs_b)"
-    report "  ratio steep-repl / pg_restore: $(ratio "$a" "$b")x"
+    report "  ratio steep-repl / pg_restore: $(ratios)"
     report "  WAL pages written by backends because the WAL buffers were full (last run): steep-repl $(cat "$work/wal_full.ours"), pg_restore $(cat "$work/wal_full.peer")"
+    alternate 'time_ours_apply_ready "$dbname" "${dbname}_ready" "$ours_dir"' 'time_pg_restore_full "${dbname}_ready" "$dump_dir"'
+    report "ready $name from the snapshot or dump into an empty database (schema, data, indexes, constraints):"
+    report "  pg_dump --schema-only | psql + start_apply (with ANALYZE)  ${a}s (runs $runs_a)"
+    report "  pg_restore -j$parallel (no ANALYZE)                          ${b}s (runs $runs_b)"
+    report "  ratio steep-repl / pg_restore: $(ratios)"
+    q postgres "DROP DATABASE IF EXISTS ${dbname}_ready WITH (FORCE)"
   fi
 done
 

@@ -103,6 +103,7 @@ CREATE TABLE steep_repl.apply_deferred_indexes (
     table_name   text   NOT NULL,
     index_name   text   NOT NULL,
     statements   text[] NOT NULL,
+    definition   text   NOT NULL,  -- index, constraint, storage options, tablespace, owner: compared after
     deferred_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     -- Why the last attempt to build it failed (a duplicate key the loaded rows hold); the rest of that
     -- run passes it over, resume_apply tries again.

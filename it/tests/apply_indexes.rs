@@ -24,8 +24,10 @@ ALTER TABLE "Ix S".main CLUSTER ON main_created;
 CREATE TABLE ri (a int NOT NULL, b text NOT NULL, v text);
 CREATE UNIQUE INDEX ri_ab ON ri (a, b);
 ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_ab;
+ALTER TABLE ri ADD CONSTRAINT ri_nnd UNIQUE NULLS NOT DISTINCT (a, b) WITH (fillfactor = 80);
 CREATE TABLE parent (id int PRIMARY KEY, label text);
-CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id), v text);
+CREATE TABLE child (id int, parent_id int NOT NULL REFERENCES parent (id), v text,
+                    CONSTRAINT child_pkey PRIMARY KEY (id) WITH (fillfactor = 90));
 CREATE INDEX child_parent ON child (parent_id);
 CREATE TABLE spans (id int PRIMARY KEY, r int4range, EXCLUDE USING gist (r WITH &&));
 "#;
@@ -45,10 +47,10 @@ INSERT INTO spans SELECT g, int4range(g * 10, g * 10 + 5) FROM generate_series(1
 fn schema_of(c: &mut postgres::Client) -> (Vec<String>, Vec<(String, u32)>) {
     let defs = c
         .query(
-            "SELECT format('%s %s %s valid=%s ready=%s clustered=%s replident=%s ts=%s comment=%s', \
+            "SELECT format('%s %s %s valid=%s ready=%s clustered=%s replident=%s ts=%s comment=%s options=%s owner=%s', \
                     i.indrelid::regclass, ic.relname, pg_get_indexdef(i.indexrelid), i.indisvalid, i.indisready, \
                     i.indisclustered, i.indisreplident, coalesce(ic.reltablespace, 0), \
-                    obj_description(i.indexrelid, 'pg_class')) \
+                    obj_description(i.indexrelid, 'pg_class'), ic.reloptions, ic.relowner::regrole) \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid \
              JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname IN ('public', 'Ix S') \
              UNION ALL \
@@ -162,6 +164,7 @@ fn indexes_built_after_the_data_are_exactly_as_they_were() {
             "main_pkey",
             "main_tags",
             "ri_ab",
+            "ri_nnd",
             "spans_pkey"
         ],
         "the indexes built after the data"
@@ -212,7 +215,7 @@ fn interrupted(interrupt: &str) {
     }
     assert!(progressed, "apply made no progress");
     // In the data phase the deferred indexes are gone, and recorded.
-    assert!(pending_records(&mut d, &id) >= 9);
+    assert!(pending_records(&mut d, &id) >= 10);
     if interrupt == "kill" {
         let pids: Vec<i32> =
             d.query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
@@ -340,4 +343,70 @@ fn a_load_that_will_force_checkpoints_names_the_setting_and_a_value() {
         d.query_one("SELECT warning FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
     assert!(persisted.unwrap_or_default().contains("max_wal_size"));
     assert!(cluster.server_log().contains("forces about"), "the warning is in the server log");
+}
+
+/// A session holding a lock on a loaded table keeps the index build waiting, but never holds the job
+/// past a cancel: the wait for the lock is cancellable, and once the session lets go the clean-up builds
+/// the indexes, so the schema is as it was.
+#[test]
+fn a_cancel_ends_a_wait_for_a_table_lock_before_an_index_build() {
+    let cluster = preloaded();
+    let (_src, dst, dir) = prepare(cluster, "lockwait", "256kB");
+    let mut d = cluster.client(&dst);
+    let (defs_before, _) = schema_of(&mut d);
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'")
+        .unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    // Once main's indexes are deferred, another session reads it and keeps its transaction open.
+    let mut deferred = false;
+    for _ in 0..1500 {
+        let n: i64 = d
+            .query_one(
+                "SELECT count(*) FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1 AND table_name = 'main'",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            deferred = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(deferred, "main's indexes were deferred");
+    let mut blocker = cluster.client(&dst);
+    blocker.batch_execute(r#"BEGIN; SELECT count(*) FROM "Ix S".main"#).unwrap();
+    // The data goes in; main's indexes wait for the blocker's lock.
+    let mut waiting = false;
+    for _ in 0..1500 {
+        let phase: String =
+            d.query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        let main_left: i64 = d
+            .query_one(
+                "SELECT count(*) FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1 AND table_name = 'main'",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        if phase == "indexes" && main_left > 0 {
+            waiting = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(waiting, "the job reached its index phase with main's indexes left");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
+    // The clean-up waits for the lock too: let go of it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    blocker.batch_execute("COMMIT").unwrap();
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    assert_eq!(status, "cancelled", "{error:?}");
+    assert_eq!(schema_of(&mut d).0, defs_before, "the schema is as it was");
+    assert_eq!(pending_records(&mut d, &id), 0);
 }

@@ -15,6 +15,9 @@ pub struct Deferred {
     pub relid: u32,
     pub index: String,
     pub statements: Vec<String>,
+    /// Its full definition (index, constraint, storage options, tablespace, owner) as it was, to compare
+    /// the re-created one with.
+    pub definition: String,
 }
 
 /// Records that apply `id` dropped `d`'s index, in the transaction that drops it.
@@ -22,8 +25,8 @@ pub fn record(id: &str, d: &Deferred) {
     as_owner(|| {
         Spi::run_with_args(
             "INSERT INTO steep_repl.apply_deferred_indexes \
-             (apply_id, relid, schema_name, table_name, index_name, statements) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             (apply_id, relid, schema_name, table_name, index_name, statements, definition) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[
                 id.into(),
                 pgrx::pg_sys::Oid::from(d.relid).into(),
@@ -31,6 +34,7 @@ pub fn record(id: &str, d: &Deferred) {
                 d.table.as_str().into(),
                 d.index.as_str().into(),
                 d.statements.clone().into(),
+                d.definition.as_str().into(),
             ],
         )
     })
@@ -44,25 +48,33 @@ fn deferred_of(r: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Deferred, pgrx::sp
         relid: r.get::<pgrx::pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or_default(),
         index: r.get::<String>(4)?.unwrap_or_default(),
         statements: r.get::<Vec<String>>(5)?.unwrap_or_default(),
+        definition: r.get::<String>(6)?.unwrap_or_default(),
     })
 }
 
 /// Locks the record of one index apply `id` deferred, to build it in the current transaction: not of a
 /// table in `loading`, not locked by another process (`SKIP LOCKED`: a builder in another process has
-/// it), not failed in this run; the largest table's first. None when there is none.
-pub fn claim(id: &str, loading: &[pgrx::pg_sys::Oid]) -> Option<Deferred> {
+/// it), not failed in this run nor in `tried` (schema, index: failed in this process); the largest
+/// table's first. None when there is none.
+pub fn claim(id: &str, loading: &[pgrx::pg_sys::Oid], tried: &[(String, String)]) -> Option<Deferred> {
+    let schemas: Vec<&str> = tried.iter().map(|t| t.0.as_str()).collect();
+    let indexes: Vec<&str> = tried.iter().map(|t| t.1.as_str()).collect();
     as_owner(|| {
         Spi::connect_mut(|client| -> Result<Option<Deferred>, pgrx::spi::Error> {
             let t = client.update(
-                "SELECT d.schema_name, d.table_name, d.relid, d.index_name, d.statements \
+                "SELECT d.schema_name, d.table_name, d.relid, d.index_name, d.statements, d.definition \
                  FROM steep_repl.apply_deferred_indexes d \
                  LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.relid \
                  WHERE d.apply_id OPERATOR(pg_catalog.=) $1 AND d.last_error IS NULL \
                    AND d.relid OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.oid[]) \
+                   AND NOT EXISTS (SELECT FROM ROWS FROM (pg_catalog.unnest($3::pg_catalog.text[]), \
+                                                         pg_catalog.unnest($4::pg_catalog.text[])) AS t(s, i) \
+                                   WHERE t.s OPERATOR(pg_catalog.=) d.schema_name \
+                                     AND t.i OPERATOR(pg_catalog.=) d.index_name) \
                  ORDER BY coalesce(c.relpages, 0) DESC, d.relid, d.index_name \
                  LIMIT 1 FOR UPDATE OF d SKIP LOCKED",
                 None,
-                &[id.into(), loading.to_vec().into()],
+                &[id.into(), loading.to_vec().into(), schemas.into(), indexes.into()],
             )?;
             match t.into_iter().next() {
                 Some(r) => deferred_of(&r).map(Some),
@@ -103,13 +115,13 @@ pub fn left(id: &str) -> Vec<(Deferred, Option<String>)> {
     Spi::connect(|client| -> Result<Vec<(Deferred, Option<String>)>, pgrx::spi::Error> {
         let mut v = Vec::new();
         for r in client.select(
-            "SELECT schema_name, table_name, relid, index_name, statements, last_error \
+            "SELECT schema_name, table_name, relid, index_name, statements, definition, last_error \
              FROM steep_repl.apply_deferred_indexes WHERE apply_id OPERATOR(pg_catalog.=) $1 \
              ORDER BY schema_name, index_name",
             None,
             &[id.into()],
         )? {
-            v.push((deferred_of(&r)?, r.get::<String>(6)?));
+            v.push((deferred_of(&r)?, r.get::<String>(7)?));
         }
         Ok(v)
     })

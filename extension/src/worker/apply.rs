@@ -286,15 +286,12 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     // left to load can build its indexes (ALTER TABLE ... ADD CONSTRAINT waits for this lock) while the
     // others still load.
     let mut held: HashSet<pg_sys::Oid> = session_locked.iter().copied().collect();
-    let mut to_build: HashSet<pg_sys::Oid> = if deferred > 0 {
+    let mut to_build: HashSet<pg_sys::Oid> =
         BackgroundWorker::transaction(|| bookkeeping::indexes::left(&id))
             .into_iter()
             .map(|(d, _)| pg_sys::Oid::from(d.relid))
             .filter(|r| held.contains(r))
-            .collect()
-    } else {
-        HashSet::new()
-    };
+            .collect();
     let mut last_release = 0u64;
     job::watch_workers(shared, slot, tables_complete, |job| {
         progress::publish_if_due(job, false);
@@ -425,7 +422,9 @@ fn build_indexes(
     let job = &shared.jobs[slot];
     let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
     let mut announced = false;
-    let mut problems = indexes::build_all(id, settings, helpers, || {
+    let stop = || job.should_stop();
+    let wait = indexes::LockWait { stop: &stop, limit_ms: None };
+    let mut problems = indexes::build_all(id, settings, helpers, &wait, || {
         if !announced {
             job.set_phase(Phase::Indexes);
             progress::publish_if_due(job, true);
@@ -437,6 +436,9 @@ fn build_indexes(
     problems.extend(indexes::left(id));
     if problems.is_empty() { Ok(()) } else { Err(JobError::plain(indexes::problems_note(id, &problems))) }
 }
+
+/// How long the clean-up of a failed or cancelled apply waits for a table's lock to restore its indexes.
+const RESTORE_LOCK_WAIT_MS: u64 = 30_000;
 
 /// After a failure or cancel: builds the indexes the apply deferred, so that the schema is as it was
 /// (not when the server is shutting down: then `resume_apply` builds them). What it could not build.
@@ -452,16 +454,26 @@ fn restore_indexes(job: &JobSlot) -> Option<String> {
         ));
     };
     let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
-    let mut announced = false;
-    let mut problems = indexes::build_all(&id, settings, helpers, || {
-        if !announced {
+    let mut attempts = 0;
+    // The job has stopped: only a session holding a table's lock for long ends the wait, after a while
+    // (the index stays recorded for resume_apply).
+    let never = || false;
+    let wait = indexes::LockWait { stop: &never, limit_ms: Some(RESTORE_LOCK_WAIT_MS) };
+    let mut problems = indexes::build_all(&id, settings, helpers, &wait, || {
+        if attempts == 0 {
             job.set_phase(Phase::Indexes);
             let _ = xact::try_catch(|| progress::publish_if_due(job, true))
                 .map_err(|_| xact::abort_after_error());
-            announced = true;
         }
+        attempts += 1;
     });
     problems.extend(indexes::left(&id));
+    // build_all's last attempt finds nothing to build. When that was all, and the job failed building
+    // the indexes, its error already names those left.
+    let failed_building = job.error_message().is_some_and(|e| e.contains(indexes::PROBLEMS_PREFIX));
+    if attempts <= 1 && failed_building {
+        return None;
+    }
     (!problems.is_empty()).then(|| indexes::problems_note(&id, &problems))
 }
 
@@ -500,8 +512,7 @@ pub extern "C-unwind" fn steep_repl_apply_worker(arg: pg_sys::Datum) {
     let result = xact::try_catch(|| {
         let (dir, manifest) = load_manifest(job)?;
         load_chunks(shared, slot, me, &dir, &manifest)?;
-        build_ready_indexes(shared, slot);
-        Ok(())
+        build_ready_indexes(shared, slot)
     })
     .map_err(|c| JobError::caught(None, &c))
     .and_then(|r| r);
@@ -523,28 +534,43 @@ fn tables_loading(shared: &Shared, job: &JobSlot) -> HashSet<pg_sys::Oid> {
 /// while other workers finish loading theirs: concurrently with them, and with other builders (each index
 /// is claimed with `FOR UPDATE SKIP LOCKED`). It returns when nothing is left it could build; the leader
 /// builds what remains and reports what failed.
-fn build_ready_indexes(shared: &Shared, slot: usize) {
+fn build_ready_indexes(shared: &Shared, slot: usize) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let id = job.id.get();
     let settings = BackgroundWorker::transaction(|| index_settings(&id));
     if settings.defer_bytes.is_none() {
-        return;
+        return Ok(());
     }
     let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
+    let stop = || job.should_stop();
+    let wait = indexes::LockWait { stop: &stop, limit_ms: None };
+    let mut tried = Vec::new();
     loop {
         if job.should_stop() || pg::dying() {
-            return;
+            return Ok(());
         }
         let loading: Vec<pg_sys::Oid> = tables_loading(shared, job).into_iter().collect();
         if loading.is_empty() && job.phase() == Phase::Data {
             job.set_phase(Phase::Indexes);
             progress::publish_if_due(job, true);
         }
-        match indexes::build_next(&id, settings, helpers, &loading) {
-            indexes::Built::One(_) | indexes::Built::Failed(_) => continue,
-            indexes::Built::Nothing if loading.is_empty() => return,
-            // The indexes left are of tables other workers are still loading: wait for their units.
-            indexes::Built::Nothing => job::nap(std::time::Duration::from_millis(50)),
+        match indexes::build_next(&id, settings, helpers, &loading, &wait, &mut tried) {
+            indexes::Built::One(None) | indexes::Built::Failed(_) => continue,
+            // Never expected: the job fails saying what differs.
+            indexes::Built::One(Some(differs)) => return Err(JobError::plain(differs)),
+            indexes::Built::Nothing if loading.is_empty() => return Ok(()),
+            indexes::Built::Nothing => {
+                // Indexes left of tables other workers are still loading: wait for their units. None:
+                // nothing more for this worker to do.
+                let left = BackgroundWorker::transaction(|| bookkeeping::indexes::left(&id));
+                if !left
+                    .iter()
+                    .any(|(d, error)| error.is_none() && loading.contains(&pg_sys::Oid::from(d.relid)))
+                {
+                    return Ok(());
+                }
+                job::nap(std::time::Duration::from_millis(50));
+            }
         }
     }
 }

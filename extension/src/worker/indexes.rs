@@ -32,9 +32,13 @@ use crate::job::JobError;
 use crate::pg::{self, xact};
 
 /// One row per eligible index of the tables in `$1` (oids): the table's schema, name and oid, the index's
-/// name, the statement that drops it, and the statements that re-create it exactly. Read under
-/// `search_path = pg_catalog, pg_temp` (the leader's session), so the definitions name every object with
-/// its schema. `$2`: the index to describe instead (by oid), for checking a re-created one.
+/// name, the statement that drops it, the statements that re-create it exactly, and its full definition
+/// (index, constraint, storage options), compared after the rebuild. A key constraint is re-created as
+/// its index (`pg_get_indexdef`, with its storage options) and `ADD CONSTRAINT ... USING INDEX`. Read
+/// under `search_path = pg_catalog, pg_temp` (the leader's session), so the definitions name every
+/// object with its schema, and under pg_dump's output settings ([`eligible`]), so constants print the
+/// same whatever the role's settings. `$2`: the index to describe instead (by oid), for checking a
+/// re-created one.
 const ELIGIBLE_SQL: &str = "\
 SELECT tn.nspname::pg_catalog.text, t.relname::pg_catalog.text, t.oid, ic.relname::pg_catalog.text,
        CASE WHEN c.oid IS NULL THEN pg_catalog.format('DROP INDEX %I.%I', tn.nspname, ic.relname)
@@ -42,9 +46,13 @@ SELECT tn.nspname::pg_catalog.text, t.relname::pg_catalog.text, t.oid, ic.relnam
        END,
        pg_catalog.array_remove(ARRAY[
          pg_catalog.format('SET LOCAL default_tablespace = %L', coalesce(ts.spcname, '')),
-         CASE WHEN c.oid IS NULL THEN pg_catalog.pg_get_indexdef(i.indexrelid)
-              ELSE pg_catalog.format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', tn.nspname, t.relname, c.conname,
-                                     pg_catalog.pg_get_constraintdef(c.oid)) END,
+         pg_catalog.pg_get_indexdef(i.indexrelid),
+         CASE WHEN c.oid IS NOT NULL
+              THEN pg_catalog.format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s USING INDEX %I%s%s', tn.nspname,
+                                     t.relname, c.conname,
+                                     CASE c.contype WHEN 'p' THEN 'PRIMARY KEY' ELSE 'UNIQUE' END, ic.relname,
+                                     CASE WHEN c.condeferrable THEN ' DEFERRABLE' ELSE '' END,
+                                     CASE WHEN c.condeferred THEN ' INITIALLY DEFERRED' ELSE '' END) END,
          CASE WHEN i.indisclustered
               THEN pg_catalog.format('ALTER TABLE %I.%I CLUSTER ON %I', tn.nspname, t.relname, ic.relname) END,
          CASE WHEN i.indisreplident
@@ -55,7 +63,11 @@ SELECT tn.nspname::pg_catalog.text, t.relname::pg_catalog.text, t.oid, ic.relnam
          CASE WHEN dc.description IS NOT NULL
               THEN pg_catalog.format('COMMENT ON CONSTRAINT %I ON %I.%I IS %L', c.conname, tn.nspname, t.relname,
                                      dc.description) END
-       ], NULL)
+       ], NULL),
+       pg_catalog.concat_ws(' | ', pg_catalog.pg_get_indexdef(i.indexrelid), pg_catalog.pg_get_constraintdef(c.oid),
+                            'reloptions ' OPERATOR(pg_catalog.||) coalesce(ic.reloptions::pg_catalog.text, ''),
+                            'tablespace ' OPERATOR(pg_catalog.||) coalesce(ts.spcname::pg_catalog.text, ''),
+                            'owner ' OPERATOR(pg_catalog.||) ic.relowner::pg_catalog.regrole::pg_catalog.text)
 FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
@@ -73,6 +85,7 @@ WHERE CASE WHEN $2::pg_catalog.oid IS NULL THEN i.indrelid OPERATOR(pg_catalog.=
   AND t.relkind OPERATOR(pg_catalog.=) 'r' AND ic.relkind OPERATOR(pg_catalog.=) 'i'
   AND (c.oid IS NULL OR c.contype OPERATOR(pg_catalog.=) ANY ('{p,u}'::pg_catalog.\"char\"[]))
   AND pg_catalog.pg_has_role(t.relowner, 'USAGE')
+  AND (ts.oid IS NULL OR pg_catalog.has_tablespace_privilege(ts.oid, 'CREATE'))
   AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits h WHERE h.inhrelid OPERATOR(pg_catalog.=) i.indexrelid)
   AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                   WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
@@ -83,6 +96,9 @@ WHERE CASE WHEN $2::pg_catalog.oid IS NULL THEN i.indrelid OPERATOR(pg_catalog.=
                     AND d.deptype OPERATOR(pg_catalog.<>) 'i')
   AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) i.indexrelid
                     AND coalesce(a.attstattarget::pg_catalog.int4, -1) OPERATOR(pg_catalog.<>) -1)
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                    AND d.objid OPERATOR(pg_catalog.=) i.indexrelid AND d.deptype OPERATOR(pg_catalog.=) 'x')
   AND NOT EXISTS (SELECT FROM pg_catalog.pg_seclabel l WHERE l.objoid OPERATOR(pg_catalog.=) i.indexrelid
                     AND l.classoid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass)
 ORDER BY t.oid, ic.relname";
@@ -94,6 +110,12 @@ struct Eligible {
 }
 
 fn eligible(relids: &[pg_sys::Oid], index: Option<pg_sys::Oid>) -> Vec<Eligible> {
+    crate::pg::session::with_settings(steep_repl_engine::copy_text::PINNED_SETTINGS, || {
+        eligible_as_pinned(relids, index)
+    })
+}
+
+fn eligible_as_pinned(relids: &[pg_sys::Oid], index: Option<pg_sys::Oid>) -> Vec<Eligible> {
     Spi::connect(|client| -> Result<Vec<Eligible>, pgrx::spi::Error> {
         let mut v = Vec::new();
         for row in client.select(ELIGIBLE_SQL, None, &[relids.to_vec().into(), index.into()])? {
@@ -104,6 +126,7 @@ fn eligible(relids: &[pg_sys::Oid], index: Option<pg_sys::Oid>) -> Vec<Eligible>
                     relid: row.get::<pg_sys::Oid>(3)?.map(|o| o.to_u32()).unwrap_or_default(),
                     index: row.get::<String>(4)?.unwrap_or_default(),
                     statements: row.get::<Vec<String>>(6)?.unwrap_or_default(),
+                    definition: row.get::<String>(7)?.unwrap_or_default(),
                 },
                 drop: row.get::<String>(5)?.unwrap_or_default(),
             });
@@ -239,16 +262,30 @@ pub enum Built {
 /// Claims one deferred index of apply `id` whose table is not in `loading` (oids of tables whose rows are
 /// still being loaded) and that no other process is building (`FOR UPDATE SKIP LOCKED` on its record),
 /// largest table first, and builds it in the transaction that deletes its record. `helpers`: the parallel
-/// index build's helper processes. Call outside any transaction.
-pub fn build_next(id: &str, settings: Settings, helpers: u32, loading: &[pg_sys::Oid]) -> Built {
+/// index build's helper processes. `wait`: how long to wait for the table's lock. `tried`: indexes this
+/// process has failed to build, passed over (grows with each failure). Call outside any transaction.
+pub fn build_next(
+    id: &str,
+    settings: Settings,
+    helpers: u32,
+    loading: &[pg_sys::Oid],
+    wait: &LockWait<'_>,
+    tried: &mut Vec<(String, String)>,
+) -> Built {
     let mut claimed: Option<Deferred> = None;
-    pg::take_cancel_request();
-    // Held across the commit too: a cancel must not roll back a finished build.
-    let hold = HoldCancel::new();
+    let mut hold: Option<HoldCancel> = None;
     let built = xact::try_catch(std::panic::AssertUnwindSafe(|| {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
-            let d = records::claim(id, loading)?;
+            let d = records::claim(id, loading, tried)?;
             claimed = Some(d.clone());
+            // The table's lock first, while a cancel still ends the wait (a session holding a lock on it
+            // for long would otherwise hold the job, and queue every later reader behind this request).
+            if !lock_table(&d, wait) {
+                return None;
+            }
+            // From here to the commit, a cancel waits: it must not roll back a finished build.
+            pg::take_cancel_request();
+            hold = Some(HoldCancel::new());
             Some(rebuild(id, &d, settings.memory_kb, helpers))
         }))
     }));
@@ -256,8 +293,15 @@ pub fn build_next(id: &str, settings: Settings, helpers: u32, loading: &[pg_sys:
     match (built, claimed) {
         (Ok(None), _) => Built::Nothing,
         (Ok(Some(differs)), _) => Built::One(differs),
+        (Err(_), Some(_)) if (wait.stop)() => {
+            // Stopped (a cancel while it waited for the lock): not a failure of this index, which the
+            // clean-up builds.
+            xact::abort_after_error();
+            Built::Nothing
+        }
         (Err(c), Some(d)) => {
             xact::abort_after_error();
+            tried.push((d.schema.clone(), d.index.clone()));
             let message =
                 format!("{} on {}.{} could not be built: {}", d.index, d.schema, d.table, c.public());
             let recorded =
@@ -274,18 +318,49 @@ pub fn build_next(id: &str, settings: Settings, helpers: u32, loading: &[pg_sys:
     }
 }
 
+/// How a builder waits for the lock on a table that another session holds.
+pub struct LockWait<'a> {
+    /// Ends the wait with an ERROR when true (the job was cancelled or failed).
+    pub stop: &'a dyn Fn() -> bool,
+    /// Ends the wait with an ERROR naming the lock holders after this long; None: no limit.
+    pub limit_ms: Option<u64>,
+}
+
+/// Takes ACCESS EXCLUSIVE on `d`'s table (what ALTER TABLE ... ADD CONSTRAINT takes; CREATE INDEX takes
+/// less) without queueing behind other sessions: tries, and naps between tries, until it gets it or
+/// `wait` says to stop (false) or its time is up (an ERROR).
+fn lock_table(d: &Deferred, wait: &LockWait<'_>) -> bool {
+    let relid = pg_sys::Oid::from(d.relid);
+    let start = pg::now_ms();
+    while !pg::try_lock_relation(relid, pg_sys::AccessExclusiveLock) {
+        pgrx::check_for_interrupts!();
+        if (wait.stop)() {
+            return false;
+        }
+        if wait.limit_ms.is_some_and(|limit| pg::now_ms().saturating_sub(start) > limit) {
+            error!(
+                "could not lock {}.{} to build {} on it: held by {}",
+                d.schema,
+                d.table,
+                d.index,
+                pg::lockers_of(relid)
+            );
+        }
+        crate::job::nap(std::time::Duration::from_millis(50));
+    }
+    true
+}
+
 /// Runs `d`'s statements and deletes its record, in the caller's transaction; then reads the new index's
 /// definition back: a message when it differs from what was recorded.
 fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<String> {
-    // A table dropped since (or dropped and created again) has no index of ours to restore.
+    // A table dropped since has no index of ours to restore. (One renamed, or moved to another schema,
+    // fails below, naming the index: its record stays.)
     let exists = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
-         ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.oid OPERATOR(pg_catalog.=) $1 \
-         AND n.nspname OPERATOR(pg_catalog.=) $2 AND c.relname OPERATOR(pg_catalog.=) $3)",
-        &[pg_sys::Oid::from(d.relid).into(), d.schema.as_str().into(), d.table.as_str().into()],
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
+        &[pg_sys::Oid::from(d.relid).into()],
     )
-    .ok()
-    .flatten()
+    .unwrap_or_else(|e| error!("looking up table {}.{}: {e}", d.schema, d.table))
     .unwrap_or(false);
     if !exists {
         records::forget(id, d);
@@ -308,10 +383,16 @@ fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<Strin
     .flatten();
     let now = index.map(|i| eligible(&[], Some(i))).unwrap_or_default();
     match now.first() {
-        Some(e) if e.deferred.statements == d.statements => None,
+        Some(e) if e.deferred.statements == d.statements && e.deferred.definition == d.definition => None,
         Some(e) => Some(format!(
-            "{} on {}.{} was re-created but differs: it was {:?}, it is {:?}",
-            d.index, d.schema, d.table, d.statements, e.deferred.statements
+            "{} on {}.{} was re-created but differs: it was {:?} ({}), it is {:?} ({})",
+            d.index,
+            d.schema,
+            d.table,
+            d.statements,
+            d.definition,
+            e.deferred.statements,
+            e.deferred.definition
         )),
         None => Some(format!("{} on {}.{} was re-created but is not found", d.index, d.schema, d.table)),
     }
@@ -320,11 +401,18 @@ fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<Strin
 /// Builds every index apply `id` has deferred that is not being built by another process and has not
 /// failed in this run, largest tables first, one transaction each; `on_index` runs before each attempt.
 /// Returns a message per index that came out different; [`left`] says what is still missing.
-pub fn build_all(id: &str, settings: Settings, helpers: u32, mut on_index: impl FnMut()) -> Vec<String> {
+pub fn build_all(
+    id: &str,
+    settings: Settings,
+    helpers: u32,
+    wait: &LockWait<'_>,
+    mut on_index: impl FnMut(),
+) -> Vec<String> {
     let mut differs = Vec::new();
+    let mut tried = Vec::new();
     while !pg::dying() {
         on_index();
-        match build_next(id, settings, helpers, &[]) {
+        match build_next(id, settings, helpers, &[], wait, &mut tried) {
             Built::One(None) | Built::Failed(_) => {}
             Built::One(Some(d)) => differs.push(d),
             Built::Nothing => break,
@@ -350,10 +438,13 @@ pub fn left(id: &str) -> Vec<String> {
     }
 }
 
+/// How [`problems_note`] begins.
+pub const PROBLEMS_PREFIX: &str = "indexes not as they were: ";
+
 /// What an error message says about indexes still deferred after `problems`.
 pub fn problems_note(id: &str, problems: &[String]) -> String {
     format!(
-        "indexes not as they were: {}; those not built are listed in steep_repl.apply_deferred_indexes, and \
+        "{PROBLEMS_PREFIX}{}; those not built are listed in steep_repl.apply_deferred_indexes, and \
          steep_repl.resume_apply('{id}') builds them",
         problems.join("; ")
     )
