@@ -30,6 +30,28 @@ pub struct Settings {
     pub checkpoint_timeout_s: u64,
 }
 
+/// Reads [`Settings`] from a server, as `max_wal_size` in MB, `checkpoint_completion_target` and
+/// `checkpoint_timeout` in seconds (`pg_settings`' units); see [`Settings::from_row`].
+pub const SETTINGS_SQL: &str = "SELECT \
+    (SELECT setting::pg_catalog.int8 FROM pg_catalog.pg_settings WHERE name = 'max_wal_size'), \
+    (SELECT setting::pg_catalog.float8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_completion_target'), \
+    (SELECT setting::pg_catalog.int8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_timeout')";
+
+impl Settings {
+    /// From the three columns of [`SETTINGS_SQL`]; None when one is missing.
+    pub fn from_row(
+        max_wal_size_mb: Option<i64>,
+        completion_target: Option<f64>,
+        timeout_s: Option<i64>,
+    ) -> Option<Settings> {
+        Some(Settings {
+            max_wal_size_bytes: (max_wal_size_mb?.max(0) as u64) << 20,
+            checkpoint_completion_target: completion_target?,
+            checkpoint_timeout_s: timeout_s?.max(0) as u64,
+        })
+    }
+}
+
 /// What a load of `copy_bytes` of COPY text with `workers` workers is expected to cost.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {

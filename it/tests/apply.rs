@@ -52,19 +52,6 @@ fn start_apply(
         .map_err(|e| db_message(&e))
 }
 
-/// Asserts every table of the manifest holds the same rows in both databases.
-fn assert_same_rows(cluster: &Cluster, src: &str, dst: &str, dir: &std::path::Path) {
-    let m = Manifest::load(dir).unwrap();
-    let (mut a, mut b) = (cluster.client(src), cluster.client(dst));
-    for t in &m.tables {
-        let q = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
-        let cols = t.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-        let (ra, rb) = (sorted_rows(&mut a, &q, &cols), sorted_rows(&mut b, &q, &cols));
-        assert_eq!(ra.len(), rb.len(), "{q}: row counts differ");
-        assert!(ra == rb, "{q}: rows differ");
-    }
-}
-
 #[test]
 fn round_trip_is_exact_for_types_partitions_toast_and_odd_names() {
     let cluster = preloaded();

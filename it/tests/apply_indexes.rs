@@ -93,16 +93,6 @@ fn rebuilt(before: &[(String, u32)], after: &[(String, u32)]) -> Vec<String> {
     before.iter().filter(|(n, o)| oid_of(after, n) != *o).map(|(n, _)| n.clone()).collect()
 }
 
-fn assert_same_rows(cluster: &Cluster, src: &str, dst: &str, dir: &std::path::Path) {
-    let m = Manifest::load(dir).unwrap();
-    let (mut a, mut b) = (cluster.client(src), cluster.client(dst));
-    for t in &m.tables {
-        let q = QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
-        let cols = t.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
-        assert!(sorted_rows(&mut a, &q, &cols) == sorted_rows(&mut b, &q, &cols), "{q}: rows differ");
-    }
-}
-
 fn pending_records(d: &mut postgres::Client, id: &str) -> i64 {
     d.query_one("SELECT count(*) FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1", &[&id])
         .unwrap()

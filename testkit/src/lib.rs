@@ -289,6 +289,25 @@ pub fn copy_schema_between(from: &str, to: &str) {
     assert!(psql.wait().expect("psql").success(), "restoring the schema into {to} failed");
 }
 
+/// Asserts that every table of the snapshot in `dir` holds the same rows in databases `src` and `dst` of
+/// `cluster` (compared sorted, on the manifest's columns).
+pub fn assert_same_rows(cluster: &Cluster, src: &str, dst: &str, dir: &Path) {
+    let m = steep_repl_engine::manifest::Manifest::load(dir).unwrap();
+    let (mut a, mut b) = (cluster.client(src), cluster.client(dst));
+    for t in &m.tables {
+        let q = steep_repl_engine::ident::QualifiedName::new(t.schema.clone(), t.name.clone()).to_string();
+        let cols = t
+            .columns
+            .iter()
+            .map(|c| steep_repl_engine::ident::quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (ra, rb) = (sorted_rows(&mut a, &q, &cols), sorted_rows(&mut b, &q, &cols));
+        assert_eq!(ra.len(), rb.len(), "{q}: row counts differ");
+        assert!(ra == rb, "{q}: rows differ");
+    }
+}
+
 /// The rows of `qualified` (a table, or `ONLY table`) as sorted COPY lines (pinned settings): equal lists mean EXCEPT ALL is empty in
 /// both directions.
 pub fn sorted_rows(client: &mut postgres::Client, qualified: &str, columns: &str) -> Vec<Vec<u8>> {

@@ -217,22 +217,12 @@ async fn checkpoint_warning(
     workers: u32,
 ) -> Result<Option<String>, CliError> {
     use steep_repl_engine::checkpoints::{self, Estimate, Settings};
-    let sql = "SELECT (SELECT setting::int8 FROM pg_catalog.pg_settings WHERE name = 'max_wal_size'), \
-                      (SELECT setting::float8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_completion_target'), \
-                      (SELECT setting::int8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_timeout')";
     let row = client
-        .query_one(sql, &[])
+        .query_one(checkpoints::SETTINGS_SQL, &[])
         .await
         .map_err(CliError::query("reading the target's checkpoint settings"))?;
-    let (Some(wal_mb), Some(target), Some(timeout)) =
-        (row.get::<_, Option<i64>>(0), row.get::<_, Option<f64>>(1), row.get::<_, Option<i64>>(2))
-    else {
+    let Some(settings) = Settings::from_row(row.get(0), row.get(1), row.get(2)) else {
         return Ok(None);
-    };
-    let settings = Settings {
-        max_wal_size_bytes: (wal_mb.max(0) as u64) << 20,
-        checkpoint_completion_target: target,
-        checkpoint_timeout_s: timeout.max(0) as u64,
     };
     let estimate = Estimate::of(copy_bytes, workers.max(1));
     Ok(checkpoints::warning(estimate, &checkpoints::advise(estimate, settings)))

@@ -215,15 +215,8 @@ fn warn_about_checkpoints(m: &Manifest, loaded_bytes: u64, parallel: i32) -> Opt
     use steep_repl_engine::checkpoints::{self, Estimate, Settings};
     let total: u64 = m.tables.iter().flat_map(|t| &t.chunks).map(|c| c.raw_bytes).sum();
     let estimate = Estimate::of(total.saturating_sub(loaded_bytes), parallel.max(1) as u32);
-    let (wal_mb, target, timeout) = Spi::get_three::<i64, f64, i64>(
-        "SELECT (SELECT setting::pg_catalog.int8 FROM pg_catalog.pg_settings WHERE name = 'max_wal_size'),                 (SELECT setting::pg_catalog.float8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_completion_target'),                 (SELECT setting::pg_catalog.int8 FROM pg_catalog.pg_settings WHERE name = 'checkpoint_timeout')",
-    )
-    .ok()?;
-    let settings = Settings {
-        max_wal_size_bytes: (wal_mb? as u64) << 20,
-        checkpoint_completion_target: target?,
-        checkpoint_timeout_s: timeout? as u64,
-    };
+    let (wal_mb, target, timeout) = Spi::get_three::<i64, f64, i64>(checkpoints::SETTINGS_SQL).ok()?;
+    let settings = Settings::from_row(wal_mb, target, timeout)?;
     let warning = checkpoints::warning(estimate, &checkpoints::advise(estimate, settings))?;
     pgrx::warning!("{warning}");
     Some(warning)
