@@ -4,7 +4,6 @@
 use steep_repl_testkit as harness;
 
 use harness::*;
-use steep_repl_engine::ident::{QualifiedName, quote_ident};
 use steep_repl_engine::manifest::Manifest;
 
 const ALL_TYPES: &str = include_str!("../../fixtures/sql/all_types.sql");
