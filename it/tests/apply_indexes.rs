@@ -5,8 +5,6 @@
 use steep_repl_testkit as harness;
 
 use harness::*;
-use steep_repl_engine::ident::{QualifiedName, quote_ident};
-use steep_repl_engine::manifest::Manifest;
 
 /// Tables with every kind of index the deferral handles, and some it must leave alone.
 const SCHEMA: &str = r#"
