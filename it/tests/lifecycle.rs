@@ -619,7 +619,18 @@ fn a_cancel_of_the_leader_before_the_caller_commits_cancels_the_job() {
     c.batch_execute("BEGIN").unwrap();
     let id = start_snapshot(&mut c, &[], &dir, "");
     let pid = leader_pid(&mut c, &id);
-    cluster.client("cancel_early").query_one("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    // The leader's pid is published before it has connected; until it has, pg_cancel_backend does not
+    // know it as a backend (a WARNING and false) and sends nothing, so ask again until it does.
+    let mut other = cluster.client("cancel_early");
+    let mut sent = false;
+    for _ in 0..500 {
+        sent = other.query_one("SELECT pg_cancel_backend($1)", &[&pid]).unwrap().get(0);
+        if sent {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(sent, "pg_cancel_backend never reached the leader {pid}");
     std::thread::sleep(Duration::from_millis(300));
     c.batch_execute("COMMIT").unwrap();
     let (status, _) = wait_for(&mut c, &id, 20);
