@@ -11,7 +11,10 @@
 //! - [`manifest`]: `manifest.json`, its validation and atomic writing;
 //! - [`verify`]: checking a whole snapshot, quickly or deeply, in parallel;
 //! - [`checkpoints`]: whether a load will force checkpoints, and the settings that avoid them;
-//! - [`schema`]: schema fingerprints, read by one catalog query, and their comparison between nodes.
+//! - [`schema`]: schema fingerprints, read by one catalog query, and their comparison between nodes;
+//! - [`overlap`]: which tables an overlap analysis compares between two nodes, and by which key;
+//! - [`digest`]: row digests, digest files and the key-hash tree that compares a table between two
+//!   servers by key without moving rows.
 //!
 //! # Example: write a one-table snapshot and verify it
 //!
@@ -93,11 +96,13 @@ pub mod checkpoints;
 pub mod chunk;
 pub mod compat;
 pub mod copy_text;
+pub mod digest;
 pub mod error;
 pub mod filter;
 pub mod ident;
 pub mod manifest;
 pub mod naming;
+pub mod overlap;
 pub mod plan;
 pub mod replica;
 pub mod schedule;
