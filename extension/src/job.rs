@@ -39,6 +39,7 @@ pub fn new_job_id(kind: JobKind) -> String {
     let prefix = match kind {
         JobKind::Generate => "gen",
         JobKind::Apply => "app",
+        JobKind::Overlap => "ovl",
     };
     format!("{prefix}-{n:016x}")
 }
@@ -111,6 +112,7 @@ pub enum Entry {
     GenerateWorker,
     ApplyLeader,
     ApplyWorker,
+    OverlapLeader,
     Reaper,
     Prober,
 }
@@ -122,6 +124,7 @@ impl Entry {
             Entry::GenerateWorker => "steep_repl_generate_worker",
             Entry::ApplyLeader => "steep_repl_apply_leader",
             Entry::ApplyWorker => "steep_repl_apply_worker",
+            Entry::OverlapLeader => "steep_repl_overlap_leader",
             Entry::Reaper => "steep_repl_reaper",
             Entry::Prober => "steep_repl_prober",
         }
@@ -129,7 +132,7 @@ impl Entry {
 
     pub fn kind(self) -> &'static str {
         match self {
-            Entry::GenerateLeader | Entry::ApplyLeader => "steep_repl leader",
+            Entry::GenerateLeader | Entry::ApplyLeader | Entry::OverlapLeader => "steep_repl leader",
             Entry::GenerateWorker | Entry::ApplyWorker => "steep_repl worker",
             Entry::Reaper => "steep_repl reaper",
             Entry::Prober => "steep_repl prober",

@@ -42,6 +42,7 @@ pgrx::extension_sql_file!(
     name = "schema_fingerprints",
     requires = ["schema"]
 );
+pgrx::extension_sql_file!("../sql/overlap.sql", name = "overlap", requires = ["schema"]);
 
 /// Called by PostgreSQL when the library is loaded: at server start under `shared_preload_libraries`, or
 /// on first use in a backend otherwise.

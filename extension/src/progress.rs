@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::bookkeeping::{self, Figures};
 use crate::gucs;
-use crate::shmem::{JobKind, JobSlot, Phase};
+use crate::shmem::{JobSlot, Phase};
 
 /// The notification channel.
 pub const CHANNEL: &str = "steep_repl_progress";
@@ -63,10 +63,7 @@ pub fn rate_and_eta(job: &JobSlot) -> (f64, Option<f64>) {
 pub fn payload(job: &JobSlot) -> String {
     let f = Figures::of(job);
     let (rate, eta) = rate_and_eta(job);
-    let op = match job.kind() {
-        JobKind::Generate => "generate",
-        JobKind::Apply => "apply",
-    };
+    let op = job.op_name();
     let mut error = job.error_message();
     loop {
         let v = json!({

@@ -221,7 +221,14 @@ impl<const N: usize> ShmemStr<N> {
 pub enum JobKind {
     Generate = 1,
     Apply = 2,
+    /// Overlap analysis with a peer (PRODUCT.md §10): a coordinator whose scans are generate jobs in
+    /// digest mode, one on each node.
+    Overlap = 3,
 }
+
+/// A generate job in digest mode (an overlap scan): its chunks are digest files, without manifest or
+/// sequences (`JobSlot::flags`; apply's flags use other bits).
+pub const FLAG_DIGEST: u32 = 1 << 9;
 
 /// Lifecycle of a job slot (the state part of its [`SlotWord`]).
 pub mod job_state {
@@ -252,6 +259,10 @@ pub enum Phase {
     Slot = 12,
     /// Apply: building the indexes it deferred (after the data, or to restore them after a failure).
     Indexes = 13,
+    /// Overlap: both nodes hash their rows (each in its own scan job).
+    Scan = 14,
+    /// Overlap: the two nodes' digests are compared, top-down.
+    Compare = 15,
 }
 
 impl Phase {
@@ -270,6 +281,8 @@ impl Phase {
             11 => Phase::Applied,
             12 => Phase::Slot,
             13 => Phase::Indexes,
+            14 => Phase::Scan,
+            15 => Phase::Compare,
             _ => Phase::Queued,
         }
     }
@@ -290,6 +303,8 @@ impl Phase {
             Phase::Applied => "applied",
             Phase::Slot => "slot",
             Phase::Indexes => "indexes",
+            Phase::Scan => "scan",
+            Phase::Compare => "compare",
         }
     }
 
@@ -893,10 +908,20 @@ impl JobSlot {
     }
 
     pub fn kind(&self) -> JobKind {
-        if self.kind.load(Ordering::Acquire) == JobKind::Apply as u32 {
-            JobKind::Apply
-        } else {
-            JobKind::Generate
+        match self.kind.load(Ordering::Acquire) {
+            k if k == JobKind::Apply as u32 => JobKind::Apply,
+            k if k == JobKind::Overlap as u32 => JobKind::Overlap,
+            _ => JobKind::Generate,
+        }
+    }
+
+    /// The operation's name as `steep_repl.snapshots.op`, progress and NOTIFY show it.
+    pub fn op_name(&self) -> &'static str {
+        match self.kind() {
+            JobKind::Generate if self.flags.load(Ordering::Relaxed) & FLAG_DIGEST != 0 => "overlap_scan",
+            JobKind::Generate => "generate",
+            JobKind::Apply => "apply",
+            JobKind::Overlap => "overlap",
         }
     }
 }

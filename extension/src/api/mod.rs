@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod health;
 pub mod nodes;
+pub mod overlap;
 pub mod progress;
 pub mod replica;
 pub mod schema;

@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 use crate::bookkeeping::Figures;
 use crate::pg::rights;
 use crate::progress;
-use crate::shmem::{self, JobKind};
+use crate::shmem;
 
 type ProgressRow = (
     String,
@@ -107,10 +107,7 @@ fn snapshot_progress(
         if leader > 0 && !pids.contains(&leader) {
             pids.insert(0, leader);
         }
-        let op = match job.kind() {
-            JobKind::Generate => "generate",
-            JobKind::Apply => "apply",
-        };
+        let op = job.op_name();
         let waiting_for = if leader > 0 && job.phase() == shmem::Phase::Slot {
             Spi::get_one_with_args::<Vec<i32>>("SELECT pg_catalog.pg_blocking_pids($1)", &[leader.into()])
                 .ok()

@@ -54,7 +54,7 @@ fn server_version_num() -> u32 {
 }
 
 /// Who a `peer` argument names: a registered node (its id shown in errors) or a conninfo.
-fn resolve_peer(peer: &str) -> (String, String) {
+pub(crate) fn resolve_peer(peer: &str) -> (String, String) {
     if let Some(n) = book::get(peer) {
         if n.is_local {
             user_error(

@@ -16,6 +16,10 @@ use crate::job::{self, Entry, StartGuard};
 use crate::pg::{self, catalog, rights, xact};
 use crate::shmem::{self, JobKind, Phase};
 
+/// The largest chunk of an overlap scan: a worker sorts one chunk's row digests in memory (about 40
+/// bytes and the key per row).
+pub const DIGEST_CHUNK_BYTES: u64 = 64 << 20;
+
 /// Job flag: start_snapshot created the output directory (so a failed job may remove it).
 pub const FLAG_CREATED_DIR: u32 = 1 << 8;
 
@@ -79,7 +83,7 @@ fn start_snapshot(
     snapshot: default!(Option<&str>, "NULL"),
     slot: default!(Option<&str>, "NULL"),
 ) -> String {
-    let shared = shmem::require();
+    shmem::require();
     job::reap_interrupted();
     require_startable("start a snapshot");
     require_file_role("pg_write_server_files", "write snapshot files on the server");
@@ -163,12 +167,60 @@ fn start_snapshot(
             );
         }
     }
-    let timezone = Spi::get_one::<String>("SELECT pg_catalog.current_setting('TimeZone')")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-
     let created = prepare_output_dir(&path);
+    launch_generate(GenerateRequest {
+        path: &path,
+        created_dir: created,
+        parallel,
+        compression,
+        patterns: &patterns_text,
+        snapshot,
+        slot: slot_name,
+        digest: None,
+    })
+}
+
+/// What a generate job is started with, checked by its caller.
+pub(crate) struct GenerateRequest<'a> {
+    pub path: &'a str,
+    /// The caller created `path` (a failed job removes it).
+    pub created_dir: bool,
+    pub parallel: i32,
+    pub compression: Compression,
+    /// Table patterns (empty: every user table).
+    pub patterns: &'a [String],
+    pub snapshot: Option<&'a str>,
+    pub slot: Option<&'a str>,
+    /// Digest mode (an overlap scan, `crate::api::overlap`): the tables' key columns, recorded in the
+    /// job's options; chunks become digest files.
+    pub digest: Option<serde_json::Value>,
+}
+
+/// Claims a job slot, records the operation and launches the leader of a generate job; returns its id.
+pub(crate) fn launch_generate(req: GenerateRequest<'_>) -> String {
+    let shared = shmem::require();
+    let GenerateRequest {
+        path,
+        created_dir: created,
+        parallel,
+        compression,
+        patterns,
+        snapshot,
+        slot,
+        digest,
+    } = req;
+    let path = path.to_string();
+    let patterns_text = patterns.to_vec();
+    let slot_name = slot;
+    // An overlap scan prints times in UTC, so that two nodes' rows compare alike whatever their settings.
+    let timezone = match digest {
+        Some(_) => "UTC".to_string(),
+        None => Spi::get_one::<String>("SELECT pg_catalog.current_setting('TimeZone')")
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
+    };
+
     let Some((slot, generation)) = shared.claim_job_slot() else {
         if created {
             let _not_empty = std::fs::remove_dir(&path);
@@ -200,9 +252,15 @@ fn start_snapshot(
         Ordering::Relaxed,
     );
     job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
-    job.chunk_bytes.store(crate::gucs::CHUNK_SIZE_KB.get() as u64 * 1024, Ordering::Relaxed);
+    let mut chunk_bytes = crate::gucs::CHUNK_SIZE_KB.get() as u64 * 1024;
+    if digest.is_some() {
+        // A digest file is sorted in memory: its chunk bounds a worker's memory.
+        chunk_bytes = chunk_bytes.min(DIGEST_CHUNK_BYTES);
+    }
+    job.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
     job.chunk_pause_ms.store(crate::gucs::CHUNK_PAUSE_MS.get().max(0) as u64, Ordering::Relaxed);
-    job.flags.store(if created { FLAG_CREATED_DIR } else { 0 }, Ordering::Relaxed);
+    let digest_flag = if digest.is_some() { shmem::FLAG_DIGEST } else { 0 };
+    job.flags.store(if created { FLAG_CREATED_DIR } else { 0 } | digest_flag, Ordering::Relaxed);
     job.set_phase(Phase::Queued);
 
     let options = serde_json::json!({
@@ -211,11 +269,12 @@ fn start_snapshot(
         "slot": slot_name,
         "chunk_size_bytes": job.chunk_bytes.load(Ordering::Relaxed),
         "timezone": timezone,
+        "digest": digest,
     })
     .to_string();
     bookkeeping::insert_operation(&NewOperation {
         id: &id,
-        op: "generate",
+        op: job.op_name(),
         path: &path,
         parallel,
         compression: &compression.to_string(),
@@ -234,7 +293,7 @@ fn start_snapshot(
 /// `cancelled`. Returns false when the operation had already ended.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
-fn cancel_snapshot(id: &str) -> bool {
+pub(crate) fn cancel_snapshot(id: &str) -> bool {
     let shared = shmem::require();
     job::reap_interrupted();
     let Some(op) = bookkeeping::operation(id) else {

@@ -15,6 +15,7 @@
 
 pub mod indexes;
 pub mod nodes;
+pub mod overlap;
 pub mod replica;
 
 use std::sync::atomic::Ordering;

@@ -10,6 +10,7 @@ pub mod slot;
 pub mod wal;
 pub mod xact;
 
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::pg_sys;
@@ -533,4 +534,12 @@ pub fn reload_config() {
 /// The PostgreSQL version this library was built for (`server_version_num`, e.g. 150020).
 pub fn server_version_num() -> u32 {
     pg_sys::PG_VERSION_NUM
+}
+
+/// The server's data directory.
+pub fn data_directory() -> std::path::PathBuf {
+    // SAFETY: DataDir is set by the postmaster before any backend or worker runs and never changes; it
+    // points to a NUL-terminated string.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
+    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))
 }

@@ -250,6 +250,13 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     }
 
     job.tables_done.store(metas.len() as u32, Ordering::Relaxed);
+    if job.flags.load(Ordering::Relaxed) & shmem::FLAG_DIGEST != 0 {
+        // An overlap scan: its digest files are working files, read by the overlap job; no sequences,
+        // no manifest, no fsync (a crash fails the overlap, which scans again).
+        xact::pop_snapshot();
+        xact::commit();
+        return Ok(());
+    }
 
     // Sequences under the same snapshot, then let go of it.
     let stopped = |job: &JobSlot| -> Result<(), JobError> {
@@ -385,6 +392,9 @@ fn scan_chunks(
     // One compressor and one set of buffers for every chunk this process writes.
     let mut scratch = WriterScratch::default();
     let pausing = job.chunk_pause_ms.load(Ordering::Relaxed) > 0;
+    // Digest mode (an overlap scan): the key columns of each table, read once per table.
+    let mut digest_keys = (job.flags.load(Ordering::Relaxed) & shmem::FLAG_DIGEST != 0)
+        .then(|| crate::api::overlap::DigestKeys::of_job(&job.id.get()));
     loop {
         if job.should_stop() {
             break;
@@ -433,21 +443,26 @@ fn scan_chunks(
             );
         }
         let index = c.index.load(Ordering::Relaxed);
-        let rel_path = chunk_rel_path(&table_dir(&schema, &name), index, &compression);
-        let mut writer = ChunkWriter::create_with(&out_dir, &rel_path, compression, &mut scratch)
-            .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
         let end = c.block_end.load(Ordering::Relaxed);
+        let (start, end) = (c.block_start.load(Ordering::Relaxed), (end != shmem::OPEN_END).then_some(end));
         let mut observer = Observer { job, me };
-        scan::copy_block_range(
-            relid,
-            c.block_start.load(Ordering::Relaxed),
-            (end != shmem::OPEN_END).then_some(end),
-            &mut writer,
-            &mut observer,
-        );
-        let stats = writer
-            .finish_into(Durability::DeferSmall, &mut scratch)
-            .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
+        let stats = match digest_keys.as_mut() {
+            None => {
+                let rel_path = chunk_rel_path(&table_dir(&schema, &name), index, &compression);
+                let mut writer = ChunkWriter::create_with(&out_dir, &rel_path, compression, &mut scratch)
+                    .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"));
+                scan::copy_block_range(relid, start, end, &mut writer, &mut observer);
+                writer
+                    .finish_into(Durability::DeferSmall, &mut scratch)
+                    .unwrap_or_else(|e| error!("chunk {index} of {schema}.{name}: {e}"))
+            }
+            Some(keys) => {
+                let key = keys.fields_of(relid, &schema, &name);
+                crate::api::overlap::scan_digest(&out_dir, &schema, &name, index, key, |w| {
+                    scan::copy_block_range(relid, start, end, w, &mut observer);
+                })
+            }
+        };
         pg::unlock_relation(relid, pg_sys::AccessShareLock);
         if !own_transactions {
             xact::pop_snapshot();

@@ -1,0 +1,42 @@
+-- Overlap analysis (PRODUCT.md §10): what start_overlap found, per table and per differing key.
+-- Written by the overlap job's leader when the comparison of a table ends; rows of the same operation
+-- in steep_repl.snapshots (op 'overlap') hold its status, progress and error.
+
+-- One row per table an overlap operation looked at. `status`: compared (every row of both sides was
+-- compared), skipped (no usable key, absent or different on one side: `detail` says which), truncated
+-- (a limit stopped the comparison: never to be read as matching). The counts are rows, except
+-- `conflict`, which counts keys present on both sides with different rows.
+CREATE TABLE steep_repl.overlap_results (
+    overlap_id       text    NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
+    schema_name      text    NOT NULL,
+    table_name       text    NOT NULL,
+    local_rows       bigint,
+    peer_rows        bigint,
+    match            bigint,
+    conflict         bigint,
+    local_only       bigint,
+    peer_only        bigint,
+    -- What crossed the network for this table: requests sent and answers received, as text.
+    bytes_exchanged  bigint  NOT NULL DEFAULT 0,
+    status           text    NOT NULL CHECK (status IN ('compared', 'skipped', 'truncated')),
+    detail           text,
+    PRIMARY KEY (overlap_id, schema_name, table_name)
+);
+
+-- The keys of the rows that differ, by category (conflict, local_only, peer_only), as an object of the
+-- key columns. At most 1 000 000 per table and category are kept; the counts in
+-- overlap_results stay exact beyond that, and `detail` there says the list is cut.
+CREATE TABLE steep_repl.overlap_keys (
+    overlap_id   text  NOT NULL,
+    schema_name  text  NOT NULL,
+    table_name   text  NOT NULL,
+    category     text  NOT NULL CHECK (category IN ('conflict', 'local_only', 'peer_only')),
+    key          jsonb NOT NULL,
+    FOREIGN KEY (overlap_id, schema_name, table_name)
+        REFERENCES steep_repl.overlap_results (overlap_id, schema_name, table_name) ON DELETE CASCADE
+);
+CREATE INDEX overlap_keys_lookup_idx ON steep_repl.overlap_keys (overlap_id, table_name, category);
+
+-- Key values are row data: only the extension owner reads these tables directly; superusers read them
+-- through overlap_result() and overlap_rows().
+REVOKE ALL ON steep_repl.overlap_results, steep_repl.overlap_keys FROM PUBLIC;
