@@ -31,8 +31,8 @@ Examples:
   steep-repl snapshot verify /data/snap --deep
   steep-repl health -d \"host=db1 dbname=app user=postgres\"
 
-Exit codes: 0 ok, 1 error or job failed, 2 usage, 3 schema mismatch, 4 cancelled, 5 timeout,
-6 connection error, 7 verification failed, 130 detached by Ctrl-C (the job keeps running).";
+Exit codes: 0 ok, 1 error or job failed, 2 usage, 3 schema mismatch or data differs, 4 cancelled,
+5 timeout, 6 connection error, 7 verification failed, 130 detached by Ctrl-C (the job keeps running).";
 
 /// How to reach the server: like psql, `-d` takes a conninfo string or a URI, and anything it leaves out
 /// comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD and PGSSLMODE.
@@ -61,6 +61,52 @@ pub enum Command {
     /// Start a logical replica from a snapshot with an exact LSN hand-off, and watch it.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Compare this server's rows with a peer's, table by table and key by key: match, conflict, only
+    /// here, only on the peer.
+    #[command(after_help = OVERLAP_HELP)]
+    Overlap(OverlapArgs),
+}
+
+const OVERLAP_HELP: &str = "\
+Examples:
+  steep-repl overlap --peer replica-2 -d \"dbname=app\"
+  steep-repl overlap --peer \"host=10.0.0.12 dbname=app\" --table 'sales.*' --detailed --limit 100
+  steep-repl overlap --peer replica-2 --json > overlap.json
+
+Each node hashes its own rows in its own background workers; only digests, and the keys of the rows
+that differ, cross the network. Tables without a primary key or replica identity index are listed as
+skipped. Needs a superuser and steep_repl installed and preloaded on both servers. Ctrl-C detaches (the
+analysis keeps running) and prints how to follow or cancel it.
+
+Exits 0 when every table was compared and is identical, 3 when anything differs or a table was not
+compared (skipped, or truncated by a limit).";
+
+/// `overlap`: runs in the server (`-d`), which connects to the peer itself.
+#[derive(Debug, Args)]
+pub struct OverlapArgs {
+    /// The peer: a registered node id or a conninfo (no password).
+    #[arg(long, value_name = "CONN|NODE")]
+    pub peer: String,
+    /// Only tables matching this pattern, pg_dump -t style (repeatable; default: every user table).
+    #[arg(short = 't', long = "table", value_name = "PATTERN", value_parser = parse_pattern)]
+    pub tables: Vec<TablePattern>,
+    /// Background workers hashing rows on each node, 1 to 64.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    /// Also list the keys of the rows that differ, by table and category.
+    #[arg(long)]
+    pub detailed: bool,
+    /// With --detailed: at most this many keys per table and category.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        requires = "detailed",
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub limit: u32,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 /// `steep-repl replica ...`.
@@ -523,6 +569,32 @@ mod tests {
     }
 
     #[test]
+    fn overlap_flags() {
+        let cli =
+            Cli::try_parse_from(["steep-repl", "overlap", "--peer", "replica-2", "-t", "sales.*"]).unwrap();
+        let Command::Overlap(o) = cli.command else { panic!("not overlap") };
+        assert_eq!((o.peer.as_str(), o.parallel, o.detailed, o.limit), ("replica-2", 4, false, 1000));
+        assert_eq!(o.tables.len(), 1);
+        let cli = Cli::try_parse_from([
+            "steep-repl",
+            "overlap",
+            "--peer",
+            "host=b dbname=app",
+            "--detailed",
+            "--limit",
+            "5",
+            "-j",
+            "2",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        let Command::Overlap(o) = cli.command else { panic!("not overlap") };
+        assert!(o.detailed);
+        assert_eq!((o.limit, o.parallel), (5, 2));
+    }
+
+    #[test]
     fn usage_errors() {
         for bad in [
             &["steep-repl", "snapshot", "generate", "--output", "/x", "--direct", "--client"][..],
@@ -532,6 +604,10 @@ mod tests {
             &["steep-repl", "snapshot", "apply"],
             &["steep-repl", "snapshot", "apply", "--input", "/x", "--resume", "app-1", "--truncate"],
             &["steep-repl", "snapshot", "verify"],
+            &["steep-repl", "overlap"],
+            &["steep-repl", "overlap", "--peer", "p", "--limit", "10"],
+            &["steep-repl", "overlap", "--peer", "p", "--detailed", "--limit", "0"],
+            &["steep-repl", "overlap", "--peer", "p", "--parallel", "65"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} should be refused");
         }

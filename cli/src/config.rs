@@ -60,6 +60,21 @@ pub struct ReplicaInitConfig {
     pub timeout: Option<Duration>,
 }
 
+/// `overlap`.
+#[derive(Debug, Clone)]
+pub struct OverlapConfig {
+    pub conn: ConnSpec,
+    /// A registered node id or a conninfo, passed to the server as given.
+    pub peer: String,
+    pub patterns: Vec<TablePattern>,
+    pub parallel: u32,
+    /// List the keys that differ.
+    pub detailed: bool,
+    /// At most this many keys per table and category.
+    pub limit: u32,
+    pub timeout: Option<Duration>,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -76,6 +91,7 @@ pub enum Action {
     ReplicaInit(ReplicaInitConfig),
     ReplicaStatus { target: ConnSpec },
     ReplicaSyncSequences { source: ConnSpec, target: ConnSpec, patterns: Vec<TablePattern> },
+    Overlap(OverlapConfig),
 }
 
 /// `schema ...`.
@@ -210,6 +226,15 @@ impl Config {
             Command::Replica(ReplicaCommand::Status(r)) => {
                 Action::ReplicaStatus { target: ConnSpec::resolve(Some(&r.target), &env)? }
             }
+            Command::Overlap(o) => Action::Overlap(OverlapConfig {
+                conn: conn()?,
+                peer: o.peer,
+                patterns: o.tables,
+                parallel: o.parallel,
+                detailed: o.detailed,
+                limit: o.limit,
+                timeout: seconds(o.wait.timeout),
+            }),
             Command::Schema(sc) => Action::Schema {
                 conn: conn()?,
                 action: match sc {
@@ -274,5 +299,31 @@ mod tests {
         assert!(!a.verify && a.truncate && a.analyze);
         assert_eq!(a.mode, ModeChoice::Client);
         assert_eq!(a.timeout, Some(Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn overlap_flags_become_settings() {
+        let cli = Cli::try_parse_from([
+            "steep-repl",
+            "--json",
+            "overlap",
+            "--peer",
+            "replica-2",
+            "--table",
+            "sales.*",
+            "--detailed",
+            "--timeout",
+            "30",
+        ])
+        .unwrap();
+        let c = Config::build(cli, |_| None).unwrap();
+        // One JSON document at the end, not a stream of events.
+        assert!(c.json && !c.streams_events());
+        let Action::Overlap(o) = c.action else { panic!("not overlap") };
+        assert_eq!(o.peer, "replica-2");
+        assert_eq!(o.patterns.len(), 1);
+        assert!(o.detailed);
+        assert_eq!((o.limit, o.parallel), (1000, 4));
+        assert_eq!(o.timeout, Some(Duration::from_secs(30)));
     }
 }

@@ -12,7 +12,7 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_ERROR: u8 = 1;
 /// Bad usage (clap exits with 2 by itself for argument errors).
 pub const EXIT_USAGE: u8 = 2;
-/// The target schema does not match the snapshot.
+/// The target schema does not match the snapshot, or two nodes differ (`schema compare`, `overlap`).
 pub const EXIT_SCHEMA_MISMATCH: u8 = 3;
 /// The job was cancelled.
 pub const EXIT_CANCELLED: u8 = 4;
@@ -57,6 +57,10 @@ pub enum CliError {
     /// Two nodes' schemas differ (`schema compare`, `schema diff`); the differences were printed.
     #[error("the schema differs from {peer}'s in {count} object(s)")]
     SchemaDiffers { peer: String, count: usize },
+    /// Two nodes' rows differ (`overlap`), or some tables were not compared (skipped for want of a key,
+    /// or truncated by a limit); the tables were printed.
+    #[error("{}", overlap_message(.peer, *.differ, *.not_compared))]
+    OverlapDiffers { peer: String, differ: usize, not_compared: usize },
     /// The snapshot failed verification; every problem is listed.
     #[error("{}: verification failed ({} problem(s)):{}", .dir.display(), .problems.len(), Lines(.problems))]
     VerifyFailed { dir: PathBuf, problems: Vec<String> },
@@ -105,7 +109,9 @@ impl CliError {
             CliError::Query { source, .. } if is_connection_error(source) => EXIT_CONNECTION,
             CliError::Query { source, .. } if sqlstate(source) == Some("57014") => EXIT_TIMEOUT,
             CliError::Usage(_) => EXIT_USAGE,
-            CliError::SchemaMismatch { .. } | CliError::SchemaDiffers { .. } => EXIT_SCHEMA_MISMATCH,
+            CliError::SchemaMismatch { .. }
+            | CliError::SchemaDiffers { .. }
+            | CliError::OverlapDiffers { .. } => EXIT_SCHEMA_MISMATCH,
             CliError::Preflight { schema_only: true, .. } => EXIT_SCHEMA_MISMATCH,
             CliError::Preflight { .. } => EXIT_ERROR,
             CliError::VerifyFailed { .. } => EXIT_VERIFY_FAILED,
@@ -215,6 +221,18 @@ fn query_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// `2 table(s) differ from node b's; 1 table(s) not compared with node b's (skipped or truncated)`.
+fn overlap_message(peer: &str, differ: usize, not_compared: usize) -> String {
+    let mut parts = Vec::new();
+    if differ > 0 {
+        parts.push(format!("{differ} table(s) differ from {peer}'s"));
+    }
+    if not_compared > 0 {
+        parts.push(format!("{not_compared} table(s) not compared with {peer}'s (skipped or truncated)"));
+    }
+    parts.join("; ")
+}
+
 /// Problems, one per indented line.
 struct Lines<'a>(&'a [String]);
 
@@ -265,6 +283,14 @@ mod tests {
         );
         assert_eq!(CliError::TimedOut { id: "g".into(), seconds: 3, hints: vec![] }.exit_code(), 5);
         assert_eq!(CliError::Usage("x".into()).exit_code(), EXIT_USAGE);
+        let e = CliError::OverlapDiffers { peer: "node b".into(), differ: 2, not_compared: 1 };
+        assert_eq!(e.exit_code(), EXIT_SCHEMA_MISMATCH);
+        assert_eq!(
+            e.to_string(),
+            "2 table(s) differ from node b's; 1 table(s) not compared with node b's (skipped or truncated)"
+        );
+        let e = CliError::OverlapDiffers { peer: "the peer".into(), differ: 0, not_compared: 3 };
+        assert_eq!(e.to_string(), "3 table(s) not compared with the peer's (skipped or truncated)");
         assert_eq!(EXIT_OK, 0);
     }
 }

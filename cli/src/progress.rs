@@ -6,7 +6,9 @@
 //! - [`PlainReporter`]: a line on stderr every few seconds and on every phase change, for logs;
 //! - [`JsonReporter`]: one JSON object per line on stdout: `{"event":"started",...}`, then
 //!   `{"event":"progress",...}` for every change (the NOTIFY payload's fields), then
-//!   `{"event":"summary",...}`.
+//!   `{"event":"summary",...}`;
+//! - [`QuietReporter`]: no progress at all, for commands whose `--json` output is one document at the
+//!   end (`overlap`); notes still go to stderr.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -188,12 +190,23 @@ fn print_line(msg: &str) {
     }
 }
 
-/// `12.3% · 1,234 rows · 45.6 MB/s · ETA 1m05s · tables 3/10 · chunks 12/40`.
+/// `12.3% · 1,234 rows · 45.6 MB/s · ETA 1m05s · tables 3/10 · chunks 12/40`; for an overlap analysis
+/// (no chunks; its bytes are what crossed the network) `12.3% · 1,234 rows · 4.5 KiB exchanged · tables 3/10`.
 fn figures(u: &Update) -> String {
     let eta = match u.eta_s {
         Some(e) if !u.is_terminal() && u.percent > 0.0 => format!(" · ETA {}", output::duration(e)),
         _ => String::new(),
     };
+    if u.op == "overlap" {
+        return format!(
+            "{:.1}% · {} rows · {} exchanged{eta} · tables {}/{}",
+            u.percent,
+            output::count(u.rows),
+            output::bytes(u.bytes),
+            u.tables_done,
+            u.tables_total
+        );
+    }
     format!(
         "{:.1}% · {} rows · {}{eta} · tables {}/{} · chunks {}/{}",
         u.percent,
@@ -212,6 +225,18 @@ fn started_line(s: &Started) -> String {
 }
 
 fn summary_line(s: &Summary) -> String {
+    if s.op == "overlap" {
+        return format!(
+            "overlap {} {} in {} ({} mode): {} tables compared, {} rows hashed, {} exchanged",
+            s.id,
+            s.status,
+            output::duration(s.elapsed_s),
+            s.mode,
+            s.tables,
+            output::count(s.rows),
+            output::bytes(s.bytes)
+        );
+    }
     let what = if s.op == "apply" { "loaded" } else { "written" };
     format!(
         "{} {} {} in {} ({} mode): {} tables, {} chunks, {} rows, {} of COPY text, {} {what} ({}), {}",
@@ -365,6 +390,24 @@ impl Reporter for JsonReporter {
     }
 }
 
+/// No progress: which mode and why, and notes, on stderr; nothing on stdout (the command prints its
+/// own document at the end).
+pub struct QuietReporter;
+
+impl Reporter for QuietReporter {
+    fn started(&mut self, s: &Started) {
+        eprint_line(&started_line(s));
+    }
+
+    fn update(&mut self, _u: &Update) {}
+
+    fn note(&mut self, msg: &str) {
+        eprint_line(msg);
+    }
+
+    fn finish(&mut self, _s: &Summary) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +430,13 @@ mod tests {
         assert!(Update::from_json(&serde_json::json!({"no": "id"})).is_none());
         let tagged = tagged("progress", &u);
         assert!(tagged.starts_with(r#"{"event":"progress","op":"generate""#), "{tagged}");
+    }
+
+    #[test]
+    fn overlap_figures() {
+        let v = serde_json::json!({"op": "overlap", "id": "ovl-1", "phase": "compare", "status": "running",
+            "percent": 50.0, "tables_done": 2, "tables_total": 4, "rows": 12345, "bytes": 2048});
+        let u = Update::from_json(&v).unwrap();
+        assert_eq!(figures(&u), "50.0% · 12,345 rows · 2.0 KiB exchanged · tables 2/4");
     }
 }

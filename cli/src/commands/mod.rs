@@ -7,6 +7,7 @@ mod health;
 mod inspect;
 mod list;
 mod node;
+mod overlap;
 mod progress;
 mod replica;
 mod schema;
@@ -36,5 +37,6 @@ pub async fn run(config: Config) -> Result<(), CliError> {
         Action::ReplicaSyncSequences { source, target, patterns } => {
             replica::sync_sequences_command(&source, &target, &patterns, json).await
         }
+        Action::Overlap(cfg) => overlap::run(cfg, json).await,
     }
 }

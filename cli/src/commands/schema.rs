@@ -97,7 +97,7 @@ async fn compare(
 }
 
 /// A node id as given; a conninfo is not repeated (it may name hosts and users).
-fn shown_peer(peer: &str) -> String {
+pub fn shown_peer(peer: &str) -> String {
     if peer.contains('=') || peer.contains("://") { "the peer".to_string() } else { format!("node {peer}") }
 }
 
