@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|all] [--mixed-scale N]
+#   scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|overlap|all] [--mixed-scale N]
 #                    [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N]
-#                    [--rounds N] [--keep]
+#                    [--overlap-rows N] [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
@@ -24,6 +24,13 @@
 #   many      a database of --many-tables small tables (default 20 000, 20 rows each; fixtures/sql/many.sql):
 #             start_snapshot vs pg_dump -Fd -j N -Z 1 -a, then start_apply vs pg_restore -j N --data-only
 #             into the same pre-created schema (a fresh copy of it for every run). Not part of `all`.
+#   overlap   overlap analysis between two databases of the cluster (`ovl_a`, and `ovl_b` made from it as
+#             a template), each holding a pgbench_accounts-like table of --overlap-rows rows (default 10
+#             million) and the mixed
+#             dataset: start_overlap(parallel => N) with the tables identical, then with 0.1% of the rows
+#             of every table changed on one side (scattered), then 50%; wall time, bytes exchanged, and
+#             the CPU floor (COPY every compared table TO '/dev/null' on both sides, divided by the
+#             cores). Not part of `all`.
 #   replica   a logical replica from start until caught up, source and target on two clusters (the second,
 #             `bench_target`, started like the first): steep-repl replica init --parallel N (snapshot with a
 #             slot, apply, hand-off, catch-up)  vs  CREATE SUBSCRIPTION ... (copy_data = true, defaults) until
@@ -42,19 +49,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; mixed_scale=64; onebig_scale=40; wide_scale=50; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
+what=all; overlap_rows=10000000; mixed_scale=64; onebig_scale=40; wide_scale=50; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|client|copy|ready|many|schema|replica|all) what="$1" ;;
+    generate|apply|client|copy|ready|many|schema|replica|overlap|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --wide-scale) wide_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --many-tables) many_tables="$2"; shift ;;
+    --overlap-rows) overlap_rows="$2"; shift ;;
     --schema-tables) schema_tables="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|all] [--mixed-scale N] [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--rounds N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|overlap|all] [--mixed-scale N] [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--overlap-rows N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -418,6 +426,86 @@ time_native_replica() { # source_db replica_db
   echo "$(now) - $t0" | bc
 }
 
+# Overlap analysis: ovl_a holds the datasets; ovl_b is a copy of it (CREATE DATABASE ... TEMPLATE) with
+# a share of the rows changed. Each run of start_overlap is timed to its end (wait_snapshot).
+overlap_changes() { # db modulus: change the rows whose key is a multiple of the modulus in every table
+  local m=$2 i sql
+  sql="UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % $m = 0;
+       UPDATE accounts SET abalance = abalance + 1 WHERE aid % $m = 0;
+       UPDATE orders SET amount = amount + 1 WHERE id % $m = 0;
+       UPDATE documents SET title = title || 'x' WHERE id % $m = 0;"
+  for i in $(seq -w 1 100); do
+    if [ "$m" -ge 1000 ]; then sql="$sql UPDATE small_$i SET label = label || 'x' WHERE id = $(( (10#$i * 7) % 1000 + 1 ));"
+    else sql="$sql UPDATE small_$i SET label = label || 'x' WHERE id % $m = 0;"; fi
+  done
+  q "$1" "$sql"
+  q "$1" "VACUUM"
+}
+time_ours_overlap() { # db peer_db: prints seconds; leaves the id in $work/overlap.id
+  local t0 id status
+  t0=$(now)
+  id=$(q "$1" "SELECT steep_repl.start_overlap('$(db "$2")', parallel => $parallel)")
+  status=$(q "$1" "SELECT status FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = complete ] || { echo "bench: overlap $id ended $status: $(q "$1" "SELECT error FROM steep_repl.snapshots WHERE id = '$id'")" >&2; exit 1; }
+  echo "$id" >"$work/overlap.id"
+  echo "$(now) - $t0" | bc
+}
+overlap_floor() { # db...: COPY every table with a key TO '/dev/null' in each db, summed, divided by the cores
+  local total=0 t d tables
+  for d in "$@"; do
+    tables=$(q "$d" "SELECT string_agg(format('COPY %I.%I TO %L;', n.nspname, c.relname, '/dev/null'), ' ')
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.relkind = 'r' AND n.nspname = 'public'
+                       AND EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)")
+    t=$(time_sql "$d" "$tables")
+    total=$(echo "$total + $t" | bc)
+  done
+  echo "scale=2; $total / $(nproc)" | bc
+}
+bench_overlap() {
+  local marker="steep-repl bench overlap mixed $mixed_scale accounts $overlap_rows" got id
+  got=$(q postgres "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'ovl_a'" || true)
+  if [ "$got" != "$marker" ]; then
+    echo "bench: building dataset ovl_a (mixed scale $mixed_scale and a $overlap_rows-row pgbench_accounts)"
+    q postgres "DROP DATABASE IF EXISTS ovl_a WITH (FORCE)"
+    q postgres "CREATE DATABASE ovl_a"
+    psql "$(db ovl_a)" -Xq -v ON_ERROR_STOP=1 -v scale="$mixed_scale" -f fixtures/sql/mixed.sql >/dev/null
+    q ovl_a "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int NOT NULL, abalance int NOT NULL, filler char(84));
+             INSERT INTO pgbench_accounts SELECT g, (g - 1) / 100000 + 1, 0, '' FROM generate_series(1, $overlap_rows) g"
+    q ovl_a "VACUUM (FREEZE, ANALYZE)"
+    q postgres "COMMENT ON DATABASE ovl_a IS '$marker'"
+  fi
+  q ovl_a "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
+  local rows size
+  rows=$(q ovl_a "SELECT sum(reltuples)::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
+  size=$(q ovl_a "SELECT pg_size_pretty(sum(pg_table_size(c.oid))) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
+  local identical=""
+  for share in identical 1000 2; do
+    q postgres "DROP DATABASE IF EXISTS ovl_b WITH (FORCE)"
+    q postgres "CREATE DATABASE ovl_b TEMPLATE ovl_a"
+    [ "$share" = identical ] || overlap_changes ovl_b "$share"
+    prewarm ovl_a; prewarm ovl_b
+    local floor runs="" best="" x i
+    floor=$(overlap_floor ovl_a ovl_b)
+    for i in $(seq 1 "$rounds"); do
+      sync; x=$(time_ours_overlap ovl_a ovl_b)
+      runs="$runs${runs:+, }${x}s"
+      if [ -z "$best" ]; then best=$x; else best=$(min "$best" "$x"); fi
+    done
+    id=$(cat "$work/overlap.id")
+    local label
+    case "$share" in identical) label="identical" ;; 1000) label="0.1% of rows changed" ;; *) label="50% of rows changed" ;; esac
+    report "overlap ovl_a vs ovl_b, $label ($rows rows a side, tables $size a side):"
+    report "  start_overlap(parallel => $parallel)  ${best}s (runs $runs)   CPU floor ${floor}s"
+    report "  wall / CPU floor: best $(ratio "$best" "$floor")x, median $(ratio "$(median "$runs")" "$floor")x"
+    report "  exchanged $(q ovl_a "SELECT pg_size_pretty(sum(bytes_exchanged)) || ' (' || sum(bytes_exchanged) || ' bytes)' FROM steep_repl.overlap_result('$id')")"
+    report "  found: $(q ovl_a "SELECT format('%s compared, %s skipped; match %s, conflict %s, local_only %s, peer_only %s', count(*) FILTER (WHERE status = 'compared'), count(*) FILTER (WHERE status = 'skipped'), sum(match), sum(conflict), sum(local_only), sum(peer_only)) FROM steep_repl.overlap_result('$id')")"
+    if [ "$share" = identical ]; then identical=$(median "$runs"); fi
+    if [ "$share" = 2 ]; then report "  50% changed / identical (medians): $(ratio "$(median "$runs")" "$identical")x"; fi
+  done
+  q postgres "DROP DATABASE IF EXISTS ovl_b WITH (FORCE)"
+}
+
 bench_replica() {
   local spec name file scale dbname replica
   bash scripts/pg.sh start bench_target >/dev/null
@@ -452,6 +540,12 @@ fi
 
 if [ "$what" = schema ]; then
   bench_schema
+  echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
+  exit 0
+fi
+
+if [ "$what" = overlap ]; then
+  bench_overlap
   echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
   exit 0
 fi

@@ -369,3 +369,36 @@ fn only_superusers_may_analyze_an_overlap() {
         assert!(db_message(&e).contains("permission denied"), "{sql}: {}", db_message(&e));
     }
 }
+
+#[test]
+fn differing_keys_are_recorded_without_running_code_of_the_key_type() {
+    // A key of a domain type whose CHECK calls a function: recording a differing key (as the extension's
+    // owner) must not run it, as a cast back to the domain would.
+    let cluster = preloaded();
+    let ddl = "CREATE TABLE calls (at timestamptz DEFAULT clock_timestamp()); \
+               CREATE FUNCTION noisy(v int) RETURNS boolean LANGUAGE plpgsql AS \
+                 $$ BEGIN INSERT INTO calls DEFAULT VALUES; RETURN v > 0; END $$; \
+               CREATE DOMAIN dkey AS int CHECK (noisy(VALUE)); \
+               CREATE TABLE t (id dkey PRIMARY KEY, v text); \
+               INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 50) g";
+    for db in ["ovl_dom_a", "ovl_dom_b"] {
+        cluster.fresh_db(db, true);
+        cluster.client(db).batch_execute(ddl).unwrap();
+    }
+    let mut a = cluster.client("ovl_dom_a");
+    let mut b = cluster.client("ovl_dom_b");
+    b.batch_execute("DELETE FROM t WHERE id = 7; INSERT INTO t VALUES (99, 'new')").unwrap();
+    let calls =
+        |c: &mut postgres::Client| -> i64 { c.query_one("SELECT count(*) FROM calls", &[]).unwrap().get(0) };
+    let before = calls(&mut a);
+    let id = overlap(&mut a, &cluster.conninfo_for("ovl_dom_b"), "");
+    assert_eq!(calls(&mut a), before, "the domain's CHECK ran while the keys were recorded");
+    let found = keys(&mut a, &id);
+    let want: BTreeSet<(String, String, String)> = [
+        ("t".to_string(), "local_only".to_string(), r#"{"id": "7"}"#.to_string()),
+        ("t".to_string(), "peer_only".to_string(), r#"{"id": "99"}"#.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(found, want);
+}

@@ -206,11 +206,14 @@ struct Found {
     peer_only: Vec<u128>,
 }
 
-/// Compares a table between `local` and `peer` top-down: breadth-first from the root, expanding
-/// only nodes whose digests differ, batched per level so that each level costs one call per batch
-/// to each side. A differing node whose larger side has at most [`Limits::leaf_rows`] rows, or
-/// that is at [`MAX_DEPTH`], is settled by exchanging its row digests; the texts of the keys found
-/// different are fetched last.
+/// Compares a table between `local` and `peer` top-down, expanding only nodes whose digests differ.
+/// The work is a stack of differing nodes, taken `batch_nodes` at a time from its top (so each call
+/// to a side asks about many nodes, and the stack stays small: at most about `MAX_DEPTH` batches of
+/// `FANOUT` children, whatever the table's size). A differing node whose larger side has at most
+/// [`Limits::leaf_rows`] rows, or that is at [`MAX_DEPTH`], is settled by exchanging its row digests,
+/// in batches of at most `batch_rows` rows; the texts of the keys found different are fetched last.
+/// A node that one side lacks entirely is counted from the other side's digest without expanding
+/// it once the keys of that category are no longer being listed ([`Limits::max_keys`]).
 ///
 /// `check` is called before every call to a side (the caller's cancel check); its error ends the
 /// comparison and is returned.
@@ -236,66 +239,88 @@ pub fn compare(
     result.peer_rows = peer_total.rows;
 
     let mut found = Found::default();
-    let mut expand = Vec::new();
+    let mut stack = Vec::new();
     let mut leaves = Vec::new();
+    let mut leaf_rows = 0u64;
     sort_node(
         Pending { node: Node::ROOT, local: local_total, peer: peer_total },
         limits,
         &mut result,
-        &mut expand,
+        &found,
+        &mut stack,
         &mut leaves,
     );
 
-    while !expand.is_empty() || !leaves.is_empty() {
-        let mut next = Vec::new();
-        for batch in expand.chunks(batch_nodes) {
-            let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
-            check()?;
-            let local_children = local.children(&nodes)?;
-            check()?;
-            let peer_children = peer.children(&nodes)?;
-            let answers = [("local", &local_children), ("peer", &peer_children)];
-            for (name, answer) in answers {
-                if answer.len() != nodes.len() {
-                    return Err(side(
-                        name,
-                        format!("{} children answers for {} nodes", answer.len(), nodes.len()),
-                    ));
-                }
+    loop {
+        if !leaves.is_empty() {
+            leaf_rows = leaves.iter().fold(0u64, |n, p: &Pending| n.saturating_add(p.larger()));
+        }
+        // Settle leaves once a batch of them is ready, or when nothing is left to expand.
+        if !leaves.is_empty()
+            && (stack.is_empty() || leaves.len() >= batch_nodes || leaf_rows >= limits.batch_rows)
+        {
+            settle(local, peer, &leaves, limits, check, &mut result, &mut found)?;
+            leaves.clear();
+            leaf_rows = 0;
+        }
+        if stack.is_empty() {
+            if leaves.is_empty() {
+                break;
             }
-            for (i, pending) in batch.iter().enumerate() {
-                let (l, p) = (&local_children[i], &peer_children[i]);
-                if sum(l) != pending.local {
-                    return Err(side("local", "children do not add up to their node (table changed?)"));
-                }
-                if sum(p) != pending.peer {
-                    return Err(side("peer", "children do not add up to their node (table changed?)"));
-                }
-                for (j, child) in pending.node.children().into_iter().enumerate() {
-                    let child = Pending { node: child, local: l[j], peer: p[j] };
-                    sort_node(child, limits, &mut result, &mut next, &mut leaves);
-                }
+            continue;
+        }
+        let batch: Vec<Pending> = stack.split_off(stack.len().saturating_sub(batch_nodes));
+        let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
+        check()?;
+        let local_children = local.children(&nodes)?;
+        check()?;
+        let peer_children = peer.children(&nodes)?;
+        let answers = [("local", &local_children), ("peer", &peer_children)];
+        for (name, answer) in answers {
+            if answer.len() != nodes.len() {
+                return Err(side(
+                    name,
+                    format!("{} children answers for {} nodes", answer.len(), nodes.len()),
+                ));
             }
         }
-        settle(local, peer, &leaves, limits, check, &mut result, &mut found)?;
-        leaves.clear();
-        expand = next;
+        for (i, pending) in batch.iter().enumerate() {
+            let (l, p) = (&local_children[i], &peer_children[i]);
+            if !adds_up(l, &pending.local) {
+                return Err(side("local", "children do not add up to their node (table changed?)"));
+            }
+            if !adds_up(p, &pending.peer) {
+                return Err(side("peer", "children do not add up to their node (table changed?)"));
+            }
+            for (j, child) in pending.node.children().into_iter().enumerate() {
+                let child = Pending { node: child, local: l[j], peer: p[j] };
+                sort_node(child, limits, &mut result, &found, &mut stack, &mut leaves);
+            }
+        }
     }
 
     fetch_keys(local, peer, limits, check, &found, &mut result)?;
     Ok(result)
 }
 
-/// Counts an equal node as matched, or queues a differing one for expansion or settling.
+/// Counts an equal node as matched, or a node one side lacks (once its keys are no longer listed) as
+/// one-sided, or queues a differing one for expansion or settling.
 fn sort_node(
     p: Pending,
     limits: &Limits,
     result: &mut Comparison,
+    found: &Found,
     expand: &mut Vec<Pending>,
     leaves: &mut Vec<Pending>,
 ) {
     if p.local == p.peer {
         result.matched += p.local.rows;
+    } else if p.peer.rows == 0 && found.local_only.len() >= limits.max_keys {
+        result.local_only += p.local.rows;
+        result.keys_truncated = true;
+    } else if p.local.rows == 0 && found.peer_only.len() >= limits.max_keys {
+        result.peer_only += p.peer.rows;
+        result.keys_truncated = true;
     } else if p.larger() <= limits.leaf_rows || p.node.depth >= MAX_DEPTH {
         leaves.push(p);
     } else {
@@ -303,12 +328,16 @@ fn sort_node(
     }
 }
 
-fn sum(children: &[Digest; FANOUT]) -> Digest {
+/// Whether `children` add up to `parent`: the row counts exactly (no wrap), the sums modulo 2^128.
+fn adds_up(children: &[Digest; FANOUT], parent: &Digest) -> bool {
+    let mut rows = 0u64;
     let mut total = Digest::default();
     for child in children {
+        let Some(r) = rows.checked_add(child.rows) else { return false };
+        rows = r;
         total.merge(child);
     }
-    total
+    rows == parent.rows && total == *parent
 }
 
 fn side(name: &str, reason: impl std::fmt::Display) -> DigestError {

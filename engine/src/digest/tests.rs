@@ -726,3 +726,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn one_sided_rows_beyond_the_key_limit_are_counted_without_fetching_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows = base_rows(5000);
+    let mut l = table(dir.path(), "l", &rows, 3);
+    let mut p = CountingSide::new(table(dir.path(), "p", &[], 1));
+    let limits = Limits { max_keys: 10, batch_nodes: 16, ..Limits::default() };
+    let c = run_compare(&mut l, &mut p, &limits);
+    assert_eq!((c.local_rows, c.peer_rows, c.matched, c.local_only, c.peer_only), (5000, 0, 0, 5000, 0));
+    assert!(c.keys_truncated);
+    assert_eq!(c.keys.iter().filter(|(cat, _)| *cat == Category::LocalOnly).count(), 10);
+    // Once ten keys were listed, the rest was counted from digests: far fewer than 5000 rows asked for.
+    assert!(p.counts.nodes < 2000, "{:?}", p.counts);
+}
+
+#[test]
+fn small_batches_give_the_same_result_as_large_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = base_rows(3000);
+    let mut peer = base_rows(3000);
+    for (i, r) in peer.iter_mut().enumerate() {
+        if i % 97 == 0 {
+            *r = row(i as u64, Some("changed"), None);
+        }
+    }
+    peer.truncate(2900);
+    let mut l = table(dir.path(), "l", &local, 2);
+    let mut p = table(dir.path(), "p", &peer, 3);
+    let small = Limits { batch_nodes: 3, batch_rows: 20, leaf_rows: 4, ..Limits::default() };
+    let c = run_compare(&mut l, &mut p, &small);
+    assert_as_expected(&c, &local, &peer);
+}

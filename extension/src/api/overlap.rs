@@ -58,6 +58,16 @@ pub fn scan_base() -> PathBuf {
     pg::data_directory().join(SCAN_BASE)
 }
 
+/// Whether `dir` is a scan directory `start_overlap_scan` creates: `scan-...` right under
+/// [`scan_base`] (checked before anything is read from it or removed).
+pub fn is_scan_dir(dir: &Path) -> bool {
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("scan-") && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    named && dir.parent() == Some(scan_base().as_path())
+}
+
 /// Where chunk `index` of `schema.name` goes in a scan directory.
 fn digest_rel_path(schema: &str, name: &str, index: u32) -> String {
     format!("data/{}/{index:06}.digest", table_dir(schema, name))
@@ -266,7 +276,7 @@ fn complete_scan_dir(id: &str) -> PathBuf {
         );
     }
     let dir = PathBuf::from(&op.path);
-    if !dir.starts_with(scan_base()) {
+    if !is_scan_dir(&dir) {
         user_error(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("overlap scan {id} has a directory outside {}", scan_base().display()),
@@ -317,7 +327,7 @@ fn overlap_scan_request(
             *open = Some((key.clone(), digests));
         }
         let Some((_, d)) = open.as_ref() else { unreachable!("opened above") };
-        match request {
+        let answer = match request {
             "total" => digest::wire::encode_digest(&d.total()),
             "children" => {
                 let nodes = digest::wire::decode_nodes(arg).unwrap_or_else(|e| bad(e));
@@ -336,7 +346,12 @@ fn overlap_scan_request(
                 format!("unknown overlap scan request {other:?} (total, children, rows or keys)"),
                 None,
             ),
+        };
+        // A file changed or cut under a query: say so rather than answer from part of it.
+        if let Some(e) = d.fault() {
+            bad(e)
         }
+        answer
     })
 }
 
@@ -359,7 +374,7 @@ fn drop_overlap_scan(id: &str) -> bool {
         return crate::api::snapshot::cancel_snapshot(id);
     }
     let dir = PathBuf::from(&op.path);
-    if !dir.starts_with(scan_base()) || !dir.exists() {
+    if !is_scan_dir(&dir) || !dir.exists() {
         return false;
     }
     std::fs::remove_dir_all(&dir).is_ok()
@@ -511,7 +526,8 @@ fn overlap_result(
     TableIterator::new(rows)
 }
 
-/// The keys of overlap analysis `id` that differ: of one table (`table_name`, or `schema.table`) and
+/// The keys of overlap analysis `id` that differ: of one table (`table_name`: its name, or `schema.table`
+/// with both parts unquoted) and
 /// category (`conflict`, `local_only`, `peer_only`) when given, at most `lim`.
 #[pg_extern(stable)]
 #[search_path(pg_catalog, pg_temp)]
@@ -535,20 +551,16 @@ fn overlap_rows(
             None,
         );
     }
-    let (schema, table) = match table_name.map(|t| t.split_once('.')) {
-        Some(Some((s, t))) => (Some(s.to_string()), Some(t.to_string())),
-        Some(None) => (None, table_name.map(str::to_string)),
-        None => (None, None),
-    };
     let rows = Spi::connect(|c| -> Result<Vec<_>, pgrx::spi::Error> {
         let mut v = Vec::new();
         for r in c.select(
             "SELECT schema_name, table_name, category, key FROM steep_repl.overlap_keys \
-             WHERE overlap_id = $1 AND ($2::text IS NULL OR table_name = $2) \
-             AND ($3::text IS NULL OR schema_name = $3) AND ($4::text IS NULL OR category = $4) \
-             ORDER BY schema_name, table_name, category LIMIT greatest($5, 0)",
+             WHERE overlap_id = $1 \
+             AND ($2::text IS NULL OR table_name = $2 OR schema_name || '.' || table_name = $2) \
+             AND ($3::text IS NULL OR category = $3) \
+             ORDER BY schema_name, table_name, category LIMIT greatest($4, 0)",
             None,
-            &[id.into(), table.into(), schema.into(), category.into(), lim.into()],
+            &[id.into(), table_name.into(), category.into(), lim.into()],
         )? {
             v.push((
                 r.get::<String>(1)?.unwrap_or_default(),

@@ -27,10 +27,26 @@ pub struct TableResult {
 
 /// Differing keys of one table: category and the key's COPY text fields (tab-separated, escaped).
 pub struct Keys<'a> {
-    /// Key columns and their types (`format_type`), in key order.
+    /// Key columns and their types (`format_type` under `search_path = pg_catalog`), in key order.
     pub columns: &'a [String],
     pub types: &'a [String],
     pub keys: &'a [(&'static str, Vec<u8>)],
+}
+
+/// The built-in type to read a key value back as, for a key column of type `format_type` (as printed
+/// under `search_path = pg_catalog`, where these names can only be the built-in types): the types whose
+/// JSON form is not a string.
+fn builtin_json_type(format_type: &str) -> Option<&'static str> {
+    Some(match format_type {
+        "smallint" => "pg_catalog.int2",
+        "integer" => "pg_catalog.int4",
+        "bigint" => "pg_catalog.int8",
+        "real" => "pg_catalog.float4",
+        "double precision" => "pg_catalog.float8",
+        "boolean" => "pg_catalog.bool",
+        t if t == "numeric" || t.starts_with("numeric(") => "pg_catalog.numeric",
+        _ => return None,
+    })
 }
 
 /// Keys written per statement.
@@ -63,11 +79,18 @@ pub fn record(id: &str, r: &TableResult, keys: Option<Keys<'_>>) {
         if k.keys.is_empty() {
             return Ok(());
         }
-        // jsonb_build_object('col', (k.f1)::type, ...): each key value read back through its type's input
-        // function, so a number is a JSON number and a NULL a JSON null.
+        // jsonb_build_object('col', value, ...): a number, boolean or NULL as JSON's own, anything else as
+        // its text. Only built-in types are read back (this runs as the extension's owner: the input
+        // function of a domain or a user's type, or a user's cast to json, would run with its rights).
         let n = k.columns.len();
         let pairs: Vec<String> = (0..n)
-            .map(|i| format!("{}::pg_catalog.text, (k.f{i})::{}", quote_literal(&k.columns[i]), k.types[i]))
+            .map(|i| {
+                let value = match builtin_json_type(&k.types[i]) {
+                    Some(t) => format!("(k.f{i})::{t}"),
+                    None => format!("k.f{i}"),
+                };
+                format!("{}::pg_catalog.text, {value}", quote_literal(&k.columns[i]))
+            })
             .collect();
         let fields: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
         let casts: Vec<String> =

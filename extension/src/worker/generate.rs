@@ -205,6 +205,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     // Opened before any chunk is written, so that every later syncfs reports the write-back errors of
     // all of them.
     let fs_sync = FsSync::open(&out_dir).map_err(|e| e.to_string())?;
+    // An overlap scan's digest files are working files: nothing to make durable while it runs.
+    let digest_mode = job.flags.load(Ordering::Relaxed) & shmem::FLAG_DIGEST != 0;
     job.tables_total.store(metas.len() as u32, Ordering::Relaxed);
     job.work_total.store(metas.iter().map(|m| u64::from(m.blocks.max(1))).sum(), Ordering::Relaxed);
     job.export_name.set(&exported).map_err(|_| format!("snapshot name {exported:?} too long"))?;
@@ -236,7 +238,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let mut last_sync = pg::now_ms();
     let mut sync_error = None;
     job::watch_workers(shared, slot, 0, |job| {
-        if sync_error.is_none() && pg::now_ms().saturating_sub(last_sync) >= 1000 {
+        if !digest_mode && sync_error.is_none() && pg::now_ms().saturating_sub(last_sync) >= 1000 {
             if let Err(e) = fs_sync.sync() {
                 job.fail(&e.to_string());
                 sync_error = Some(e);
@@ -250,7 +252,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     }
 
     job.tables_done.store(metas.len() as u32, Ordering::Relaxed);
-    if job.flags.load(Ordering::Relaxed) & shmem::FLAG_DIGEST != 0 {
+    if digest_mode {
         // An overlap scan: its digest files are working files, read by the overlap job; no sequences,
         // no manifest, no fsync (a crash fails the overlap, which scans again).
         xact::pop_snapshot();

@@ -40,6 +40,10 @@ use crate::shmem::{JobSlot, Phase, Shared};
 
 /// The longest one request to the peer may take (a level of a large table's tree).
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Progress of an overlap job, in thousandths: the scans (both nodes' average) count for `SCAN_WORK`,
+/// the comparison for the rest, table by table.
+const WORK_TOTAL: u64 = 1000;
+const SCAN_WORK: f64 = 800.0;
 /// How often the scans' states are looked at.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -65,6 +69,7 @@ fn finish(shared: &'static Shared, slot: usize, outcome: Result<(), JobError>) {
 pub struct Peer<'s> {
     conn: Conn,
     who: String,
+    conninfo: String,
     /// Bytes sent and received since the last [`Peer::take_bytes`].
     bytes: Cell<u64>,
     stop: &'s dyn Fn() -> Option<String>,
@@ -102,36 +107,41 @@ pub fn connect<'s>(
     who: &str,
     conninfo: &str,
     stop: &'s dyn Fn() -> Option<String>,
-) -> Result<Peer<'s>, String> {
+) -> Result<Peer<'s>, JobError> {
     let timeout = Duration::from_secs(gucs::PEER_TIMEOUT_S.get().max(1) as u64);
     let mut interrupt = || match stop() {
         Some(why) => Err(PeerError::Interrupted(why)),
         None => Ok(()),
     };
-    let conn = Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt)
-        .map_err(|e| format!("connecting to {who}: {e}"))?;
-    let peer = Peer { conn, who: who.to_string(), bytes: Cell::new(0), stop };
+    // libpq's message names the host, port and user: for the job's role only.
+    let conn = Conn::connect(conninfo, Instant::now() + timeout, &mut interrupt).map_err(|e| JobError {
+        public: format!("cannot connect to {who} (the full message is shown to the job's role)"),
+        full: format!("connecting to {who}: {e}"),
+    })?;
+    let peer = Peer { conn, who: who.to_string(), conninfo: conninfo.to_string(), bytes: Cell::new(0), stop };
     let rows = peer.query(
         "SELECT (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'steep_repl'), \
          pg_catalog.current_setting('server_encoding'), \
          (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)",
     )?;
     if rows.get(0, "extversion").is_none() {
-        return Err(format!(
+        return Err(JobError::plain(format!(
             "steep_repl is not installed in {who}'s database: each node hashes its own rows in its own workers (CREATE EXTENSION steep_repl there)"
-        ));
+        )));
     }
     let encoding = Spi::get_one::<String>("SELECT pg_catalog.current_setting('server_encoding')")
-        .map_err(|e| e.to_string())?
+        .map_err(|e| JobError::plain(e.to_string()))?
         .unwrap_or_default();
     let theirs = rows.get(0, "current_setting").unwrap_or_default();
     if theirs != encoding {
-        return Err(format!(
+        return Err(JobError::plain(format!(
             "{who} stores text as {theirs} and this server as {encoding}: rows cannot be compared as bytes"
-        ));
+        )));
     }
     if rows.get(0, "rolsuper") != Some("t") {
-        return Err(format!("the role steep_repl connects to {who} as is not a superuser there"));
+        return Err(JobError::plain(format!(
+            "the role steep_repl connects to {who} as is not a superuser there"
+        )));
     }
     peer.take_bytes();
     Ok(peer)
@@ -197,6 +207,8 @@ struct ScanState {
     status: String,
     error: Option<String>,
     rows: u64,
+    /// How far it has read (0..100).
+    percent: f64,
 }
 
 impl ScanState {
@@ -205,7 +217,9 @@ impl ScanState {
     }
 }
 
-const SCAN_STATE_SQL: &str = "SELECT status, error, rows_done FROM steep_repl.snapshots WHERE id = ";
+const SCAN_STATE_SQL: &str = "SELECT s.status, s.error, s.rows_done, \
+     (SELECT p.percent FROM steep_repl.snapshot_progress(s.id) p) AS percent \
+     FROM steep_repl.snapshots s WHERE s.id = ";
 
 fn peer_scan_state(peer: &Peer<'_>, id: &str) -> Result<ScanState, String> {
     let rows = peer.query(&format!("{SCAN_STATE_SQL}{}", quote_literal(id)))?;
@@ -216,6 +230,7 @@ fn peer_scan_state(peer: &Peer<'_>, id: &str) -> Result<ScanState, String> {
         status: rows.get(0, "status").unwrap_or_default().to_string(),
         error: rows.get(0, "error").map(str::to_string),
         rows: rows.get(0, "rows_done").and_then(|r| r.parse().ok()).unwrap_or(0),
+        percent: rows.get(0, "percent").and_then(|r| r.parse().ok()).unwrap_or(0.0),
     })
 }
 
@@ -230,6 +245,7 @@ fn local_scan_state(id: &str) -> Result<ScanState, String> {
             status: r.get::<String>(1).map_err(|e| e.to_string())?.unwrap_or_default(),
             error: r.get::<String>(2).map_err(|e| e.to_string())?,
             rows: r.get::<i64>(3).map_err(|e| e.to_string())?.unwrap_or(0).max(0) as u64,
+            percent: r.get::<f64>(4).map_err(|e| e.to_string())?.unwrap_or(0.0),
         })
     })
 }
@@ -288,9 +304,18 @@ impl Side for PeerTable<'_, '_> {
     }
 
     fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
-        let got =
-            digest::wire::decode_children(&self.request("children", &digest::wire::encode_nodes(nodes))?)?;
-        check_len(got, nodes.len(), "children")
+        let text = self.request("children", &digest::wire::encode_nodes(nodes))?;
+        // A digest takes at most 27 bytes (36 in base64): refuse a longer answer before decoding it,
+        // so that a peer cannot make this process reserve many times what it sent.
+        if text.len() > 64 + nodes.len() * FANOUT * 36 {
+            return Err(DigestError::Wire(format!(
+                "{} answered {} bytes to a children request for {} nodes",
+                self.peer.who,
+                text.len(),
+                nodes.len()
+            )));
+        }
+        check_len(digest::wire::decode_children(&text)?, nodes.len(), "children")
     }
 
     fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
@@ -366,9 +391,22 @@ fn category_name(c: Category) -> &'static str {
     c.as_str()
 }
 
-/// Drops a scan of the peer, ignoring failure (the peer may be gone: its files expire).
+/// How long dropping the peer's scan may take at the end.
+const DROP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Drops a scan of the peer over a connection of its own (the comparison's may be in the middle of a
+/// statement a cancel interrupted), heeding only a terminate; a failure is logged (the peer may be
+/// gone: its scan directories are swept after a week).
 fn drop_peer_scan(peer: &Peer<'_>, id: &str) {
-    let _best_effort = peer.query(&format!("SELECT steep_repl.drop_overlap_scan({})", quote_literal(id)));
+    let mut interrupt =
+        || if pg::dying() { Err(PeerError::Interrupted("terminated".into())) } else { Ok(()) };
+    let deadline = Instant::now() + DROP_TIMEOUT;
+    let sql = format!("SELECT steep_repl.drop_overlap_scan({})", quote_literal(id));
+    let dropped = Conn::connect(&peer.conninfo, deadline, &mut interrupt)
+        .and_then(|conn| conn.query(&sql, deadline, &mut interrupt));
+    if let Err(e) = dropped {
+        log!("steep_repl: could not drop the overlap scan {id} of {}: {e}", peer.who);
+    }
 }
 
 /// What the leader started and must drop.
@@ -407,6 +445,11 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         Ok(r) => r,
         Err(c) => {
             xact::abort_after_error();
+            if !pg::dying() && c.sqlstate == "57014" {
+                // A query cancel of the leader (pg_cancel_backend): the job is cancelled.
+                job.cancelled.store(1, Ordering::Release);
+                job.fail("cancelled (the leader received a query cancel)");
+            }
             Err(JobError::caught(None, &c))
         }
     };
@@ -454,6 +497,7 @@ fn compare_all(
         return Ok(());
     }
     // Both scans: the peer's first (it starts working while this node starts its own).
+    job.work_total.store(WORK_TOTAL, Ordering::Relaxed);
     job.set_phase(Phase::Scan);
     BackgroundWorker::transaction(|| progress::notify(job));
     let peer_scan = start_peer_scan(peer, &pairing.compared, parallel)?;
@@ -481,6 +525,8 @@ fn compare_all(
         let local = BackgroundWorker::transaction(|| local_scan_state(&local_scan))?;
         let theirs = peer_scan_state(peer, &peer_scan)?;
         job.rows.store(local.rows + theirs.rows, Ordering::Relaxed);
+        let read = |s: &ScanState| if s.status == "complete" { 100.0 } else { s.percent };
+        job.work_done.store(((read(&local) + read(&theirs)) * SCAN_WORK / 200.0) as u64, Ordering::Relaxed);
         if local.ended() && !local_done {
             scan_outcome("this node's", &local_scan, &local)?;
             local_done = true;
@@ -497,7 +543,7 @@ fn compare_all(
     let local_dir = BackgroundWorker::transaction(|| bookkeeping::operation(&local_scan))
         .map(|op| PathBuf::from(op.path))
         .ok_or("this node's overlap scan has disappeared")?;
-    if !local_dir.starts_with(scan_base()) {
+    if !crate::api::overlap::is_scan_dir(&local_dir) {
         return Err(JobError::plain(format!(
             "overlap scan {local_scan} has a directory outside the scan base"
         )));
@@ -520,7 +566,9 @@ fn compare_all(
                     Some(Keys { columns: &t.key, types: &t.key_types, keys: &keys }),
                 )
             });
-            job.tables_done.fetch_add(1, Ordering::Relaxed);
+            let done = job.tables_done.fetch_add(1, Ordering::Relaxed) + 1;
+            let compared = (WORK_TOTAL as f64 - SCAN_WORK) * f64::from(done) / pairing.compared.len() as f64;
+            job.work_done.store(SCAN_WORK as u64 + compared as u64, Ordering::Relaxed);
             job.raw_bytes.fetch_add(bytes, Ordering::Relaxed);
             bookkeeping::persist(id, None, &Figures::of(job));
         }));
@@ -529,6 +577,10 @@ fn compare_all(
     job.rows.store(compared_rows, Ordering::Relaxed);
     Ok(())
 }
+
+/// Blocks per digest file of `analyze_overlap`'s own side (64 MB of heap: about as much COPY text as an
+/// overlap scan's chunk).
+const ANALYZE_RANGE_BLOCKS: u32 = 8192;
 
 /// Reports nothing, stops on a query cancel: the scan of `analyze_overlap`'s own side.
 struct Interruptible;
@@ -559,7 +611,7 @@ pub fn analyze(who: &str, conninfo: &str, patterns: &[String]) -> Vec<TableResul
         None
     };
     let fail = |e: String| -> ! { error!("{e}") };
-    let peer = connect(who, conninfo, &stop).unwrap_or_else(|e| fail(e));
+    let peer = connect(who, conninfo, &stop).unwrap_or_else(|e| fail(e.full));
     let pairing = pair_tables(&peer, patterns).unwrap_or_else(|e| fail(e));
     let mut results: Vec<TableResult> =
         pairing.skipped.iter().map(|s| skipped_result(&s.schema, &s.name, &s.reason)).collect();
@@ -602,10 +654,31 @@ fn analyze_compared(
             )
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("{qualified} has disappeared"))?;
-            let key = digest::KeyFields::new(t.positions.clone()).map_err(|e| e.to_string())?;
-            crate::api::overlap::scan_digest(&dir, &t.schema, &t.name, 0, key, |w| {
-                scan::copy_block_range(relid, 0, None, w, &mut Interruptible);
-            });
+            // In ranges of blocks, one digest file each, as an overlap scan's chunks: a digest file is
+            // sorted in memory.
+            let blocks = Spi::get_one_with_args::<i64>(
+                "SELECT pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::int8",
+                &[relid.into()],
+            )
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0)
+            .clamp(0, i64::from(u32::MAX)) as u32;
+            let mut start = 0u32;
+            let mut index = 0u32;
+            loop {
+                let end = start.saturating_add(ANALYZE_RANGE_BLOCKS);
+                // The last range is open-ended, as a snapshot's last chunk is.
+                let last = end >= blocks;
+                let key = digest::KeyFields::new(t.positions.clone()).map_err(|e| e.to_string())?;
+                crate::api::overlap::scan_digest(&dir, &t.schema, &t.name, index, key, |w| {
+                    scan::copy_block_range(relid, start, (!last).then_some(end), w, &mut Interruptible);
+                });
+                if last {
+                    break;
+                }
+                start = end;
+                index += 1;
+            }
         }
         Ok(())
     })?;
