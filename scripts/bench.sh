@@ -480,7 +480,7 @@ bench_overlap() {
   rows=$(q ovl_a "SELECT sum(reltuples)::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
   size=$(q ovl_a "SELECT pg_size_pretty(sum(pg_table_size(c.oid))) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'")
   local identical=""
-  for share in identical 1000 2; do
+  for share in ${STEEP_BENCH_OVERLAP_SHARES:-identical 1000 2}; do
     q postgres "DROP DATABASE IF EXISTS ovl_b WITH (FORCE)"
     q postgres "CREATE DATABASE ovl_b TEMPLATE ovl_a"
     [ "$share" = identical ] || overlap_changes ovl_b "$share"

@@ -24,7 +24,7 @@ CREATE TABLE steep_repl.overlap_results (
 );
 
 -- The keys of the rows that differ, by category (conflict, local_only, peer_only), as an object of the
--- key columns. At most 1 000 000 per table and category are kept; the counts in
+-- key columns. At most steep_repl.overlap_max_keys (default 100 000) per table and category are kept; the counts in
 -- overlap_results stay exact beyond that, and `detail` there says the list is cut.
 CREATE TABLE steep_repl.overlap_keys (
     overlap_id   text  NOT NULL,

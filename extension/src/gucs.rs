@@ -19,6 +19,11 @@ pub static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(500);
 /// shared-memory worker slot array, so the GUC's maximum is [`crate::shmem::MAX_WORKERS`].
 pub static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 
+/// `steep_repl.overlap_max_keys`: how many differing keys an overlap analysis lists per table and
+/// category (default 100 000); the counts stay exact beyond it. The value in the caller's session when
+/// `start_overlap` runs is the one the job uses.
+pub static OVERLAP_MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
+
 /// `steep_repl.chunk_pause`: each worker pauses this long before starting each chunk, in ms (default 0).
 /// A throttle for snapshots of a busy primary; tests use it to keep a job running long enough to cancel.
 /// The value in the caller's session when a job starts is the one the job uses.
@@ -93,6 +98,16 @@ pub fn init() {
         60_000,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"steep_repl.overlap_max_keys",
+        c"Most differing keys an overlap analysis lists per table and category.",
+        c"Counts stay exact beyond it; overlap_result's detail says the list was cut.",
+        &OVERLAP_MAX_KEYS,
+        0,
+        100_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"steep_repl.chunk_pause",

@@ -18,6 +18,29 @@ pub trait Side {
     fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError>;
     /// The key text of each given key hash present on this side, once per hash, any order.
     fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError>;
+
+    /// [`Side::children`], calling `meanwhile` exactly once while the answer is being worked on: a
+    /// remote side sends its request first, so that both sides work at once. By default `meanwhile`
+    /// runs first.
+    fn children_while(
+        &mut self,
+        nodes: &[Node],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        meanwhile();
+        self.children(nodes)
+    }
+
+    /// [`Side::rows`], calling `meanwhile` exactly once while the answer is being worked on (see
+    /// [`Side::children_while`]).
+    fn rows_while(
+        &mut self,
+        nodes: &[Node],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        meanwhile();
+        self.rows(nodes)
+    }
 }
 
 impl TableDigests {
@@ -109,6 +132,28 @@ impl<S: Side> Side for CountingSide<S> {
         let answer = self.inner.keys(key_hashes)?;
         self.counts.keys += answer.len() as u64;
         self.counts.key_bytes += answer.iter().map(|(_, t)| t.len() as u64).sum::<u64>();
+        Ok(answer)
+    }
+    fn children_while(
+        &mut self,
+        nodes: &[Node],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        self.counts.calls += 1;
+        self.counts.nodes += nodes.len() as u64;
+        let answer = self.inner.children_while(nodes, meanwhile)?;
+        self.counts.digests += (answer.len() * FANOUT) as u64;
+        Ok(answer)
+    }
+    fn rows_while(
+        &mut self,
+        nodes: &[Node],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        self.counts.calls += 1;
+        self.counts.nodes += nodes.len() as u64;
+        let answer = self.inner.rows_while(nodes, meanwhile)?;
+        self.counts.rows += answer.iter().map(|l| l.len() as u64).sum::<u64>();
         Ok(answer)
     }
 }
@@ -272,9 +317,13 @@ pub fn compare(
         let batch: Vec<Pending> = stack.split_off(stack.len().saturating_sub(batch_nodes));
         let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
         check()?;
-        let local_children = local.children(&nodes)?;
-        check()?;
-        let peer_children = peer.children(&nodes)?;
+        // The peer works on its answer while this side computes its own.
+        let mut mine = None;
+        let peer_children = peer.children_while(&nodes, &mut || mine = Some(local.children(&nodes)))?;
+        let local_children = match mine {
+            Some(answer) => answer?,
+            None => local.children(&nodes)?,
+        };
         let answers = [("local", &local_children), ("peer", &peer_children)];
         for (name, answer) in answers {
             if answer.len() != nodes.len() {
@@ -369,9 +418,12 @@ fn settle(
         let batch = &leaves[start..end];
         let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
         check()?;
-        let local_rows = local.rows(&nodes)?;
-        check()?;
-        let peer_rows = peer.rows(&nodes)?;
+        let mut mine = None;
+        let peer_rows = peer.rows_while(&nodes, &mut || mine = Some(local.rows(&nodes)))?;
+        let local_rows = match mine {
+            Some(answer) => answer?,
+            None => local.rows(&nodes)?,
+        };
         for (i, pending) in batch.iter().enumerate() {
             let l = checked_rows("local", local_rows.get(i), pending.node, pending.local)?;
             let p = checked_rows("peer", peer_rows.get(i), pending.node, pending.peer)?;

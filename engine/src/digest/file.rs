@@ -418,37 +418,32 @@ impl TableDigests {
     /// Per file, a binary search over the in-memory key hashes to the node's range, then one pass
     /// over that range.
     pub fn children(&self, nodes: &[Node]) -> Vec<[Digest; FANOUT]> {
-        let mut buf = Vec::new();
-        nodes
-            .iter()
-            .map(|&node| {
-                let mut out = [Digest::default(); FANOUT];
-                let (lo, hi) = node.bounds();
-                for f in &self.files {
-                    self.scan(f, lo, hi, &mut buf, |r| {
-                        out[node.child_of(r.digest.key_hash)].add_row(r.digest.row_hash);
-                    });
-                }
-                out
-            })
-            .collect()
+        let mut windows = self.windows();
+        let mut out = vec![[Digest::default(); FANOUT]; nodes.len()];
+        for i in in_key_order(nodes) {
+            let node = nodes[i];
+            let (lo, hi) = node.bounds();
+            for (f, w) in self.files.iter().zip(windows.iter_mut()) {
+                self.scan(f, lo, hi, w, |r| {
+                    out[i][node.child_of(r.digest.key_hash)].add_row(r.digest.row_hash);
+                });
+            }
+        }
+        out
     }
 
     /// For each node, the digests of its rows, sorted.
     pub fn rows(&self, nodes: &[Node]) -> Vec<Vec<RowDigest>> {
-        let mut buf = Vec::new();
-        nodes
-            .iter()
-            .map(|&node| {
-                let mut out = Vec::new();
-                let (lo, hi) = node.bounds();
-                for f in &self.files {
-                    self.scan(f, lo, hi, &mut buf, |r| out.push(r.digest));
-                }
-                out.sort_unstable();
-                out
-            })
-            .collect()
+        let mut windows = self.windows();
+        let mut out = vec![Vec::new(); nodes.len()];
+        for i in in_key_order(nodes) {
+            let (lo, hi) = nodes[i].bounds();
+            for (f, w) in self.files.iter().zip(windows.iter_mut()) {
+                self.scan(f, lo, hi, w, |r| out[i].push(r.digest));
+            }
+            out[i].sort_unstable();
+        }
+        out
     }
 
     /// The key text of each given key hash present in the files, once per key hash, in no
@@ -459,14 +454,15 @@ impl TableDigests {
         wanted.dedup();
         let mut found = vec![false; wanted.len()];
         let mut out = Vec::new();
-        let mut buf = Vec::new();
         for f in &self.files {
+            // The wanted hashes are sorted: the window moves forward through the file.
+            let mut w = Window::default();
             for (&hash, done) in wanted.iter().zip(found.iter_mut()) {
                 if *done {
                     continue;
                 }
                 let mut first = None;
-                self.scan(f, hash, hash, &mut buf, |r| {
+                self.scan(f, hash, hash, &mut w, |r| {
                     first.get_or_insert(*r);
                 });
                 let Some(r) = first else { continue };
@@ -498,9 +494,14 @@ impl TableDigests {
         }
     }
 
+    /// One read window per file, for one query.
+    fn windows(&self) -> Vec<Window> {
+        self.files.iter().map(|_| Window::default()).collect()
+    }
+
     /// Calls `visit` for each record of `f` whose key hash is in `lo..=hi`, in file order.
-    fn scan(&self, f: &DigestFile, lo: u128, hi: u128, buf: &mut Vec<u8>, mut visit: impl FnMut(&Record)) {
-        if let Err(reason) = scan_file(f, lo, hi, buf, &mut visit) {
+    fn scan(&self, f: &DigestFile, lo: u128, hi: u128, w: &mut Window, mut visit: impl FnMut(&Record)) {
+        if let Err(reason) = scan_file(f, lo, hi, w, &mut visit) {
             self.note_fault(&f.path, reason);
         }
     }
@@ -510,45 +511,95 @@ fn scan_file(
     f: &DigestFile,
     lo: u128,
     hi: u128,
-    buf: &mut Vec<u8>,
+    w: &mut Window,
     visit: &mut impl FnMut(&Record),
 ) -> Result<(), String> {
     if lo > hi {
         return Ok(());
     }
-    // Blocks before `first_block` hold only hashes below lo, blocks from `end_block` on only
-    // hashes above hi (the fences are each block's first hash, and blocks are sorted).
-    let first_block = f.fences.partition_point(|&k| k < lo).saturating_sub(1);
-    let end_block = f.fences.partition_point(|&k| k <= hi);
     let count = f.count as usize;
-    let mut i = first_block * FENCE;
-    let end = count.min(end_block * FENCE);
-    let mut prev: Option<RowDigest> = None;
-    while i < end {
-        let n = SCAN_RECORDS.min(end - i);
-        buf.resize(n * RECORD_LEN, 0);
-        let at = (HEADER_LEN + i * RECORD_LEN) as u64;
-        f.file.read_exact_at(buf, at).map_err(|e| format!("reading records at byte {at}: {e}"))?;
-        for (k, chunk) in buf.chunks_exact(RECORD_LEN).enumerate() {
-            let bytes: &[u8; RECORD_LEN] = chunk.try_into().map_err(|_| "short record".to_string())?;
-            let r = Record::decode(bytes);
-            let idx = i + k;
-            let changed = (idx % FENCE == 0 && f.fences.get(idx / FENCE) != Some(&r.digest.key_hash))
-                || prev.is_some_and(|p| p > r.digest);
-            if changed {
-                return Err(format!("record {idx} differs from when the file was opened (file changed?)"));
-            }
-            prev = Some(r.digest);
-            if r.digest.key_hash > hi {
-                return Ok(());
-            }
-            if r.digest.key_hash >= lo {
-                visit(&r);
-            }
+    let (mut i, end) = match w.resume {
+        // Ranges asked in key order: the previous one ended at record `at`, and every record before
+        // it has a key hash at most its `hi`, below this `lo`. Gallop forward from there (the next
+        // range is usually close), and stop at the first hash above hi.
+        Some((prev_hi, at)) if prev_hi < lo => {
+            let block = first_block_from(&f.fences, lo, at / FENCE);
+            (at.max(block * FENCE), count)
         }
-        i += n;
+        _ => {
+            // Blocks before `first_block` hold only hashes below lo, blocks from `end_block` on only
+            // hashes above hi (the fences are each block's first hash, and blocks are sorted).
+            let first_block = f.fences.partition_point(|&k| k < lo).saturating_sub(1);
+            let end_block = f.fences.partition_point(|&k| k <= hi);
+            (first_block * FENCE, count.min(end_block * FENCE))
+        }
+    };
+    let mut prev: Option<RowDigest> = None;
+    w.resume = None;
+    while i < end {
+        if i < w.start || i >= w.start + w.len {
+            // Read the records from i on (the next ranges of a query in key order are read from the
+            // same window: one read serves many small nodes).
+            let n = SCAN_RECORDS.min(count - i);
+            w.buf.resize(n * RECORD_LEN, 0);
+            let at = (HEADER_LEN + i * RECORD_LEN) as u64;
+            f.file.read_exact_at(&mut w.buf, at).map_err(|e| format!("reading records at byte {at}: {e}"))?;
+            (w.start, w.len) = (i, n);
+        }
+        let k = i - w.start;
+        let bytes: &[u8; RECORD_LEN] =
+            w.buf[k * RECORD_LEN..(k + 1) * RECORD_LEN].try_into().map_err(|_| "short record".to_string())?;
+        let r = Record::decode(bytes);
+        let changed = (i % FENCE == 0 && f.fences.get(i / FENCE) != Some(&r.digest.key_hash))
+            || prev.is_some_and(|p| p > r.digest);
+        if changed {
+            return Err(format!("record {i} differs from when the file was opened (file changed?)"));
+        }
+        prev = Some(r.digest);
+        if r.digest.key_hash > hi {
+            w.resume = Some((hi, i));
+            return Ok(());
+        }
+        if r.digest.key_hash >= lo {
+            visit(&r);
+        }
+        i += 1;
     }
+    w.resume = Some((hi, i));
     Ok(())
+}
+
+/// Records of one file read ahead for a query: `len` records from record `start`; and where the last
+/// range scanned ended (its `hi`, and the index of the first record past it).
+#[derive(Debug, Default)]
+struct Window {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+    resume: Option<(u128, usize)>,
+}
+
+/// The last block at or after `from` whose first hash is below `lo` (or `from` when there is none):
+/// where a scan for `lo` starts, found by galloping from `from`.
+fn first_block_from(fences: &[u128], lo: u128, from: usize) -> usize {
+    let n = fences.len();
+    if from >= n {
+        return from;
+    }
+    let (mut b, mut step) = (from, 1usize);
+    while b + step < n && fences[b + step] < lo {
+        b += step;
+        step = step.saturating_mul(2);
+    }
+    let upto = b.saturating_add(step).min(n);
+    b + fences[b..upto].partition_point(|&k| k < lo).saturating_sub(1)
+}
+
+/// Indices of `nodes` in the order of their key ranges (so each file's window moves forward).
+fn in_key_order(nodes: &[Node]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.sort_by_key(|&i| nodes[i].bounds().0);
+    order
 }
 
 /// Reads the key text of record `r`, checking its range against the validated key text size.

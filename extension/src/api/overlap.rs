@@ -426,7 +426,12 @@ fn start_overlap(
     job.flags.store(0, Ordering::Relaxed);
     job.set_phase(Phase::Queued);
     let shown_peer = if who.starts_with("node ") { peer.to_string() } else { "(conninfo)".to_string() };
-    let options = serde_json::json!({ "peer": shown_peer, "tables": patterns }).to_string();
+    let options = serde_json::json!({
+        "peer": shown_peer,
+        "tables": patterns,
+        "max_keys": crate::gucs::OVERLAP_MAX_KEYS.get().max(0),
+    })
+    .to_string();
     bookkeeping::insert_operation(&NewOperation {
         id: &id,
         op: "overlap",

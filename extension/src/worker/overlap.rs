@@ -91,6 +91,21 @@ impl Peer<'_> {
         Ok(rows)
     }
 
+    /// [`Peer::query`], running `meanwhile` once the statement is sent and before its answer is read.
+    fn query_while(&self, sql: &str, meanwhile: &mut dyn FnMut()) -> Result<Rows, String> {
+        let stop = self.stop;
+        let mut interrupt = || match stop() {
+            Some(why) => Err(PeerError::Interrupted(why)),
+            None => Ok(()),
+        };
+        let pending = self.conn.start(sql, Instant::now() + PEER_REQUEST_TIMEOUT);
+        meanwhile();
+        let rows = pending.finish(&mut interrupt).map_err(|e| format!("{}: {e}", self.who))?;
+        let got: usize = rows.rows.iter().flatten().map(|v| v.as_ref().map_or(0, String::len)).sum();
+        self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
+        Ok(rows)
+    }
+
     /// The first value of the first row.
     fn value(&self, sql: &str) -> Result<Option<String>, String> {
         Ok(self.query(sql)?.rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()))
@@ -285,6 +300,25 @@ struct PeerTable<'p, 's> {
 }
 
 impl PeerTable<'_, '_> {
+    /// [`PeerTable::request`], running `meanwhile` while the peer works on it.
+    fn request_while(
+        &self,
+        what: &str,
+        arg: &str,
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<String, DigestError> {
+        let sql = format!(
+            "SELECT steep_repl.overlap_scan_request({}, {}, {}, '{what}', '{arg}')",
+            quote_literal(self.scan),
+            quote_literal(self.schema),
+            quote_literal(self.table),
+        );
+        let rows = self.peer.query_while(&sql, meanwhile).map_err(DigestError::Side)?;
+        rows.rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).ok_or_else(|| {
+            DigestError::Side(format!("{} answered nothing to a {what} request", self.peer.who))
+        })
+    }
+
     fn request(&self, what: &str, arg: &str) -> Result<String, DigestError> {
         let sql = format!(
             "SELECT steep_repl.overlap_scan_request({}, {}, {}, '{what}', '{arg}')",
@@ -304,7 +338,23 @@ impl Side for PeerTable<'_, '_> {
     }
 
     fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
-        let text = self.request("children", &digest::wire::encode_nodes(nodes))?;
+        self.children_while(nodes, &mut || {})
+    }
+
+    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        self.rows_while(nodes, &mut || {})
+    }
+
+    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
+        digest::wire::decode_keys(&self.request("keys", &digest::wire::encode_hashes(key_hashes))?)
+    }
+
+    fn children_while(
+        &mut self,
+        nodes: &[Node],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        let text = self.request_while("children", &digest::wire::encode_nodes(nodes), meanwhile)?;
         // A digest takes at most 27 bytes (36 in base64): refuse a longer answer before decoding it,
         // so that a peer cannot make this process reserve many times what it sent.
         if text.len() > 64 + nodes.len() * FANOUT * 36 {
@@ -318,13 +368,13 @@ impl Side for PeerTable<'_, '_> {
         check_len(digest::wire::decode_children(&text)?, nodes.len(), "children")
     }
 
-    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
-        let got = digest::wire::decode_rows(&self.request("rows", &digest::wire::encode_nodes(nodes))?)?;
-        check_len(got, nodes.len(), "rows")
-    }
-
-    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
-        digest::wire::decode_keys(&self.request("keys", &digest::wire::encode_hashes(key_hashes))?)
+    fn rows_while(
+        &mut self,
+        nodes: &[Node],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        let text = self.request_while("rows", &digest::wire::encode_nodes(nodes), meanwhile)?;
+        check_len(digest::wire::decode_rows(&text)?, nodes.len(), "rows")
     }
 }
 
@@ -341,6 +391,7 @@ pub fn compare_table(
     peer: &Peer<'_>,
     peer_scan: &str,
     t: &Compared,
+    limits: &Limits,
     stop: &dyn Fn() -> Option<String>,
 ) -> Result<(Comparison, u64), String> {
     let files = crate::api::overlap::table_files(local_dir, &t.schema, &t.name);
@@ -352,13 +403,13 @@ pub fn compare_table(
         None => Ok(()),
     };
     peer.take_bytes();
-    let c = digest::compare(&mut local, &mut remote, &Limits::default(), &mut check)
+    let c = digest::compare(&mut local, &mut remote, limits, &mut check)
         .map_err(|e| format!("comparing {}.{}: {e}", t.schema, t.name))?;
     Ok((c, peer.take_bytes()))
 }
 
 /// The recorded form of a comparison.
-pub fn table_result(t: &Compared, c: &Comparison, bytes: u64) -> TableResult {
+pub fn table_result(t: &Compared, c: &Comparison, bytes: u64, limits: &Limits) -> TableResult {
     TableResult {
         schema: t.schema.clone(),
         table: t.name.clone(),
@@ -370,9 +421,9 @@ pub fn table_result(t: &Compared, c: &Comparison, bytes: u64) -> TableResult {
         peer_only: Some(c.peer_only as i64),
         bytes_exchanged: bytes as i64,
         status: "compared",
-        detail: c.keys_truncated.then(|| {
-            format!("only the first {} keys of each category are listed", Limits::default().max_keys)
-        }),
+        detail: c
+            .keys_truncated
+            .then(|| format!("only the first {} keys of each category are listed", limits.max_keys)),
     }
 }
 
@@ -420,13 +471,14 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let id = job.id.get();
     let conninfo = job.path.get();
-    let (who, patterns) = BackgroundWorker::transaction(|| -> Result<(String, Vec<String>), String> {
+    let (who, patterns, limits) = BackgroundWorker::transaction(|| -> Result<_, String> {
         let op = bookkeeping::operation(&id).ok_or("the operation's row has disappeared")?;
-        let patterns = op.options["tables"]
+        let patterns: Vec<String> = op.options["tables"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
-        Ok((op.path, patterns))
+        let max_keys = op.options["max_keys"].as_u64().map_or(Limits::default().max_keys, |n| n as usize);
+        Ok((op.path, patterns, Limits { max_keys, ..Limits::default() }))
     })?;
     let stop = || -> Option<String> {
         if pg::dying() {
@@ -439,8 +491,9 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     // In a transaction: the check of the peer reads this server's encoding.
     let peer = BackgroundWorker::transaction(AssertUnwindSafe(|| connect(&who, &conninfo, &stop)))?;
     let mut started = Started::default();
-    let outcome =
-        xact::try_catch(AssertUnwindSafe(|| compare_all(job, &id, &peer, &patterns, &stop, &mut started)));
+    let outcome = xact::try_catch(AssertUnwindSafe(|| {
+        compare_all(job, &id, &peer, &patterns, &limits, &stop, &mut started)
+    }));
     let outcome = match outcome {
         Ok(r) => r,
         Err(c) => {
@@ -481,6 +534,7 @@ fn compare_all(
     id: &str,
     peer: &Peer<'_>,
     patterns: &[String],
+    limits: &Limits,
     stop: &dyn Fn() -> Option<String>,
     started: &mut Started,
 ) -> Result<(), JobError> {
@@ -554,7 +608,7 @@ fn compare_all(
     let mut compared_rows = 0u64;
     for t in &pairing.compared {
         stopped()?;
-        let (c, bytes) = compare_table(&local_dir, peer, &peer_scan, t, stop)?;
+        let (c, bytes) = compare_table(&local_dir, peer, &peer_scan, t, limits, stop)?;
         compared_rows += c.local_rows + c.peer_rows;
         let keys: Vec<(&'static str, Vec<u8>)> =
             c.keys.iter().map(|(cat, k)| (category_name(*cat), k.clone())).collect();
@@ -562,7 +616,7 @@ fn compare_all(
             session::with_settings(&[("TimeZone", "UTC")], || {
                 book::record(
                     id,
-                    &table_result(t, &c, bytes),
+                    &table_result(t, &c, bytes, limits),
                     Some(Keys { columns: &t.key, types: &t.key_types, keys: &keys }),
                 )
             });
@@ -692,8 +746,10 @@ fn analyze_compared(
     };
     let mut out = Vec::with_capacity(compared.len());
     for t in compared {
-        let (c, bytes) = compare_table(&dir, peer, peer_scan, t, &stop)?;
-        out.push(table_result(t, &c, bytes));
+        // Nothing is listed: no key text is fetched.
+        let limits = Limits { max_keys: 0, ..Limits::default() };
+        let (c, bytes) = compare_table(&dir, peer, peer_scan, t, &limits, &stop)?;
+        out.push(TableResult { detail: None, ..table_result(t, &c, bytes, &limits) });
     }
     Ok(out)
 }
