@@ -151,9 +151,24 @@ pub fn select_tables(
     let mut matched = vec![false; patterns.len()];
     let (mut problems, mut no_select, mut tables) = (Vec::new(), Vec::new(), Vec::new());
     let mut rls = Vec::new();
+    // Patterns without wildcards are looked up, the others matched one by one: a selection that
+    // names thousands of tables (an overlap scan names each) costs a lookup per table, not a product.
+    let mut literal: std::collections::HashMap<(Option<String>, String), Vec<usize>> = Default::default();
+    let mut globs = Vec::new();
+    for (i, p) in patterns.iter().enumerate() {
+        match p.literal() {
+            Some(key) => literal.entry(key).or_default().push(i),
+            None => globs.push(i),
+        }
+    }
     for row in rows {
-        let hits: Vec<usize> =
-            (0..patterns.len()).filter(|&i| patterns[i].matches(&row.schema, &row.name)).collect();
+        let mut hits: Vec<usize> =
+            globs.iter().copied().filter(|&i| patterns[i].matches(&row.schema, &row.name)).collect();
+        for key in [(Some(row.schema.clone()), row.name.clone()), (None, row.name.clone())] {
+            if let Some(found) = literal.get(&key) {
+                hits.extend(found);
+            }
+        }
         if !patterns.is_empty() && hits.is_empty() {
             continue;
         }

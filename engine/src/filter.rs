@@ -46,6 +46,11 @@ impl Glob {
         self.0.iter().all(|t| matches!(t, Tok::Lit(_)))
     }
 
+    /// The text a literal glob matches.
+    fn literal_text(&self) -> Option<String> {
+        self.0.iter().map(|t| if let Tok::Lit(c) = t { Some(*c) } else { None }).collect()
+    }
+
     fn matches(&self, s: &str) -> bool {
         let text: Vec<char> = s.chars().collect();
         let pat = &self.0;
@@ -137,6 +142,15 @@ impl TablePattern {
         self.name.is_literal() && self.schema.as_ref().is_none_or(Glob::is_literal)
     }
 
+    /// For a pattern without wildcards, the schema (None: any) and name it matches exactly.
+    pub fn literal(&self) -> Option<(Option<String>, String)> {
+        let name = self.name.literal_text()?;
+        match &self.schema {
+            None => Some((None, name)),
+            Some(g) => Some((Some(g.literal_text()?), name)),
+        }
+    }
+
     /// The pattern as the user wrote it.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -179,6 +193,21 @@ mod tests {
         assert!(p("*_log").matches("a", "audit_log"));
         assert!(p("a*b*c").matches("s", "aXbYbZc"));
         assert!(!p("a*b*c").matches("s", "aXbYbZ"));
+    }
+
+    #[test]
+    fn literal_patterns_give_what_they_match() {
+        let p = |s: &str| s.parse::<TablePattern>().unwrap();
+        assert_eq!(p("Sales.Orders").literal(), Some((Some("sales".into()), "orders".into())));
+        assert_eq!(p(r#""My ""S"".Odd.Name""#).literal(), Some((None, "My \"S\".Odd.Name".into())));
+        assert_eq!(
+            p(r#""My ""S"""."Odd.Name""#).literal(),
+            Some((Some("My \"S\"".into()), "Odd.Name".into()))
+        );
+        assert_eq!(p("orders").literal(), Some((None, "orders".into())));
+        assert_eq!(p("order*").literal(), None);
+        assert_eq!(p("s?.orders").literal(), None);
+        assert_eq!(p(r#""a*b""#).literal(), Some((None, "a*b".into())));
     }
 
     #[test]
