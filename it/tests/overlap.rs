@@ -120,6 +120,16 @@ fn results(c: &mut postgres::Client, id: &str) -> Vec<ResultRow> {
     .collect()
 }
 
+/// Overlap scans of this node still pending or running.
+fn scans_running(c: &mut postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'overlap_scan' AND status IN ('pending', 'running')",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
 fn keys(c: &mut postgres::Client, id: &str) -> BTreeSet<(String, String, String)> {
     c.query("SELECT table_name, category, key::text FROM steep_repl.overlap_rows($1, lim => 100000)", &[&id])
         .unwrap()
@@ -233,14 +243,7 @@ fn identical_tables_match_and_each_mutation_lands_in_its_category() {
     assert_eq!(sync, job);
     // Neither node keeps a scan once the analysis has ended.
     for c in [&mut l, &mut p] {
-        let running: i64 = c
-            .query_one(
-                "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'overlap_scan' AND status IN ('pending', 'running')",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(running, 0);
+        assert_eq!(scans_running(c), 0);
     }
     // A table list selects tables on both sides.
     let id = overlap(&mut l, &peer_conninfo, ", tables => ARRAY['app.comp']");
@@ -321,14 +324,7 @@ fn a_cancel_stops_both_nodes_and_a_vanished_peer_fails_the_job() {
     let deadline = Instant::now() + Duration::from_secs(10);
     for c in [&mut l, &mut p] {
         loop {
-            let running: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM steep_repl.snapshots WHERE op = 'overlap_scan' AND status IN ('pending', 'running')",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            if running == 0 {
+            if scans_running(c) == 0 {
                 break;
             }
             assert!(Instant::now() < deadline, "an overlap scan still runs after the cancel");

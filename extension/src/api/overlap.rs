@@ -398,16 +398,7 @@ fn start_overlap(
     require_superuser("start an overlap analysis");
     require_startable("start an overlap analysis");
     check_parallel(parallel);
-    let patterns = tables.unwrap_or_default();
-    for p in &patterns {
-        if let Err(e) = p.parse::<steep_repl_engine::filter::TablePattern>() {
-            user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None);
-        }
-    }
-    let (who, conninfo) = crate::api::schema::resolve_peer(peer);
-    if let Err(e) = crate::peer::check_conninfo(&conninfo) {
-        user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{who}: {e}"), None);
-    }
+    let (who, conninfo, patterns) = checked_peer_and_tables(peer, tables);
     let Some((slot, generation)) = shared.claim_job_slot() else { crate::api::no_job_slot() };
     let guard = StartGuard::new(slot, generation);
     let job = &shared.jobs[slot];
@@ -446,6 +437,22 @@ fn start_overlap(
     job::launch_leader(Entry::OverlapLeader, shared, slot, generation);
     guard.launched();
     id
+}
+
+/// The peer (`who` it is, its conninfo) and the table patterns of an overlap analysis, checked: an
+/// ERROR naming a pattern that does not parse, an unknown node, or a conninfo holding a password.
+fn checked_peer_and_tables(peer: &str, tables: Option<Vec<String>>) -> (String, String, Vec<String>) {
+    let patterns = tables.unwrap_or_default();
+    for p in &patterns {
+        if let Err(e) = p.parse::<steep_repl_engine::filter::TablePattern>() {
+            user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None);
+        }
+    }
+    let (who, conninfo) = crate::api::schema::resolve_peer(peer);
+    if let Err(e) = crate::peer::check_conninfo(&conninfo) {
+        user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{who}: {e}"), None);
+    }
+    (who, conninfo, patterns)
 }
 
 /// Checks that `id` is an overlap operation.
@@ -609,16 +616,7 @@ fn analyze_overlap(
 > {
     shmem::require();
     require_superuser("analyze an overlap");
-    let patterns = tables.unwrap_or_default();
-    for p in &patterns {
-        if let Err(e) = p.parse::<steep_repl_engine::filter::TablePattern>() {
-            user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None);
-        }
-    }
-    let (who, conninfo) = crate::api::schema::resolve_peer(peer);
-    if let Err(e) = crate::peer::check_conninfo(&conninfo) {
-        user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("{who}: {e}"), None);
-    }
+    let (who, conninfo, patterns) = checked_peer_and_tables(peer, tables);
     let rows = crate::worker::overlap::analyze(&who, &conninfo, &patterns)
         .into_iter()
         .map(|r| {

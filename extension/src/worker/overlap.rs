@@ -22,7 +22,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::digest::{
-    self, Category, Comparison, Digest, DigestError, FANOUT, Limits, Node, RowDigest, Side, TableDigests,
+    self, Comparison, Digest, DigestError, FANOUT, Limits, Node, RowDigest, Side, TableDigests,
 };
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::ident::quote_literal;
@@ -77,18 +77,7 @@ pub struct Peer<'s> {
 
 impl Peer<'_> {
     fn query(&self, sql: &str) -> Result<Rows, String> {
-        let stop = self.stop;
-        let mut interrupt = || match stop() {
-            Some(why) => Err(PeerError::Interrupted(why)),
-            None => Ok(()),
-        };
-        let rows = self
-            .conn
-            .query(sql, Instant::now() + PEER_REQUEST_TIMEOUT, &mut interrupt)
-            .map_err(|e| format!("{}: {e}", self.who))?;
-        let got: usize = rows.rows.iter().flatten().map(|v| v.as_ref().map_or(0, String::len)).sum();
-        self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
-        Ok(rows)
+        self.query_while(sql, &mut || {})
     }
 
     /// [`Peer::query`], running `meanwhile` once the statement is sent and before its answer is read.
@@ -320,15 +309,7 @@ impl PeerTable<'_, '_> {
     }
 
     fn request(&self, what: &str, arg: &str) -> Result<String, DigestError> {
-        let sql = format!(
-            "SELECT steep_repl.overlap_scan_request({}, {}, {}, '{what}', '{arg}')",
-            quote_literal(self.scan),
-            quote_literal(self.schema),
-            quote_literal(self.table),
-        );
-        self.peer.value(&sql).map_err(DigestError::Side)?.ok_or_else(|| {
-            DigestError::Side(format!("{} answered nothing to a {what} request", self.peer.who))
-        })
+        self.request_while(what, arg, &mut || {})
     }
 }
 
@@ -436,10 +417,6 @@ pub fn skipped_result(schema: &str, table: &str, reason: &str) -> TableResult {
         detail: Some(reason.to_string()),
         ..Default::default()
     }
-}
-
-fn category_name(c: Category) -> &'static str {
-    c.as_str()
 }
 
 /// How long dropping the peer's scan may take at the end.
@@ -611,7 +588,7 @@ fn compare_all(
         let (c, bytes) = compare_table(&local_dir, peer, &peer_scan, t, limits, stop)?;
         compared_rows += c.local_rows + c.peer_rows;
         let keys: Vec<(&'static str, Vec<u8>)> =
-            c.keys.iter().map(|(cat, k)| (category_name(*cat), k.clone())).collect();
+            c.keys.iter().map(|(cat, k)| (cat.as_str(), k.clone())).collect();
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
             session::with_settings(&[("TimeZone", "UTC")], || {
                 book::record(
