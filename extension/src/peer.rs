@@ -21,8 +21,9 @@
 //!   statements never resolves through a schema the peer's role controls and a statement we gave up on
 //!   does not run on forever.
 //!
-//! Results are text (libpq's text format), at most [`MAX_RESULT_BYTES`] per statement: a peer is
-//! treated as hostile input like any file.
+//! Results are text (libpq's text format), or bytes for a statement sent with [`Conn::start_binary`]
+//! (libpq's binary format: a `bytea` arrives as its bytes, not as hex), at most [`MAX_RESULT_BYTES`]
+//! per statement: a peer is treated as hostile input like any file.
 
 use std::ffi::{CStr, CString, c_char};
 use std::ptr::NonNull;
@@ -123,6 +124,9 @@ pub struct Rows {
     pub columns: Vec<String>,
     /// One vector of values per row, in column order.
     pub rows: Vec<Vec<Option<String>>>,
+    /// For a statement sent with [`Conn::start_binary`], its values as sent (binary format), in place
+    /// of `rows` (which stays empty).
+    pub raw: Vec<Vec<Option<Vec<u8>>>>,
     /// Unix time in ms when the statement was sent.
     pub sent_unix_ms: f64,
     /// From sending the statement to reading its last result: one round trip plus the peer's work.
@@ -198,13 +202,40 @@ impl Conn {
         let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
         // The peer gives up when we do.
         let ms = (budget * 1000.0).ceil().max(1.0) as u64;
-        let mut ex = Exchange::new(vec![format!(
+        let mut ex = Exchange::new(vec![Statement::text(format!(
             "SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}; {sql}"
-        )]);
+        ))]);
         ex.start_next_statement(self);
         // Push the statement out now (it is small); the answer is read by `finish`.
         let _ = ex.advance(self, budget);
         Pending { conn: self, ex, deadline, budget }
+    }
+
+    /// [`Conn::start`] for one statement (no semicolons) whose results come back in libpq's binary
+    /// format, in [`Rows::raw`]: each value as the peer's send function writes it (a `bytea` as its
+    /// bytes). The session settings are set by a statement of their own first.
+    pub fn start_binary(&self, sql: &str, deadline: Instant) -> Pending<'_> {
+        let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
+        let ms = (budget * 1000.0).ceil().max(1.0) as u64;
+        let mut ex = Exchange::new(vec![
+            Statement::text(format!("SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}")),
+            Statement { sql: sql.to_string(), binary: true },
+        ]);
+        ex.start_next_statement(self);
+        let _ = ex.advance(self, budget);
+        Pending { conn: self, ex, deadline, budget }
+    }
+}
+
+/// One statement string to send, and whether its results come in binary format.
+struct Statement {
+    sql: String,
+    binary: bool,
+}
+
+impl Statement {
+    fn text(sql: String) -> Statement {
+        Statement { sql, binary: false }
     }
 }
 
@@ -250,7 +281,9 @@ enum Stage {
 struct Exchange {
     stage: Stage,
     /// Statements still to run, the next one last.
-    statements: Vec<String>,
+    statements: Vec<Statement>,
+    /// Whether the running statement's results are in binary format.
+    binary: bool,
     /// The rows of each statement run by the caller, in order.
     rows: Vec<Rows>,
     /// Whether the statement running is the session-pinning one (its result is not the caller's).
@@ -268,11 +301,12 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn new(mut statements: Vec<String>) -> Exchange {
+    fn new(mut statements: Vec<Statement>) -> Exchange {
         statements.reverse();
         Exchange {
             stage: Stage::Done,
             statements,
+            binary: false,
             rows: vec![],
             pinning: false,
             sent: Instant::now(),
@@ -292,7 +326,7 @@ impl Exchange {
 
     /// Sends the next statement, or finishes when none is left.
     fn start_next_statement(&mut self, conn: &Conn) {
-        let Some(sql) = self.statements.pop() else {
+        let Some(Statement { sql, binary }) = self.statements.pop() else {
             self.finish(Ok(()));
             return;
         };
@@ -301,11 +335,22 @@ impl Exchange {
             return;
         };
         // SAFETY: a live, idle connection; the string outlives the call (libpq copies it). Single-row
-        // mode, set right after sending as libpq requires, hands rows over one by one.
-        if unsafe { pq::PQsendQuery(conn.raw.as_ptr(), c.as_ptr()) } == 0 {
+        // mode, set right after sending as libpq requires, hands rows over one by one. Without
+        // parameters the NULL arrays are never read; result format 1 is binary.
+        let sent = unsafe {
+            if binary {
+                let (types, values) = (std::ptr::null(), std::ptr::null());
+                let (lengths, formats) = (std::ptr::null(), std::ptr::null());
+                pq::PQsendQueryParams(conn.raw.as_ptr(), c.as_ptr(), 0, types, values, lengths, formats, 1)
+            } else {
+                pq::PQsendQuery(conn.raw.as_ptr(), c.as_ptr())
+            }
+        };
+        if sent == 0 {
             self.finish(Err(PeerError::Lost(conn.error_message())));
             return;
         }
+        self.binary = binary;
         // SAFETY: as above, immediately after PQsendQuery.
         unsafe { pq::PQsetSingleRowMode(conn.raw.as_ptr()) };
         self.partial = Rows::default();
@@ -342,10 +387,10 @@ impl Exchange {
                     pq::PostgresPollingStatusType::PGRES_POLLING_OK => {
                         // Pin the session before any statement of the caller.
                         let ms = (timeout_s * 1000.0).ceil().max(1.0) as u64;
-                        self.statements.push(format!(
+                        self.statements.push(Statement::text(format!(
                             "SET search_path = pg_catalog, pg_temp; SET standard_conforming_strings = on; \
                              SET jit = off; SET statement_timeout = {ms}"
-                        ));
+                        )));
                         self.pinning = true;
                         self.start_next_statement(conn);
                     }
@@ -401,7 +446,7 @@ impl Exchange {
                 }
                 return Ok(true);
             }
-            let r = read_result(res, &mut self.partial, &mut self.received);
+            let r = read_result(res, &mut self.partial, &mut self.received, self.binary);
             // SAFETY: frees the result once.
             unsafe { pq::PQclear(res) };
             match r {
@@ -412,6 +457,7 @@ impl Exchange {
                         if let Some(last) = self.rows.last_mut() {
                             last.columns = done.columns;
                             last.rows = done.rows;
+                            last.raw = done.raw;
                         }
                     }
                 }
@@ -439,7 +485,7 @@ impl Op {
     /// Connects to `conninfo`, pins the session, then runs `statements` in order (each may hold several
     /// statements separated by semicolons; no parameters). Nothing happens before [`run_all`].
     pub fn new(conninfo: &str, statements: &[&str]) -> Op {
-        let mut ex = Exchange::new(statements.iter().map(|s| s.to_string()).collect());
+        let mut ex = Exchange::new(statements.iter().map(|s| Statement::text(s.to_string())).collect());
         match open(conninfo) {
             Ok(conn) => {
                 ex.stage = Stage::Started;
@@ -521,9 +567,10 @@ enum Got {
     Fatal(PeerError),
 }
 
-/// Reads one result into `partial`, counting what was received in `received` (bytes, with a fixed cost
-/// per value and per row, so that a peer cannot send unbounded NULLs or empty strings for free).
-fn read_result(res: *mut pq::PGresult, partial: &mut Rows, received: &mut usize) -> Got {
+/// Reads one result into `partial` (its `raw` values when `binary`), counting what was received in
+/// `received` (bytes, with a fixed cost per value and per row, so that a peer cannot send unbounded
+/// NULLs or empty strings for free).
+fn read_result(res: *mut pq::PGresult, partial: &mut Rows, received: &mut usize, binary: bool) -> Got {
     // SAFETY: `res` is a live result; every accessor below reads inside its bounds.
     unsafe {
         let status = pq::PQresultStatus(res);
@@ -550,10 +597,19 @@ fn read_result(res: *mut pq::PGresult, partial: &mut Rows, received: &mut usize)
                         let len = pq::PQgetlength(res, t as i32, f as i32).max(0) as usize;
                         *received += len;
                         let p = pq::PQgetvalue(res, t as i32, f as i32) as *const u8;
-                        let bytes = std::slice::from_raw_parts(p, len);
-                        row.push(Some(String::from_utf8_lossy(bytes).into_owned()));
+                        row.push(Some(std::slice::from_raw_parts(p, len).to_vec()));
                     }
-                    partial.rows.push(row);
+                    if binary {
+                        partial.raw.push(row);
+                    } else {
+                        let text = |v: Option<Vec<u8>>| {
+                            v.map(|b| {
+                                String::from_utf8(b)
+                                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+                            })
+                        };
+                        partial.rows.push(row.into_iter().map(text).collect());
+                    }
                 }
                 if *received > MAX_RESULT_BYTES {
                     return Got::Fatal(PeerError::Lost(format!(

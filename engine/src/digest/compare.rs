@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::{Digest, DigestError, FANOUT, MAX_DEPTH, Node, RowDigest, TableDigests};
+use super::{Digest, DigestError, FANOUT, Node, RowDigest, TableDigests, Width};
 
 /// One side of a comparison: this server's digest files, or a peer answering over SQL.
 ///
@@ -10,14 +10,18 @@ use super::{Digest, DigestError, FANOUT, MAX_DEPTH, Node, RowDigest, TableDigest
 /// digest, its rows to its children's digests); [`compare`] checks that and fails with
 /// [`DigestError::Side`] otherwise, as for an answer of the wrong length.
 pub trait Side {
-    /// Digest of the whole table.
+    /// Digest of the whole table (whole 128-bit sum).
     fn total(&mut self) -> Result<Digest, DigestError>;
-    /// For each node, its children's digests (see [`TableDigests::children`]).
-    fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError>;
-    /// For each node, its rows' digests, sorted.
-    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError>;
-    /// The key text of each given key hash present on this side, once per hash, any order.
-    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError>;
+    /// For each node, its children's digests (see [`TableDigests::children`]), sums at `width`
+    /// ([`Width::digest`]).
+    fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError>;
+    /// For each node, its rows' digests with key hashes at `width` ([`Width::row`]), sorted.
+    fn rows(&mut self, nodes: &[Node], width: Width) -> Result<Vec<Vec<RowDigest>>, DigestError>;
+    /// The whole key hash and key text of each key on this side whose hash at `width` is one of
+    /// `key_hashes` (several when narrowed hashes collide), once per key, any order.
+    fn keys(&mut self, key_hashes: &[u128], width: Width) -> Result<Vec<(u128, Vec<u8>)>, DigestError>;
+    /// The whole digest of the rows of all `nodes` together (disjoint nodes).
+    fn sums(&mut self, nodes: &[Node]) -> Result<Digest, DigestError>;
 
     /// [`Side::children`], calling `meanwhile` exactly once while the answer is being worked on: a
     /// remote side sends its request first, so that both sides work at once. By default `meanwhile`
@@ -25,10 +29,11 @@ pub trait Side {
     fn children_while(
         &mut self,
         nodes: &[Node],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
         meanwhile();
-        self.children(nodes)
+        self.children(nodes, width)
     }
 
     /// [`Side::rows`], calling `meanwhile` exactly once while the answer is being worked on (see
@@ -36,10 +41,11 @@ pub trait Side {
     fn rows_while(
         &mut self,
         nodes: &[Node],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Vec<RowDigest>>, DigestError> {
         meanwhile();
-        self.rows(nodes)
+        self.rows(nodes, width)
     }
 }
 
@@ -57,16 +63,29 @@ impl Side for TableDigests {
     fn total(&mut self) -> Result<Digest, DigestError> {
         self.fault_or(TableDigests::total(self))
     }
-    fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
-        let answer = TableDigests::children(self, nodes);
+    fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        let mut answer = TableDigests::children(self, nodes);
+        if width != Width::Full {
+            answer.iter_mut().flatten().for_each(|d| *d = width.digest(*d));
+        }
         self.fault_or(answer)
     }
-    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
-        let answer = TableDigests::rows(self, nodes);
+    fn rows(&mut self, nodes: &[Node], width: Width) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        let mut answer = TableDigests::rows(self, nodes);
+        if width != Width::Full {
+            for list in &mut answer {
+                list.iter_mut().for_each(|r| *r = width.row(*r));
+                list.sort_unstable();
+            }
+        }
         self.fault_or(answer)
     }
-    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
-        let answer = TableDigests::keys(self, key_hashes);
+    fn keys(&mut self, key_hashes: &[u128], width: Width) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
+        let answer = TableDigests::keys(self, key_hashes, width);
+        self.fault_or(answer)
+    }
+    fn sums(&mut self, nodes: &[Node]) -> Result<Digest, DigestError> {
+        let answer = TableDigests::sums(self, nodes);
         self.fault_or(answer)
     }
 }
@@ -112,47 +131,54 @@ impl<S: Side> Side for CountingSide<S> {
         self.counts.calls += 1;
         self.inner.total()
     }
-    fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+    fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
         self.counts.calls += 1;
         self.counts.nodes += nodes.len() as u64;
-        let answer = self.inner.children(nodes)?;
+        let answer = self.inner.children(nodes, width)?;
         self.counts.digests += (answer.len() * FANOUT) as u64;
         Ok(answer)
     }
-    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+    fn rows(&mut self, nodes: &[Node], width: Width) -> Result<Vec<Vec<RowDigest>>, DigestError> {
         self.counts.calls += 1;
         self.counts.nodes += nodes.len() as u64;
-        let answer = self.inner.rows(nodes)?;
+        let answer = self.inner.rows(nodes, width)?;
         self.counts.rows += answer.iter().map(|l| l.len() as u64).sum::<u64>();
         Ok(answer)
     }
-    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
+    fn keys(&mut self, key_hashes: &[u128], width: Width) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
         self.counts.calls += 1;
         self.counts.key_hashes += key_hashes.len() as u64;
-        let answer = self.inner.keys(key_hashes)?;
+        let answer = self.inner.keys(key_hashes, width)?;
         self.counts.keys += answer.len() as u64;
         self.counts.key_bytes += answer.iter().map(|(_, t)| t.len() as u64).sum::<u64>();
         Ok(answer)
     }
+    fn sums(&mut self, nodes: &[Node]) -> Result<Digest, DigestError> {
+        self.counts.calls += 1;
+        self.counts.nodes += nodes.len() as u64;
+        self.inner.sums(nodes)
+    }
     fn children_while(
         &mut self,
         nodes: &[Node],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
         self.counts.calls += 1;
         self.counts.nodes += nodes.len() as u64;
-        let answer = self.inner.children_while(nodes, meanwhile)?;
+        let answer = self.inner.children_while(nodes, width, meanwhile)?;
         self.counts.digests += (answer.len() * FANOUT) as u64;
         Ok(answer)
     }
     fn rows_while(
         &mut self,
         nodes: &[Node],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Vec<RowDigest>>, DigestError> {
         self.counts.calls += 1;
         self.counts.nodes += nodes.len() as u64;
-        let answer = self.inner.rows_while(nodes, meanwhile)?;
+        let answer = self.inner.rows_while(nodes, width, meanwhile)?;
         self.counts.rows += answer.iter().map(|l| l.len() as u64).sum::<u64>();
         Ok(answer)
     }
@@ -187,8 +213,9 @@ impl Category {
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// A differing node whose larger side has at most this many rows is settled by exchanging
-    /// row digests instead of being split further. Default 16: a node's row digests (32 bytes
-    /// each) then cost about what its 16 child digests (up to 17 bytes each) would.
+    /// row digests instead of being split further. Default 16: a node's row digests (about 22
+    /// bytes each at `Narrow`) then cost about what its 16 child digests (about 10 bytes each)
+    /// and the rows of the child that differs would.
     pub leaf_rows: u64,
     /// Most nodes per `children` or `rows` call, and most key hashes per `keys` call. Default 4096.
     pub batch_nodes: usize,
@@ -198,11 +225,19 @@ pub struct Limits {
     /// Most differing keys whose text is fetched and returned per category; counts stay exact
     /// beyond it. Default 1 000 000.
     pub max_keys: usize,
+    /// The width the peer is asked to answer at first (see [`Width`]). Default `Narrow`.
+    pub width: Width,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { leaf_rows: 16, batch_nodes: 4096, batch_rows: 262_144, max_keys: 1_000_000 }
+        Limits {
+            leaf_rows: 16,
+            batch_nodes: 4096,
+            batch_rows: 262_144,
+            max_keys: 1_000_000,
+            width: Width::Narrow,
+        }
     }
 }
 
@@ -227,9 +262,13 @@ pub struct Comparison {
     pub keys: Vec<(Category, Vec<u8>)>,
     /// True when some category had more differing keys than [`Limits::max_keys`].
     pub keys_truncated: bool,
+    /// The width of the comparison that gave this result: `Full` when narrow fingerprints collided
+    /// and the table was compared again (or when [`Limits::width`] asked for it).
+    pub width: Width,
 }
 
-/// A node that differs, with both sides' digests of it.
+/// A node that differs, with both sides' digests of it: the local one whole, the peer's at the
+/// comparison's width.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     node: Node,
@@ -255,10 +294,18 @@ struct Found {
 /// The work is a stack of differing nodes, taken `batch_nodes` at a time from its top (so each call
 /// to a side asks about many nodes, and the stack stays small: at most about `MAX_DEPTH` batches of
 /// `FANOUT` children, whatever the table's size). A differing node whose larger side has at most
-/// [`Limits::leaf_rows`] rows, or that is at [`MAX_DEPTH`], is settled by exchanging its row digests,
-/// in batches of at most `batch_rows` rows; the texts of the keys found different are fetched last.
-/// A node that one side lacks entirely is counted from the other side's digest without expanding
-/// it once the keys of that category are no longer being listed ([`Limits::max_keys`]).
+/// [`Limits::leaf_rows`] rows, or that is at the width's [`Width::max_depth`], is settled by
+/// exchanging its row digests, in batches of at most `batch_rows` rows; the texts of the keys found
+/// different are fetched last. A node that one side lacks entirely is counted from the other side's
+/// digest without expanding it once the keys of that category are no longer being listed
+/// ([`Limits::max_keys`]).
+///
+/// The peer answers at [`Limits::width`]; the local side always whole. At `Narrow`, nodes are taken
+/// as equal on their row count and a 64-bit fingerprint, and at the end the 128-bit sums are checked
+/// for the whole table: the whole sums of the nodes not taken as equal (settled rows, counted
+/// one-sided nodes) must account for the whole difference between the two totals. If they do not,
+/// or two keys of a settled node share their narrowed hash, the table is compared again at `Full`
+/// ([`Comparison::width`] says so). Rows are only ever taken as equal on their whole row hash.
 ///
 /// `check` is called before every call to a side (the caller's cancel check); its error ends the
 /// comparison and is returned.
@@ -274,55 +321,88 @@ pub fn compare(
     limits: &Limits,
     check: &mut dyn FnMut() -> Result<(), DigestError>,
 ) -> Result<Comparison, DigestError> {
+    if limits.width == Width::Narrow {
+        match compare_at(local, peer, limits, check, Width::Narrow) {
+            Err(DigestError::Collision(_)) => {}
+            other => return other,
+        }
+    }
+    compare_at(local, peer, limits, check, Width::Full)
+}
+
+/// One comparison at one width: the state of the walk down the tree.
+struct Walk<'a> {
+    limits: &'a Limits,
+    width: Width,
+    result: Comparison,
+    found: Found,
+    /// Differing nodes to expand.
+    stack: Vec<Pending>,
+    /// Differing nodes to settle by rows.
+    leaves: Vec<Pending>,
+    /// Whole sums of the nodes not taken as equal, per side (for the check at `Narrow`).
+    local_apart: u128,
+    peer_apart: u128,
+    /// One-sided nodes counted without expanding them whose peer sum is not known whole yet.
+    peer_unsummed: Vec<Node>,
+}
+
+fn compare_at(
+    local: &mut dyn Side,
+    peer: &mut dyn Side,
+    limits: &Limits,
+    check: &mut dyn FnMut() -> Result<(), DigestError>,
+    width: Width,
+) -> Result<Comparison, DigestError> {
     let batch_nodes = limits.batch_nodes.max(1);
-    let mut result = Comparison::default();
     check()?;
     let local_total = local.total()?;
     check()?;
     let peer_total = peer.total()?;
-    result.local_rows = local_total.rows;
-    result.peer_rows = peer_total.rows;
-
-    let mut found = Found::default();
-    let mut stack = Vec::new();
-    let mut leaves = Vec::new();
-    let mut leaf_rows = 0u64;
-    sort_node(
-        Pending { node: Node::ROOT, local: local_total, peer: peer_total },
+    let mut walk = Walk {
         limits,
-        &mut result,
-        &found,
-        &mut stack,
-        &mut leaves,
-    );
+        width,
+        result: Comparison {
+            local_rows: local_total.rows,
+            peer_rows: peer_total.rows,
+            width,
+            ..Default::default()
+        },
+        found: Found::default(),
+        stack: Vec::new(),
+        leaves: Vec::new(),
+        local_apart: 0,
+        peer_apart: 0,
+        peer_unsummed: Vec::new(),
+    };
+    walk.sort_node(Pending { node: Node::ROOT, local: local_total, peer: width.digest(peer_total) });
 
     loop {
-        if !leaves.is_empty() {
-            leaf_rows = leaves.iter().fold(0u64, |n, p: &Pending| n.saturating_add(p.larger()));
-        }
+        let leaf_rows = walk.leaves.iter().fold(0u64, |n, p: &Pending| n.saturating_add(p.larger()));
         // Settle leaves once a batch of them is ready, or when nothing is left to expand.
-        if !leaves.is_empty()
-            && (stack.is_empty() || leaves.len() >= batch_nodes || leaf_rows >= limits.batch_rows)
+        if !walk.leaves.is_empty()
+            && (walk.stack.is_empty() || walk.leaves.len() >= batch_nodes || leaf_rows >= limits.batch_rows)
         {
-            settle(local, peer, &leaves, limits, check, &mut result, &mut found)?;
-            leaves.clear();
-            leaf_rows = 0;
+            let leaves = std::mem::take(&mut walk.leaves);
+            walk.settle(local, peer, &leaves, check)?;
         }
-        if stack.is_empty() {
-            if leaves.is_empty() {
+        if walk.stack.is_empty() {
+            if walk.leaves.is_empty() {
                 break;
             }
             continue;
         }
-        let batch: Vec<Pending> = stack.split_off(stack.len().saturating_sub(batch_nodes));
+        let at = walk.stack.len().saturating_sub(batch_nodes);
+        let batch: Vec<Pending> = walk.stack.split_off(at);
         let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
         check()?;
         // The peer works on its answer while this side computes its own.
         let mut mine = None;
-        let peer_children = peer.children_while(&nodes, &mut || mine = Some(local.children(&nodes)))?;
+        let peer_children =
+            peer.children_while(&nodes, width, &mut || mine = Some(local.children(&nodes, Width::Full)))?;
         let local_children = match mine {
             Some(answer) => answer?,
-            None => local.children(&nodes)?,
+            None => local.children(&nodes, Width::Full)?,
         };
         let answers = [("local", &local_children), ("peer", &peer_children)];
         for (name, answer) in answers {
@@ -335,50 +415,155 @@ pub fn compare(
         }
         for (i, pending) in batch.iter().enumerate() {
             let (l, p) = (&local_children[i], &peer_children[i]);
-            if !adds_up(l, &pending.local) {
+            if !adds_up(l, &pending.local, Width::Full) {
                 return Err(side("local", "children do not add up to their node (table changed?)"));
             }
-            if !adds_up(p, &pending.peer) {
+            if !adds_up(p, &pending.peer, width) {
                 return Err(side("peer", "children do not add up to their node (table changed?)"));
             }
             for (j, child) in pending.node.children().into_iter().enumerate() {
-                let child = Pending { node: child, local: l[j], peer: p[j] };
-                sort_node(child, limits, &mut result, &found, &mut stack, &mut leaves);
+                walk.sort_node(Pending { node: child, local: l[j], peer: p[j] });
             }
         }
     }
 
-    fetch_keys(local, peer, limits, check, &found, &mut result)?;
+    if width != Width::Full {
+        walk.check_sums(peer, check, local_total, peer_total)?;
+    }
+    let Walk { mut result, found, .. } = walk;
+    fetch_keys(local, peer, limits, check, width, &found, &mut result)?;
     Ok(result)
 }
 
-/// Counts an equal node as matched, or a node one side lacks (once its keys are no longer listed) as
-/// one-sided, or queues a differing one for expansion or settling.
-fn sort_node(
-    p: Pending,
-    limits: &Limits,
-    result: &mut Comparison,
-    found: &Found,
-    expand: &mut Vec<Pending>,
-    leaves: &mut Vec<Pending>,
-) {
-    if p.local == p.peer {
-        result.matched += p.local.rows;
-    } else if p.peer.rows == 0 && found.local_only.len() >= limits.max_keys {
-        result.local_only += p.local.rows;
-        result.keys_truncated = true;
-    } else if p.local.rows == 0 && found.peer_only.len() >= limits.max_keys {
-        result.peer_only += p.peer.rows;
-        result.keys_truncated = true;
-    } else if p.larger() <= limits.leaf_rows || p.node.depth >= MAX_DEPTH {
-        leaves.push(p);
-    } else {
-        expand.push(p);
+impl Walk<'_> {
+    /// Counts an equal node as matched, or a node one side lacks (once its keys are no longer
+    /// listed) as one-sided, or queues a differing one for expansion or settling.
+    fn sort_node(&mut self, p: Pending) {
+        let limits = self.limits;
+        if self.width.digest(p.local) == p.peer {
+            self.result.matched += p.local.rows;
+        } else if p.peer.rows == 0 && self.found.local_only.len() >= limits.max_keys {
+            self.result.local_only += p.local.rows;
+            self.result.keys_truncated = true;
+            self.local_apart = self.local_apart.wrapping_add(p.local.sum);
+        } else if p.local.rows == 0 && self.found.peer_only.len() >= limits.max_keys {
+            self.result.peer_only += p.peer.rows;
+            self.result.keys_truncated = true;
+            self.peer_unsummed.push(p.node);
+        } else if p.larger() <= limits.leaf_rows || p.node.depth >= self.width.max_depth() {
+            self.leaves.push(p);
+        } else {
+            self.stack.push(p);
+        }
+    }
+
+    /// Fetches the row digests of differing nodes, in batches, and classifies their keys.
+    fn settle(
+        &mut self,
+        local: &mut dyn Side,
+        peer: &mut dyn Side,
+        leaves: &[Pending],
+        check: &mut dyn FnMut() -> Result<(), DigestError>,
+    ) -> Result<(), DigestError> {
+        let limits = self.limits;
+        let width = self.width;
+        let mut start = 0;
+        while start < leaves.len() {
+            // At least one node per batch, then as many as fit both limits.
+            let mut end = start + 1;
+            let mut rows = leaves[start].larger();
+            while end < leaves.len() && end - start < limits.batch_nodes {
+                rows = rows.saturating_add(leaves[end].larger());
+                if rows > limits.batch_rows {
+                    break;
+                }
+                end += 1;
+            }
+            let batch = &leaves[start..end];
+            let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
+            check()?;
+            let mut mine = None;
+            let peer_rows =
+                peer.rows_while(&nodes, width, &mut || mine = Some(local.rows(&nodes, Width::Full)))?;
+            let local_rows = match mine {
+                Some(answer) => answer?,
+                None => local.rows(&nodes, Width::Full)?,
+            };
+            for (i, pending) in batch.iter().enumerate() {
+                let l = checked_rows("local", local_rows.get(i), pending.node, pending.local, Width::Full)?;
+                let p = checked_rows("peer", peer_rows.get(i), pending.node, pending.peer, width)?;
+                self.local_apart = self.local_apart.wrapping_add(pending.local.sum);
+                self.peer_apart = p.iter().fold(self.peer_apart, |s, r| s.wrapping_add(r.row_hash));
+                let l = narrowed(l, width)?;
+                if width != Width::Full && p.windows(2).any(|w| w[0].key_hash == w[1].key_hash) {
+                    return Err(DigestError::Collision("two peer rows share a narrowed key hash".into()));
+                }
+                self.classify(&l, &p);
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// At `Narrow`: the whole sums of what was not taken as equal must account for the whole
+    /// difference between the totals, or some node taken as equal was not.
+    fn check_sums(
+        &mut self,
+        peer: &mut dyn Side,
+        check: &mut dyn FnMut() -> Result<(), DigestError>,
+        local_total: Digest,
+        peer_total: Digest,
+    ) -> Result<(), DigestError> {
+        let batch = self.limits.batch_nodes.max(1);
+        for nodes in self.peer_unsummed.chunks(batch) {
+            check()?;
+            self.peer_apart = self.peer_apart.wrapping_add(peer.sums(nodes)?.sum);
+        }
+        let local_equal = local_total.sum.wrapping_sub(self.local_apart);
+        let peer_equal = peer_total.sum.wrapping_sub(self.peer_apart);
+        if local_equal != peer_equal {
+            return Err(DigestError::Collision("nodes taken as equal differ in their whole sums".into()));
+        }
+        Ok(())
+    }
+
+    /// Classifies the rows of one settled node, grouped by key hash.
+    fn classify(&mut self, local: &[RowDigest], peer: &[RowDigest]) {
+        let (result, found, limits) = (&mut self.result, &mut self.found, self.limits);
+        let (mut i, mut j) = (0, 0);
+        while i < local.len() || j < peer.len() {
+            let key = match (local.get(i), peer.get(j)) {
+                (Some(l), Some(p)) => l.key_hash.min(p.key_hash),
+                (Some(l), None) => l.key_hash,
+                (None, Some(p)) => p.key_hash,
+                (None, None) => break,
+            };
+            let l_end = i + local[i..].iter().take_while(|r| r.key_hash == key).count();
+            let p_end = j + peer[j..].iter().take_while(|r| r.key_hash == key).count();
+            let (l, p) = (&local[i..l_end], &peer[j..p_end]);
+            match (l.is_empty(), p.is_empty()) {
+                (false, false) if l == p => result.matched += l.len() as u64,
+                (false, false) => {
+                    result.conflict += 1;
+                    note(&mut found.conflict, key, limits, &mut result.keys_truncated);
+                }
+                (false, true) => {
+                    result.local_only += l.len() as u64;
+                    note(&mut found.local_only, key, limits, &mut result.keys_truncated);
+                }
+                _ => {
+                    result.peer_only += p.len() as u64;
+                    note(&mut found.peer_only, key, limits, &mut result.keys_truncated);
+                }
+            }
+            (i, j) = (l_end, p_end);
+        }
     }
 }
 
-/// Whether `children` add up to `parent`: the row counts exactly (no wrap), the sums modulo 2^128.
-fn adds_up(children: &[Digest; FANOUT], parent: &Digest) -> bool {
+/// Whether `children` add up to `parent`: the row counts exactly (no wrap), the sums modulo 2^128
+/// (at `width`).
+fn adds_up(children: &[Digest; FANOUT], parent: &Digest, width: Width) -> bool {
     let mut rows = 0u64;
     let mut total = Digest::default();
     for child in children {
@@ -386,61 +571,21 @@ fn adds_up(children: &[Digest; FANOUT], parent: &Digest) -> bool {
         rows = r;
         total.merge(child);
     }
-    rows == parent.rows && total == *parent
+    rows == parent.rows && width.digest(total) == width.digest(*parent)
 }
 
 fn side(name: &str, reason: impl std::fmt::Display) -> DigestError {
     DigestError::Side(format!("{name} side: {reason}"))
 }
 
-/// Fetches the row digests of differing nodes, in batches, and classifies their keys.
-fn settle(
-    local: &mut dyn Side,
-    peer: &mut dyn Side,
-    leaves: &[Pending],
-    limits: &Limits,
-    check: &mut dyn FnMut() -> Result<(), DigestError>,
-    result: &mut Comparison,
-    found: &mut Found,
-) -> Result<(), DigestError> {
-    let mut start = 0;
-    while start < leaves.len() {
-        // At least one node per batch, then as many as fit both limits.
-        let mut end = start + 1;
-        let mut rows = leaves[start].larger();
-        while end < leaves.len() && end - start < limits.batch_nodes {
-            rows = rows.saturating_add(leaves[end].larger());
-            if rows > limits.batch_rows {
-                break;
-            }
-            end += 1;
-        }
-        let batch = &leaves[start..end];
-        let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
-        check()?;
-        let mut mine = None;
-        let peer_rows = peer.rows_while(&nodes, &mut || mine = Some(local.rows(&nodes)))?;
-        let local_rows = match mine {
-            Some(answer) => answer?,
-            None => local.rows(&nodes)?,
-        };
-        for (i, pending) in batch.iter().enumerate() {
-            let l = checked_rows("local", local_rows.get(i), pending.node, pending.local)?;
-            let p = checked_rows("peer", peer_rows.get(i), pending.node, pending.peer)?;
-            classify(&l, &p, limits, result, found);
-        }
-        start = end;
-    }
-    Ok(())
-}
-
 /// A side's rows of a node, sorted, after checking that they lie in the node and add up to its
-/// digest.
+/// digest (at `width`).
 fn checked_rows(
     name: &str,
     rows: Option<&Vec<RowDigest>>,
     node: Node,
     digest: Digest,
+    width: Width,
 ) -> Result<Vec<RowDigest>, DigestError> {
     let rows = rows.ok_or_else(|| side(name, "fewer rows answers than nodes asked"))?;
     let mut total = Digest::default();
@@ -450,7 +595,7 @@ fn checked_rows(
         }
         total.add_row(r.row_hash);
     }
-    if total != digest {
+    if width.digest(total) != width.digest(digest) {
         return Err(side(name, "rows do not add up to their node (table changed?)"));
     }
     let mut rows = rows.clone();
@@ -458,42 +603,21 @@ fn checked_rows(
     Ok(rows)
 }
 
-/// Classifies the rows of one settled node, grouped by key hash.
-fn classify(
-    local: &[RowDigest],
-    peer: &[RowDigest],
-    limits: &Limits,
-    result: &mut Comparison,
-    found: &mut Found,
-) {
-    let (mut i, mut j) = (0, 0);
-    while i < local.len() || j < peer.len() {
-        let key = match (local.get(i), peer.get(j)) {
-            (Some(l), Some(p)) => l.key_hash.min(p.key_hash),
-            (Some(l), None) => l.key_hash,
-            (None, Some(p)) => p.key_hash,
-            (None, None) => break,
-        };
-        let l_end = i + local[i..].iter().take_while(|r| r.key_hash == key).count();
-        let p_end = j + peer[j..].iter().take_while(|r| r.key_hash == key).count();
-        let (l, p) = (&local[i..l_end], &peer[j..p_end]);
-        match (l.is_empty(), p.is_empty()) {
-            (false, false) if l == p => result.matched += l.len() as u64,
-            (false, false) => {
-                result.conflict += 1;
-                note(&mut found.conflict, key, limits, &mut result.keys_truncated);
-            }
-            (false, true) => {
-                result.local_only += l.len() as u64;
-                note(&mut found.local_only, key, limits, &mut result.keys_truncated);
-            }
-            _ => {
-                result.peer_only += p.len() as u64;
-                note(&mut found.peer_only, key, limits, &mut result.keys_truncated);
-            }
-        }
-        (i, j) = (l_end, p_end);
+/// Whole-width local rows (sorted) narrowed to `width`, sorted again; two distinct keys that become
+/// one are a [`DigestError::Collision`].
+fn narrowed(rows: Vec<RowDigest>, width: Width) -> Result<Vec<RowDigest>, DigestError> {
+    if width == Width::Full {
+        return Ok(rows);
     }
+    let collide = rows
+        .windows(2)
+        .any(|w| w[0].key_hash != w[1].key_hash && width.key(w[0].key_hash) == width.key(w[1].key_hash));
+    if collide {
+        return Err(DigestError::Collision("two local keys share a narrowed key hash".into()));
+    }
+    let mut out: Vec<RowDigest> = rows.into_iter().map(|r| width.row(r)).collect();
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// Records a differing key hash, unless its category already holds [`Limits::max_keys`].
@@ -505,13 +629,14 @@ fn note(list: &mut Vec<u128>, key: u128, limits: &Limits, truncated: &mut bool) 
     }
 }
 
-/// Fetches the key texts of the differing keys: conflict and local-only from the local side,
-/// peer-only from the peer.
+/// Fetches the key texts of the differing keys (hashes at `width`): conflict and local-only from the
+/// local side, peer-only from the peer.
 fn fetch_keys(
     local: &mut dyn Side,
     peer: &mut dyn Side,
     limits: &Limits,
     check: &mut dyn FnMut() -> Result<(), DigestError>,
+    width: Width,
     found: &Found,
     result: &mut Comparison,
 ) -> Result<(), DigestError> {
@@ -521,8 +646,8 @@ fn fetch_keys(
     let mut peer_wanted = found.peer_only.clone();
     peer_wanted.sort_unstable();
 
-    let local_texts = fetch_side(local, &local_wanted, batch, check)?;
-    let peer_texts = fetch_side(peer, &peer_wanted, batch, check)?;
+    let local_texts = fetch_side(local, &local_wanted, batch, width, check)?;
+    let peer_texts = fetch_side(peer, &peer_wanted, batch, width, check)?;
     let lists = [
         (Category::Conflict, "local", &found.conflict),
         (Category::LocalOnly, "local", &found.local_only),
@@ -540,21 +665,25 @@ fn fetch_keys(
     Ok(())
 }
 
-/// Asks one side for the texts of `wanted` key hashes, `batch` per call.
+/// Asks one side for the texts of `wanted` key hashes (at `width`), `batch` per call; keyed by the
+/// hash at `width`.
 fn fetch_side(
     s: &mut dyn Side,
     wanted: &[u128],
     batch: usize,
+    width: Width,
     check: &mut dyn FnMut() -> Result<(), DigestError>,
 ) -> Result<HashMap<u128, Vec<u8>>, DigestError> {
     let mut texts = HashMap::with_capacity(wanted.len());
     for chunk in wanted.chunks(batch) {
         check()?;
-        for (hash, text) in s.keys(chunk)? {
+        for (hash, text) in s.keys(chunk, width)? {
             if super::key_hash(&text) != hash {
                 return Err(DigestError::Side(format!("key text answered for {hash:032x} has another hash")));
             }
-            texts.insert(hash, text);
+            if texts.insert(width.key(hash), text).is_some() {
+                return Err(DigestError::Collision("two keys share a narrowed key hash".into()));
+            }
         }
     }
     Ok(texts)

@@ -26,6 +26,7 @@
 //! ([`TableDigests::fault`]) rather than trusted. Nothing is ever allocated from a length read from
 //! a file before that length has been checked against the file's size.
 
+use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
@@ -33,7 +34,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{DigestError, FANOUT, KeyFields, Node, RowDigest, digest_line};
+use super::{DigestError, FANOUT, KeyFields, Node, RowDigest, Width, digest_line};
 use crate::chunk::TEMP_MARKER;
 use crate::copy_text::ROW_END;
 use crate::digest::Digest;
@@ -446,36 +447,48 @@ impl TableDigests {
         out
     }
 
-    /// The key text of each given key hash present in the files, once per key hash, in no
-    /// particular order; hashes not present are left out.
-    pub fn keys(&self, key_hashes: &[u128]) -> Vec<(u128, Vec<u8>)> {
-        let mut wanted = key_hashes.to_vec();
+    /// The whole key hash and key text of each key in the files whose hash at `width`
+    /// ([`Width::key`]) is one of `key_hashes`: once per key, in no particular order; hashes
+    /// matching no key are left out. At `Full` that is one key per hash present.
+    pub fn keys(&self, key_hashes: &[u128], width: Width) -> Vec<(u128, Vec<u8>)> {
+        let mut wanted: Vec<u128> = key_hashes.iter().map(|&h| width.key(h)).collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let mut found = vec![false; wanted.len()];
+        let mut seen = HashSet::new();
         let mut out = Vec::new();
         for f in &self.files {
             // The wanted hashes are sorted: the window moves forward through the file.
             let mut w = Window::default();
-            for (&hash, done) in wanted.iter().zip(found.iter_mut()) {
-                if *done {
-                    continue;
-                }
-                let mut first = None;
-                self.scan(f, hash, hash, &mut w, |r| {
-                    first.get_or_insert(*r);
-                });
-                let Some(r) = first else { continue };
-                match read_key(f, &r) {
-                    Ok(text) => {
-                        out.push((hash, text));
-                        *done = true;
+            for &hash in &wanted {
+                let (lo, hi) = width.key_range(hash);
+                let mut firsts: Vec<Record> = Vec::new();
+                self.scan(f, lo, hi, &mut w, |r| {
+                    if firsts.last().is_none_or(|l| l.digest.key_hash != r.digest.key_hash) {
+                        firsts.push(*r);
                     }
-                    Err(reason) => self.note_fault(&f.path, reason),
+                });
+                for r in firsts {
+                    if !seen.insert(r.digest.key_hash) {
+                        continue;
+                    }
+                    match read_key(f, &r) {
+                        Ok(text) => out.push((r.digest.key_hash, text)),
+                        Err(reason) => self.note_fault(&f.path, reason),
+                    }
                 }
             }
         }
         out
+    }
+
+    /// The digest of the rows of all `nodes` together (each row once per node that holds it: pass
+    /// disjoint nodes).
+    pub fn sums(&self, nodes: &[Node]) -> Digest {
+        let mut total = Digest::default();
+        for digest in self.children(nodes).iter().flatten() {
+            total.merge(digest);
+        }
+        total
     }
 
     /// The first problem met by a query since open (a file unreadable or changed since it was

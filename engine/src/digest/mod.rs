@@ -128,6 +128,84 @@ pub enum DigestError {
     /// The comparison was stopped (cancelled) by its caller.
     #[error("stopped: {0}")]
     Stopped(String),
+
+    /// Narrow fingerprints ([`Width::Narrow`]) could not tell two things apart: two keys sharing the
+    /// top 64 bits of their hash, or nodes taken as equal whose full sums differ. [`compare()`]
+    /// then compares the table again at [`Width::Full`]; callers never see this error.
+    #[error("fingerprint collision: {0}")]
+    Collision(String),
+}
+
+/// How much of each hash a side's answers carry: what crosses the network when one side is a peer.
+///
+/// - [`Width::Full`]: node sums and key hashes whole (128 bits).
+/// - [`Width::Narrow`]: node sums reduced to their low 64 bits (still additive: the low 64 bits of a
+///   sum are the sum of the low 64 bits), key hashes of rows to their top 64 bits. Row hashes are
+///   always whole, so two rows are only ever taken as equal on 128 bits.
+///
+/// [`compare()`] works at `Narrow` and checks the 128-bit sums once for the whole table at the end;
+/// whatever narrow fingerprints could not tell apart is found there or as a repeated key
+/// ([`DigestError::Collision`]), and the table is compared again at `Full`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Width {
+    /// 64-bit node fingerprints and row key hashes.
+    #[default]
+    Narrow,
+    /// Whole 128-bit sums and key hashes.
+    Full,
+}
+
+impl Width {
+    /// Bytes of a node sum or row key hash at this width.
+    pub fn bytes(self) -> usize {
+        match self {
+            Width::Narrow => 8,
+            Width::Full => 16,
+        }
+    }
+
+    /// A node sum as answered at this width (its low bits).
+    pub fn sum(self, sum: u128) -> u128 {
+        match self {
+            Width::Narrow => sum & u128::from(u64::MAX),
+            Width::Full => sum,
+        }
+    }
+
+    /// A key hash as answered at this width (its top bits, the rest zero).
+    pub fn key(self, key_hash: u128) -> u128 {
+        match self {
+            Width::Narrow => key_hash & !u128::from(u64::MAX),
+            Width::Full => key_hash,
+        }
+    }
+
+    /// The inclusive range of full key hashes that [`Width::key`] maps to `narrowed`.
+    pub fn key_range(self, narrowed: u128) -> (u128, u128) {
+        match self {
+            Width::Narrow => (self.key(narrowed), self.key(narrowed) | u128::from(u64::MAX)),
+            Width::Full => (narrowed, narrowed),
+        }
+    }
+
+    /// A digest as answered at this width.
+    pub fn digest(self, d: Digest) -> Digest {
+        Digest { rows: d.rows, sum: self.sum(d.sum) }
+    }
+
+    /// A row digest as answered at this width (key hash narrowed, row hash whole).
+    pub fn row(self, r: RowDigest) -> RowDigest {
+        RowDigest { key_hash: self.key(r.key_hash), row_hash: r.row_hash }
+    }
+
+    /// The deepest node worth splitting at this width: below it narrowed key hashes no longer
+    /// say which child a row is in.
+    pub fn max_depth(self) -> u8 {
+        match self {
+            Width::Narrow => 16,
+            Width::Full => MAX_DEPTH,
+        }
+    }
 }
 
 /// Positions (0-based) of the key fields in a table's COPY line, in key order; non-empty, no

@@ -322,7 +322,7 @@ proptest! {
             let nodes = Node::ROOT.children();
             let _children = t.children(&nodes);
             let _rows = t.rows(&nodes);
-            let _keys = t.keys(&[0, u128::MAX]);
+            let _keys = t.keys(&[0, u128::MAX], Width::Narrow);
         }
     }
 }
@@ -343,7 +343,7 @@ fn file_changed_after_open_is_reported() {
         .open(&path)
         .and_then(|mut f| f.write_all(&bytes[..HEADER + 100 * 44]))
         .expect("rewrite");
-    let answer = Side::children(&mut t, &[Node::ROOT]);
+    let answer = Side::children(&mut t, &[Node::ROOT], Width::Narrow);
     assert!(matches!(answer, Err(DigestError::Format { .. })), "{answer:?}");
 }
 
@@ -395,12 +395,19 @@ proptest! {
         let mut asked: Vec<u128> = all.iter().take(30).map(|(d, _)| d.key_hash).collect();
         asked.extend(&probes);
         asked.extend(asked.clone()); // duplicates in the question
-        let mut got = t.keys(&asked);
+        let mut got = t.keys(&asked, Width::Full);
         got.sort();
         let mut want: Vec<(u128, Vec<u8>)> = all.iter().take(30).map(|(d, k)| (d.key_hash, k.clone())).collect();
         want.sort();
         want.dedup();
-        prop_assert_eq!(got, want);
+        prop_assert_eq!(&got, &want);
+        // Narrowed hashes find the same keys (no two of these few keys share their top 64 bits).
+        let narrow: Vec<u128> = asked.iter().map(|&h| Width::Narrow.key(h)).collect();
+        let mut got = t.keys(&narrow, Width::Narrow);
+        got.sort();
+        prop_assert_eq!(&got, &want);
+        let sum = t.sums(&Node::ROOT.children());
+        prop_assert_eq!(sum, total);
         prop_assert!(t.fault().is_none());
     }
 }
@@ -427,66 +434,85 @@ proptest! {
         let nodes: Vec<Node> = depths.iter().zip(hashes.iter().chain(std::iter::repeat(&7)))
             .map(|(&depth, &h)| Node { depth, index: if depth == 0 { 0 } else { h >> (128 - 4 * u32::from(depth)) } })
             .collect();
-        prop_assert_eq!(wire::decode_nodes(&wire::encode_nodes(&nodes)).expect("nodes"), nodes);
-        prop_assert_eq!(wire::decode_hashes(&wire::encode_hashes(&hashes)).expect("hashes"), hashes.clone());
+        prop_assert_eq!(wire::decode_nodes(&wire::encode_nodes(&nodes)).expect("nodes"), nodes.clone());
+        let text = wire::to_text(&wire::encode_nodes(&nodes));
+        prop_assert_eq!(wire::decode_nodes(&wire::from_text(&text).expect("base64")).expect("nodes"), nodes);
         let d = Digest { rows, sum };
         prop_assert_eq!(wire::decode_digest(&wire::encode_digest(&d)).expect("digest"), d);
-
-        let mut lists = Vec::new();
-        let mut it = hashes.iter();
-        for n in splits {
-            let list: Vec<RowDigest> = it.by_ref().take(n).map(|&h| RowDigest { key_hash: h, row_hash: !h }).collect();
-            lists.push(list);
-        }
-        prop_assert_eq!(wire::decode_rows(&wire::encode_rows(&lists)).expect("rows"), lists);
         let keys: Vec<(u128, Vec<u8>)> = hashes.iter().copied().zip(texts).collect();
         prop_assert_eq!(wire::decode_keys(&wire::encode_keys(&keys)).expect("keys"), keys);
-        let children = some_digests();
-        prop_assert_eq!(wire::decode_children(&wire::encode_children(&children)).expect("children"), children);
+
+        for width in [Width::Full, Width::Narrow] {
+            let narrowed: Vec<u128> = hashes.iter().map(|&h| width.key(h)).collect();
+            prop_assert_eq!(wire::decode_hashes(&wire::encode_hashes(&hashes, width), width).expect("hashes"), narrowed);
+            let mut lists = Vec::new();
+            let mut it = hashes.iter();
+            for &n in &splits {
+                let list: Vec<RowDigest> = it.by_ref().take(n).map(|&h| RowDigest { key_hash: h, row_hash: !h }).collect();
+                lists.push(list);
+            }
+            let want: Vec<Vec<RowDigest>> = lists.iter().map(|l| l.iter().map(|r| width.row(*r)).collect()).collect();
+            prop_assert_eq!(wire::decode_rows(&wire::encode_rows(&lists, width), width).expect("rows"), want);
+            let children = some_digests();
+            let want: Vec<[Digest; FANOUT]> = children.iter().map(|n| n.map(|d| width.digest(d))).collect();
+            prop_assert_eq!(wire::decode_children(&wire::encode_children(&children, width), width).expect("children"), want);
+        }
     }
 
     #[test]
-    fn wire_garbage_is_rejected_without_panic(text in "[A-Za-z0-9+/=]{0,60}", bytes in proptest::collection::vec(any::<u8>(), 0..60)) {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
-        for t in [text.as_str(), b64.as_str()] {
-            let _nodes = wire::decode_nodes(t);
-            let _children = wire::decode_children(t);
-            let _rows = wire::decode_rows(t);
-            let _hashes = wire::decode_hashes(t);
-            let _keys = wire::decode_keys(t);
-            let _digest = wire::decode_digest(t);
+    fn wire_garbage_is_rejected_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..60), tag in proptest::sample::select(b"NDCcRrHhK".to_vec())) {
+        let mut tagged = vec![tag];
+        tagged.extend(&bytes);
+        for b in [bytes.as_slice(), tagged.as_slice()] {
+            let _nodes = wire::decode_nodes(b);
+            let _keys = wire::decode_keys(b);
+            let _digest = wire::decode_digest(b);
+            for width in [Width::Full, Width::Narrow] {
+                let _children = wire::decode_children(b, width);
+                let _rows = wire::decode_rows(b, width);
+                let _hashes = wire::decode_hashes(b, width);
+            }
         }
+        let _text = wire::from_text(&String::from_utf8_lossy(&bytes));
     }
 }
 
 #[test]
 fn wire_rejects_wrong_kind_and_bad_lengths() {
     let nodes = wire::encode_nodes(&[Node::ROOT]);
-    assert!(matches!(wire::decode_hashes(&nodes), Err(DigestError::Wire(_))));
-    assert!(wire::decode_nodes("not base64!").is_err());
-    assert!(wire::decode_nodes("").is_err());
-    use base64::Engine as _;
-    let enc = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    assert!(matches!(wire::decode_hashes(&nodes, Width::Full), Err(DigestError::Wire(_))));
+    assert!(wire::from_text("not base64!").is_err());
+    assert!(wire::decode_nodes(b"").is_err());
+    // A width other than the one asked for.
+    let narrow = wire::encode_children(&some_digests(), Width::Narrow);
+    assert!(matches!(wire::decode_children(&narrow, Width::Full), Err(DigestError::Wire(_))));
+    let narrow = wire::encode_rows(&[vec![]], Width::Narrow);
+    assert!(matches!(wire::decode_rows(&narrow, Width::Full), Err(DigestError::Wire(_))));
     // A count far beyond the bytes present.
-    assert!(wire::decode_keys(&enc(&[b'K', 0xFF, 0xFF, 0xFF, 0xFF, 0x0F])).is_err());
+    assert!(wire::decode_keys(&[b'K', 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]).is_err());
     // A node deeper than MAX_DEPTH, an index too large for its depth.
-    assert!(wire::decode_nodes(&enc(&[b'N', 1, 33])).is_err());
-    assert!(wire::decode_nodes(&enc(&[b'N', 1, 1, 0x10])).is_err());
+    assert!(wire::decode_nodes(&[b'N', 1, 33]).is_err());
+    assert!(wire::decode_nodes(&[b'N', 1, 1, 0x10]).is_err());
     // Trailing bytes.
-    assert!(wire::decode_digest(&enc(&[b'D', 0, 0])).is_err());
+    assert!(wire::decode_digest(&[b'D', 0, 0]).is_err());
+    // A narrow key hash sharing more than its 8 bytes.
+    assert!(wire::decode_hashes(&[b'h', 1, 9], Width::Narrow).is_err());
     // An over-long varint.
     assert!(
-        wire::decode_hashes(&enc(&[
-            b'H', 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
-            0xFF, 0xFF, 0xFF, 0xFF, 0x7F
-        ]))
+        wire::decode_hashes(
+            &[
+                b'H', 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F
+            ],
+            Width::Full
+        )
         .is_err()
     );
-    // Empty digests cost one byte; no newlines in the text.
-    let empty = wire::encode_children(&[[Digest::default(); FANOUT]]);
-    assert_eq!(base64::engine::general_purpose::STANDARD.decode(&empty).expect("b64").len(), 2 + FANOUT);
-    assert!(!wire::encode_keys(&[(1, vec![b'\n'; 100])]).contains('\n'));
+    // Empty digests cost one byte; narrow sums eight.
+    let empty = wire::encode_children(&[[Digest::default(); FANOUT]], Width::Narrow);
+    assert_eq!(empty.len(), 2 + FANOUT);
+    let one = wire::encode_children(&[[Digest { rows: 1, sum: u128::MAX }; FANOUT]], Width::Narrow);
+    assert_eq!(one.len(), 2 + FANOUT * 9);
 }
 
 // ---- compare ----
@@ -621,6 +647,7 @@ fn few_differences_exchange_little() {
     assert_as_expected(&c, &local, &peer);
     assert_eq!((c.conflict, c.matched), (20, 19_980));
     assert!(c.local_only + c.matched + c.conflict == c.local_rows);
+    assert_eq!(c.width, Width::Narrow, "unique keys, no collision: one pass at the narrow width");
     assert!(p.counts.rows < 500, "{:?}", p.counts);
     assert!(p.counts.digests < 2000, "{:?}", p.counts);
     assert_eq!(p.counts.keys, 0, "conflict keys come from the local side");
@@ -660,18 +687,21 @@ impl Side for Liar {
     fn total(&mut self) -> Result<Digest, DigestError> {
         Side::total(&mut self.0)
     }
-    fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
-        let mut answer = Side::children(&mut self.0, nodes)?;
+    fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        let mut answer = Side::children(&mut self.0, nodes, width)?;
         if let Some(first) = answer.first_mut() {
             first[0].rows += 1;
         }
         Ok(answer)
     }
-    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
-        Side::rows(&mut self.0, nodes)
+    fn rows(&mut self, nodes: &[Node], width: Width) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        Side::rows(&mut self.0, nodes, width)
     }
-    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
-        Side::keys(&mut self.0, key_hashes)
+    fn keys(&mut self, key_hashes: &[u128], width: Width) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
+        Side::keys(&mut self.0, key_hashes, width)
+    }
+    fn sums(&mut self, nodes: &[Node]) -> Result<Digest, DigestError> {
+        Side::sums(&mut self.0, nodes)
     }
 }
 
@@ -714,7 +744,7 @@ proptest! {
             }
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let limits = Limits { leaf_rows, batch_nodes, batch_rows, max_keys: 1_000 };
+        let limits = Limits { leaf_rows, batch_nodes, batch_rows, max_keys: 1_000, ..Limits::default() };
         let mut l = table(dir.path(), "l", &local, files.0);
         let mut p = table(dir.path(), "p", &peer, files.1);
         let c = run_compare(&mut l, &mut p, &limits);
@@ -758,4 +788,100 @@ fn small_batches_give_the_same_result_as_large_ones() {
     let small = Limits { batch_nodes: 3, batch_rows: 20, leaf_rows: 4, ..Limits::default() };
     let c = run_compare(&mut l, &mut p, &small);
     assert_as_expected(&c, &local, &peer);
+}
+
+/// A side held in memory as row digests, to build hash coincidences that real hashes never give.
+struct Mem {
+    rows: Vec<RowDigest>,
+    texts: BTreeMap<u128, Vec<u8>>,
+}
+
+impl Mem {
+    fn new(rows: &[(u128, u128)], texts: &[&[u8]]) -> Mem {
+        let mut rows: Vec<RowDigest> =
+            rows.iter().map(|&(key_hash, row_hash)| RowDigest { key_hash, row_hash }).collect();
+        rows.sort_unstable();
+        let texts = texts.iter().map(|t| (super::key_hash(t), t.to_vec())).collect();
+        Mem { rows, texts }
+    }
+
+    fn in_node(&self, node: Node) -> impl Iterator<Item = &RowDigest> {
+        self.rows.iter().filter(move |r| node.contains(r.key_hash))
+    }
+}
+
+impl Side for Mem {
+    fn total(&mut self) -> Result<Digest, DigestError> {
+        self.sums(&[Node::ROOT])
+    }
+    fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        Ok(nodes
+            .iter()
+            .map(|&n| {
+                let mut out = [Digest::default(); FANOUT];
+                for r in self.in_node(n) {
+                    out[n.child_of(r.key_hash)].add_row(r.row_hash);
+                }
+                out.map(|d| width.digest(d))
+            })
+            .collect())
+    }
+    fn rows(&mut self, nodes: &[Node], width: Width) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        Ok(nodes
+            .iter()
+            .map(|&n| {
+                let mut list: Vec<RowDigest> = self.in_node(n).map(|r| width.row(*r)).collect();
+                list.sort_unstable();
+                list
+            })
+            .collect())
+    }
+    fn keys(&mut self, key_hashes: &[u128], width: Width) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
+        Ok(self
+            .texts
+            .iter()
+            .filter(|(h, _)| key_hashes.contains(&width.key(**h)))
+            .map(|(h, t)| (*h, t.clone()))
+            .collect())
+    }
+    fn sums(&mut self, nodes: &[Node]) -> Result<Digest, DigestError> {
+        let mut d = Digest::default();
+        for &n in nodes {
+            self.in_node(n).for_each(|r| d.add_row(r.row_hash));
+        }
+        Ok(d)
+    }
+}
+
+#[test]
+fn row_hashes_differing_only_above_the_narrow_bits_are_found_at_full_width() {
+    // Key 1's rows differ by 2^64: every narrow sum on its path is equal, the whole sums are not.
+    let k1 = super::key_hash(b"1");
+    let k2 = super::key_hash(b"2");
+    let mut local = Mem::new(&[(k1, 10), (k2, 20)], &[b"1", b"2"]);
+    let mut peer = Mem::new(&[(k1, 10 + (1u128 << 64)), (k2, 20)], &[b"1", b"2"]);
+    let c = run_compare(&mut local, &mut peer, &Limits::default());
+    assert_eq!(c.width, Width::Full, "the whole-sum check sent it to full width");
+    assert_eq!((c.matched, c.conflict, c.local_only, c.peer_only), (1, 1, 0, 0));
+    assert_eq!(c.keys, vec![(Category::Conflict, b"1".to_vec())]);
+}
+
+#[test]
+fn keys_sharing_their_narrow_hash_are_told_apart_at_full_width() {
+    // A second key with the top 64 bits of key 1's hash (no text needed: it matches).
+    let k1 = super::key_hash(b"1");
+    let twin = Width::Narrow.key(k1) | 0x5;
+    let mut local = Mem::new(&[(k1, 10), (twin, 30)], &[b"1"]);
+    let mut peer = Mem::new(&[(k1, 11), (twin, 30)], &[b"1"]);
+    let c = run_compare(&mut local, &mut peer, &Limits::default());
+    assert_eq!(c.width, Width::Full);
+    assert_eq!((c.matched, c.conflict, c.local_only, c.peer_only), (1, 1, 0, 0));
+    assert_eq!(c.keys, vec![(Category::Conflict, b"1".to_vec())]);
+
+    // The same, the twins on the peer only.
+    let mut local = Mem::new(&[(k1, 10)], &[b"1"]);
+    let mut peer = Mem::new(&[(k1, 10), (twin, 30)], &[b"1"]);
+    let r = compare(&mut local, &mut peer, &Limits::default(), &mut || Ok(()));
+    // The twin has no key text anywhere: at full width the peer cannot name it, and says so.
+    assert!(matches!(r, Err(DigestError::Side(_))), "{r:?}");
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 use steep_repl_engine::chunk::ChunkStats;
-use steep_repl_engine::digest::{self, DigestWriter, KeyFields, TableDigests};
+use steep_repl_engine::digest::{self, DigestWriter, KeyFields, TableDigests, Width};
 use steep_repl_engine::naming::table_dir;
 
 use crate::api::snapshot::{GenerateRequest, launch_generate};
@@ -296,9 +296,11 @@ thread_local! {
 }
 
 /// Answers one request of a comparison about `schema_name.table_name` of the complete overlap scan `id`
-/// (see `steep_repl_engine::digest::wire` for the encodings): `total` (the table's digest), `children`
+/// (see `steep_repl_engine::digest::wire` for the encodings; `arg` is base64, the answer bytes):
+/// `total` (the table's digest), `sums` (`arg`: nodes; the digest of all their rows), `children`
 /// (`arg`: nodes; the digests of their children), `rows` (`arg`: nodes; their rows' digests) or `keys`
-/// (`arg`: key hashes; the key text of those present here).
+/// (`arg`: key hashes; the key text of the keys with those hashes). `narrow` answers `children`, `rows`
+/// and `keys` at the narrow width (`digest::Width`).
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
 fn overlap_scan_request(
@@ -307,7 +309,8 @@ fn overlap_scan_request(
     table_name: &str,
     request: &str,
     arg: default!(&str, "''"),
-) -> String {
+    narrow: default!(bool, false),
+) -> Vec<u8> {
     require_superuser("read an overlap scan");
     let dir = complete_scan_dir(id);
     let key = (id.to_string(), schema_name.to_string(), table_name.to_string());
@@ -327,23 +330,21 @@ fn overlap_scan_request(
             *open = Some((key.clone(), digests));
         }
         let Some((_, d)) = open.as_ref() else { unreachable!("opened above") };
+        let width = if narrow { Width::Narrow } else { Width::Full };
+        let arg = digest::wire::from_text(arg).unwrap_or_else(|e| bad(e));
+        let nodes = || digest::wire::decode_nodes(&arg).unwrap_or_else(|e| bad(e));
         let answer = match request {
             "total" => digest::wire::encode_digest(&d.total()),
-            "children" => {
-                let nodes = digest::wire::decode_nodes(arg).unwrap_or_else(|e| bad(e));
-                digest::wire::encode_children(&d.children(&nodes))
-            }
-            "rows" => {
-                let nodes = digest::wire::decode_nodes(arg).unwrap_or_else(|e| bad(e));
-                digest::wire::encode_rows(&d.rows(&nodes))
-            }
+            "sums" => digest::wire::encode_digest(&d.sums(&nodes())),
+            "children" => digest::wire::encode_children(&d.children(&nodes()), width),
+            "rows" => digest::wire::encode_rows(&d.rows(&nodes()), width),
             "keys" => {
-                let hashes = digest::wire::decode_hashes(arg).unwrap_or_else(|e| bad(e));
-                digest::wire::encode_keys(&d.keys(&hashes))
+                let hashes = digest::wire::decode_hashes(&arg, width).unwrap_or_else(|e| bad(e));
+                digest::wire::encode_keys(&d.keys(&hashes, width))
             }
             other => user_error(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("unknown overlap scan request {other:?} (total, children, rows or keys)"),
+                format!("unknown overlap scan request {other:?} (total, sums, children, rows or keys)"),
                 None,
             ),
         };
@@ -661,7 +662,7 @@ AS $$ SELECT * FROM steep_repl._analyze_overlap(peer, tables) $$;
 -- Overlap analysis reads every row on both nodes and reaches the peer with the server's credentials.
 REVOKE EXECUTE ON FUNCTION steep_repl.start_overlap(text, text[], integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl.start_overlap_scan(jsonb, integer) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION steep_repl.overlap_scan_request(text, text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.overlap_scan_request(text, text, text, text, text, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl.drop_overlap_scan(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl._overlap_result(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl.overlap_result(text) FROM PUBLIC;

@@ -22,7 +22,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use steep_repl_engine::digest::{
-    self, Comparison, Digest, DigestError, FANOUT, Limits, Node, RowDigest, Side, TableDigests,
+    self, Comparison, Digest, DigestError, FANOUT, Limits, Node, RowDigest, Side, TableDigests, Width,
 };
 use steep_repl_engine::filter::TablePattern;
 use steep_repl_engine::ident::quote_literal;
@@ -93,6 +93,22 @@ impl Peer<'_> {
         let got: usize = rows.rows.iter().flatten().map(|v| v.as_ref().map_or(0, String::len)).sum();
         self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
         Ok(rows)
+    }
+
+    /// Runs one statement whose first value is `bytea`, fetched in binary (its bytes as they are, not
+    /// as hex text), running `meanwhile` once it is sent; that value.
+    fn request_while(&self, sql: &str, meanwhile: &mut dyn FnMut()) -> Result<Option<Vec<u8>>, String> {
+        let stop = self.stop;
+        let mut interrupt = || match stop() {
+            Some(why) => Err(PeerError::Interrupted(why)),
+            None => Ok(()),
+        };
+        let pending = self.conn.start_binary(sql, Instant::now() + PEER_REQUEST_TIMEOUT);
+        meanwhile();
+        let rows = pending.finish(&mut interrupt).map_err(|e| format!("{}: {e}", self.who))?;
+        let got: usize = rows.raw.iter().flatten().map(|v| v.as_ref().map_or(0, Vec::len)).sum();
+        self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
+        Ok(rows.raw.into_iter().next().and_then(|r| r.into_iter().next().flatten()))
     }
 
     /// The first value of the first row.
@@ -289,73 +305,83 @@ struct PeerTable<'p, 's> {
 }
 
 impl PeerTable<'_, '_> {
-    /// [`PeerTable::request`], running `meanwhile` while the peer works on it.
+    /// Sends one request (`arg`: an encoded query) and returns the peer's answer bytes, running
+    /// `meanwhile` while the peer works on it.
     fn request_while(
         &self,
         what: &str,
-        arg: &str,
+        arg: &[u8],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<String, DigestError> {
+    ) -> Result<Vec<u8>, DigestError> {
         let sql = format!(
-            "SELECT steep_repl.overlap_scan_request({}, {}, {}, '{what}', '{arg}')",
+            "SELECT steep_repl.overlap_scan_request({}, {}, {}, '{what}', '{}', {})",
             quote_literal(self.scan),
             quote_literal(self.schema),
             quote_literal(self.table),
+            digest::wire::to_text(arg),
+            width == Width::Narrow,
         );
-        let rows = self.peer.query_while(&sql, meanwhile).map_err(DigestError::Side)?;
-        rows.rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).ok_or_else(|| {
+        self.peer.request_while(&sql, meanwhile).map_err(DigestError::Side)?.ok_or_else(|| {
             DigestError::Side(format!("{} answered nothing to a {what} request", self.peer.who))
         })
     }
 
-    fn request(&self, what: &str, arg: &str) -> Result<String, DigestError> {
-        self.request_while(what, arg, &mut || {})
+    fn request(&self, what: &str, arg: &[u8], width: Width) -> Result<Vec<u8>, DigestError> {
+        self.request_while(what, arg, width, &mut || {})
     }
 }
 
 impl Side for PeerTable<'_, '_> {
     fn total(&mut self) -> Result<Digest, DigestError> {
-        digest::wire::decode_digest(&self.request("total", "")?)
+        digest::wire::decode_digest(&self.request("total", &[], Width::Full)?)
     }
 
-    fn children(&mut self, nodes: &[Node]) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
-        self.children_while(nodes, &mut || {})
+    fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
+        self.children_while(nodes, width, &mut || {})
     }
 
-    fn rows(&mut self, nodes: &[Node]) -> Result<Vec<Vec<RowDigest>>, DigestError> {
-        self.rows_while(nodes, &mut || {})
+    fn rows(&mut self, nodes: &[Node], width: Width) -> Result<Vec<Vec<RowDigest>>, DigestError> {
+        self.rows_while(nodes, width, &mut || {})
     }
 
-    fn keys(&mut self, key_hashes: &[u128]) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
-        digest::wire::decode_keys(&self.request("keys", &digest::wire::encode_hashes(key_hashes))?)
+    fn keys(&mut self, key_hashes: &[u128], width: Width) -> Result<Vec<(u128, Vec<u8>)>, DigestError> {
+        let arg = digest::wire::encode_hashes(key_hashes, width);
+        digest::wire::decode_keys(&self.request("keys", &arg, width)?)
+    }
+
+    fn sums(&mut self, nodes: &[Node]) -> Result<Digest, DigestError> {
+        digest::wire::decode_digest(&self.request("sums", &digest::wire::encode_nodes(nodes), Width::Full)?)
     }
 
     fn children_while(
         &mut self,
         nodes: &[Node],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
-        let text = self.request_while("children", &digest::wire::encode_nodes(nodes), meanwhile)?;
-        // A digest takes at most 27 bytes (36 in base64): refuse a longer answer before decoding it,
-        // so that a peer cannot make this process reserve many times what it sent.
-        if text.len() > 64 + nodes.len() * FANOUT * 36 {
+        let answer = self.request_while("children", &digest::wire::encode_nodes(nodes), width, meanwhile)?;
+        // A digest takes at most 27 bytes: refuse a longer answer before decoding it, so that a peer
+        // cannot make this process reserve many times what it sent.
+        if answer.len() > 32 + nodes.len() * FANOUT * 27 {
             return Err(DigestError::Wire(format!(
                 "{} answered {} bytes to a children request for {} nodes",
                 self.peer.who,
-                text.len(),
+                answer.len(),
                 nodes.len()
             )));
         }
-        check_len(digest::wire::decode_children(&text)?, nodes.len(), "children")
+        check_len(digest::wire::decode_children(&answer, width)?, nodes.len(), "children")
     }
 
     fn rows_while(
         &mut self,
         nodes: &[Node],
+        width: Width,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Vec<RowDigest>>, DigestError> {
-        let text = self.request_while("rows", &digest::wire::encode_nodes(nodes), meanwhile)?;
-        check_len(digest::wire::decode_rows(&text)?, nodes.len(), "rows")
+        let answer = self.request_while("rows", &digest::wire::encode_nodes(nodes), width, meanwhile)?;
+        check_len(digest::wire::decode_rows(&answer, width)?, nodes.len(), "rows")
     }
 }
 
@@ -402,9 +428,18 @@ pub fn table_result(t: &Compared, c: &Comparison, bytes: u64, limits: &Limits) -
         peer_only: Some(c.peer_only as i64),
         bytes_exchanged: bytes as i64,
         status: "compared",
-        detail: c
-            .keys_truncated
-            .then(|| format!("only the first {} keys of each category are listed", limits.max_keys)),
+        detail: {
+            let mut notes = Vec::new();
+            if c.keys_truncated {
+                notes.push(format!("only the first {} keys of each category are listed", limits.max_keys));
+            }
+            if c.width == Width::Full && limits.width != Width::Full {
+                notes.push(
+                    "64-bit fingerprints collided: compared again on whole 128-bit digests".to_string(),
+                );
+            }
+            (!notes.is_empty()).then(|| notes.join("; "))
+        },
     }
 }
 
