@@ -185,7 +185,7 @@ impl<S: Side> Side for CountingSide<S> {
 }
 
 /// How a key (or, for `Match`, a row) compares between the two sides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Category {
     /// Present on both sides with the same rows.
     Match,
@@ -209,14 +209,21 @@ impl Category {
     }
 }
 
+/// Differing children of one node from which differences count as dense there (see
+/// [`Limits::leaf_rows`]).
+pub const DENSE_CHILDREN: usize = 4;
+
 /// Bounds on the work of one [`compare`] call.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// A differing node whose larger side has at most this many rows is settled by exchanging
-    /// row digests instead of being split further. Default 16: a node's row digests (about 22
-    /// bytes each at `Narrow`) then cost about what its 16 child digests (about 10 bytes each)
-    /// and the rows of the child that differs would.
+    /// row digests instead of being split further, when differences are dense (at least
+    /// [`DENSE_CHILDREN`] of its parent's children differ, or it is the root). Default 16.
     pub leaf_rows: u64,
+    /// The same where differences are sparse: most such nodes then hold one differing row, and
+    /// splitting them costs less than their rows' digests (an empty child digest is one byte, a
+    /// row's about 22). Default 4.
+    pub sparse_leaf_rows: u64,
     /// Most nodes per `children` or `rows` call, and most key hashes per `keys` call. Default 4096.
     pub batch_nodes: usize,
     /// Most rows asked for in one `rows` call, by the digests' counts (a single larger node is
@@ -233,6 +240,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             leaf_rows: 16,
+            sparse_leaf_rows: 4,
             batch_nodes: 4096,
             batch_rows: 262_144,
             max_keys: 1_000_000,
@@ -375,7 +383,7 @@ fn compare_at(
         peer_apart: 0,
         peer_unsummed: Vec::new(),
     };
-    walk.sort_node(Pending { node: Node::ROOT, local: local_total, peer: width.digest(peer_total) });
+    walk.sort_node(Pending { node: Node::ROOT, local: local_total, peer: width.digest(peer_total) }, true);
 
     loop {
         let leaf_rows = walk.leaves.iter().fold(0u64, |n, p: &Pending| n.saturating_add(p.larger()));
@@ -421,8 +429,10 @@ fn compare_at(
             if !adds_up(p, &pending.peer, width) {
                 return Err(side("peer", "children do not add up to their node (table changed?)"));
             }
+            let differing = (0..FANOUT).filter(|&j| width.digest(l[j]) != p[j]).count();
+            let dense = differing >= DENSE_CHILDREN;
             for (j, child) in pending.node.children().into_iter().enumerate() {
-                walk.sort_node(Pending { node: child, local: l[j], peer: p[j] });
+                walk.sort_node(Pending { node: child, local: l[j], peer: p[j] }, dense);
             }
         }
     }
@@ -437,8 +447,9 @@ fn compare_at(
 
 impl Walk<'_> {
     /// Counts an equal node as matched, or a node one side lacks (once its keys are no longer
-    /// listed) as one-sided, or queues a differing one for expansion or settling.
-    fn sort_node(&mut self, p: Pending) {
+    /// listed) as one-sided, or queues a differing one for expansion or settling (`dense`: whether
+    /// differences are dense among its siblings, see [`Limits::leaf_rows`]).
+    fn sort_node(&mut self, p: Pending, dense: bool) {
         let limits = self.limits;
         if self.width.digest(p.local) == p.peer {
             self.result.matched += p.local.rows;
@@ -450,7 +461,9 @@ impl Walk<'_> {
             self.result.peer_only += p.peer.rows;
             self.result.keys_truncated = true;
             self.peer_unsummed.push(p.node);
-        } else if p.larger() <= limits.leaf_rows || p.node.depth >= self.width.max_depth() {
+        } else if p.larger() <= if dense { limits.leaf_rows } else { limits.sparse_leaf_rows }
+            || p.node.depth >= self.width.max_depth()
+        {
             self.leaves.push(p);
         } else {
             self.stack.push(p);

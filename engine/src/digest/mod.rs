@@ -66,7 +66,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use compare::{Category, Comparison, CountingSide, Limits, Side, SideCounts, compare};
+pub use compare::{Category, Comparison, CountingSide, DENSE_CHILDREN, Limits, Side, SideCounts, compare};
 pub use file::{DigestStats, DigestWriter, TableDigests};
 
 use crate::copy_text::DELIMITER;
