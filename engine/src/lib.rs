@@ -101,6 +101,7 @@ pub mod error;
 pub mod filter;
 pub mod ident;
 pub mod manifest;
+pub mod merge;
 pub mod naming;
 pub mod overlap;
 pub mod plan;

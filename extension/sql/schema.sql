@@ -5,7 +5,7 @@
 -- seconds while the operation runs; live figures come from shared memory (steep_repl.snapshot_progress).
 CREATE TABLE steep_repl.snapshots (
     id                 text        PRIMARY KEY,
-    op                 text        NOT NULL CHECK (op IN ('generate', 'apply', 'overlap', 'overlap_scan')),
+    op                 text        NOT NULL CHECK (op IN ('generate', 'apply', 'overlap', 'overlap_scan', 'merge')),
     status             text        NOT NULL DEFAULT 'pending'
                                    CHECK (status IN ('pending', 'running', 'complete', 'applied', 'failed', 'cancelled')),
     phase              text        NOT NULL DEFAULT 'queued',
@@ -43,7 +43,7 @@ CREATE INDEX snapshots_status_idx ON steep_repl.snapshots (status, created_at DE
 CREATE TABLE steep_repl.work_queue (
     id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     snapshot_id  text        NOT NULL REFERENCES steep_repl.snapshots (id) ON DELETE CASCADE,
-    op           text        NOT NULL CHECK (op IN ('generate', 'apply', 'overlap', 'overlap_scan')),
+    op           text        NOT NULL CHECK (op IN ('generate', 'apply', 'overlap', 'overlap_scan', 'merge')),
     status       text        NOT NULL DEFAULT 'pending'
                              CHECK (status IN ('pending', 'running', 'complete', 'failed', 'cancelled')),
     priority     integer     NOT NULL DEFAULT 0,

@@ -32,15 +32,20 @@ use crate::shmem::{self, JobKind, JobSlot, Shared, WorkerSlot, chunk_state, job_
 
 /// A new job id: `gen-` or `app-` and 16 hex digits from the server's strong random source.
 pub fn new_job_id(kind: JobKind) -> String {
-    let mut bytes = [0u8; 8];
-    // SAFETY: writes 8 bytes into a local buffer; returns false only when no random source exists.
-    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
-    let n = if ok { u64::from_le_bytes(bytes) } else { pg::now_ms() ^ ((pg::my_pid() as u64) << 40) };
     let prefix = match kind {
         JobKind::Generate => "gen",
         JobKind::Apply => "app",
         JobKind::Overlap => "ovl",
     };
+    new_job_id_with_prefix(prefix)
+}
+
+/// A new job id: `prefix`, `-` and 16 hex digits (at most three letters: ids fit [`crate::shmem::JOB_ID_LEN`]).
+pub fn new_job_id_with_prefix(prefix: &str) -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: writes 8 bytes into a local buffer; returns false only when no random source exists.
+    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
+    let n = if ok { u64::from_le_bytes(bytes) } else { pg::now_ms() ^ ((pg::my_pid() as u64) << 40) };
     format!("{prefix}-{n:016x}")
 }
 

@@ -43,6 +43,7 @@ pgrx::extension_sql_file!(
     requires = ["schema"]
 );
 pgrx::extension_sql_file!("../sql/overlap.sql", name = "overlap", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/merge.sql", name = "merge", requires = ["schema"]);
 
 /// Called by PostgreSQL when the library is loaded: at server start under `shared_preload_libraries`, or
 /// on first use in a backend otherwise.

@@ -230,6 +230,9 @@ pub enum JobKind {
 /// sequences (`JobSlot::flags`; apply's flags use other bits).
 pub const FLAG_DIGEST: u32 = 1 << 9;
 
+/// An overlap job that goes on to merge the two nodes (`start_merge`): op `merge`.
+pub const FLAG_MERGE: u32 = 1 << 10;
+
 /// Lifecycle of a job slot (the state part of its [`SlotWord`]).
 pub mod job_state {
     pub const FREE: u32 = super::FREE;
@@ -263,6 +266,8 @@ pub enum Phase {
     Scan = 14,
     /// Overlap: the two nodes' digests are compared, top-down.
     Compare = 15,
+    /// Merge: differing rows are copied and settled, table by table.
+    Merge = 16,
 }
 
 impl Phase {
@@ -283,6 +288,7 @@ impl Phase {
             13 => Phase::Indexes,
             14 => Phase::Scan,
             15 => Phase::Compare,
+            16 => Phase::Merge,
             _ => Phase::Queued,
         }
     }
@@ -305,6 +311,7 @@ impl Phase {
             Phase::Indexes => "indexes",
             Phase::Scan => "scan",
             Phase::Compare => "compare",
+            Phase::Merge => "merge",
         }
     }
 
@@ -921,6 +928,7 @@ impl JobSlot {
             JobKind::Generate if self.flags.load(Ordering::Relaxed) & FLAG_DIGEST != 0 => "overlap_scan",
             JobKind::Generate => "generate",
             JobKind::Apply => "apply",
+            JobKind::Overlap if self.flags.load(Ordering::Relaxed) & FLAG_MERGE != 0 => "merge",
             JobKind::Overlap => "overlap",
         }
     }

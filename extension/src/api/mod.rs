@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod health;
+pub mod merge;
 pub mod nodes;
 pub mod overlap;
 pub mod progress;

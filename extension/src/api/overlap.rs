@@ -442,7 +442,10 @@ fn start_overlap(
 
 /// The peer (`who` it is, its conninfo) and the table patterns of an overlap analysis, checked: an
 /// ERROR naming a pattern that does not parse, an unknown node, or a conninfo holding a password.
-fn checked_peer_and_tables(peer: &str, tables: Option<Vec<String>>) -> (String, String, Vec<String>) {
+pub(crate) fn checked_peer_and_tables(
+    peer: &str,
+    tables: Option<Vec<String>>,
+) -> (String, String, Vec<String>) {
     let patterns = tables.unwrap_or_default();
     for p in &patterns {
         if let Err(e) = p.parse::<steep_repl_engine::filter::TablePattern>() {
@@ -459,7 +462,7 @@ fn checked_peer_and_tables(peer: &str, tables: Option<Vec<String>>) -> (String, 
 /// Checks that `id` is an overlap operation.
 fn require_overlap(id: &str) {
     match bookkeeping::operation(id) {
-        Some(op) if op.op == "overlap" => {}
+        Some(op) if op.op == "overlap" || op.op == "merge" => {}
         Some(op) => user_error(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("operation {id} is a {}, not an overlap analysis", op.op),

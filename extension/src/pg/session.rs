@@ -41,6 +41,20 @@ pub fn pin_output_settings(timezone: &str) {
 /// nest level, popped afterwards; an ERROR inside is undone by the transaction's abort). For the SQL
 /// functions whose catalog queries over many thousands of relations must not be JIT-compiled.
 pub fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+    with_settings_in(pg_sys::GucContext::PGC_USERSET, settings, f)
+}
+
+/// [`with_settings`] for settings only a superuser may change (`session_replication_role`): call only
+/// after checking that the current user is a superuser.
+pub fn with_superuser_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+    with_settings_in(pg_sys::GucContext::PGC_SUSET, settings, f)
+}
+
+fn with_settings_in<R>(
+    context: pg_sys::GucContext::Type,
+    settings: &[(&str, &str)],
+    f: impl FnOnce() -> R,
+) -> R {
     // SAFETY: inside a transaction (an SQL function call); NewGUCNestLevel/set_config_option with
     // GUC_ACTION_SAVE is how PostgreSQL applies a function's SET clause, and AtEOXact_GUC pops it.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
@@ -51,7 +65,7 @@ pub fn with_settings<R>(settings: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
             pg_sys::set_config_option(
                 n.as_ptr(),
                 v.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
+                context,
                 pg_sys::GucSource::PGC_S_SESSION,
                 pg_sys::GucAction::GUC_ACTION_SAVE,
                 true,

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod generate;
 pub mod indexes;
+pub mod merge;
 pub mod overlap;
 pub mod prober;
 pub mod reaper;

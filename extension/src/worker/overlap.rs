@@ -37,6 +37,7 @@ use crate::peer::{Conn, PeerError, Rows};
 use crate::pg::{self, scan, session, xact};
 use crate::progress;
 use crate::shmem::{JobSlot, Phase, Shared};
+use crate::worker::merge;
 
 /// The longest one request to the peer may take (a level of a large table's tree).
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -76,7 +77,7 @@ pub struct Peer<'s> {
 }
 
 impl Peer<'_> {
-    fn query(&self, sql: &str) -> Result<Rows, String> {
+    pub(crate) fn query(&self, sql: &str) -> Result<Rows, String> {
         self.query_while(sql, &mut || {})
     }
 
@@ -97,7 +98,11 @@ impl Peer<'_> {
 
     /// Runs one statement whose first value is `bytea`, fetched in binary (its bytes as they are, not
     /// as hex text), running `meanwhile` once it is sent; that value.
-    fn request_while(&self, sql: &str, meanwhile: &mut dyn FnMut()) -> Result<Option<Vec<u8>>, String> {
+    pub(crate) fn request_while(
+        &self,
+        sql: &str,
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Option<Vec<u8>>, String> {
         let stop = self.stop;
         let mut interrupt = || match stop() {
             Some(why) => Err(PeerError::Interrupted(why)),
@@ -112,7 +117,7 @@ impl Peer<'_> {
     }
 
     /// The first value of the first row.
-    fn value(&self, sql: &str) -> Result<Option<String>, String> {
+    pub(crate) fn value(&self, sql: &str) -> Result<Option<String>, String> {
         Ok(self.query(sql)?.rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()))
     }
 
@@ -483,14 +488,22 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let id = job.id.get();
     let conninfo = job.path.get();
-    let (who, patterns, limits) = BackgroundWorker::transaction(|| -> Result<_, String> {
+    let (who, patterns, limits, plan) = BackgroundWorker::transaction(|| -> Result<_, String> {
         let op = bookkeeping::operation(&id).ok_or("the operation's row has disappeared")?;
         let patterns: Vec<String> = op.options["tables"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
+        if op.op == "merge" {
+            let strategy = op.options["strategy"].as_str().unwrap_or_default();
+            let strategy =
+                strategy.parse().map_err(|e: steep_repl_engine::merge::StrategyError| e.to_string())?;
+            let plan = merge::Plan { strategy, dry_run: op.options["dry_run"].as_bool().unwrap_or(true) };
+            // A merge needs every differing key.
+            return Ok((op.path, patterns, Limits { max_keys: usize::MAX, ..Limits::default() }, Some(plan)));
+        }
         let max_keys = op.options["max_keys"].as_u64().map_or(Limits::default().max_keys, |n| n as usize);
-        Ok((op.path, patterns, Limits { max_keys, ..Limits::default() }))
+        Ok((op.path, patterns, Limits { max_keys, ..Limits::default() }, None))
     })?;
     let stop = || -> Option<String> {
         if pg::dying() {
@@ -504,7 +517,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let peer = BackgroundWorker::transaction(AssertUnwindSafe(|| connect(&who, &conninfo, &stop)))?;
     let mut started = Started::default();
     let outcome = xact::try_catch(AssertUnwindSafe(|| {
-        compare_all(job, &id, &peer, &patterns, &limits, &stop, &mut started)
+        compare_all(job, &id, &peer, &patterns, &limits, plan.as_ref(), &stop, &mut started)
     }));
     let outcome = match outcome {
         Ok(r) => r,
@@ -541,18 +554,27 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compare_all(
     job: &JobSlot,
     id: &str,
     peer: &Peer<'_>,
     patterns: &[String],
     limits: &Limits,
+    plan: Option<&merge::Plan>,
     stop: &dyn Fn() -> Option<String>,
     started: &mut Started,
 ) -> Result<(), JobError> {
     let parallel = job.parallel_requested.load(Ordering::Relaxed) as i32;
     job.set_phase(Phase::Plan);
-    let pairing = BackgroundWorker::transaction(AssertUnwindSafe(|| pair_tables(peer, patterns)))?;
+    let mut pairing = BackgroundWorker::transaction(AssertUnwindSafe(|| pair_tables(peer, patterns)))?;
+    // A merge goes parents first along foreign keys.
+    let mut cyclic = Vec::new();
+    if plan.is_some() {
+        let (ordered, on_cycle) = merge::merge_order(std::mem::take(&mut pairing.compared))?;
+        pairing.compared = ordered;
+        cyclic = on_cycle;
+    }
     BackgroundWorker::transaction(|| {
         for s in &pairing.skipped {
             book::record(id, &skipped_result(&s.schema, &s.name, &s.reason), None);
@@ -622,15 +644,26 @@ fn compare_all(
         stopped()?;
         let (c, bytes) = compare_table(&local_dir, peer, &peer_scan, t, limits, stop)?;
         compared_rows += c.local_rows + c.peer_rows;
-        let keys: Vec<(&'static str, Vec<u8>)> =
-            c.keys.iter().map(|(cat, k)| (cat.as_str(), k.clone())).collect();
+        let keys: Vec<(&'static str, Vec<u8>)> = match plan {
+            // A merge lists its keys in merge_plan and merge_audit, not here.
+            Some(_) => Vec::new(),
+            None => c.keys.iter().map(|(cat, k)| (cat.as_str(), k.clone())).collect(),
+        };
+        let mut result = table_result(t, &c, bytes, limits);
+        if plan.is_some() {
+            result.detail = None;
+            if cyclic.contains(&format!("{}.{}", t.schema, t.name)) {
+                result.detail = Some("on a foreign-key cycle: merged after the other tables".into());
+            }
+        }
+        if let Some(plan) = plan {
+            stopped()?;
+            job.set_phase(Phase::Merge);
+            merge::merge_table(id, peer, t, &c, plan)?;
+        }
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
             session::with_settings(&[("TimeZone", "UTC")], || {
-                book::record(
-                    id,
-                    &table_result(t, &c, bytes, limits),
-                    Some(Keys { columns: &t.key, types: &t.key_types, keys: &keys }),
-                )
+                book::record(id, &result, Some(Keys { columns: &t.key, types: &t.key_types, keys: &keys }))
             });
             let done = job.tables_done.fetch_add(1, Ordering::Relaxed) + 1;
             let compared = (WORK_TOTAL as f64 - SCAN_WORK) * f64::from(done) / pairing.compared.len() as f64;

@@ -1,0 +1,505 @@
+//! Merge of two nodes (PRODUCT.md §10, second part): `start_merge`, `merge_result`, and the two
+//! functions each node runs for the merge's coordinator, `merge_rows` (read rows by key) and
+//! `merge_write` (write rows, audited, in one transaction).
+//!
+//! How a merge runs (see `crate::worker::overlap`): it is an overlap analysis that lists every
+//! differing key, followed, table by table (parents before children along foreign keys), by batches of
+//! keys: the rows of one-sided keys are read where they are and inserted on the other node; the rows of
+//! conflicting keys are settled by the strategy. Rows travel as COPY text printed under the pinned output
+//! settings in UTC, and are loaded on the receiving node with COPY into a temporary table, then one
+//! `INSERT ... ON CONFLICT DO NOTHING` or `UPDATE` that also writes `steep_repl.merge_audit`: a batch is
+//! one transaction, applied and audited whole or not at all. Writes run with
+//! `session_replication_role = replica` under the replication origin `steep_merge`, so subscriptions
+//! with `origin = none` never send them back.
+
+use std::sync::atomic::Ordering;
+
+use pgrx::prelude::*;
+use steep_repl_engine::copy_text::{self, PINNED_SETTINGS};
+use steep_repl_engine::ident::{quote_ident, quote_literal};
+use steep_repl_engine::merge::Strategy;
+
+use crate::api::{check_parallel, require_startable, user_error};
+use crate::bookkeeping::{self, NewOperation};
+use crate::job::{self, Entry, StartGuard};
+use crate::pg::copy_from::{CopySource, copy_into};
+use crate::pg::{self, rights, session, xact};
+use crate::shmem::{self, FLAG_MERGE, JobKind, Phase};
+
+/// The replication origin every merge write runs under.
+pub const MERGE_ORIGIN: &str = "steep_merge";
+
+fn require_superuser(what: &str) {
+    if !rights::is_superuser() {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("only a superuser may {what}"),
+            Some("A merge reads and writes every row of the merged tables on both nodes, with triggers off."),
+        );
+    }
+}
+
+/// What a merge needs to know of one table on this node.
+struct Table {
+    /// `schema.table`, quoted.
+    name: String,
+    /// COPY's column list (not dropped, not generated), in order, unquoted.
+    columns: Vec<String>,
+    /// The key columns, in key order, unquoted.
+    key: Vec<String>,
+    /// For each key column, its equality operator as `OPERATOR(schema.=)` (from the key index's
+    /// operator class: never resolved through a search path).
+    key_ops: Vec<String>,
+}
+
+impl Table {
+    /// Looks `schema_name.table_name` up; an ERROR when it is missing or `key` is not the columns of its
+    /// primary key or replica identity index.
+    fn load(schema_name: &str, table_name: &str, key: &[String]) -> Table {
+        let relid = Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[schema_name.into(), table_name.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            user_error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("table {schema_name}.{table_name} does not exist"),
+                None,
+            )
+        });
+        let columns = Spi::get_one_with_args::<Vec<String>>(
+            "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum) \
+             FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
+             AND NOT a.attisdropped AND a.attgenerated = ''",
+            &[relid.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        // The key index: the primary key, else the replica identity index; its columns with the
+        // equality operator of each column's operator class.
+        let ops: Vec<(String, String)> = Spi::connect(|client| {
+            let rows = client.select(
+                "WITH x AS (SELECT i.indexrelid, i.indkey, i.indclass FROM pg_catalog.pg_index i \
+                  WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+                  ORDER BY i.indisprimary DESC LIMIT 1) \
+                 SELECT a.attname::pg_catalog.text, \
+                        pg_catalog.format('OPERATOR(%I.%s)', n.nspname, o.oprname) \
+                 FROM x CROSS JOIN LATERAL pg_catalog.generate_subscripts(x.indkey, 1) AS s(i) \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = $1 AND a.attnum = x.indkey[s.i] \
+                 JOIN pg_catalog.pg_opclass c ON c.oid = x.indclass[s.i] \
+                 JOIN pg_catalog.pg_amop ao ON ao.amopfamily = c.opcfamily AND ao.amoplefttype = c.opcintype \
+                  AND ao.amoprighttype = c.opcintype AND ao.amopstrategy = 3 \
+                 JOIN pg_catalog.pg_operator o ON o.oid = ao.amopopr \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
+                 ORDER BY s.i",
+                None,
+                &[relid.into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default()));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap_or_else(|e| error!("reading the key of {schema_name}.{table_name}: {e}"));
+        let index_columns: Vec<&String> = ops.iter().map(|(c, _)| c).collect();
+        if index_columns != key.iter().collect::<Vec<_>>() {
+            user_error(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!(
+                    "{schema_name}.{table_name}: the key ({}) is not its primary key or replica identity index ({})",
+                    key.join(", "),
+                    index_columns.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                None,
+            );
+        }
+        Table {
+            name: format!("{}.{}", quote_ident(schema_name), quote_ident(table_name)),
+            columns,
+            key: key.to_vec(),
+            key_ops: ops.into_iter().map(|(_, op)| op).collect(),
+        }
+    }
+
+    /// `a.k1 OPERATOR(..) b.k1 AND ...`
+    fn key_join(&self, a: &str, b: &str) -> String {
+        self.key
+            .iter()
+            .zip(&self.key_ops)
+            .map(|(k, op)| format!("{a}.{q} {op} {b}.{q}", q = quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `jsonb_build_object('k1', alias.k1, ...)`
+    fn key_json(&self, alias: &str) -> String {
+        let pairs: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{}::pg_catalog.text, {alias}.{}", quote_literal(k), quote_ident(k)))
+            .collect();
+        format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
+    }
+
+    fn column_list(&self, alias: Option<&str>) -> String {
+        let prefix = alias.map(|a| format!("{a}.")).unwrap_or_default();
+        self.columns.iter().map(|c| format!("{prefix}{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Feeds a byte slice to COPY FROM.
+struct Bytes<'a> {
+    data: &'a [u8],
+}
+
+impl CopySource for Bytes<'_> {
+    fn read_into(&mut self, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        n
+    }
+}
+
+/// The settings rows are printed and parsed under on both nodes.
+fn pinned() -> Vec<(&'static str, &'static str)> {
+    let mut s: Vec<(&str, &str)> = PINNED_SETTINGS.to_vec();
+    s.push(("TimeZone", "UTC"));
+    s
+}
+
+/// Creates (again) the temporary table `pg_temp.<name>` with `columns` of `t`, dropped at commit, and
+/// loads `data` (COPY text of those columns) into it.
+fn load_temp(name: &str, t: &Table, columns: &[String], data: &[u8]) {
+    let list = columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    Spi::run(&format!("DROP TABLE IF EXISTS pg_temp.{name}"))
+        .and_then(|_| {
+            Spi::run(&format!(
+                "CREATE TEMPORARY TABLE {name} ON COMMIT DROP AS SELECT {list} FROM ONLY {} WITH NO DATA",
+                t.name
+            ))
+        })
+        .unwrap_or_else(|e| error!("creating a temporary table for {}: {e}", t.name));
+    let relid =
+        Spi::get_one::<pg_sys::Oid>(&format!("SELECT 'pg_temp.{name}'::pg_catalog.regclass::pg_catalog.oid"))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| error!("the temporary table {name} has disappeared"));
+    copy_into(relid, columns, None, &mut Bytes { data });
+}
+
+/// The rows of `schema_name.table_name` whose key is one of `keys`, as COPY text in COPY's column order.
+/// `key_columns` names the table's key (its primary key or replica identity index, in order) and `keys`
+/// holds one COPY text line per key (the key columns' fields). Printed under the pinned output settings
+/// in UTC, as the other node prints them. Superusers only.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn merge_rows(schema_name: &str, table_name: &str, key_columns: Vec<String>, keys: &[u8]) -> Vec<u8> {
+    require_superuser("read rows for a merge");
+    rows_by_key(schema_name, table_name, &key_columns, keys)
+}
+
+/// [`merge_rows`], callable in this process.
+pub fn rows_by_key(schema_name: &str, table_name: &str, key_columns: &[String], keys: &[u8]) -> Vec<u8> {
+    let t = Table::load(schema_name, table_name, key_columns);
+    session::with_settings(&pinned(), || {
+        load_temp("steep_merge_keys", &t, &t.key, keys);
+        let values: Vec<String> = t
+            .columns
+            .iter()
+            .map(|c| {
+                let q = quote_ident(c);
+                format!("CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END")
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM ONLY {} t JOIN pg_temp.steep_merge_keys k ON {}",
+            values.join(", "),
+            t.name,
+            t.key_join("t", "k")
+        );
+        let mut out = Vec::new();
+        Spi::connect(|client| {
+            let rows = client.select(&sql, None, &[])?;
+            let n = t.columns.len();
+            for r in rows {
+                for i in 1..=n {
+                    if i > 1 {
+                        out.push(copy_text::DELIMITER);
+                    }
+                    match r.get::<String>(i)? {
+                        None => out.extend_from_slice(copy_text::NULL),
+                        Some(v) => copy_text::escape_into(&mut out, v.as_bytes()),
+                    }
+                }
+                out.push(copy_text::ROW_END);
+            }
+            Ok::<(), pgrx::spi::Error>(())
+        })
+        .unwrap_or_else(|e| error!("reading rows of {} by key: {e}", t.name));
+        out
+    })
+}
+
+/// Writes `rows` (COPY text in COPY's column order, as `merge_rows` prints them) into
+/// `schema_name.table_name` for merge `merge_id`, in the calling transaction, and records each row
+/// changed in `steep_repl.merge_audit`: `mode` `insert` (rows whose key is absent; a key present by now
+/// is left alone) or `update` (the non-key columns of the rows with those keys), or `park` (nothing
+/// written: both rows go to `steep_repl.merge_conflicts`). Runs with `session_replication_role =
+/// replica` under the replication origin `steep_merge`. Returns the rows written (or parked).
+/// Superusers only.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn merge_write(
+    merge_id: &str,
+    schema_name: &str,
+    table_name: &str,
+    key_columns: Vec<String>,
+    mode: &str,
+    category: &str,
+    decided_by: &str,
+    rows: &[u8],
+) -> i64 {
+    require_superuser("write rows for a merge");
+    write_rows(merge_id, schema_name, table_name, &key_columns, mode, category, decided_by, rows)
+}
+
+/// [`merge_write`], callable in this process (as a superuser).
+#[allow(clippy::too_many_arguments)]
+pub fn write_rows(
+    merge_id: &str,
+    schema_name: &str,
+    table_name: &str,
+    key_columns: &[String],
+    mode: &str,
+    category: &str,
+    decided_by: &str,
+    rows: &[u8],
+) -> i64 {
+    if !matches!(category, "conflict" | "local_only" | "peer_only") {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("unknown category {category:?}"),
+            None,
+        );
+    }
+    let t = Table::load(schema_name, table_name, key_columns);
+    let mut settings = pinned();
+    settings.push(("session_replication_role", "replica"));
+    session::with_superuser_settings(&settings, || {
+        load_temp("steep_merge_rows", &t, &t.columns, rows);
+        let audit = |action: &str, old: &str, new: &str, from: &str| {
+            format!(
+                "INSERT INTO steep_repl.merge_audit (merge_id, schema_name, table_name, key, category, action, \
+                 old_row, new_row, decided_by) SELECT $1, $2, $3, {}, $4, '{action}', {old}, {new}, $5 FROM {from} \
+                 RETURNING 1",
+                t.key_json("n")
+            )
+        };
+        let sql = match mode {
+            "insert" => format!(
+                "WITH n AS (INSERT INTO {name} AS t ({cols}) SELECT {cols} FROM pg_temp.steep_merge_rows \
+                 ON CONFLICT DO NOTHING RETURNING t.*), a AS ({audit}) SELECT pg_catalog.count(*) FROM a",
+                name = t.name,
+                cols = t.column_list(None),
+                audit = audit("insert", "NULL", "pg_catalog.to_jsonb(n)", "n"),
+            ),
+            "update" => {
+                let nonkey: Vec<&String> = t.columns.iter().filter(|c| !t.key.contains(c)).collect();
+                if nonkey.is_empty() {
+                    // Rows of key columns only: equal keys are equal rows, nothing to update.
+                    return 0;
+                }
+                let set_cols = nonkey.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+                let src_cols =
+                    nonkey.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
+                format!(
+                    "WITH o AS (SELECT t.* FROM ONLY {name} t JOIN pg_temp.steep_merge_rows s ON {join_ts}), \
+                     n AS (UPDATE ONLY {name} t SET ({set_cols}) = ROW({src_cols}) FROM pg_temp.steep_merge_rows s \
+                      WHERE {join_ts} RETURNING t.*), \
+                     a AS ({audit}) SELECT pg_catalog.count(*) FROM a",
+                    name = t.name,
+                    join_ts = t.key_join("t", "s"),
+                    audit = audit(
+                        "update",
+                        "pg_catalog.to_jsonb(o)",
+                        "pg_catalog.to_jsonb(n)",
+                        &format!("n JOIN o ON {}", t.key_join("n", "o"))
+                    ),
+                )
+            }
+            "park" => format!(
+                "WITH a AS (INSERT INTO steep_repl.merge_conflicts (merge_id, schema_name, table_name, key, \
+                 local_row, peer_row) SELECT $1, $2, $3, {key}, pg_catalog.to_jsonb(n), pg_catalog.to_jsonb(s) \
+                 FROM ONLY {name} n JOIN pg_temp.steep_merge_rows s ON {join} \
+                 ON CONFLICT DO NOTHING RETURNING 1) SELECT pg_catalog.count(*) FROM a",
+                key = t.key_json("n"),
+                name = t.name,
+                join = t.key_join("n", "s"),
+            ),
+            other => user_error(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("unknown merge write mode {other:?} (insert, update or park)"),
+                None,
+            ),
+        };
+        with_origin(|| {
+            Spi::get_one_with_args::<i64>(
+                &sql,
+                &[merge_id.into(), schema_name.into(), table_name.into(), category.into(), decided_by.into()],
+            )
+            .unwrap_or_else(|e| error!("merging rows into {}: {e}", t.name))
+            .unwrap_or(0)
+        })
+    })
+}
+
+/// Runs `f` with this session's replication origin set to [`MERGE_ORIGIN`] (created if missing), reset
+/// afterwards. An origin is held by one session at a time: a merge's two nodes take turns.
+fn with_origin<R>(f: impl FnOnce() -> R) -> R {
+    Spi::run(&format!(
+        "SELECT pg_catalog.pg_replication_origin_session_reset() WHERE pg_catalog.pg_replication_origin_session_is_setup(); \
+         SELECT pg_catalog.pg_replication_origin_create({o}) WHERE pg_catalog.pg_replication_origin_oid({o}) IS NULL; \
+         SELECT pg_catalog.pg_replication_origin_session_setup({o})",
+        o = quote_literal(MERGE_ORIGIN)
+    ))
+    .unwrap_or_else(|e| error!("setting up the replication origin {MERGE_ORIGIN}: {e}"));
+    let r = f();
+    Spi::run("SELECT pg_catalog.pg_replication_origin_session_reset()")
+        .unwrap_or_else(|e| error!("resetting the replication origin: {e}"));
+    r
+}
+
+/// Starts merging this node and `peer` (a node name or conninfo) to the union of their rows, for the
+/// tables matching `tables` (default: every table with a primary key or replica identity index on both
+/// nodes). Conflicts are settled by `strategy`: `prefer-local`, `prefer-remote`,
+/// `last-modified:<column>` or `manual`. `dry_run` writes nothing and records the plan
+/// (`merge_result`). Returns the operation id (op `merge`); `wait_snapshot`, `cancel_snapshot` and
+/// `snapshot_progress` work on it. Superusers only.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn start_merge(
+    peer: &str,
+    tables: default!(Option<Vec<String>>, "NULL"),
+    strategy: default!(&str, "'prefer-local'"),
+    dry_run: default!(bool, false),
+    parallel: default!(i32, 4),
+) -> String {
+    let shared = shmem::require();
+    job::reap_interrupted();
+    require_superuser("start a merge");
+    require_startable("start a merge");
+    check_parallel(parallel);
+    let parsed: Strategy = strategy.parse().unwrap_or_else(|e: steep_repl_engine::merge::StrategyError| {
+        user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None)
+    });
+    let (who, conninfo, patterns) = crate::api::overlap::checked_peer_and_tables(peer, tables);
+    let Some((slot, generation)) = shared.claim_job_slot() else { crate::api::no_job_slot() };
+    let guard = StartGuard::new(slot, generation);
+    let job = &shared.jobs[slot];
+    let id = job::new_job_id_with_prefix("mrg");
+    let _fits = job.id.set(&id);
+    job.kind.store(JobKind::Overlap as u32, Ordering::Relaxed);
+    job.database_oid.store(pg::database_oid(), Ordering::Relaxed);
+    job.role_oid.store(pg::current_user_oid(), Ordering::Relaxed);
+    job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
+    if job.path.set(&conninfo).is_err() {
+        user_error(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, "the peer's conninfo is too long".into(), None);
+    }
+    job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
+    job.flags.store(FLAG_MERGE, Ordering::Relaxed);
+    job.set_phase(Phase::Queued);
+    let shown_peer = if who.starts_with("node ") { peer.to_string() } else { "(conninfo)".to_string() };
+    let options = serde_json::json!({
+        "peer": shown_peer,
+        "tables": patterns,
+        "strategy": parsed.name(),
+        "dry_run": dry_run,
+    })
+    .to_string();
+    bookkeeping::insert_operation(&NewOperation {
+        id: &id,
+        op: "merge",
+        path: &who,
+        parallel,
+        compression: "",
+        options: &options,
+        role_name: &pg::current_user_name(),
+        tables_total: 0,
+        chunks_total: 0,
+    });
+    job::launch_leader(Entry::OverlapLeader, shared, slot, generation);
+    guard.launched();
+    id
+}
+
+/// What merge `id` did (or, for a dry run, would do): per table, node written to and action, the rows and
+/// up to ten sample keys. Superusers only.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn merge_result(
+    id: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(schema_name, String),
+        name!(table_name, String),
+        name!(node, String),
+        name!(action, String),
+        name!(rows, i64),
+        name!(sample_keys, pgrx::JsonB),
+    ),
+> {
+    require_superuser("read a merge's result");
+    match bookkeeping::operation(id) {
+        Some(op) if op.op == "merge" => {}
+        Some(op) => user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("operation {id} is a {}, not a merge", op.op),
+            None,
+        ),
+        None => user_error(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("no operation {id}"), None),
+    }
+    let rows = rights::as_owner(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT schema_name, table_name, node, action, rows, sample_keys FROM steep_repl.merge_plan \
+                 WHERE merge_id = $1 ORDER BY schema_name, table_name, node, action",
+                None,
+                &[id.into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                    r.get::<i64>(5)?.unwrap_or(0),
+                    r.get::<pgrx::JsonB>(6)?.unwrap_or(pgrx::JsonB(serde_json::json!([]))),
+                ));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .unwrap_or_else(|e| error!("reading merge {id}: {e}"));
+    TableIterator::new(rows)
+}
+
+pgrx::extension_sql!(
+    r#"
+-- A merge reads and writes every row of the merged tables on both nodes.
+REVOKE EXECUTE ON FUNCTION steep_repl.start_merge(text, text[], text, boolean, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.merge_result(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.merge_rows(text, text, text[], bytea) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.merge_write(text, text, text, text[], text, text, text, bytea) FROM PUBLIC;
+"#,
+    name = "merge_rights",
+    requires = [start_merge, merge_result, merge_rows, merge_write]
+);

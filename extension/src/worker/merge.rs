@@ -1,0 +1,411 @@
+//! The merge step of a `start_merge` job: once the overlap coordinator (`crate::worker::overlap`) has
+//! compared a table and listed every differing key, its rows are copied and settled here, in batches of
+//! keys, each batch one transaction on the node it writes (see `crate::api::merge`).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use steep_repl_engine::copy_text;
+use steep_repl_engine::digest::{Category, Comparison, KeyFields};
+use steep_repl_engine::ident::quote_literal;
+use steep_repl_engine::merge::{self, Strategy, Winner};
+use steep_repl_engine::overlap::Compared;
+
+use crate::job::JobError;
+use crate::pg::rights::as_owner;
+use crate::worker::overlap::Peer;
+
+/// Keys per batch: one transaction on the node written.
+const BATCH_KEYS: usize = 5_000;
+
+/// Sample keys recorded per table, node and action.
+const SAMPLE_KEYS: usize = 10;
+
+/// What a merge was asked to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub strategy: Strategy,
+    pub dry_run: bool,
+}
+
+/// Which node a batch is read from or written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Local,
+    Peer,
+}
+
+impl Node {
+    fn as_str(self) -> &'static str {
+        match self {
+            Node::Local => "local",
+            Node::Peer => "peer",
+        }
+    }
+}
+
+/// Rows written to one node by one action, with sample keys.
+struct Entry {
+    node: &'static str,
+    action: &'static str,
+    rows: i64,
+    samples: Vec<Vec<u8>>,
+}
+
+/// Rows written per node and action, for `steep_repl.merge_plan`.
+#[derive(Default)]
+struct Tally {
+    entries: Vec<Entry>,
+}
+
+impl Tally {
+    fn add(&mut self, node: Node, action: &'static str, rows: i64, keys: &[Vec<u8>]) {
+        let at = match self.entries.iter().position(|e| (e.node, e.action) == (node.as_str(), action)) {
+            Some(i) => i,
+            None => {
+                self.entries.push(Entry { node: node.as_str(), action, rows: 0, samples: Vec::new() });
+                self.entries.len() - 1
+            }
+        };
+        let e = &mut self.entries[at];
+        e.rows += rows;
+        for k in keys.iter().take(SAMPLE_KEYS.saturating_sub(e.samples.len())) {
+            e.samples.push(k.clone());
+        }
+    }
+}
+
+/// The key text of a line as a JSON object of the key columns (values as text; NULL as null).
+fn key_object(columns: &[String], key_text: &[u8]) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    for (c, f) in columns.iter().zip(copy_text::split_fields(key_text)) {
+        let v = copy_text::unescape_field(f).map_or(serde_json::Value::Null, |b| {
+            serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
+        });
+        o.insert(c.clone(), v);
+    }
+    serde_json::Value::Object(o)
+}
+
+/// Key texts as COPY text, one line each.
+fn key_lines(keys: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(keys.iter().map(|k| k.len() + 1).sum());
+    for k in keys {
+        out.extend_from_slice(k);
+        out.push(copy_text::ROW_END);
+    }
+    out
+}
+
+fn text_array(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| quote_literal(i)).collect();
+    format!("ARRAY[{}]::pg_catalog.text[]", quoted.join(", "))
+}
+
+fn bytea(data: &[u8]) -> String {
+    format!("pg_catalog.decode('{}', 'base64')", steep_repl_engine::digest::wire::to_text(data))
+}
+
+/// One table's merge on both nodes.
+struct Merger<'a, 's> {
+    id: &'a str,
+    peer: &'a Peer<'s>,
+    t: &'a Compared,
+    tally: Tally,
+}
+
+impl Merger<'_, '_> {
+    /// The rows of `keys` on `node`, as COPY text.
+    fn rows(&self, node: Node, keys: &[Vec<u8>]) -> Result<Vec<u8>, JobError> {
+        let data = key_lines(keys);
+        match node {
+            Node::Local => BackgroundWorker::transaction(|| {
+                Spi::get_one_with_args::<Vec<u8>>(
+                    "SELECT steep_repl.merge_rows($1, $2, $3, $4)",
+                    &[
+                        self.t.schema.as_str().into(),
+                        self.t.name.as_str().into(),
+                        self.t.key.clone().into(),
+                        data.as_slice().into(),
+                    ],
+                )
+            })
+            .map(Option::unwrap_or_default)
+            .map_err(|e| {
+                JobError::plain(format!("reading rows of {}.{} here: {e}", self.t.schema, self.t.name))
+            }),
+            Node::Peer => {
+                let sql = format!(
+                    "SELECT steep_repl.merge_rows({}, {}, {}, {})",
+                    quote_literal(&self.t.schema),
+                    quote_literal(&self.t.name),
+                    text_array(&self.t.key),
+                    bytea(&data)
+                );
+                Ok(self.peer.request_while(&sql, &mut || {})?.unwrap_or_default())
+            }
+        }
+    }
+
+    /// Writes `rows` on `node` in one transaction there; the rows written.
+    fn write(
+        &self,
+        node: Node,
+        mode: &str,
+        category: Category,
+        decided_by: &str,
+        rows: &[u8],
+    ) -> Result<i64, JobError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match node {
+            Node::Local => BackgroundWorker::transaction(AssertUnwindSafe(|| {
+                Spi::get_one_with_args::<i64>(
+                    "SELECT steep_repl.merge_write($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[
+                        self.id.into(),
+                        self.t.schema.as_str().into(),
+                        self.t.name.as_str().into(),
+                        self.t.key.clone().into(),
+                        mode.into(),
+                        category.as_str().into(),
+                        decided_by.into(),
+                        rows.into(),
+                    ],
+                )
+            }))
+            .map(|n| n.unwrap_or(0))
+            .map_err(|e| {
+                JobError::plain(format!("merging into {}.{} here: {e}", self.t.schema, self.t.name))
+            }),
+            Node::Peer => {
+                let sql = format!(
+                    "SELECT steep_repl.merge_write({}, {}, {}, {}, {}, {}, {}, {})",
+                    quote_literal(self.id),
+                    quote_literal(&self.t.schema),
+                    quote_literal(&self.t.name),
+                    text_array(&self.t.key),
+                    quote_literal(mode),
+                    quote_literal(category.as_str()),
+                    quote_literal(decided_by),
+                    bytea(rows)
+                );
+                let n = self.peer.value(&sql)?;
+                Ok(n.and_then(|v| v.parse().ok()).unwrap_or(0))
+            }
+        }
+    }
+
+    /// Copies the rows of one-sided `keys` from `from` to the other node (or, in a dry run, counts them).
+    fn copy_over(
+        &mut self,
+        from: Node,
+        category: Category,
+        keys: &[Vec<u8>],
+        dry_run: bool,
+    ) -> Result<(), JobError> {
+        let to = if from == Node::Local { Node::Peer } else { Node::Local };
+        for batch in keys.chunks(BATCH_KEYS) {
+            let n = if dry_run {
+                batch.len() as i64
+            } else {
+                let rows = self.rows(from, batch)?;
+                self.write(to, "insert", category, "union", &rows)?
+            };
+            self.tally.add(to, "insert", n, batch);
+        }
+        Ok(())
+    }
+
+    /// Settles conflicting `keys` by `strategy`.
+    fn settle(&mut self, strategy: &Strategy, keys: &[Vec<u8>], dry_run: bool) -> Result<(), JobError> {
+        let decided_by = strategy.name();
+        for batch in keys.chunks(BATCH_KEYS) {
+            match strategy {
+                Strategy::PreferLocal | Strategy::PreferRemote | Strategy::Manual => {
+                    let (from, to, mode) = match strategy {
+                        Strategy::PreferLocal => (Node::Local, Node::Peer, "update"),
+                        Strategy::PreferRemote => (Node::Peer, Node::Local, "update"),
+                        _ => (Node::Peer, Node::Local, "park"),
+                    };
+                    let n = if dry_run {
+                        batch.len() as i64
+                    } else {
+                        let rows = self.rows(from, batch)?;
+                        self.write(to, mode, Category::Conflict, &decided_by, &rows)?
+                    };
+                    self.tally.add(to, if mode == "park" { "park" } else { "update" }, n, batch);
+                }
+                Strategy::LastModified(column) => {
+                    let (to_peer, to_local) = self.decide_by_time(column, batch)?;
+                    for (to, rows, keys) in
+                        [(Node::Peer, to_peer.0, to_peer.1), (Node::Local, to_local.0, to_local.1)]
+                    {
+                        let n = if dry_run {
+                            keys.len() as i64
+                        } else {
+                            self.write(to, "update", Category::Conflict, &decided_by, &rows)?
+                        };
+                        if !keys.is_empty() {
+                            self.tally.add(to, "update", n, &keys);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads both nodes' rows of `keys` and splits them by the newer `column`: (rows to write on the
+    /// peer and their keys, rows to write here and their keys).
+    #[allow(clippy::type_complexity)]
+    fn decide_by_time(
+        &self,
+        column: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<((Vec<u8>, Vec<Vec<u8>>), (Vec<u8>, Vec<Vec<u8>>)), JobError> {
+        let columns = local_columns(&self.t.schema, &self.t.name)?;
+        let position = columns.iter().position(|c| c == column).ok_or_else(|| {
+            JobError::plain(format!(
+                "{}.{} has no column {column} (strategy last-modified)",
+                self.t.schema, self.t.name
+            ))
+        })?;
+        let fields = KeyFields::new(self.t.positions.clone()).map_err(|e| JobError::plain(e.to_string()))?;
+        let local = self.rows(Node::Local, keys)?;
+        let peer = self.rows(Node::Peer, keys)?;
+        let bad = |e: String| JobError::plain(format!("{}.{}: {e}", self.t.schema, self.t.name));
+        let l: HashMap<Vec<u8>, &[u8]> = merge::lines_by_key(&local, &fields).map_err(bad)?;
+        let p: HashMap<Vec<u8>, &[u8]> = merge::lines_by_key(&peer, &fields).map_err(bad)?;
+        let (mut to_peer, mut to_local) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for k in keys {
+            // A key gone from either side since the comparison is left for the next merge.
+            let (Some(lr), Some(pr)) = (l.get(k), p.get(k)) else { continue };
+            let winner = merge::newer(lr, pr, position).map_err(|e| {
+                bad(format!("column {column}: {e} (last-modified needs a date or timestamp column)"))
+            })?;
+            let (target, line) = match winner {
+                Winner::Local => (&mut to_peer, lr),
+                Winner::Peer => (&mut to_local, pr),
+            };
+            target.0.extend_from_slice(line);
+            target.0.push(copy_text::ROW_END);
+            target.1.push(k.clone());
+        }
+        Ok((to_peer, to_local))
+    }
+
+    /// Records the tally in `steep_repl.merge_plan`.
+    fn record(&self) {
+        BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            as_owner(|| {
+                for Entry { node, action, rows, samples } in &self.tally.entries {
+                    let sample: Vec<serde_json::Value> =
+                        samples.iter().map(|k| key_object(&self.t.key, k)).collect();
+                    Spi::run_with_args(
+                        "INSERT INTO steep_repl.merge_plan AS p (merge_id, schema_name, table_name, node, action, rows, \
+                         sample_keys) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (merge_id, schema_name, \
+                         table_name, node, action) DO UPDATE SET rows = p.rows + excluded.rows",
+                        &[
+                            self.id.into(),
+                            self.t.schema.as_str().into(),
+                            self.t.name.as_str().into(),
+                            (*node).into(),
+                            (*action).into(),
+                            (*rows).into(),
+                            pgrx::JsonB(serde_json::Value::Array(sample)).into(),
+                        ],
+                    )
+                    .unwrap_or_else(|e| error!("recording the merge of {}.{}: {e}", self.t.schema, self.t.name));
+                }
+            })
+        }));
+    }
+}
+
+/// COPY's column list of a table here.
+fn local_columns(schema: &str, name: &str) -> Result<Vec<String>, JobError> {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one_with_args::<Vec<String>>(
+            "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum) \
+             FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''",
+            &[schema.into(), name.into()],
+        )
+    })
+    .map(Option::unwrap_or_default)
+    .map_err(|e| JobError::plain(format!("reading the columns of {schema}.{name}: {e}")))
+}
+
+/// Merges one compared table: one-sided rows copied over, conflicts settled by the plan's strategy.
+pub fn merge_table(
+    id: &str,
+    peer: &Peer<'_>,
+    t: &Compared,
+    c: &Comparison,
+    plan: &Plan,
+) -> Result<(), JobError> {
+    let mut by: HashMap<Category, Vec<Vec<u8>>> = HashMap::new();
+    for (cat, k) in &c.keys {
+        by.entry(*cat).or_default().push(k.clone());
+    }
+    let mut m = Merger { id, peer, t, tally: Tally::default() };
+    let none = Vec::new();
+    m.copy_over(
+        Node::Local,
+        Category::LocalOnly,
+        by.get(&Category::LocalOnly).unwrap_or(&none),
+        plan.dry_run,
+    )?;
+    m.copy_over(Node::Peer, Category::PeerOnly, by.get(&Category::PeerOnly).unwrap_or(&none), plan.dry_run)?;
+    m.settle(&plan.strategy, by.get(&Category::Conflict).unwrap_or(&none), plan.dry_run)?;
+    m.record();
+    Ok(())
+}
+
+/// The compared tables in merge order: parents before the tables whose foreign keys reference them
+/// (as this node's catalog says); the tables on a foreign-key cycle last, named in the second list.
+pub fn merge_order(compared: Vec<Compared>) -> Result<(Vec<Compared>, Vec<String>), JobError> {
+    let edges: Vec<(String, String, String, String)> = BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT cn.nspname::pg_catalog.text, c.relname::pg_catalog.text, pn.nspname::pg_catalog.text, \
+                 p.relname::pg_catalog.text FROM pg_catalog.pg_constraint k \
+                 JOIN pg_catalog.pg_class c ON c.oid = k.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace \
+                 JOIN pg_catalog.pg_class p ON p.oid = k.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace \
+                 WHERE k.contype = 'f'",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                ));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .map_err(|e| JobError::plain(format!("reading foreign keys: {e}")))?;
+    let index: HashMap<(&str, &str), usize> =
+        compared.iter().enumerate().map(|(i, t)| ((t.schema.as_str(), t.name.as_str()), i)).collect();
+    let pairs: Vec<(usize, usize)> = edges
+        .iter()
+        .filter_map(|(cs, cn, ps, pn)| {
+            Some((*index.get(&(cs.as_str(), cn.as_str()))?, *index.get(&(ps.as_str(), pn.as_str()))?))
+        })
+        .collect();
+    let (order, cyclic) = merge::parents_first(compared.len(), &pairs);
+    let cyclic_names =
+        cyclic.iter().map(|&i| format!("{}.{}", compared[i].schema, compared[i].name)).collect();
+    let mut slots: Vec<Option<Compared>> = compared.into_iter().map(Some).collect();
+    let ordered = order.into_iter().filter_map(|i| slots[i].take()).collect();
+    Ok((ordered, cyclic_names))
+}

@@ -1,0 +1,297 @@
+//! Merging two diverged clusters (issue 15, PRODUCT.md §10 second part): for each conflict strategy the
+//! two nodes end with the union of their rows, each conflicting row holding the value its strategy
+//! chose, every action audited once on the node it changed; a second merge does nothing; a dry run
+//! changes no row; other roles are refused.
+
+use steep_repl_testkit as harness;
+
+use harness::*;
+
+/// A parent and a child along a foreign key, a composite key and a text key.
+const SCHEMA: &str = r#"
+CREATE SCHEMA app;
+CREATE TABLE app.parent (id int PRIMARY KEY, name text, updated_at timestamptz);
+CREATE TABLE app.child (id int PRIMARY KEY, parent_id int REFERENCES app.parent, v text);
+CREATE TABLE app.comp (a int, b text, v text, updated_at timestamptz, PRIMARY KEY (a, b));
+CREATE TABLE app.texts (k text COLLATE "C" PRIMARY KEY, v text, updated_at timestamptz);
+"#;
+
+/// What both nodes hold before they diverge.
+const COMMON: &str = r#"
+INSERT INTO app.parent SELECT g, 'p' || g, timestamptz '2024-01-01 00:00:00+00' FROM generate_series(1, 200) g;
+INSERT INTO app.child SELECT g, 1 + g % 200, 'c' || g FROM generate_series(1, 400) g;
+INSERT INTO app.comp SELECT g % 10, 'b' || g, 'v' || g, timestamptz '2024-01-01 00:00:00+00' FROM generate_series(1, 100) g;
+INSERT INTO app.texts SELECT 'k' || g, 'v' || g, timestamptz '2024-01-01 00:00:00+00' FROM generate_series(1, 100) g;
+INSERT INTO app.texts VALUES (E'tab\there', 'x', timestamptz '2024-01-01 00:00:00+00');
+"#;
+
+/// Changes on this node: one-sided rows (a parent with its child), and conflicts, of which the local
+/// side is newer for ids 1, 3 and the peer newer for ids 2, 4 (see PEER).
+const LOCAL: &str = r#"
+INSERT INTO app.parent VALUES (1000, 'local only', now());
+INSERT INTO app.child VALUES (1000, 1000, 'local child');
+UPDATE app.parent SET name = 'L1', updated_at = '2024-06-01 00:00:00+00' WHERE id = 1;
+UPDATE app.parent SET name = 'L2', updated_at = '2024-02-01 00:00:00+00' WHERE id = 2;
+UPDATE app.comp SET v = 'L', updated_at = '2024-06-01 00:00:00+00' WHERE a = 3 AND b = 'b3';
+UPDATE app.texts SET v = 'L', updated_at = '2024-02-01 00:00:00+00' WHERE k = E'tab\there';
+"#;
+
+const PEER: &str = r#"
+INSERT INTO app.parent VALUES (2000, 'peer only', now());
+INSERT INTO app.child VALUES (2000, 2000, 'peer child'), (2001, 5, E'peer\nchild');
+INSERT INTO app.comp VALUES (7, 'peer', 'only', now());
+UPDATE app.parent SET name = 'P1', updated_at = '2024-03-01 00:00:00+00' WHERE id = 1;
+UPDATE app.parent SET name = 'P2', updated_at = '2024-07-01 00:00:00+00' WHERE id = 2;
+UPDATE app.comp SET v = 'P', updated_at = '2024-03-01 00:00:00+00' WHERE a = 3 AND b = 'b3';
+UPDATE app.texts SET v = 'P', updated_at = '2024-07-01 00:00:00+00' WHERE k = E'tab\there';
+"#;
+
+/// One-sided rows: 2 on this node, 4 on the peer; conflicts: 4.
+const LOCAL_ONLY: i64 = 2;
+const PEER_ONLY: i64 = 4;
+const CONFLICTS: i64 = 4;
+
+/// The conflicting rows' chosen values (parent 1, parent 2, comp (3, b3), texts tab) per strategy.
+fn chosen(strategy: &str) -> [&'static str; 4] {
+    match strategy {
+        "prefer-local" => ["L1", "L2", "L", "L"],
+        "prefer-remote" => ["P1", "P2", "P", "P"],
+        _ => ["L1", "P2", "L", "P"], // last-modified:updated_at
+    }
+}
+
+fn values(c: &mut postgres::Client) -> [String; 4] {
+    let one = |c: &mut postgres::Client, sql: &str| -> String { c.query_one(sql, &[]).unwrap().get(0) };
+    [
+        one(c, "SELECT name FROM app.parent WHERE id = 1"),
+        one(c, "SELECT name FROM app.parent WHERE id = 2"),
+        one(c, "SELECT v FROM app.comp WHERE a = 3 AND b = 'b3'"),
+        one(c, "SELECT v FROM app.texts WHERE k = E'tab\\there'"),
+    ]
+}
+
+/// Every row of the four tables, as text in UTC, in key order (an md5 of it: short to show).
+fn contents(c: &mut postgres::Client) -> String {
+    c.batch_execute("SET TimeZone = 'UTC'").unwrap();
+    c.query_one(
+        "SELECT md5(concat_ws('|', (SELECT string_agg(t::text, ',' ORDER BY id) FROM app.parent t), \
+         (SELECT string_agg(t::text, ',' ORDER BY id) FROM app.child t), \
+         (SELECT string_agg(t::text, ',' ORDER BY a, b) FROM app.comp t), \
+         (SELECT string_agg(t::text, ',' ORDER BY k) FROM app.texts t)))",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn audit_count(c: &mut postgres::Client, id: &str) -> i64 {
+    c.query_one("SELECT count(*) FROM steep_repl.merge_audit WHERE merge_id = $1", &[&id]).unwrap().get(0)
+}
+
+/// Runs start_merge to its end; returns the id.
+fn merge(c: &mut postgres::Client, peer: &str, strategy: &str, dry_run: bool) -> String {
+    let id: String = c
+        .query_one(
+            "SELECT steep_repl.start_merge($1, strategy => $2, dry_run => $3, parallel => 2)",
+            &[&peer, &strategy, &dry_run],
+        )
+        .unwrap_or_else(|e| panic!("start_merge: {}", db_message(&e)))
+        .get(0);
+    let (status, error) = wait_for(c, &id, 120);
+    assert_eq!(status, "complete", "{error:?}");
+    id
+}
+
+/// (node, action) → rows, from merge_result.
+fn plan(c: &mut postgres::Client, id: &str) -> Vec<(String, String, String, i64)> {
+    c.query("SELECT table_name, node, action, rows FROM steep_repl.merge_result($1) WHERE rows > 0", &[&id])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// (conflict, local_only, peer_only) summed over the tables analyze_overlap compares.
+fn differences(c: &mut postgres::Client, peer: &str) -> (i64, i64, i64) {
+    let r = c
+        .query_one(
+            "SELECT sum(conflict)::int8, sum(local_only)::int8, sum(peer_only)::int8 FROM steep_repl.analyze_overlap($1) \
+             WHERE status = 'compared'",
+            &[&peer],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+fn diverged(local: &Cluster, peer: &Cluster, db: &str) -> (postgres::Client, postgres::Client, String) {
+    local.fresh_db(db, true);
+    peer.fresh_db(db, true);
+    let mut l = local.client(db);
+    let mut p = peer.client(db);
+    for (c, changes) in [(&mut l, LOCAL), (&mut p, PEER)] {
+        c.batch_execute(&format!("{SCHEMA} {COMMON} {changes}")).unwrap();
+    }
+    let conninfo = peer.conninfo_for(db);
+    (l, p, conninfo)
+}
+
+#[test]
+fn each_strategy_merges_to_the_union_audited_once() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_peer", "timezone = 'Asia/Tokyo'\n");
+    for (n, strategy) in ["prefer-local", "prefer-remote", "last-modified:updated_at"].into_iter().enumerate()
+    {
+        let (mut l, mut p, conninfo) = diverged(local, &peer, &format!("mrg{n}"));
+        assert_eq!(differences(&mut l, &conninfo), (CONFLICTS, LOCAL_ONLY, PEER_ONLY));
+
+        let id = merge(&mut l, &conninfo, strategy, false);
+        assert_eq!(differences(&mut l, &conninfo), (0, 0, 0), "{strategy}: only matches after the merge");
+        assert_eq!(values(&mut l), chosen(strategy).map(String::from), "{strategy}: local values");
+        assert_eq!(values(&mut p), chosen(strategy).map(String::from), "{strategy}: peer values");
+        assert_eq!(contents(&mut l), contents(&mut p), "{strategy}: both nodes hold the same rows");
+        // One audit row per action, on the node it changed.
+        let (la, pa) = (audit_count(&mut l, &id), audit_count(&mut p, &id));
+        assert_eq!(la + pa, LOCAL_ONLY + PEER_ONLY + CONFLICTS, "{strategy}: {la} + {pa} audit rows");
+        let inserted_here: i64 = l
+            .query_one(
+                "SELECT count(*) FROM steep_repl.merge_audit WHERE merge_id = $1 AND action = 'insert' \
+                 AND category = 'peer_only' AND old_row IS NULL AND new_row IS NOT NULL",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(inserted_here, PEER_ONLY);
+        // The parents' conflicts were settled on whichever node lost them, with the old and new row.
+        let mut updated: Vec<(String, String, String)> = Vec::new();
+        for c in [&mut l, &mut p] {
+            let rows = c
+                .query(
+                    "SELECT old_row->>'name', new_row->>'name', decided_by FROM steep_repl.merge_audit \
+                     WHERE merge_id = $1 AND table_name = 'parent' AND action = 'update' AND category = 'conflict'",
+                    &[&id],
+                )
+                .unwrap();
+            updated.extend(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))));
+        }
+        assert_eq!(updated.len(), 2, "{updated:?}");
+        for (old, new, by) in &updated {
+            assert_ne!(old, new);
+            assert_eq!(by, strategy);
+        }
+        // The merge's plan says what was done.
+        let total: i64 = plan(&mut l, &id).iter().map(|r| r.3).sum();
+        assert_eq!(total, LOCAL_ONLY + PEER_ONLY + CONFLICTS, "{:?}", plan(&mut l, &id));
+        // The writes ran under the replication origin steep_merge.
+        let origin: i64 = l
+            .query_one("SELECT count(*) FROM pg_replication_origin WHERE roname = 'steep_merge'", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(origin, 1);
+
+        // A second merge finds nothing to do.
+        let again = merge(&mut l, &conninfo, strategy, false);
+        assert!(plan(&mut l, &again).is_empty(), "{:?}", plan(&mut l, &again));
+        assert_eq!(audit_count(&mut l, &again) + audit_count(&mut p, &again), 0);
+    }
+}
+
+#[test]
+fn manual_parks_conflicts_and_merges_the_rest() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_manual", "");
+    let (mut l, mut p, conninfo) = diverged(local, &peer, "mrg_manual");
+    let before_local = values(&mut l);
+    let before_peer = values(&mut p);
+    let id = merge(&mut l, &conninfo, "manual", false);
+    // One-sided rows merged, conflicts untouched on both nodes and parked here with both rows.
+    assert_eq!(differences(&mut l, &conninfo), (CONFLICTS, 0, 0));
+    assert_eq!(values(&mut l), before_local);
+    assert_eq!(values(&mut p), before_peer);
+    let parked: Vec<(String, String, String)> = l
+        .query(
+            "SELECT table_name, local_row->>'name', peer_row->>'name' FROM steep_repl.merge_conflicts \
+             WHERE merge_id = $1 AND resolved IS NULL ORDER BY table_name, key::text",
+            &[&id],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get::<_, Option<String>>(1).unwrap_or_default(),
+                r.get::<_, Option<String>>(2).unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(parked.len() as i64, CONFLICTS, "{parked:?}");
+    assert!(parked.contains(&("parent".into(), "L1".into(), "P1".into())), "{parked:?}");
+    assert_eq!(audit_count(&mut l, &id) + audit_count(&mut p, &id), LOCAL_ONLY + PEER_ONLY);
+}
+
+#[test]
+fn a_dry_run_changes_no_row_and_reports_the_plan() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_dry", "");
+    let (mut l, mut p, conninfo) = diverged(local, &peer, "mrg_dry");
+    let (before_l, before_p) = (contents(&mut l), contents(&mut p));
+    let id = merge(&mut l, &conninfo, "prefer-remote", true);
+    assert_eq!((contents(&mut l), contents(&mut p)), (before_l, before_p));
+    assert_eq!(audit_count(&mut l, &id) + audit_count(&mut p, &id), 0);
+    let mut got = plan(&mut l, &id);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("child".into(), "local".into(), "insert".into(), 2),
+            ("child".into(), "peer".into(), "insert".into(), 1),
+            ("comp".into(), "local".into(), "insert".into(), 1),
+            ("comp".into(), "local".into(), "update".into(), 1),
+            ("parent".into(), "local".into(), "insert".into(), 1),
+            ("parent".into(), "local".into(), "update".into(), 2),
+            ("parent".into(), "peer".into(), "insert".into(), 1),
+            ("texts".into(), "local".into(), "update".into(), 1),
+        ]
+    );
+    let sample: String = l
+        .query_one(
+            "SELECT sample_keys::text FROM steep_repl.merge_result($1) WHERE table_name = 'parent' AND node = 'peer'",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(sample, r#"[{"id": "1000"}]"#);
+    // Parents come before their children.
+    let order: Vec<String> = l
+        .query("SELECT table_name FROM steep_repl.overlap_result($1) ORDER BY table_name", &[&id])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(order.len(), 4);
+}
+
+#[test]
+fn only_superusers_may_merge() {
+    let local = preloaded();
+    local.fresh_db("mrg_rights", true);
+    let mut c = local.client("mrg_rights");
+    c.batch_execute(
+        "DROP ROLE IF EXISTS mrg_user; CREATE ROLE mrg_user LOGIN; CREATE TABLE t (id int PRIMARY KEY, v text); \
+         GRANT ALL ON t TO mrg_user; SET ROLE mrg_user",
+    )
+    .unwrap();
+    for sql in [
+        "SELECT steep_repl.start_merge('dbname=x')",
+        "SELECT steep_repl.merge_rows('public', 't', ARRAY['id'], '\\x310a')",
+        "SELECT steep_repl.merge_write('m', 'public', 't', ARRAY['id'], 'insert', 'peer_only', 'union', '\\x310976310a')",
+    ] {
+        let e = c.batch_execute(sql).expect_err(sql);
+        assert!(db_message(&e).contains("permission denied"), "{sql}: {}", db_message(&e));
+    }
+    c.batch_execute("RESET ROLE").unwrap();
+    // A bad strategy is named.
+    let e = c
+        .batch_execute("SELECT steep_repl.start_merge('dbname=x', strategy => 'newest')")
+        .expect_err("strategy");
+    assert!(db_message(&e).contains("unknown merge strategy \"newest\""), "{}", db_message(&e));
+}
