@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks of steep-repl against its peers, in one run, on one local cluster.
 #
-#   scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|overlap|all] [--mixed-scale N]
+#   scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|overlap|merge|all] [--mixed-scale N]
 #                    [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N]
-#                    [--overlap-rows N] [--rounds N] [--keep]
+#                    [--overlap-rows N] [--merge-rows N] [--rounds N] [--keep]
 #
 #   generate  start_snapshot(parallel => N) to completion   vs  pg_dump -Fd -j N -Z 1
 #   apply     start_apply(parallel => N, analyze_tables => false)  vs  pg_restore -j N --data-only
@@ -31,6 +31,10 @@
 #             of every table changed on one side (scattered), then 50%; wall time, bytes exchanged, and
 #             the CPU floor (COPY every compared table TO '/dev/null' on both sides, divided by the
 #             cores). Not part of `all`.
+#   merge     start_merge(prefer-local) between two databases made from one holding a --merge-rows-row
+#             (default 1 million) pgbench_accounts-like table, the peer with 100 000 rows updated and
+#             100 000 inserted, whole (comparison included)  vs  COPY of the same 200 000 rows into an
+#             empty table of the same shape. Not part of `all`.
 #   replica   a logical replica from start until caught up, source and target on two clusters (the second,
 #             `bench_target`, started like the first): steep-repl replica init --parallel N (snapshot with a
 #             slot, apply, hand-off, catch-up)  vs  CREATE SUBSCRIPTION ... (copy_data = true, defaults) until
@@ -49,20 +53,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-what=all; overlap_rows=10000000; mixed_scale=64; onebig_scale=40; wide_scale=50; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
+what=all; overlap_rows=10000000; merge_rows=1000000; mixed_scale=64; onebig_scale=40; wide_scale=50; many_tables=20000; schema_tables=10000; parallel=2; rounds=3; keep=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    generate|apply|client|copy|ready|many|schema|replica|overlap|all) what="$1" ;;
+    generate|apply|client|copy|ready|many|schema|replica|overlap|merge|all) what="$1" ;;
     --mixed-scale) mixed_scale="$2"; shift ;;
     --wide-scale) wide_scale="$2"; shift ;;
     --onebig-scale) onebig_scale="$2"; shift ;;
     --many-tables) many_tables="$2"; shift ;;
     --overlap-rows) overlap_rows="$2"; shift ;;
+    --merge-rows) merge_rows="$2"; shift ;;
     --schema-tables) schema_tables="$2"; shift ;;
     --parallel) parallel="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
     --keep) keep=1 ;;
-    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|overlap|all] [--mixed-scale N] [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--overlap-rows N] [--rounds N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh [generate|apply|client|copy|ready|many|schema|replica|overlap|merge|all] [--mixed-scale N] [--onebig-scale N] [--wide-scale N] [--many-tables N] [--schema-tables N] [--parallel N] [--overlap-rows N] [--merge-rows N] [--rounds N] [--keep]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -506,6 +511,63 @@ bench_overlap() {
   q postgres "DROP DATABASE IF EXISTS ovl_b WITH (FORCE)"
 }
 
+# Merge: mrg_a holds a pgbench_accounts-like table of --merge-rows rows (default 1 million); each run
+# makes mrg_l and mrg_p from it (CREATE DATABASE ... TEMPLATE), then on mrg_p updates 100 000 rows
+# (conflicts) and inserts 100 000 (rows on the peer only). start_merge(strategy => 'prefer-local') from
+# mrg_l writes the conflicts on mrg_p and the one-sided rows on mrg_l, whole (comparison included), to its
+# end. The reference: COPY of the same 200 000 rows out of mrg_p into an empty table of the same shape.
+merge_pair() { # makes mrg_l and mrg_p, diverged
+  q postgres "DROP DATABASE IF EXISTS mrg_l WITH (FORCE)"
+  q postgres "DROP DATABASE IF EXISTS mrg_p WITH (FORCE)"
+  q postgres "CREATE DATABASE mrg_l TEMPLATE mrg_a"
+  q postgres "CREATE DATABASE mrg_p TEMPLATE mrg_a"
+  q mrg_p "UPDATE accounts SET abalance = abalance + 1 WHERE aid % ($merge_rows / 100000) = 0;
+           INSERT INTO accounts SELECT g, 1, 0, '' FROM generate_series($merge_rows + 1, $merge_rows + 100000) g;
+           VACUUM ANALYZE accounts"
+  q mrg_l "VACUUM ANALYZE accounts"
+}
+time_ours_merge() {
+  local t0 id status
+  merge_pair
+  prewarm mrg_l; prewarm mrg_p
+  sync
+  t0=$(now)
+  id=$(q mrg_l "SELECT steep_repl.start_merge('$(db mrg_p)', strategy => 'prefer-local', parallel => $parallel)")
+  status=$(q mrg_l "SELECT status FROM steep_repl.wait_snapshot('$id')")
+  [ "$status" = complete ] || { echo "bench: merge $id ended $status: $(q mrg_l "SELECT error FROM steep_repl.snapshots WHERE id = '$id'")" >&2; exit 1; }
+  echo "$(now) - $t0" | bc
+  echo "$id" >"$work/merge.id"
+}
+time_copy_merge_rows() {
+  local t0
+  merge_pair
+  q mrg_l "CREATE TABLE copy_target (LIKE accounts INCLUDING ALL)"
+  prewarm mrg_p
+  sync
+  t0=$(now)
+  psql "$(db mrg_p)" -Xq -v ON_ERROR_STOP=1 -c "COPY (SELECT * FROM accounts WHERE aid % ($merge_rows / 100000) = 0 OR aid > $merge_rows) TO STDOUT" \
+    | psql "$(db mrg_l)" -Xq -v ON_ERROR_STOP=1 -c "COPY copy_target FROM STDIN"
+  echo "$(now) - $t0" | bc
+}
+bench_merge() {
+  q postgres "DROP DATABASE IF EXISTS mrg_a WITH (FORCE)"
+  q postgres "CREATE DATABASE mrg_a"
+  q mrg_a "CREATE TABLE accounts (aid int PRIMARY KEY, bid int NOT NULL, abalance int NOT NULL, filler char(84));
+           INSERT INTO accounts SELECT g, (g - 1) / 100000 + 1, 0, '' FROM generate_series(1, $merge_rows) g;
+           CREATE EXTENSION steep_repl"
+  q mrg_a "VACUUM (FREEZE, ANALYZE)"
+  alternate 'time_ours_merge' 'time_copy_merge_rows'
+  local id
+  id=$(cat "$work/merge.id")
+  report "merge mrg_l with mrg_p ($merge_rows rows; 100000 conflicting, 100000 on the peer only):"
+  report "  start_merge(prefer-local, parallel => $parallel)  ${a}s (runs $runs_a)"
+  report "  COPY of the same 200000 rows into an empty table  ${b}s (runs $runs_b)"
+  report "  ratio merge / COPY: $(ratio "$a" "$b")x"
+  report "  plan: $(q mrg_l "SELECT string_agg(format('%s %s %s', node, action, rows), ', ' ORDER BY node, action) FROM steep_repl.merge_result('$id')")"
+  q postgres "DROP DATABASE IF EXISTS mrg_l WITH (FORCE)"
+  q postgres "DROP DATABASE IF EXISTS mrg_p WITH (FORCE)"
+}
+
 bench_replica() {
   local spec name file scale dbname replica
   bash scripts/pg.sh start bench_target >/dev/null
@@ -540,6 +602,12 @@ fi
 
 if [ "$what" = schema ]; then
   bench_schema
+  echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
+  exit 0
+fi
+
+if [ "$what" = merge ]; then
+  bench_merge
   echo "bench: results appended to $results (cluster 'bench' left running; stop it with STEEP_PG_BASE=$STEEP_PG_BASE scripts/pg.sh stop bench)"
   exit 0
 fi

@@ -65,6 +65,48 @@ pub enum Command {
     /// here, only on the peer.
     #[command(after_help = OVERLAP_HELP)]
     Overlap(OverlapArgs),
+    /// Reconcile this server and a peer to the union of their rows: rows on one side only are copied to
+    /// the other, conflicts settled by a strategy, every change audited on the node it changed.
+    #[command(after_help = MERGE_HELP)]
+    Merge(MergeArgs),
+}
+
+const MERGE_HELP: &str = "\
+Examples:
+  steep-repl merge --peer replica-2 --strategy prefer-local --dry-run -d \"dbname=app\"
+  steep-repl merge --peer \"host=10.0.0.12 dbname=app\" --table 'sales.*' --strategy last-modified:updated_at
+
+Strategies for a key present on both nodes with different rows:
+  prefer-local              this server's row is written to the peer
+  prefer-remote             the peer's row is written here
+  last-modified:<column>    the row with the newer value of that date or timestamp column wins on both
+                            nodes (ties and NULLs: this server's row)
+  manual                    neither node is changed; both rows are parked in steep_repl.merge_conflicts
+Rows on one side only are copied to the other; nothing is ever deleted. Each batch of keys is one
+transaction on the node it writes, run with session_replication_role = replica under the replication
+origin steep_merge, and recorded row by row in steep_repl.merge_audit there. A dry run changes no row
+and prints the plan. Needs a superuser and steep_repl installed and preloaded on both servers.";
+
+/// `merge`: runs in the server (`-d`), which connects to the peer itself.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The peer: a registered node id or a conninfo (no password).
+    #[arg(long, value_name = "CONN|NODE")]
+    pub peer: String,
+    /// Only tables matching this pattern, pg_dump -t style (repeatable; default: every user table).
+    #[arg(short = 't', long = "table", value_name = "PATTERN", value_parser = parse_pattern)]
+    pub tables: Vec<TablePattern>,
+    /// How conflicts are settled: prefer-local, prefer-remote, last-modified:<column> or manual.
+    #[arg(long, value_name = "STRATEGY")]
+    pub strategy: String,
+    /// Change nothing: print what the merge would do.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Background workers hashing rows on each node, 1 to 64.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 const OVERLAP_HELP: &str = "\

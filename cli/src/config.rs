@@ -75,6 +75,20 @@ pub struct OverlapConfig {
     pub timeout: Option<Duration>,
 }
 
+/// `merge`.
+#[derive(Debug, Clone)]
+pub struct MergeConfig {
+    pub conn: ConnSpec,
+    /// A registered node id or a conninfo, passed to the server as given.
+    pub peer: String,
+    pub patterns: Vec<TablePattern>,
+    /// As the server takes it (checked there).
+    pub strategy: String,
+    pub dry_run: bool,
+    pub parallel: u32,
+    pub timeout: Option<Duration>,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -92,6 +106,7 @@ pub enum Action {
     ReplicaStatus { target: ConnSpec },
     ReplicaSyncSequences { source: ConnSpec, target: ConnSpec, patterns: Vec<TablePattern> },
     Overlap(OverlapConfig),
+    Merge(MergeConfig),
 }
 
 /// `schema ...`.
@@ -234,6 +249,15 @@ impl Config {
                 detailed: o.detailed,
                 limit: o.limit,
                 timeout: seconds(o.wait.timeout),
+            }),
+            Command::Merge(m) => Action::Merge(MergeConfig {
+                conn: conn()?,
+                peer: m.peer,
+                patterns: m.tables,
+                strategy: m.strategy,
+                dry_run: m.dry_run,
+                parallel: m.parallel,
+                timeout: seconds(m.wait.timeout),
             }),
             Command::Schema(sc) => Action::Schema {
                 conn: conn()?,

@@ -181,9 +181,116 @@ pub fn parents_first(n: usize, edges: &[(usize, usize)]) -> (Vec<usize>, Vec<usi
     (order, cyclic)
 }
 
+/// A sequence's state on one node (its `last_value` and `is_called`) and its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sequence {
+    /// The sequence's own `last_value`: the last value handed out when `is_called`, else the next.
+    pub last_value: i64,
+    pub is_called: bool,
+    pub min_value: i64,
+    pub max_value: i64,
+    /// Never 0.
+    pub increment_by: i64,
+}
+
+impl Sequence {
+    /// The values this sequence can still hand out: the first, the step, and the interval they lie in.
+    fn future(&self) -> Option<(i128, i128, i128, i128)> {
+        let inc = i128::from(self.increment_by);
+        if inc == 0 {
+            return None;
+        }
+        let next = i128::from(self.last_value) + if self.is_called { inc } else { 0 };
+        let (lo, hi) =
+            if inc > 0 { (next, i128::from(self.max_value)) } else { (i128::from(self.min_value), next) };
+        (lo <= hi).then_some((next, inc.abs(), lo, hi))
+    }
+}
+
+/// Whether two nodes' copies of a sequence can still hand out a same value (without cycling): the
+/// arithmetic progressions of their future values meet inside both their ranges. Interleaved
+/// sequences (same step, different residues, such as odd and even) and disjoint ranges never do.
+pub fn sequences_collide(a: &Sequence, b: &Sequence) -> bool {
+    let (Some((na, sa, loa, hia)), Some((nb, sb, lob, hib))) = (a.future(), b.future()) else {
+        return false;
+    };
+    let (lo, hi) = (loa.max(lob), hia.min(hib));
+    if lo > hi {
+        return false;
+    }
+    // x ≡ na (mod sa) and x ≡ nb (mod sb): solvable iff gcd divides the difference.
+    let (g, p, _) = ext_gcd(sa, sb);
+    let diff = nb - na;
+    if diff % g != 0 {
+        return false;
+    }
+    let m = sb / g;
+    let t = ((diff / g) % m * (p % m)) % m;
+    let lcm = sa / g * sb;
+    let x0 = (na + sa * t).rem_euclid(lcm);
+    // The smallest solution at or above lo.
+    let first = lo + (x0 - lo).rem_euclid(lcm);
+    first <= hi
+}
+
+/// (g, x, y) with a·x + b·y = g = gcd(a, b), for positive a and b.
+fn ext_gcd(a: i128, b: i128) -> (i128, i128, i128) {
+    if b == 0 {
+        (a, 1, 0)
+    } else {
+        let (g, x, y) = ext_gcd(b, a % b);
+        (g, y, x - (a / b) * y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `last`: the last value handed out, or None for a fresh sequence starting at `start`.
+    fn seq(last: Option<i64>, start: i64, inc: i64) -> Sequence {
+        let (last_value, is_called) = match last {
+            Some(v) => (v, true),
+            None => (start, false),
+        };
+        Sequence { last_value, is_called, min_value: 1, max_value: i64::MAX, increment_by: inc }
+    }
+
+    #[test]
+    fn sequence_collisions_are_found_and_interleaved_ones_pass() {
+        // Both at 100 stepping by 1: the same values next.
+        assert!(sequences_collide(&seq(Some(100), 1, 1), &seq(Some(100), 1, 1)));
+        assert!(sequences_collide(&seq(Some(100), 1, 1), &seq(Some(5000), 1, 1)));
+        // Odd and even.
+        assert!(!sequences_collide(&seq(Some(101), 1, 2), &seq(Some(100), 2, 2)));
+        // Same step, same residue: collide.
+        assert!(sequences_collide(&seq(Some(101), 1, 2), &seq(Some(201), 1, 2)));
+        // Disjoint ranges.
+        let a =
+            Sequence { last_value: 10, is_called: true, min_value: 1, max_value: 1_000_000, increment_by: 1 };
+        let b = Sequence {
+            last_value: 1_000_001,
+            is_called: false,
+            min_value: 1_000_001,
+            max_value: 2_000_000,
+            increment_by: 1,
+        };
+        assert!(!sequences_collide(&a, &b));
+        // Steps 2 and 3 meet (at multiples of 6 shifted), exhausted ranges never do.
+        assert!(sequences_collide(&seq(Some(0), 0, 2), &seq(Some(0), 0, 3)));
+        let done = Sequence { last_value: 5, is_called: true, min_value: 1, max_value: 5, increment_by: 1 };
+        assert!(!sequences_collide(&done, &seq(Some(0), 1, 1)));
+        // Descending against ascending over the same values.
+        let down =
+            Sequence { last_value: 100, is_called: false, min_value: 1, max_value: 100, increment_by: -1 };
+        assert!(sequences_collide(&down, &seq(None, 1, 1)));
+        // Extreme steps do not overflow.
+        assert!(
+            !sequences_collide(&seq(Some(1), 1, i64::MAX), &seq(Some(2), 2, i64::MAX - 1)),
+            "both exhausted"
+        );
+        assert!(sequences_collide(&seq(None, 1, i64::MAX), &seq(None, 1, i64::MAX)));
+    }
 
     #[test]
     fn parents_come_first_and_cycles_are_reported() {

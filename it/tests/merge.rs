@@ -226,6 +226,40 @@ fn manual_parks_conflicts_and_merges_the_rest() {
     assert_eq!(parked.len() as i64, CONFLICTS, "{parked:?}");
     assert!(parked.contains(&("parent".into(), "L1".into(), "P1".into())), "{parked:?}");
     assert_eq!(audit_count(&mut l, &id) + audit_count(&mut p, &id), LOCAL_ONLY + PEER_ONLY);
+
+    // A person settles two: parent 1 takes the peer's row here, parent 2 this node's row on the peer.
+    let resolve = |c: &mut postgres::Client, key: &str, side: &str| -> bool {
+        c.query_one(
+            "SELECT steep_repl.resolve_merge_conflict($1, 'app', 'parent', $2::text::jsonb, $3, $4)",
+            &[&id, &key, &side, &conninfo],
+        )
+        .unwrap_or_else(|e| panic!("resolve {key} {side}: {}", db_message(&e)))
+        .get(0)
+    };
+    assert!(resolve(&mut l, r#"{"id": 1}"#, "peer"));
+    assert!(resolve(&mut l, r#"{"id": 2}"#, "local"));
+    assert!(!resolve(&mut l, r#"{"id": 2}"#, "local"), "a resolved conflict is not parked any more");
+    let name = |c: &mut postgres::Client, id: i32| -> String {
+        c.query_one("SELECT name FROM app.parent WHERE id = $1", &[&id]).unwrap().get(0)
+    };
+    assert_eq!((name(&mut l, 1), name(&mut p, 1)), ("P1".to_string(), "P1".to_string()));
+    assert_eq!((name(&mut l, 2), name(&mut p, 2)), ("L2".to_string(), "L2".to_string()));
+    let resolved: i64 = l
+        .query_one(
+            "SELECT count(*) FROM steep_repl.merge_audit WHERE merge_id = $1 AND decided_by = 'resolve'",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    let resolved_peer: i64 = p
+        .query_one(
+            "SELECT count(*) FROM steep_repl.merge_audit WHERE merge_id = $1 AND decided_by = 'resolve'",
+            &[&id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!((resolved, resolved_peer), (1, 1));
+    assert_eq!(differences(&mut l, &conninfo), (CONFLICTS - 2, 0, 0));
 }
 
 #[test]
@@ -294,4 +328,43 @@ fn only_superusers_may_merge() {
         .batch_execute("SELECT steep_repl.start_merge('dbname=x', strategy => 'newest')")
         .expect_err("strategy");
     assert!(db_message(&e).contains("unknown merge strategy \"newest\""), "{}", db_message(&e));
+}
+
+#[test]
+fn preflight_names_colliding_sequences_and_what_replicating_both_ways_needs() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_preflight", "");
+    local.fresh_db("mrg_pre", true);
+    peer.fresh_db("mrg_pre", true);
+    let mut l = local.client("mrg_pre");
+    let mut p = peer.client("mrg_pre");
+    for c in [&mut l, &mut p] {
+        c.batch_execute(
+            "CREATE SEQUENCE same; SELECT nextval('same'); \
+             CREATE SEQUENCE mixed INCREMENT BY 2; CREATE SEQUENCE apart MINVALUE 1 MAXVALUE 1000",
+        )
+        .unwrap();
+    }
+    // Odd here, even there: never the same value. Disjoint ranges: neither.
+    l.batch_execute("ALTER SEQUENCE mixed RESTART WITH 1").unwrap();
+    p.batch_execute("ALTER SEQUENCE mixed RESTART WITH 2; ALTER SEQUENCE apart MINVALUE 1001 MAXVALUE 2000 START WITH 1001 RESTART WITH 1001")
+        .unwrap();
+    let conninfo = peer.conninfo_for("mrg_pre");
+    let problems: Vec<(String, String)> = l
+        .query("SELECT node, problem FROM steep_repl.merge_preflight($1)", &[&conninfo])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let sequences: Vec<&(String, String)> =
+        problems.iter().filter(|(_, p)| p.starts_with("sequence")).collect();
+    assert_eq!(sequences.len(), 1, "{problems:#?}");
+    assert!(
+        sequences[0].1.contains("\"public\".\"same\"") && sequences[0].1.contains("INCREMENT BY 2"),
+        "{sequences:?}"
+    );
+    // PostgreSQL 15 on both: origin = none is missing, and said so for each node.
+    let version: Vec<&String> =
+        problems.iter().filter(|(_, p)| p.contains("origin = none")).map(|(n, _)| n).collect();
+    assert_eq!(version, vec!["local", "peer"], "{problems:#?}");
 }

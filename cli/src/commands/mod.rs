@@ -6,6 +6,7 @@ mod generate;
 mod health;
 mod inspect;
 mod list;
+mod merge;
 mod node;
 mod overlap;
 mod progress;
@@ -38,5 +39,6 @@ pub async fn run(config: Config) -> Result<(), CliError> {
             replica::sync_sequences_command(&source, &target, &patterns, json).await
         }
         Action::Overlap(cfg) => overlap::run(cfg, json).await,
+        Action::Merge(cfg) => merge::run(cfg, json).await,
     }
 }

@@ -199,7 +199,7 @@ pub async fn run(cfg: OverlapConfig, json: bool) -> Result<(), CliError> {
         if json { Box::new(QuietReporter) } else { progress::reporter(false) };
     let listener = cfg.conn.connect_listening(CHANNEL).await?;
     let db = cfg.conn.config.get_dbname().unwrap_or("?").to_string();
-    let reason = require_extension(&listener.client, &db).await?;
+    let reason = require_extension(&listener.client, &db, "overlap").await?;
     let patterns: Option<Vec<String>> = if cfg.patterns.is_empty() {
         None
     } else {
@@ -278,16 +278,16 @@ pub async fn run(cfg: OverlapConfig, json: bool) -> Result<(), CliError> {
 }
 
 /// Checks that the analysis can run in this server, and says so for the `started` line.
-async fn require_extension(client: &Client, db: &str) -> Result<String, CliError> {
+pub(crate) async fn require_extension(client: &Client, db: &str, command: &str) -> Result<String, CliError> {
     match mode::server_support(client).await? {
         ServerSupport::Ready(v) => Ok(format!("steep_repl {v} is installed in database {db} and preloaded")),
         ServerSupport::NotPreloaded(v) => Err(CliError::Other(anyhow::anyhow!(
-            "steep-repl overlap runs in the server's background workers: steep_repl {v} is installed in \
+            "steep-repl {command} runs in the server's background workers: steep_repl {v} is installed in \
              database {db} but not preloaded; set shared_preload_libraries = 'steep_repl' on the server and \
              restart it"
         ))),
         ServerSupport::NotInstalled => Err(CliError::Other(anyhow::anyhow!(
-            "steep-repl overlap runs in the server and needs the steep_repl extension in database {db}: run \
+            "steep-repl {command} runs in the server and needs the steep_repl extension in database {db}: run \
              CREATE EXTENSION steep_repl (with shared_preload_libraries = 'steep_repl'); the peer needs it too"
         ))),
     }

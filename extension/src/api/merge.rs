@@ -360,14 +360,39 @@ pub fn write_rows(
     })
 }
 
+/// How long a merge write waits for the replication origin while another session holds it.
+const ORIGIN_WAIT_S: i32 = 60;
+
 /// Runs `f` with this session's replication origin set to [`MERGE_ORIGIN`] (created if missing), reset
-/// afterwards. An origin is held by one session at a time: a merge's two nodes take turns.
+/// afterwards. An origin is held by one session at a time, server-wide: merge writes on one server (the
+/// two sides of a merge between two databases of one server, or two merges) take turns, each waiting up
+/// to [`ORIGIN_WAIT_S`] for the other's batch to end.
 fn with_origin<R>(f: impl FnOnce() -> R) -> R {
+    // The wait loop is PL/pgSQL: its exception block is a subtransaction, the one safe way to retry
+    // after "already active".
     Spi::run(&format!(
         "SELECT pg_catalog.pg_replication_origin_session_reset() WHERE pg_catalog.pg_replication_origin_session_is_setup(); \
-         SELECT pg_catalog.pg_replication_origin_create({o}) WHERE pg_catalog.pg_replication_origin_oid({o}) IS NULL; \
-         SELECT pg_catalog.pg_replication_origin_session_setup({o})",
-        o = quote_literal(MERGE_ORIGIN)
+         DO $steep$ \
+         DECLARE deadline timestamptz := pg_catalog.clock_timestamp() + interval '{wait} s'; \
+         BEGIN \
+           IF pg_catalog.pg_replication_origin_oid({o}) IS NULL THEN \
+             BEGIN PERFORM pg_catalog.pg_replication_origin_create({o}); \
+             EXCEPTION WHEN unique_violation THEN NULL; END; \
+           END IF; \
+           LOOP \
+             BEGIN PERFORM pg_catalog.pg_replication_origin_session_setup({o}); RETURN; \
+             EXCEPTION WHEN object_in_use THEN \
+               IF pg_catalog.clock_timestamp() > deadline THEN \
+                 RAISE EXCEPTION 'the replication origin % is in use by another session for over {wait} s (a merge \
+                   writing on this server, or a session where a merge write failed: it is released when that \
+                   session ends)', {o}; \
+               END IF; \
+               PERFORM pg_catalog.pg_sleep(0.01); \
+             END; \
+           END LOOP; \
+         END $steep$",
+        o = quote_literal(MERGE_ORIGIN),
+        wait = ORIGIN_WAIT_S,
     ))
     .unwrap_or_else(|e| error!("setting up the replication origin {MERGE_ORIGIN}: {e}"));
     let r = f();
@@ -492,6 +517,296 @@ fn merge_result(
     TableIterator::new(rows)
 }
 
+/// The COPY text line of a key given as a JSON object of the key columns (as `merge_conflicts.key`
+/// holds it): each column's value in key order, strings as they are, numbers and booleans as JSON
+/// prints them, null as NULL.
+fn key_line(key_columns: &[String], key: &serde_json::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, c) in key_columns.iter().enumerate() {
+        if i > 0 {
+            out.push(copy_text::DELIMITER);
+        }
+        match key.get(c) {
+            None | Some(serde_json::Value::Null) => out.extend_from_slice(copy_text::NULL),
+            Some(serde_json::Value::String(s)) => copy_text::escape_into(&mut out, s.as_bytes()),
+            Some(v) => copy_text::escape_into(&mut out, v.to_string().as_bytes()),
+        }
+    }
+    out.push(copy_text::ROW_END);
+    out
+}
+
+/// Settles a conflict that a `manual` merge parked in `steep_repl.merge_conflicts`: `side` `peer`
+/// writes the peer's parked row here; `local` writes this node's current row to the peer (`peer`: the
+/// node name or conninfo, as given to `start_merge`). The write is audited in `merge_audit` on the node
+/// it changes (`decided_by` `resolve`) and the parked row marked resolved, in this transaction (and,
+/// for `local`, one transaction on the peer). Returns whether a parked conflict was found.
+/// Superusers only.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn resolve_merge_conflict(
+    merge_id: &str,
+    schema_name: &str,
+    table_name: &str,
+    key: pgrx::JsonB,
+    side: &str,
+    peer: default!(Option<&str>, "NULL"),
+) -> bool {
+    require_superuser("resolve a merge conflict");
+    if !matches!(side, "local" | "peer") {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("side must be 'local' or 'peer', not {side:?}"),
+            None,
+        );
+    }
+    let parked = rights::as_owner(|| {
+        Spi::connect_mut(|client| {
+            let rows = client.update(
+                "SELECT c.peer_row FROM steep_repl.merge_conflicts c \
+                 WHERE c.merge_id = $1 AND c.schema_name = $2 AND c.table_name = $3 AND c.key = $4 \
+                 AND c.resolved IS NULL FOR UPDATE",
+                Some(1),
+                &[merge_id.into(), schema_name.into(), table_name.into(), pgrx::JsonB(key.0.clone()).into()],
+            )?;
+            let mut found = None;
+            for r in rows {
+                found = r.get::<pgrx::JsonB>(1)?;
+            }
+            Ok::<_, pgrx::spi::Error>(found)
+        })
+    })
+    .unwrap_or_else(|e| error!("reading the parked conflict: {e}"));
+    let Some(peer_row) = parked else { return false };
+    let key_columns: Vec<String> = match key.0.as_object() {
+        Some(o) => {
+            // The key's columns in the order of the table's key index.
+            let mut cols: Vec<String> = o.keys().cloned().collect();
+            let order = key_index_columns(schema_name, table_name);
+            cols.sort_by_key(|c| order.iter().position(|k| k == c).unwrap_or(usize::MAX));
+            cols
+        }
+        None => user_error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "key must be a JSON object".into(),
+            None,
+        ),
+    };
+    let t = Table::load(schema_name, table_name, &key_columns);
+    match side {
+        "peer" => {
+            let nonkey: Vec<&String> = t.columns.iter().filter(|c| !t.key.contains(c)).collect();
+            if !nonkey.is_empty() {
+                let set_cols = nonkey.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+                let src_cols =
+                    nonkey.iter().map(|c| format!("r.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
+                let sql = format!(
+                    "WITH o AS (SELECT t.* FROM ONLY {name} t, pg_catalog.jsonb_populate_record(NULL::{name}, $6) r \
+                      WHERE {join_tr}), \
+                     n AS (UPDATE ONLY {name} t SET ({set_cols}) = ROW({src_cols}) \
+                      FROM pg_catalog.jsonb_populate_record(NULL::{name}, $6) r WHERE {join_tr} RETURNING t.*) \
+                     INSERT INTO steep_repl.merge_audit (merge_id, schema_name, table_name, key, category, action, \
+                      old_row, new_row, decided_by) SELECT $1, $2, $3, {key}, $4, 'update', pg_catalog.to_jsonb(o), \
+                      pg_catalog.to_jsonb(n), $5 FROM n JOIN o ON {join_no}",
+                    name = t.name,
+                    join_tr = t.key_join("t", "r"),
+                    key = t.key_json("n"),
+                    join_no = t.key_join("n", "o"),
+                );
+                let mut settings = pinned();
+                settings.push(("session_replication_role", "replica"));
+                session::with_superuser_settings(&settings, || {
+                    with_origin(|| {
+                        Spi::run_with_args(
+                            &sql,
+                            &[
+                                merge_id.into(),
+                                schema_name.into(),
+                                table_name.into(),
+                                "conflict".into(),
+                                "resolve".into(),
+                                pgrx::JsonB(peer_row.0.clone()).into(),
+                            ],
+                        )
+                        .unwrap_or_else(|e| error!("writing the peer's row into {}: {e}", t.name))
+                    })
+                });
+            }
+        }
+        _ => {
+            let Some(peer) = peer else {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    "side 'local' writes this node's row to the peer: name the peer".into(),
+                    None,
+                )
+            };
+            let (who, conninfo) = crate::api::schema::resolve_peer(peer);
+            let row = rows_by_key(schema_name, table_name, &key_columns, &key_line(&key_columns, &key.0));
+            if row.is_empty() {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+                    format!("{}: no row with key {} here any more", t.name, key.0),
+                    None,
+                );
+            }
+            crate::worker::overlap::write_to_peer(
+                &who,
+                &conninfo,
+                merge_id,
+                schema_name,
+                table_name,
+                &key_columns,
+                &row,
+            )
+            .unwrap_or_else(|e| error!("{e}"));
+        }
+    }
+    rights::as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE steep_repl.merge_conflicts SET resolved = $5, resolved_at = pg_catalog.now() \
+             WHERE merge_id = $1 AND schema_name = $2 AND table_name = $3 AND key = $4",
+            &[merge_id.into(), schema_name.into(), table_name.into(), key.into(), side.into()],
+        )
+    })
+    .unwrap_or_else(|e| error!("marking the conflict resolved: {e}"));
+    true
+}
+
+/// The sequences of this node or the peer: schema, name, the sequence's own last_value and is_called
+/// (read from each sequence, in one statement, through query_to_xml), min, max, increment.
+const SEQUENCES_SQL: &str = "SELECT s.schemaname::pg_catalog.text, s.sequencename::pg_catalog.text, \
+    (pg_catalog.xpath('/row/last_value/text()', x.x))[1]::pg_catalog.text, \
+    (pg_catalog.xpath('/row/is_called/text()', x.x))[1]::pg_catalog.text, \
+    s.min_value::pg_catalog.text, s.max_value::pg_catalog.text, s.increment_by::pg_catalog.text \
+    FROM pg_catalog.pg_sequences s CROSS JOIN LATERAL pg_catalog.query_to_xml(pg_catalog.format( \
+    'SELECT last_value, is_called FROM %I.%I', s.schemaname, s.sequencename), false, true, '') AS x(x) \
+    WHERE s.schemaname NOT IN ('pg_catalog', 'information_schema', 'steep_repl')";
+
+/// What stands in the way of linking this node and `peer` both ways after a merge (`steep-repl merge
+/// --bidirectional`): one row per problem, with what to do about it; no row when nothing does. Checks
+/// both servers' version (subscriptions with `origin = none` need PostgreSQL 16), `wal_level`, and every
+/// sequence present on both nodes: two copies that can still hand out a same value would make both nodes
+/// insert the same keys. Superusers only.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn merge_preflight(peer: &str) -> TableIterator<'static, (name!(node, String), name!(problem, String))> {
+    require_superuser("check two nodes before linking them");
+    let (who, conninfo) = crate::api::schema::resolve_peer(peer);
+    let theirs = crate::worker::overlap::peer_rows(
+        &who,
+        &conninfo,
+        &[
+            "SELECT pg_catalog.current_setting('server_version_num'), pg_catalog.current_setting('wal_level')",
+            SEQUENCES_SQL,
+        ],
+    )
+    .unwrap_or_else(|e| error!("{e}"));
+    let mine_settings = Spi::get_two::<String, String>(
+        "SELECT pg_catalog.current_setting('server_version_num'), pg_catalog.current_setting('wal_level')",
+    )
+    .unwrap_or_else(|e| error!("reading this server's settings: {e}"));
+    let mut problems = Vec::new();
+    let settings = [
+        ("local", mine_settings.0.unwrap_or_default(), mine_settings.1.unwrap_or_default()),
+        (
+            "peer",
+            theirs[0].first().and_then(|r| r[0].clone()).unwrap_or_default(),
+            theirs[0].first().and_then(|r| r[1].clone()).unwrap_or_default(),
+        ),
+    ];
+    for (node, version, wal_level) in settings {
+        let v: i64 = version.parse().unwrap_or(0);
+        if v < 160000 {
+            problems.push((
+                node.to_string(),
+                format!(
+                    "PostgreSQL {}.{} cannot subscribe with origin = none (PostgreSQL 16 and later): each node would \
+                     send the other's changes back; upgrade both nodes to 16 or later to replicate both ways",
+                    v / 10000,
+                    v % 10000 / 100
+                ),
+            ));
+        }
+        if wal_level != "logical" {
+            problems.push((
+                node.to_string(),
+                format!("wal_level is {wal_level}: set wal_level = logical and restart the server"),
+            ));
+        }
+    }
+    let parse = |r: &[Option<String>]| -> Option<((String, String), steep_repl_engine::merge::Sequence)> {
+        let num = |i: usize| r.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+        Some((
+            (r.first()?.clone()?, r.get(1)?.clone()?),
+            steep_repl_engine::merge::Sequence {
+                last_value: num(2)?,
+                is_called: r.get(3).cloned().flatten().as_deref() == Some("true"),
+                min_value: num(4)?,
+                max_value: num(5)?,
+                increment_by: num(6)?,
+            },
+        ))
+    };
+    let mine: Vec<Vec<Option<String>>> = Spi::connect(|client| {
+        let rows = client.select(SEQUENCES_SQL, None, &[])?;
+        let mut out = Vec::new();
+        for r in rows {
+            let mut row = Vec::new();
+            for i in 1..=7 {
+                row.push(r.get::<String>(i)?);
+            }
+            out.push(row);
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| error!("reading this server's sequences: {e}"));
+    let peer_seqs: std::collections::HashMap<(String, String), steep_repl_engine::merge::Sequence> =
+        theirs[1].iter().filter_map(|r| parse(r)).collect();
+    for row in &mine {
+        let Some((name, here)) = parse(row) else { continue };
+        let Some(there) = peer_seqs.get(&name) else { continue };
+        if steep_repl_engine::merge::sequences_collide(&here, there) {
+            let q = format!("{}.{}", quote_ident(&name.0), quote_ident(&name.1));
+            let next = |s: &steep_repl_engine::merge::Sequence| {
+                if s.is_called { s.last_value.saturating_add(s.increment_by) } else { s.last_value }
+            };
+            let top = next(&here).max(next(there)).saturating_add(1);
+            problems.push((
+                "both".to_string(),
+                format!(
+                    "sequence {q} would hand out the same values on both nodes (next {} step {} here, next {} step {} \
+                     on the peer): interleave them, e.g. ALTER SEQUENCE {q} INCREMENT BY 2 RESTART WITH {} here and \
+                     ... RESTART WITH {} on the peer, or give each node its own MINVALUE/MAXVALUE range",
+                    next(&here),
+                    here.increment_by,
+                    next(there),
+                    there.increment_by,
+                    top + top.rem_euclid(2),
+                    top + 1 - top.rem_euclid(2),
+                ),
+            ));
+        }
+    }
+    TableIterator::new(problems)
+}
+
+/// The columns of the primary key (else the replica identity index) of a table, in index order.
+fn key_index_columns(schema_name: &str, table_name: &str) -> Vec<String> {
+    Spi::get_one_with_args::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY s.i) FROM \
+         (SELECT i.indrelid, i.indkey FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indrelid \
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 \
+          AND (i.indisprimary OR i.indisreplident) ORDER BY i.indisprimary DESC LIMIT 1) x \
+         CROSS JOIN LATERAL pg_catalog.generate_subscripts(x.indkey, 1) AS s(i) \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[s.i]",
+        &[schema_name.into(), table_name.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
 pgrx::extension_sql!(
     r#"
 -- A merge reads and writes every row of the merged tables on both nodes.
@@ -499,7 +814,9 @@ REVOKE EXECUTE ON FUNCTION steep_repl.start_merge(text, text[], text, boolean, i
 REVOKE EXECUTE ON FUNCTION steep_repl.merge_result(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl.merge_rows(text, text, text[], bytea) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION steep_repl.merge_write(text, text, text, text[], text, text, text, bytea) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.resolve_merge_conflict(text, text, text, jsonb, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION steep_repl.merge_preflight(text) FROM PUBLIC;
 "#,
     name = "merge_rights",
-    requires = [start_merge, merge_result, merge_rows, merge_write]
+    requires = [start_merge, merge_result, merge_rows, merge_write, resolve_merge_conflict, merge_preflight]
 );

@@ -677,6 +677,50 @@ fn compare_all(
     Ok(())
 }
 
+/// Writes `rows` (COPY text) over the peer's rows with the same keys, as one `merge_write` there
+/// (`resolve_merge_conflict` choosing this node's row), from a backend.
+pub fn write_to_peer(
+    who: &str,
+    conninfo: &str,
+    merge_id: &str,
+    schema: &str,
+    table: &str,
+    key: &[String],
+    rows: &[u8],
+) -> Result<(), String> {
+    let stop = || -> Option<String> {
+        pgrx::check_for_interrupts!();
+        None
+    };
+    let peer = connect(who, conninfo, &stop).map_err(|e| e.full)?;
+    let keys: Vec<String> = key.iter().map(|k| quote_literal(k)).collect();
+    let sql = format!(
+        "SELECT steep_repl.merge_write({}, {}, {}, ARRAY[{}]::pg_catalog.text[], 'update', 'conflict', 'resolve', \
+         pg_catalog.decode('{}', 'base64'))",
+        quote_literal(merge_id),
+        quote_literal(schema),
+        quote_literal(table),
+        keys.join(", "),
+        digest::wire::to_text(rows)
+    );
+    peer.value(&sql)?;
+    Ok(())
+}
+
+/// Runs each statement on the peer from a backend and returns their rows (text).
+pub fn peer_rows(
+    who: &str,
+    conninfo: &str,
+    statements: &[&str],
+) -> Result<Vec<Vec<Vec<Option<String>>>>, String> {
+    let stop = || -> Option<String> {
+        pgrx::check_for_interrupts!();
+        None
+    };
+    let peer = connect(who, conninfo, &stop).map_err(|e| e.full)?;
+    statements.iter().map(|sql| peer.query(sql).map(|r| r.rows)).collect()
+}
+
 /// Blocks per digest file of `analyze_overlap`'s own side (64 MB of heap: about as much COPY text as an
 /// overlap scan's chunk).
 const ANALYZE_RANGE_BLOCKS: u32 = 8192;
