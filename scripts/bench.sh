@@ -522,12 +522,12 @@ merge_pair() { # makes mrg_l and mrg_p, diverged
   q postgres "CREATE DATABASE mrg_l TEMPLATE mrg_a"
   q postgres "CREATE DATABASE mrg_p TEMPLATE mrg_a"
   q mrg_p "UPDATE accounts SET abalance = abalance + 1 WHERE aid % ($merge_rows / 100000) = 0;
-           INSERT INTO accounts SELECT g, 1, 0, '' FROM generate_series($merge_rows + 1, $merge_rows + 100000) g;
-           VACUUM ANALYZE accounts"
+           INSERT INTO accounts SELECT g, 1, 0, '' FROM generate_series($merge_rows + 1, $merge_rows + 100000) g"
+  q mrg_p "VACUUM ANALYZE accounts"
   q mrg_l "VACUUM ANALYZE accounts"
 }
 time_ours_merge() {
-  local t0 id status
+  local t0 id status plan
   merge_pair
   prewarm mrg_l; prewarm mrg_p
   sync
@@ -536,7 +536,8 @@ time_ours_merge() {
   status=$(q mrg_l "SELECT status FROM steep_repl.wait_snapshot('$id')")
   [ "$status" = complete ] || { echo "bench: merge $id ended $status: $(q mrg_l "SELECT error FROM steep_repl.snapshots WHERE id = '$id'")" >&2; exit 1; }
   echo "$(now) - $t0" | bc
-  echo "$id" >"$work/merge.id"
+  plan=$(q mrg_l "SELECT string_agg(format('%s %s %s', node, action, rows), ', ' ORDER BY node, action) FROM steep_repl.merge_result('$id')")
+  echo "$plan" >"$work/merge.plan"
 }
 time_copy_merge_rows() {
   local t0
@@ -557,13 +558,11 @@ bench_merge() {
            CREATE EXTENSION steep_repl"
   q mrg_a "VACUUM (FREEZE, ANALYZE)"
   alternate 'time_ours_merge' 'time_copy_merge_rows'
-  local id
-  id=$(cat "$work/merge.id")
   report "merge mrg_l with mrg_p ($merge_rows rows; 100000 conflicting, 100000 on the peer only):"
   report "  start_merge(prefer-local, parallel => $parallel)  ${a}s (runs $runs_a)"
   report "  COPY of the same 200000 rows into an empty table  ${b}s (runs $runs_b)"
   report "  ratio merge / COPY: $(ratio "$a" "$b")x"
-  report "  plan: $(q mrg_l "SELECT string_agg(format('%s %s %s', node, action, rows), ', ' ORDER BY node, action) FROM steep_repl.merge_result('$id')")"
+  report "  rows written by the last merge: $(cat "$work/merge.plan")"
   q postgres "DROP DATABASE IF EXISTS mrg_l WITH (FORCE)"
   q postgres "DROP DATABASE IF EXISTS mrg_p WITH (FORCE)"
 }

@@ -209,6 +209,10 @@ impl Category {
     }
 }
 
+/// Batches of differing nodes gathered before they are settled together, one request overlapping
+/// the classification of the previous one.
+const SETTLE_BATCHES: usize = 8;
+
 /// Differing children of one node from which differences count as dense there (see
 /// [`Limits::leaf_rows`]).
 pub const DENSE_CHILDREN: usize = 4;
@@ -224,6 +228,9 @@ pub struct Limits {
     /// splitting them costs less than their rows' digests (an empty child digest is one byte, a
     /// row's about 22). Default 4.
     pub sparse_leaf_rows: u64,
+    /// The same where every child of the parent differs: splitting such nodes again would mostly
+    /// cost one more pass over both sides' digests for little. Default 256.
+    pub saturated_leaf_rows: u64,
     /// Most nodes per `children` or `rows` call, and most key hashes per `keys` call. Default 4096.
     pub batch_nodes: usize,
     /// Most rows asked for in one `rows` call, by the digests' counts (a single larger node is
@@ -241,6 +248,7 @@ impl Default for Limits {
         Limits {
             leaf_rows: 16,
             sparse_leaf_rows: 4,
+            saturated_leaf_rows: 256,
             batch_nodes: 4096,
             batch_rows: 262_144,
             max_keys: 1_000_000,
@@ -383,13 +391,19 @@ fn compare_at(
         peer_apart: 0,
         peer_unsummed: Vec::new(),
     };
-    walk.sort_node(Pending { node: Node::ROOT, local: local_total, peer: width.digest(peer_total) }, true);
+    walk.sort_node(
+        Pending { node: Node::ROOT, local: local_total, peer: width.digest(peer_total) },
+        limits.leaf_rows,
+    );
 
     loop {
         let leaf_rows = walk.leaves.iter().fold(0u64, |n, p: &Pending| n.saturating_add(p.larger()));
-        // Settle leaves once a batch of them is ready, or when nothing is left to expand.
+        // Settle leaves once several batches of them are ready (so that their requests overlap), or
+        // when nothing is left to expand.
         if !walk.leaves.is_empty()
-            && (walk.stack.is_empty() || walk.leaves.len() >= batch_nodes || leaf_rows >= limits.batch_rows)
+            && (walk.stack.is_empty()
+                || walk.leaves.len() >= SETTLE_BATCHES * batch_nodes
+                || leaf_rows >= SETTLE_BATCHES as u64 * limits.batch_rows)
         {
             let leaves = std::mem::take(&mut walk.leaves);
             walk.settle(local, peer, &leaves, check)?;
@@ -430,9 +444,13 @@ fn compare_at(
                 return Err(side("peer", "children do not add up to their node (table changed?)"));
             }
             let differing = (0..FANOUT).filter(|&j| width.digest(l[j]) != p[j]).count();
-            let dense = differing >= DENSE_CHILDREN;
+            let leaf_rows = match differing {
+                FANOUT => limits.saturated_leaf_rows,
+                n if n >= DENSE_CHILDREN => limits.leaf_rows,
+                _ => limits.sparse_leaf_rows,
+            };
             for (j, child) in pending.node.children().into_iter().enumerate() {
-                walk.sort_node(Pending { node: child, local: l[j], peer: p[j] }, dense);
+                walk.sort_node(Pending { node: child, local: l[j], peer: p[j] }, leaf_rows);
             }
         }
     }
@@ -447,9 +465,9 @@ fn compare_at(
 
 impl Walk<'_> {
     /// Counts an equal node as matched, or a node one side lacks (once its keys are no longer
-    /// listed) as one-sided, or queues a differing one for expansion or settling (`dense`: whether
-    /// differences are dense among its siblings, see [`Limits::leaf_rows`]).
-    fn sort_node(&mut self, p: Pending, dense: bool) {
+    /// listed) as one-sided, or queues a differing one for expansion or settling (when it has at most
+    /// `leaf_rows` rows: see [`Limits::leaf_rows`]).
+    fn sort_node(&mut self, p: Pending, leaf_rows: u64) {
         let limits = self.limits;
         if self.width.digest(p.local) == p.peer {
             self.result.matched += p.local.rows;
@@ -461,16 +479,16 @@ impl Walk<'_> {
             self.result.peer_only += p.peer.rows;
             self.result.keys_truncated = true;
             self.peer_unsummed.push(p.node);
-        } else if p.larger() <= if dense { limits.leaf_rows } else { limits.sparse_leaf_rows }
-            || p.node.depth >= self.width.max_depth()
-        {
+        } else if p.larger() <= leaf_rows || p.node.depth >= self.width.max_depth() {
             self.leaves.push(p);
         } else {
             self.stack.push(p);
         }
     }
 
-    /// Fetches the row digests of differing nodes, in batches, and classifies their keys.
+    /// Fetches the row digests of differing nodes, in batches, and classifies their keys. While the
+    /// peer works on one batch, this side reads its own rows of that batch and classifies the
+    /// previous one, so neither waits for the other longer than it must.
     fn settle(
         &mut self,
         local: &mut dyn Side,
@@ -480,9 +498,10 @@ impl Walk<'_> {
     ) -> Result<(), DigestError> {
         let limits = self.limits;
         let width = self.width;
+        // Batches: at least one node each, then as many as fit both limits.
+        let mut batches = Vec::new();
         let mut start = 0;
         while start < leaves.len() {
-            // At least one node per batch, then as many as fit both limits.
             let mut end = start + 1;
             let mut rows = leaves[start].larger();
             while end < leaves.len() && end - start < limits.batch_nodes {
@@ -492,28 +511,56 @@ impl Walk<'_> {
                 }
                 end += 1;
             }
-            let batch = &leaves[start..end];
-            let nodes: Vec<Node> = batch.iter().map(|p| p.node).collect();
+            batches.push(start..end);
+            start = end;
+        }
+        type Answered = (std::ops::Range<usize>, Vec<Vec<RowDigest>>, Vec<Vec<RowDigest>>);
+        let mut previous: Option<Answered> = None;
+        for range in batches {
+            let nodes: Vec<Node> = leaves[range.clone()].iter().map(|p| p.node).collect();
             check()?;
             let mut mine = None;
-            let peer_rows =
-                peer.rows_while(&nodes, width, &mut || mine = Some(local.rows(&nodes, Width::Full)))?;
+            let mut classified = Ok(());
+            let peer_rows = peer.rows_while(&nodes, width, &mut || {
+                mine = Some(local.rows(&nodes, Width::Full));
+                if let Some((r, l, p)) = previous.take() {
+                    classified = self.settle_batch(&leaves[r], &l, &p);
+                }
+            })?;
+            classified?;
             let local_rows = match mine {
                 Some(answer) => answer?,
                 None => local.rows(&nodes, Width::Full)?,
             };
-            for (i, pending) in batch.iter().enumerate() {
-                let l = checked_rows("local", local_rows.get(i), pending.node, pending.local, Width::Full)?;
-                let p = checked_rows("peer", peer_rows.get(i), pending.node, pending.peer, width)?;
-                self.local_apart = self.local_apart.wrapping_add(pending.local.sum);
-                self.peer_apart = p.iter().fold(self.peer_apart, |s, r| s.wrapping_add(r.row_hash));
-                let l = narrowed(l, width)?;
-                if width != Width::Full && p.windows(2).any(|w| w[0].key_hash == w[1].key_hash) {
-                    return Err(DigestError::Collision("two peer rows share a narrowed key hash".into()));
-                }
-                self.classify(&l, &p);
+            if let Some((r, l, p)) = previous.take() {
+                self.settle_batch(&leaves[r], &l, &p)?;
             }
-            start = end;
+            previous = Some((range, local_rows, peer_rows));
+        }
+        if let Some((r, l, p)) = previous {
+            self.settle_batch(&leaves[r], &l, &p)?;
+        }
+        Ok(())
+    }
+
+    /// Checks and classifies the answers of both sides for one batch of settled nodes.
+    fn settle_batch(
+        &mut self,
+        batch: &[Pending],
+        local_rows: &[Vec<RowDigest>],
+        peer_rows: &[Vec<RowDigest>],
+    ) -> Result<(), DigestError> {
+        let width = self.width;
+        for (i, pending) in batch.iter().enumerate() {
+            let l = checked_rows("local", local_rows.get(i), pending.node, pending.local, Width::Full)?;
+            let p = checked_rows("peer", peer_rows.get(i), pending.node, pending.peer, width)?;
+            self.local_apart = self.local_apart.wrapping_add(pending.local.sum);
+            self.peer_apart = p.iter().fold(self.peer_apart, |s, r| s.wrapping_add(r.row_hash));
+            let l = narrowed(l, width)?;
+            if width != Width::Full && p.windows(2).any(|w| w[0].key_hash == w[1].key_hash) {
+                return Err(DigestError::Collision("two peer rows share a narrowed key hash".into()));
+            }
+            self.classify(&l, &p);
         }
         Ok(())
     }

@@ -619,7 +619,14 @@ fn mutation_suite_is_classified_exactly() {
 
     for limits in [
         Limits::default(),
-        Limits { leaf_rows: 1, sparse_leaf_rows: 0, batch_nodes: 3, batch_rows: 5, ..Limits::default() },
+        Limits {
+            leaf_rows: 1,
+            sparse_leaf_rows: 0,
+            saturated_leaf_rows: 2,
+            batch_nodes: 3,
+            batch_rows: 5,
+            ..Limits::default()
+        },
     ] {
         let mut l = table(dir.path(), "l", &local, 4);
         let mut p = table(dir.path(), "p", &peer, 3);
@@ -745,7 +752,7 @@ proptest! {
             }
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let limits = Limits { leaf_rows, sparse_leaf_rows: leaf_rows / 3, batch_nodes, batch_rows, max_keys: 1_000, ..Limits::default() };
+        let limits = Limits { leaf_rows, sparse_leaf_rows: leaf_rows / 3, saturated_leaf_rows: leaf_rows * 4, batch_nodes, batch_rows, max_keys: 1_000, ..Limits::default() };
         let mut l = table(dir.path(), "l", &local, files.0);
         let mut p = table(dir.path(), "p", &peer, files.1);
         let c = run_compare(&mut l, &mut p, &limits);
