@@ -368,3 +368,38 @@ fn preflight_names_colliding_sequences_and_what_replicating_both_ways_needs() {
         problems.iter().filter(|(_, p)| p.contains("origin = none")).map(|(n, _)| n).collect();
     assert_eq!(version, vec!["local", "peer"], "{problems:#?}");
 }
+
+#[test]
+fn batches_follow_each_other_in_both_directions() {
+    // More keys than one batch holds, in every direction: batches of one direction overlap (one read
+    // while the other node writes), and each lands whole.
+    let local = preloaded();
+    let peer = dedicated_with("merge_batches", "");
+    local.fresh_db("mrg_many", true);
+    peer.fresh_db("mrg_many", true);
+    let mut l = local.client("mrg_many");
+    let mut p = peer.client("mrg_many");
+    for c in [&mut l, &mut p] {
+        c.batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 30000) g",
+        )
+        .unwrap();
+    }
+    l.batch_execute("INSERT INTO t SELECT g, 'local' FROM generate_series(100001, 125000) g").unwrap();
+    p.batch_execute(
+        "INSERT INTO t SELECT g, 'peer' FROM generate_series(200001, 225000) g; UPDATE t SET v = 'P' WHERE id <= 25000",
+    )
+    .unwrap();
+    let conninfo = peer.conninfo_for("mrg_many");
+    let id = merge(&mut l, &conninfo, "prefer-remote", false);
+    assert_eq!(differences(&mut l, &conninfo), (0, 0, 0));
+    for c in [&mut l, &mut p] {
+        let (n, changed): (i64, i64) = c
+            .query_one("SELECT count(*), count(*) FILTER (WHERE v = $1) FROM t", &[&"P"])
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert_eq!((n, changed), (80_000, 25_000));
+    }
+    assert_eq!(audit_count(&mut l, &id), 25_000 + 25_000, "peer-only inserted and conflicts updated here");
+    assert_eq!(audit_count(&mut p, &id), 25_000, "local-only inserted on the peer");
+}

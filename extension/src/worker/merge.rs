@@ -18,7 +18,7 @@ use crate::pg::rights::as_owner;
 use crate::worker::overlap::Peer;
 
 /// Keys per batch: one transaction on the node written.
-const BATCH_KEYS: usize = 5_000;
+const BATCH_KEYS: usize = 10_000;
 
 /// Sample keys recorded per table, node and action.
 const SAMPLE_KEYS: usize = 10;
@@ -117,6 +117,109 @@ struct Merger<'a, 's> {
 }
 
 impl Merger<'_, '_> {
+    /// The rows of `keys` on the peer, as COPY text, running `meanwhile` while the peer works.
+    fn peer_rows_while(&self, keys: &[Vec<u8>], meanwhile: &mut dyn FnMut()) -> Result<Vec<u8>, JobError> {
+        let sql = format!(
+            "SELECT steep_repl.merge_rows({}, {}, {}, {})",
+            quote_literal(&self.t.schema),
+            quote_literal(&self.t.name),
+            text_array(&self.t.key),
+            bytea(&key_lines(keys))
+        );
+        Ok(self.peer.request_while(&sql, meanwhile)?.unwrap_or_default())
+    }
+
+    /// Writes `rows` on the peer in one transaction there, running `meanwhile` while the peer works;
+    /// the rows written.
+    fn peer_write_while(
+        &self,
+        mode: &str,
+        category: Category,
+        decided_by: &str,
+        rows: &[u8],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<i64, JobError> {
+        if rows.is_empty() {
+            meanwhile();
+            return Ok(0);
+        }
+        let sql = format!(
+            "SELECT steep_repl.merge_write({}, {}, {}, {}, {}, {}, {}, {})",
+            quote_literal(self.id),
+            quote_literal(&self.t.schema),
+            quote_literal(&self.t.name),
+            text_array(&self.t.key),
+            quote_literal(mode),
+            quote_literal(category.as_str()),
+            quote_literal(decided_by),
+            bytea(rows)
+        );
+        let answer = self.peer.query_while(&sql, meanwhile)?;
+        let n = answer.rows.into_iter().next().and_then(|r| r.into_iter().next().flatten());
+        Ok(n.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// Reads the rows of `keys` on `from` and writes them with `mode` on the other node, batch by
+    /// batch, each batch one transaction there (in a dry run, counts them). The peer's part of each
+    /// step overlaps this node's: this node reads the next batch while the peer writes one, or
+    /// writes one while the peer reads the next. Tallied under `action`.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &mut self,
+        from: Node,
+        mode: &str,
+        action: &'static str,
+        category: Category,
+        decided_by: &str,
+        keys: &[Vec<u8>],
+        dry_run: bool,
+    ) -> Result<(), JobError> {
+        let to = if from == Node::Local { Node::Peer } else { Node::Local };
+        let batches: Vec<&[Vec<u8>]> = keys.chunks(BATCH_KEYS).collect();
+        let mut written: Vec<i64> = Vec::with_capacity(batches.len());
+        if dry_run {
+            written = batches.iter().map(|b| b.len() as i64).collect();
+        } else if from == Node::Local {
+            let mut rows = match batches.first() {
+                Some(b) => self.rows(Node::Local, b)?,
+                None => Vec::new(),
+            };
+            for i in 0..batches.len() {
+                let mut next = None;
+                let n = self.peer_write_while(mode, category, decided_by, &rows, &mut || {
+                    if let Some(b) = batches.get(i + 1) {
+                        next = Some(self.rows(Node::Local, b));
+                    }
+                })?;
+                written.push(n);
+                if let Some(r) = next {
+                    rows = r?;
+                }
+            }
+        } else {
+            let mut pending: Option<Vec<u8>> = None;
+            for b in &batches {
+                let mut wrote = None;
+                let rows = self.peer_rows_while(b, &mut || {
+                    if let Some(r) = pending.take() {
+                        wrote = Some(self.write(Node::Local, mode, category, decided_by, &r));
+                    }
+                })?;
+                if let Some(n) = wrote {
+                    written.push(n?);
+                }
+                pending = Some(rows);
+            }
+            if let Some(r) = pending {
+                written.push(self.write(Node::Local, mode, category, decided_by, &r)?);
+            }
+        }
+        for (b, n) in batches.iter().zip(written) {
+            self.tally.add(to, action, n, b);
+        }
+        Ok(())
+    }
+
     /// The rows of `keys` on `node`, as COPY text.
     fn rows(&self, node: Node, keys: &[Vec<u8>]) -> Result<Vec<u8>, JobError> {
         let data = key_lines(keys);
@@ -136,16 +239,7 @@ impl Merger<'_, '_> {
             .map_err(|e| {
                 JobError::plain(format!("reading rows of {}.{} here: {e}", self.t.schema, self.t.name))
             }),
-            Node::Peer => {
-                let sql = format!(
-                    "SELECT steep_repl.merge_rows({}, {}, {}, {})",
-                    quote_literal(&self.t.schema),
-                    quote_literal(&self.t.name),
-                    text_array(&self.t.key),
-                    bytea(&data)
-                );
-                Ok(self.peer.request_while(&sql, &mut || {})?.unwrap_or_default())
-            }
+            Node::Peer => self.peer_rows_while(keys, &mut || {}),
         }
     }
 
@@ -181,21 +275,7 @@ impl Merger<'_, '_> {
             .map_err(|e| {
                 JobError::plain(format!("merging into {}.{} here: {e}", self.t.schema, self.t.name))
             }),
-            Node::Peer => {
-                let sql = format!(
-                    "SELECT steep_repl.merge_write({}, {}, {}, {}, {}, {}, {}, {})",
-                    quote_literal(self.id),
-                    quote_literal(&self.t.schema),
-                    quote_literal(&self.t.name),
-                    text_array(&self.t.key),
-                    quote_literal(mode),
-                    quote_literal(category.as_str()),
-                    quote_literal(decided_by),
-                    bytea(rows)
-                );
-                let n = self.peer.value(&sql)?;
-                Ok(n.and_then(|v| v.parse().ok()).unwrap_or(0))
-            }
+            Node::Peer => self.peer_write_while(mode, category, decided_by, rows, &mut || {}),
         }
     }
 
@@ -207,38 +287,25 @@ impl Merger<'_, '_> {
         keys: &[Vec<u8>],
         dry_run: bool,
     ) -> Result<(), JobError> {
-        let to = if from == Node::Local { Node::Peer } else { Node::Local };
-        for batch in keys.chunks(BATCH_KEYS) {
-            let n = if dry_run {
-                batch.len() as i64
-            } else {
-                let rows = self.rows(from, batch)?;
-                self.write(to, "insert", category, "union", &rows)?
-            };
-            self.tally.add(to, "insert", n, batch);
-        }
-        Ok(())
+        self.transfer(from, "insert", "insert", category, "union", keys, dry_run)
     }
 
     /// Settles conflicting `keys` by `strategy`.
     fn settle(&mut self, strategy: &Strategy, keys: &[Vec<u8>], dry_run: bool) -> Result<(), JobError> {
         let decided_by = strategy.name();
+        let (from, mode) = match strategy {
+            Strategy::PreferLocal => (Node::Local, "update"),
+            Strategy::PreferRemote => (Node::Peer, "update"),
+            Strategy::Manual => (Node::Peer, "park"),
+            Strategy::LastModified(_) => (Node::Local, ""),
+        };
+        if !mode.is_empty() {
+            let action = if mode == "park" { "park" } else { "update" };
+            return self.transfer(from, mode, action, Category::Conflict, &decided_by, keys, dry_run);
+        }
         for batch in keys.chunks(BATCH_KEYS) {
             match strategy {
-                Strategy::PreferLocal | Strategy::PreferRemote | Strategy::Manual => {
-                    let (from, to, mode) = match strategy {
-                        Strategy::PreferLocal => (Node::Local, Node::Peer, "update"),
-                        Strategy::PreferRemote => (Node::Peer, Node::Local, "update"),
-                        _ => (Node::Peer, Node::Local, "park"),
-                    };
-                    let n = if dry_run {
-                        batch.len() as i64
-                    } else {
-                        let rows = self.rows(from, batch)?;
-                        self.write(to, mode, Category::Conflict, &decided_by, &rows)?
-                    };
-                    self.tally.add(to, if mode == "park" { "park" } else { "update" }, n, batch);
-                }
+                Strategy::PreferLocal | Strategy::PreferRemote | Strategy::Manual => {}
                 Strategy::LastModified(column) => {
                     let (to_peer, to_local) = self.decide_by_time(column, batch)?;
                     for (to, rows, keys) in

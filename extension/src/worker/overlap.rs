@@ -82,7 +82,7 @@ impl Peer<'_> {
     }
 
     /// [`Peer::query`], running `meanwhile` once the statement is sent and before its answer is read.
-    fn query_while(&self, sql: &str, meanwhile: &mut dyn FnMut()) -> Result<Rows, String> {
+    pub(crate) fn query_while(&self, sql: &str, meanwhile: &mut dyn FnMut()) -> Result<Rows, String> {
         let stop = self.stop;
         let mut interrupt = || match stop() {
             Some(why) => Err(PeerError::Interrupted(why)),
