@@ -403,3 +403,79 @@ fn batches_follow_each_other_in_both_directions() {
     assert_eq!(audit_count(&mut l, &id), 25_000 + 25_000, "peer-only inserted and conflicts updated here");
     assert_eq!(audit_count(&mut p, &id), 25_000, "local-only inserted on the peer");
 }
+
+#[test]
+fn a_table_owners_code_runs_as_that_owner_and_odd_columns_merge() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_owner", "");
+    for c in [local, &peer] {
+        c.fresh_db("mrg_owner", true);
+    }
+    let mut l = local.client("mrg_owner");
+    let mut p = peer.client("mrg_owner");
+    // An unprivileged owner whose ENABLE ALWAYS trigger (fired even under session_replication_role =
+    // replica) notes who runs it; columns named like the statements' aliases; an identity column.
+    for c in [&mut l, &mut p] {
+        c.batch_execute(
+            "DROP ROLE IF EXISTS mrg_owner; CREATE ROLE mrg_owner; GRANT CREATE ON SCHEMA public TO mrg_owner; \
+             SET ROLE mrg_owner; \
+             CREATE TABLE seen (who text, super bool); \
+             CREATE TABLE t (id int PRIMARY KEY, n text, o text, s text, g int GENERATED ALWAYS AS IDENTITY); \
+             CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               INSERT INTO public.seen SELECT current_user, rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user; \
+               RETURN NEW; END $$; \
+             CREATE TRIGGER note BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION note(); \
+             ALTER TABLE t ENABLE ALWAYS TRIGGER note; \
+             INSERT INTO t (id, n, o, s) SELECT g, 'n', 'o', 's' FROM generate_series(1, 10) g; \
+             RESET ROLE; TRUNCATE seen",
+        )
+        .unwrap();
+    }
+    l.batch_execute(
+        "INSERT INTO t (id, n, o, s) VALUES (100, 'here', 'only', 'x'); UPDATE t SET n = 'L' WHERE id = 1",
+    )
+    .unwrap();
+    p.batch_execute(
+        "INSERT INTO t (id, n, o, s) VALUES (200, 'peer', 'only', 'y'); UPDATE t SET o = 'P' WHERE id = 2",
+    )
+    .unwrap();
+    l.batch_execute("TRUNCATE seen").unwrap();
+    p.batch_execute("TRUNCATE seen").unwrap();
+    let conninfo = peer.conninfo_for("mrg_owner");
+    let id = merge(&mut l, &conninfo, "prefer-local", false);
+    assert_eq!(differences(&mut l, &conninfo), (0, 0, 0));
+    for c in [&mut l, &mut p] {
+        let seen: Vec<(String, bool)> = c
+            .query("SELECT DISTINCT who, super FROM seen", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(seen, vec![("mrg_owner".to_string(), false)], "the trigger ran as the table's owner only");
+        // The audit keeps whole rows, not a column that happens to share an alias's name.
+        let rows: Vec<String> = c
+            .query("SELECT new_row::text FROM steep_repl.merge_audit WHERE merge_id = $1", &[&id])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            !rows.is_empty() && rows.iter().all(|r| r.contains("\"id\"") && r.contains("\"g\"")),
+            "{rows:?}"
+        );
+    }
+    let row: (String, String) =
+        p.query_one("SELECT n, o FROM t WHERE id = 2", &[]).map(|r| (r.get(0), r.get(1))).unwrap();
+    assert_eq!(row, ("n".to_string(), "o".to_string()), "prefer-local: the local row wins on the peer");
+
+    // A write that fails leaves this session without the merge's replication origin.
+    let e = l
+        .batch_execute(
+            "SELECT steep_repl.merge_write('m', 'public', 't', ARRAY['id'], 'insert', 'peer_only', 'union', \
+             convert_to(E'not a number\\tx\\ty\\tz\\t1\\n', 'UTF8'))",
+        )
+        .expect_err("a bad row");
+    assert!(db_message(&e).contains("invalid input syntax"), "{}", db_message(&e));
+    let held: bool = l.query_one("SELECT pg_replication_origin_session_is_setup()", &[]).unwrap().get(0);
+    assert!(!held, "the origin is released when the write's transaction aborts");
+}

@@ -22,7 +22,7 @@ use steep_repl_engine::merge::Strategy;
 use crate::api::{check_parallel, require_startable, user_error};
 use crate::bookkeeping::{self, NewOperation};
 use crate::job::{self, Entry, StartGuard};
-use crate::pg::copy_from::{CopySource, copy_into};
+use crate::pg::copy_from::{CopySource, copy_into_as};
 use crate::pg::{self, rights, session, xact};
 use crate::shmem::{self, FLAG_MERGE, JobKind, Phase};
 
@@ -43,6 +43,11 @@ fn require_superuser(what: &str) {
 struct Table {
     /// `schema.table`, quoted.
     name: String,
+    /// The table's owner: every piece of code the table's definition brings (triggers, CHECKs, domain
+    /// CHECKs, casts to json) runs as this role, never as the merge's superuser.
+    owner: pg_sys::Oid,
+    /// Columns GENERATED ALWAYS AS IDENTITY: inserted with OVERRIDING SYSTEM VALUE, never updated.
+    identity_always: Vec<String>,
     /// COPY's column list (not dropped, not generated), in order, unquoted.
     columns: Vec<String>,
     /// The key columns, in key order, unquoted.
@@ -56,20 +61,28 @@ impl Table {
     /// Looks `schema_name.table_name` up; an ERROR when it is missing or `key` is not the columns of its
     /// primary key or replica identity index.
     fn load(schema_name: &str, table_name: &str, key: &[String]) -> Table {
-        let relid = Spi::get_one_with_args::<pg_sys::Oid>(
-            "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+        // A plain table only: FROM ONLY and UPDATE ONLY on a partitioned parent would touch nothing.
+        let found = Spi::get_two_with_args::<pg_sys::Oid, pg_sys::Oid>(
+            "SELECT c.oid, c.relowner FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r'",
             &[schema_name.into(), table_name.into()],
+        );
+        let (relid, owner) = match found {
+            Ok((Some(relid), Some(owner))) => (relid, owner),
+            _ => user_error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("table {schema_name}.{table_name} does not exist (or is not a plain table)"),
+                None,
+            ),
+        };
+        let identity_always = Spi::get_one_with_args::<Vec<String>>(
+            "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text) FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = 'a'",
+            &[relid.into()],
         )
         .ok()
         .flatten()
-        .unwrap_or_else(|| {
-            user_error(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("table {schema_name}.{table_name} does not exist"),
-                None,
-            )
-        });
+        .unwrap_or_default();
         let columns = Spi::get_one_with_args::<Vec<String>>(
             "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum) \
              FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
@@ -120,6 +133,8 @@ impl Table {
         }
         Table {
             name: format!("{}.{}", quote_ident(schema_name), quote_ident(table_name)),
+            owner,
+            identity_always,
             columns,
             key: key.to_vec(),
             key_ops: ops.into_iter().map(|(_, op)| op).collect(),
@@ -173,24 +188,45 @@ fn pinned() -> Vec<(&'static str, &'static str)> {
     s
 }
 
-/// Creates (again) the temporary table `pg_temp.<name>` with `columns` of `t`, dropped at commit, and
-/// loads `data` (COPY text of those columns) into it.
+/// Creates (again) the temporary table `pg_temp.<name>`, dropped at commit, which `t`'s owner may read
+/// and fill: with `columns` of `t`, loaded with `data` (COPY text of those columns, COPY's code running
+/// as `t`'s owner); or, with `columns` empty, the jsonb columns key, old_row and new_row, where the
+/// owner's statements leave what the audit records.
 fn load_temp(name: &str, t: &Table, columns: &[String], data: &[u8]) {
     let list = columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let create = if columns.is_empty() {
+        format!(
+            "CREATE TEMPORARY TABLE {name} (key pg_catalog.jsonb, old_row pg_catalog.jsonb, \
+             new_row pg_catalog.jsonb) ON COMMIT DROP"
+        )
+    } else {
+        format!(
+            "CREATE TEMPORARY TABLE {name} ON COMMIT DROP AS SELECT {list} FROM ONLY {} WITH NO DATA",
+            t.name
+        )
+    };
+    let owner_name = Spi::get_one_with_args::<String>(
+        "SELECT rolname::pg_catalog.text FROM pg_catalog.pg_roles WHERE oid = $1",
+        &[t.owner.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| error!("the owner of {} has disappeared", t.name));
     Spi::run(&format!("DROP TABLE IF EXISTS pg_temp.{name}"))
+        .and_then(|_| Spi::run(&create))
         .and_then(|_| {
-            Spi::run(&format!(
-                "CREATE TEMPORARY TABLE {name} ON COMMIT DROP AS SELECT {list} FROM ONLY {} WITH NO DATA",
-                t.name
-            ))
+            Spi::run(&format!("GRANT SELECT, INSERT ON pg_temp.{name} TO {}", quote_ident(&owner_name)))
         })
         .unwrap_or_else(|e| error!("creating a temporary table for {}: {e}", t.name));
+    if columns.is_empty() {
+        return;
+    }
     let relid =
         Spi::get_one::<pg_sys::Oid>(&format!("SELECT 'pg_temp.{name}'::pg_catalog.regclass::pg_catalog.oid"))
             .ok()
             .flatten()
             .unwrap_or_else(|| error!("the temporary table {name} has disappeared"));
-    copy_into(relid, columns, None, &mut Bytes { data });
+    copy_into_as(relid, columns, None, &mut Bytes { data }, Some(t.owner));
 }
 
 /// The rows of `schema_name.table_name` whose key is one of `keys`, as COPY text in COPY's column order.
@@ -209,23 +245,30 @@ pub fn rows_by_key(schema_name: &str, table_name: &str, key_columns: &[String], 
     let t = Table::load(schema_name, table_name, key_columns);
     session::with_settings(&pinned(), || {
         load_temp("steep_merge_keys", &t, &t.key, keys);
-        let values: Vec<String> = t
-            .columns
-            .iter()
-            .map(|c| {
-                let q = quote_ident(c);
-                format!("CASE WHEN t.{q} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{q}) END")
-            })
-            .collect();
-        let sql = format!(
-            "SELECT {} FROM ONLY {} t JOIN pg_temp.steep_merge_keys k ON {}",
-            values.join(", "),
-            t.name,
-            t.key_join("t", "k")
-        );
-        let mut out = Vec::new();
+        let from = format!("ONLY {} t JOIN pg_temp.steep_merge_keys k ON {}", t.name, t.key_join("t", "k"));
+        copy_text_of(&t, &from, &[])
+    })
+}
+
+/// The rows of `SELECT t.<columns> FROM <from>` (`t` naming a row of `t`'s type) as COPY text in COPY's
+/// column order, printed by the columns' output functions as `t`'s owner.
+fn copy_text_of(t: &Table, from: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<u8> {
+    let values: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| {
+            // num_nulls, not IS NULL: a composite value whose fields are all NULL is not NULL.
+            let q = quote_ident(c);
+            format!(
+                "CASE WHEN pg_catalog.num_nulls(t.{q}) = 1 THEN NULL ELSE pg_catalog.format('%s', t.{q}) END"
+            )
+        })
+        .collect();
+    let sql = format!("SELECT {} FROM {from}", values.join(", "));
+    let mut out = Vec::new();
+    rights::as_table_owner(t.owner, || {
         Spi::connect(|client| {
-            let rows = client.select(&sql, None, &[])?;
+            let rows = client.select(&sql, None, args)?;
             let n = t.columns.len();
             for r in rows {
                 for i in 1..=n {
@@ -241,9 +284,9 @@ pub fn rows_by_key(schema_name: &str, table_name: &str, key_columns: &[String], 
             }
             Ok::<(), pgrx::spi::Error>(())
         })
-        .unwrap_or_else(|e| error!("reading rows of {} by key: {e}", t.name));
-        out
     })
+    .unwrap_or_else(|e| error!("reading rows of {}: {e}", t.name));
+    out
 }
 
 /// Writes `rows` (COPY text in COPY's column order, as `merge_rows` prints them) into
@@ -294,24 +337,36 @@ pub fn write_rows(
     settings.push(("session_replication_role", "replica"));
     session::with_superuser_settings(&settings, || {
         load_temp("steep_merge_rows", &t, &t.columns, rows);
-        let audit = |action: &str, old: &str, new: &str, from: &str| {
+        load_temp("steep_merge_done", &t, &[], &[]);
+        // The data statement runs as the table's owner (its triggers, CHECKs and casts to json are its
+        // code) and leaves what the audit records in steep_merge_done; the audit rows are written by
+        // the extension's owner.
+        let done = |old: &str, new: &str, from: &str| {
             format!(
-                "INSERT INTO steep_repl.merge_audit (merge_id, schema_name, table_name, key, category, action, \
-                 old_row, new_row, decided_by) SELECT $1, $2, $3, {}, $4, '{action}', {old}, {new}, $5 FROM {from} \
-                 RETURNING 1",
+                "INSERT INTO pg_temp.steep_merge_done (key, old_row, new_row) SELECT {}, {old}, {new} FROM {from}",
                 t.key_json("n")
             )
         };
         let sql = match mode {
-            "insert" => format!(
-                "WITH n AS (INSERT INTO {name} AS t ({cols}) SELECT {cols} FROM pg_temp.steep_merge_rows \
-                 ON CONFLICT DO NOTHING RETURNING t.*), a AS ({audit}) SELECT pg_catalog.count(*) FROM a",
-                name = t.name,
-                cols = t.column_list(None),
-                audit = audit("insert", "NULL", "pg_catalog.to_jsonb(n)", "n"),
-            ),
+            "insert" => {
+                let overriding = if t.identity_always.is_empty() { "" } else { "OVERRIDING SYSTEM VALUE" };
+                let key = t.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+                // ON CONFLICT on the key only: a row that breaks another unique constraint fails the
+                // batch rather than vanish unaudited.
+                format!(
+                    "WITH n AS (INSERT INTO {name} AS t ({cols}) {overriding} SELECT {cols} FROM pg_temp.steep_merge_rows \
+                     ON CONFLICT ({key}) DO NOTHING RETURNING t.*) {done}",
+                    name = t.name,
+                    cols = t.column_list(None),
+                    done = done("NULL", "pg_catalog.to_jsonb(n.*)", "n"),
+                )
+            }
             "update" => {
-                let nonkey: Vec<&String> = t.columns.iter().filter(|c| !t.key.contains(c)).collect();
+                let nonkey: Vec<&String> = t
+                    .columns
+                    .iter()
+                    .filter(|c| !t.key.contains(c) && !t.identity_always.contains(c))
+                    .collect();
                 if nonkey.is_empty() {
                     // Rows of key columns only: equal keys are equal rows, nothing to update.
                     return 0;
@@ -322,23 +377,20 @@ pub fn write_rows(
                 format!(
                     "WITH o AS (SELECT t.* FROM ONLY {name} t JOIN pg_temp.steep_merge_rows s ON {join_ts}), \
                      n AS (UPDATE ONLY {name} t SET ({set_cols}) = ROW({src_cols}) FROM pg_temp.steep_merge_rows s \
-                      WHERE {join_ts} RETURNING t.*), \
-                     a AS ({audit}) SELECT pg_catalog.count(*) FROM a",
+                      WHERE {join_ts} RETURNING t.*) {done}",
                     name = t.name,
                     join_ts = t.key_join("t", "s"),
-                    audit = audit(
-                        "update",
-                        "pg_catalog.to_jsonb(o)",
-                        "pg_catalog.to_jsonb(n)",
+                    done = done(
+                        "pg_catalog.to_jsonb(o.*)",
+                        "pg_catalog.to_jsonb(n.*)",
                         &format!("n JOIN o ON {}", t.key_join("n", "o"))
                     ),
                 )
             }
             "park" => format!(
-                "WITH a AS (INSERT INTO steep_repl.merge_conflicts (merge_id, schema_name, table_name, key, \
-                 local_row, peer_row) SELECT $1, $2, $3, {key}, pg_catalog.to_jsonb(n), pg_catalog.to_jsonb(s) \
-                 FROM ONLY {name} n JOIN pg_temp.steep_merge_rows s ON {join} \
-                 ON CONFLICT DO NOTHING RETURNING 1) SELECT pg_catalog.count(*) FROM a",
+                "INSERT INTO pg_temp.steep_merge_done (key, old_row, new_row) SELECT {key}, \
+                 pg_catalog.to_jsonb(n.*), pg_catalog.to_jsonb(s.*) FROM ONLY {name} n \
+                 JOIN pg_temp.steep_merge_rows s ON {join}",
                 key = t.key_json("n"),
                 name = t.name,
                 join = t.key_join("n", "s"),
@@ -350,18 +402,61 @@ pub fn write_rows(
             ),
         };
         with_origin(|| {
+            rights::as_table_owner(t.owner, || Spi::run(&sql))
+                .unwrap_or_else(|e| error!("merging rows into {}: {e}", t.name));
+        });
+        let record = if mode == "park" {
+            "INSERT INTO steep_repl.merge_conflicts (merge_id, schema_name, table_name, key, local_row, peer_row) \
+             SELECT $1, $2, $3, d.key, d.old_row, d.new_row FROM pg_temp.steep_merge_done d \
+             ON CONFLICT DO NOTHING RETURNING 1"
+                .to_string()
+        } else {
+            format!(
+                "INSERT INTO steep_repl.merge_audit (merge_id, schema_name, table_name, key, category, action, \
+                 old_row, new_row, decided_by) SELECT $1, $2, $3, d.key, $4, '{}', d.old_row, d.new_row, $5 \
+                 FROM pg_temp.steep_merge_done d RETURNING 1",
+                if mode == "insert" { "insert" } else { "update" }
+            )
+        };
+        rights::as_owner(|| {
             Spi::get_one_with_args::<i64>(
-                &sql,
+                &format!("WITH a AS ({record}) SELECT pg_catalog.count(*) FROM a"),
                 &[merge_id.into(), schema_name.into(), table_name.into(), category.into(), decided_by.into()],
             )
-            .unwrap_or_else(|e| error!("merging rows into {}: {e}", t.name))
-            .unwrap_or(0)
         })
+        .unwrap_or_else(|e| error!("recording the merge of {}: {e}", t.name))
+        .unwrap_or(0)
     })
 }
 
 /// How long a merge write waits for the replication origin while another session holds it.
 const ORIGIN_WAIT_S: i32 = 60;
+
+/// What `pg_replication_origin_session_reset()` does (replication/origin.h is not in pgrx's bindings).
+mod origin_ffi {
+    unsafe extern "C-unwind" {
+        pub fn replorigin_session_reset();
+        pub static mut replorigin_session_origin: u16;
+        pub static mut replorigin_session_origin_lsn: u64;
+        pub static mut replorigin_session_origin_timestamp: i64;
+    }
+}
+
+/// Transaction-abort callback of [`with_origin`]: releases this session's replication origin.
+fn release_origin_on_abort() {
+    // SAFETY: the globals are this backend's; a session origin is set (non-zero) only by
+    // pg_replication_origin_session_setup, after which replorigin_session_reset is valid. Called from
+    // AbortTransaction, after the transaction's locks are released: the reset takes and releases one
+    // LWLock, as pg_replication_origin_session_reset() does.
+    unsafe {
+        if origin_ffi::replorigin_session_origin != 0 {
+            origin_ffi::replorigin_session_reset();
+            origin_ffi::replorigin_session_origin = 0;
+            origin_ffi::replorigin_session_origin_lsn = 0;
+            origin_ffi::replorigin_session_origin_timestamp = 0;
+        }
+    }
+}
 
 /// Runs `f` with this session's replication origin set to [`MERGE_ORIGIN`] (created if missing), reset
 /// afterwards. An origin is held by one session at a time, server-wide: merge writes on one server (the
@@ -395,6 +490,10 @@ fn with_origin<R>(f: impl FnOnce() -> R) -> R {
         wait = ORIGIN_WAIT_S,
     ))
     .unwrap_or_else(|e| error!("setting up the replication origin {MERGE_ORIGIN}: {e}"));
+    // Should the transaction abort before the reset below, release the origin then: otherwise this
+    // session would keep tagging its writes with it (subscriptions with origin = none would drop them)
+    // and keep other merges waiting.
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, release_origin_on_abort);
     let r = f();
     Spi::run("SELECT pg_catalog.pg_replication_origin_session_reset()")
         .unwrap_or_else(|e| error!("resetting the replication origin: {e}"));
@@ -540,7 +639,8 @@ fn key_line(key_columns: &[String], key: &serde_json::Value) -> Vec<u8> {
 /// writes the peer's parked row here; `local` writes this node's current row to the peer (`peer`: the
 /// node name or conninfo, as given to `start_merge`). The write is audited in `merge_audit` on the node
 /// it changes (`decided_by` `resolve`) and the parked row marked resolved, in this transaction (and,
-/// for `local`, one transaction on the peer). Returns whether a parked conflict was found.
+/// for `local`, one transaction on the peer). Returns whether it was settled: false when no such
+/// conflict is parked, or the row to overwrite is gone.
 /// Superusers only.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
@@ -593,45 +693,26 @@ fn resolve_merge_conflict(
         ),
     };
     let t = Table::load(schema_name, table_name, &key_columns);
-    match side {
+    let written = match side {
         "peer" => {
-            let nonkey: Vec<&String> = t.columns.iter().filter(|c| !t.key.contains(c)).collect();
-            if !nonkey.is_empty() {
-                let set_cols = nonkey.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-                let src_cols =
-                    nonkey.iter().map(|c| format!("r.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
-                let sql = format!(
-                    "WITH o AS (SELECT t.* FROM ONLY {name} t, pg_catalog.jsonb_populate_record(NULL::{name}, $6) r \
-                      WHERE {join_tr}), \
-                     n AS (UPDATE ONLY {name} t SET ({set_cols}) = ROW({src_cols}) \
-                      FROM pg_catalog.jsonb_populate_record(NULL::{name}, $6) r WHERE {join_tr} RETURNING t.*) \
-                     INSERT INTO steep_repl.merge_audit (merge_id, schema_name, table_name, key, category, action, \
-                      old_row, new_row, decided_by) SELECT $1, $2, $3, {key}, $4, 'update', pg_catalog.to_jsonb(o), \
-                      pg_catalog.to_jsonb(n), $5 FROM n JOIN o ON {join_no}",
-                    name = t.name,
-                    join_tr = t.key_join("t", "r"),
-                    key = t.key_json("n"),
-                    join_no = t.key_join("n", "o"),
-                );
-                let mut settings = pinned();
-                settings.push(("session_replication_role", "replica"));
-                session::with_superuser_settings(&settings, || {
-                    with_origin(|| {
-                        Spi::run_with_args(
-                            &sql,
-                            &[
-                                merge_id.into(),
-                                schema_name.into(),
-                                table_name.into(),
-                                "conflict".into(),
-                                "resolve".into(),
-                                pgrx::JsonB(peer_row.0.clone()).into(),
-                            ],
-                        )
-                        .unwrap_or_else(|e| error!("writing the peer's row into {}: {e}", t.name))
-                    })
-                });
-            }
+            // The parked row as COPY text, read back through the table's own type as its owner.
+            let rows = session::with_settings(&pinned(), || {
+                copy_text_of(
+                    &t,
+                    &format!("pg_catalog.jsonb_populate_record(NULL::{}, $1) t", t.name),
+                    &[pgrx::JsonB(peer_row.0.clone()).into()],
+                )
+            });
+            write_rows(
+                merge_id,
+                schema_name,
+                table_name,
+                &key_columns,
+                "update",
+                "conflict",
+                "resolve",
+                &rows,
+            )
         }
         _ => {
             let Some(peer) = peer else {
@@ -659,8 +740,12 @@ fn resolve_merge_conflict(
                 &key_columns,
                 &row,
             )
-            .unwrap_or_else(|e| error!("{e}"));
+            .unwrap_or_else(|e| error!("{e}"))
         }
+    };
+    if written == 0 {
+        // The row is gone on the side written (deleted since): nothing was settled.
+        return false;
     }
     rights::as_owner(|| {
         Spi::run_with_args(

@@ -65,6 +65,19 @@ pub fn copy_into(
     encoding: Option<&str>,
     source: &mut dyn CopySource,
 ) -> u64 {
+    copy_into_as(relid, columns, encoding, source, None)
+}
+
+/// [`copy_into`], running COPY's code (type input, domain CHECKs, triggers) as `run_as` instead of the
+/// table's owner: for a temporary table holding rows bound for another table, whose owner must be the
+/// one whose code runs.
+pub fn copy_into_as(
+    relid: pg_sys::Oid,
+    columns: &[String],
+    encoding: Option<&str>,
+    source: &mut dyn CopySource,
+    run_as: Option<pg_sys::Oid>,
+) -> u64 {
     // SAFETY: inside a transaction. The relation is opened with RowExclusiveLock (what INSERT takes)
     // and closed after EndCopyFrom; the parse state, column list and strings are palloc'd in the current
     // memory context and live until the transaction ends. The source pointer stays valid for the whole
@@ -113,7 +126,7 @@ pub fn copy_into(
         ));
         // The table owner's code (triggers, CHECK and index expressions) runs as the owner, never with
         // the job role's rights (see rights::as_table_owner); the job's role was checked for INSERT above.
-        let owner = (*(*rel).rd_rel).relowner;
+        let owner = run_as.unwrap_or((*(*rel).rd_rel).relowner);
         let rows = crate::pg::rights::as_table_owner(owner, || {
             let cstate = pg_sys::BeginCopyFrom(
                 pstate,

@@ -108,6 +108,18 @@ fn bytea(data: &[u8]) -> String {
     format!("pg_catalog.decode('{}', 'base64')", steep_repl_engine::digest::wire::to_text(data))
 }
 
+/// An error met while handling `t`'s rows: its message may quote row data (a COPY context, a value), so
+/// other roles read only where it happened.
+fn row_error(t: &Compared, where_: &str, e: impl std::fmt::Display) -> JobError {
+    JobError {
+        public: format!(
+            "merging {}.{}: {where_} failed (the full message is shown to the job's role)",
+            t.schema, t.name
+        ),
+        full: format!("merging {}.{}: {where_}: {e}", t.schema, t.name),
+    }
+}
+
 /// One table's merge on both nodes.
 struct Merger<'a, 's> {
     id: &'a str,
@@ -126,7 +138,11 @@ impl Merger<'_, '_> {
             text_array(&self.t.key),
             bytea(&key_lines(keys))
         );
-        Ok(self.peer.request_while(&sql, meanwhile)?.unwrap_or_default())
+        Ok(self
+            .peer
+            .request_while(&sql, meanwhile)
+            .map_err(|e| row_error(self.t, "reading rows on the peer", e))?
+            .unwrap_or_default())
     }
 
     /// Writes `rows` on the peer in one transaction there, running `meanwhile` while the peer works;
@@ -154,7 +170,10 @@ impl Merger<'_, '_> {
             quote_literal(decided_by),
             bytea(rows)
         );
-        let answer = self.peer.query_while(&sql, meanwhile)?;
+        let answer = self
+            .peer
+            .query_while(&sql, meanwhile)
+            .map_err(|e| row_error(self.t, "writing rows on the peer", e))?;
         let n = answer.rows.into_iter().next().and_then(|r| r.into_iter().next().flatten());
         Ok(n.and_then(|v| v.parse().ok()).unwrap_or(0))
     }
@@ -236,9 +255,7 @@ impl Merger<'_, '_> {
                 )
             })
             .map(Option::unwrap_or_default)
-            .map_err(|e| {
-                JobError::plain(format!("reading rows of {}.{} here: {e}", self.t.schema, self.t.name))
-            }),
+            .map_err(|e| row_error(self.t, "reading rows here", e)),
             Node::Peer => self.peer_rows_while(keys, &mut || {}),
         }
     }
@@ -272,9 +289,7 @@ impl Merger<'_, '_> {
                 )
             }))
             .map(|n| n.unwrap_or(0))
-            .map_err(|e| {
-                JobError::plain(format!("merging into {}.{} here: {e}", self.t.schema, self.t.name))
-            }),
+            .map_err(|e| row_error(self.t, "writing rows here", e)),
             Node::Peer => self.peer_write_while(mode, category, decided_by, rows, &mut || {}),
         }
     }
@@ -344,7 +359,7 @@ impl Merger<'_, '_> {
         let fields = KeyFields::new(self.t.positions.clone()).map_err(|e| JobError::plain(e.to_string()))?;
         let local = self.rows(Node::Local, keys)?;
         let peer = self.rows(Node::Peer, keys)?;
-        let bad = |e: String| JobError::plain(format!("{}.{}: {e}", self.t.schema, self.t.name));
+        let bad = |e: String| row_error(self.t, "pairing the rows of a conflict", e);
         let l: HashMap<Vec<u8>, &[u8]> = merge::lines_by_key(&local, &fields).map_err(bad)?;
         let p: HashMap<Vec<u8>, &[u8]> = merge::lines_by_key(&peer, &fields).map_err(bad)?;
         let (mut to_peer, mut to_local) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));

@@ -687,7 +687,7 @@ pub fn write_to_peer(
     table: &str,
     key: &[String],
     rows: &[u8],
-) -> Result<(), String> {
+) -> Result<i64, String> {
     let stop = || -> Option<String> {
         pgrx::check_for_interrupts!();
         None
@@ -703,8 +703,7 @@ pub fn write_to_peer(
         keys.join(", "),
         digest::wire::to_text(rows)
     );
-    peer.value(&sql)?;
-    Ok(())
+    Ok(peer.value(&sql)?.and_then(|n| n.parse().ok()).unwrap_or(0))
 }
 
 /// Runs each statement on the peer from a backend and returns their rows (text).
