@@ -479,3 +479,43 @@ fn a_table_owners_code_runs_as_that_owner_and_odd_columns_merge() {
     let held: bool = l.query_one("SELECT pg_replication_origin_session_is_setup()", &[]).unwrap().get(0);
     assert!(!held, "the origin is released when the write's transaction aborts");
 }
+
+#[test]
+fn a_merge_under_concurrent_writes_converges_once_writes_stop() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let local = preloaded();
+    let peer = dedicated_with("merge_writes", "");
+    let (mut l, mut p, conninfo) = diverged(local, &peer, "mrg_writes");
+    // Writers on both nodes, each in its own key range of app.parent and updating app.texts, during the
+    // merge.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = |conninfo: String, base: i32, stop: Arc<AtomicBool>| {
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                c.batch_execute(&format!(
+                    "INSERT INTO app.parent VALUES ({}, 'w', now()); UPDATE app.texts SET v = 'w{i}' WHERE k = 'k{}'",
+                    base + i,
+                    i % 50 + 1
+                ))
+                .unwrap();
+            }
+            i
+        })
+    };
+    let wl = writer(local.conninfo_for("mrg_writes"), 10_000, stop.clone());
+    let wp = writer(peer.conninfo_for("mrg_writes"), 20_000, stop.clone());
+    merge(&mut l, &conninfo, "prefer-local", false);
+    stop.store(true, Ordering::Relaxed);
+    let (nl, np) = (wl.join().unwrap(), wp.join().unwrap());
+    assert!(nl > 0 && np > 0, "both writers ran during the merge");
+    // Writes stopped: one more merge brings both nodes to the same rows.
+    merge(&mut l, &conninfo, "prefer-local", false);
+    assert_eq!(differences(&mut l, &conninfo), (0, 0, 0));
+    assert_eq!(contents(&mut l), contents(&mut p));
+    let parents: i64 = l.query_one("SELECT count(*) FROM app.parent", &[]).unwrap().get(0);
+    assert_eq!(parents, 200 + 2 + i64::from(nl) + i64::from(np), "every writer's row, once");
+}
