@@ -519,3 +519,38 @@ fn a_merge_under_concurrent_writes_converges_once_writes_stop() {
     let parents: i64 = l.query_one("SELECT count(*) FROM app.parent", &[]).unwrap().get(0);
     assert_eq!(parents, 200 + 2 + i64::from(nl) + i64::from(np), "every writer's row, once");
 }
+
+#[test]
+fn last_modified_keeps_a_row_that_became_newer_since_the_decision() {
+    let local = preloaded();
+    local.fresh_db("mrg_guard", true);
+    let mut c = local.client("mrg_guard");
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text, at timestamptz); \
+         INSERT INTO t VALUES (1, 'now', '2024-06-01 00:00:00+00'), (2, 'old', '2024-01-01 00:00:00+00')",
+    )
+    .unwrap();
+    // Rows decided as winners at 2024-03-01: row 1 has been changed since (June), row 2 not.
+    let rows = "1\\twinner\\t2024-03-01 00:00:00+00\\n2\\twinner\\t2024-03-01 00:00:00+00\\n";
+    let n: i64 = c
+        .query_one(
+            &format!(
+                "SELECT steep_repl.merge_write('m', 'public', 't', ARRAY['id'], 'update', 'conflict', \
+                 'last-modified:at', convert_to(E'{rows}', 'UTF8'))"
+            ),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{}", db_message(&e)))
+        .get(0);
+    assert_eq!(n, 1);
+    let v: Vec<String> =
+        c.query("SELECT v FROM t ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(v, vec!["now", "winner"]);
+    let e = c
+        .batch_execute(&format!(
+            "SELECT steep_repl.merge_write('m', 'public', 't', ARRAY['id'], 'update', 'conflict', \
+             'last-modified:nope', convert_to(E'{rows}', 'UTF8'))"
+        ))
+        .expect_err("unknown column");
+    assert!(db_message(&e).contains("has no column nope"), "{}", db_message(&e));
+}

@@ -292,8 +292,10 @@ fn copy_text_of(t: &Table, from: &str, args: &[pgrx::datum::DatumWithOid]) -> Ve
 /// Writes `rows` (COPY text in COPY's column order, as `merge_rows` prints them) into
 /// `schema_name.table_name` for merge `merge_id`, in the calling transaction, and records each row
 /// changed in `steep_repl.merge_audit`: `mode` `insert` (rows whose key is absent; a key present by now
-/// is left alone) or `update` (the non-key columns of the rows with those keys), or `park` (nothing
-/// written: both rows go to `steep_repl.merge_conflicts`). Runs with `session_replication_role =
+/// is left alone) or `update` (the non-key columns of the rows with those keys; when `decided_by` is
+/// `last-modified:<column>`, only where that column here is not newer than the row's, so a change made
+/// since the decision is kept), or `park` (nothing written: both rows go to
+/// `steep_repl.merge_conflicts`). Runs with `session_replication_role =
 /// replica` under the replication origin `steep_merge`. Returns the rows written (or parked).
 /// Superusers only.
 #[pg_extern(volatile)]
@@ -374,10 +376,23 @@ pub fn write_rows(
                 let set_cols = nonkey.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
                 let src_cols =
                     nonkey.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
+                // last-modified: a row that became newer here since the decision keeps its value.
+                let guard = match decided_by.strip_prefix("last-modified:") {
+                    Some(column) if t.columns.iter().any(|c| c == column) => {
+                        let q = quote_ident(column);
+                        format!(" AND (t.{q} IS NULL OR s.{q} >= t.{q})")
+                    }
+                    Some(column) => user_error(
+                        PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                        format!("{} has no column {column} (strategy last-modified)", t.name),
+                        None,
+                    ),
+                    None => String::new(),
+                };
                 format!(
                     "WITH o AS (SELECT t.* FROM ONLY {name} t JOIN pg_temp.steep_merge_rows s ON {join_ts}), \
                      n AS (UPDATE ONLY {name} t SET ({set_cols}) = ROW({src_cols}) FROM pg_temp.steep_merge_rows s \
-                      WHERE {join_ts} RETURNING t.*) {done}",
+                      WHERE {join_ts}{guard} RETURNING t.*) {done}",
                     name = t.name,
                     join_ts = t.key_join("t", "s"),
                     done = done(
