@@ -554,3 +554,47 @@ fn last_modified_keeps_a_row_that_became_newer_since_the_decision() {
         .expect_err("unknown column");
     assert!(db_message(&e).contains("has no column nope"), "{}", db_message(&e));
 }
+
+#[test]
+fn a_row_breaking_another_unique_constraint_fails_the_merge_and_what_was_done_stays_recorded() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_unique", "");
+    for c in [local, &peer] {
+        c.fresh_db("mrg_unique", true);
+    }
+    let mut l = local.client("mrg_unique");
+    let mut p = peer.client("mrg_unique");
+    // Only this node has the unique email: the peer's extra row repeats a shared row's email.
+    l.batch_execute(
+        "CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE); INSERT INTO u VALUES (1, 'a'), (2, 'b'), (10, 'x')",
+    )
+    .unwrap();
+    p.batch_execute(
+        "CREATE TABLE u (id int PRIMARY KEY, email text); INSERT INTO u VALUES (1, 'a'), (2, 'b'), (20, 'a')",
+    )
+    .unwrap();
+    let conninfo = peer.conninfo_for("mrg_unique");
+    let id: String = l
+        .query_one("SELECT steep_repl.start_merge($1, strategy => 'prefer-local')", &[&conninfo])
+        .unwrap()
+        .get(0);
+    let (status, error) = wait_for(&mut l, &id, 120);
+    assert_eq!(status, "failed", "{error:?}");
+    // The job's role reads the whole message; the operation's row, which every role reads, only its kind.
+    assert!(error.as_deref().unwrap_or_default().contains("u_email_key"), "{error:?}");
+    let public: String =
+        l.query_one("SELECT error FROM steep_repl.snapshots WHERE id = $1", &[&id]).unwrap().get(0);
+    assert!(public.contains("unique_violation") && !public.contains("(email)"), "{public}");
+    // The row this node had alone reached the peer before, and merge_result says so; nothing vanished.
+    let done: Vec<(String, String, i64)> = l
+        .query("SELECT node, action, rows FROM steep_repl.merge_result($1)", &[&id])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(done, vec![("peer".to_string(), "insert".to_string(), 1)]);
+    let on_peer: i64 = p.query_one("SELECT count(*) FROM u WHERE id = 10", &[]).unwrap().get(0);
+    assert_eq!(on_peer, 1);
+    let here: i64 = l.query_one("SELECT count(*) FROM u WHERE id = 20", &[]).unwrap().get(0);
+    assert_eq!(here, 0, "the batch that failed left nothing");
+}

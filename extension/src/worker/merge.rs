@@ -195,46 +195,50 @@ impl Merger<'_, '_> {
     ) -> Result<(), JobError> {
         let to = if from == Node::Local { Node::Peer } else { Node::Local };
         let batches: Vec<&[Vec<u8>]> = keys.chunks(BATCH_KEYS).collect();
-        let mut written: Vec<i64> = Vec::with_capacity(batches.len());
+        // Each batch written is recorded in merge_plan at once: a merge that fails later still shows
+        // what it did.
         if dry_run {
-            written = batches.iter().map(|b| b.len() as i64).collect();
+            for b in &batches {
+                self.tally.add(to, action, b.len() as i64, b);
+            }
         } else if from == Node::Local {
             let mut rows = match batches.first() {
                 Some(b) => self.rows(Node::Local, b)?,
                 None => Vec::new(),
             };
-            for i in 0..batches.len() {
+            for (i, b) in batches.iter().enumerate() {
                 let mut next = None;
                 let n = self.peer_write_while(mode, category, decided_by, &rows, &mut || {
                     if let Some(b) = batches.get(i + 1) {
                         next = Some(self.rows(Node::Local, b));
                     }
                 })?;
-                written.push(n);
+                self.tally.add(to, action, n, b);
+                self.record();
                 if let Some(r) = next {
                     rows = r?;
                 }
             }
         } else {
-            let mut pending: Option<Vec<u8>> = None;
+            let mut pending: Option<(&[Vec<u8>], Vec<u8>)> = None;
             for b in &batches {
                 let mut wrote = None;
                 let rows = self.peer_rows_while(b, &mut || {
-                    if let Some(r) = pending.take() {
-                        wrote = Some(self.write(Node::Local, mode, category, decided_by, &r));
+                    if let Some((keys, r)) = pending.take() {
+                        wrote = Some((keys, self.write(Node::Local, mode, category, decided_by, &r)));
                     }
                 })?;
-                if let Some(n) = wrote {
-                    written.push(n?);
+                if let Some((keys, n)) = wrote {
+                    self.tally.add(to, action, n?, keys);
+                    self.record();
                 }
-                pending = Some(rows);
+                pending = Some((b, rows));
             }
-            if let Some(r) = pending {
-                written.push(self.write(Node::Local, mode, category, decided_by, &r)?);
+            if let Some((keys, r)) = pending {
+                let n = self.write(Node::Local, mode, category, decided_by, &r)?;
+                self.tally.add(to, action, n, keys);
+                self.record();
             }
-        }
-        for (b, n) in batches.iter().zip(written) {
-            self.tally.add(to, action, n, b);
         }
         Ok(())
     }
@@ -380,11 +384,13 @@ impl Merger<'_, '_> {
         Ok((to_peer, to_local))
     }
 
-    /// Records the tally in `steep_repl.merge_plan`.
-    fn record(&self) {
+    /// Adds the tally so far to `steep_repl.merge_plan` (sample keys: those of the first batch
+    /// recorded) and empties it.
+    fn record(&mut self) {
+        let entries = std::mem::take(&mut self.tally.entries);
         BackgroundWorker::transaction(AssertUnwindSafe(|| {
             as_owner(|| {
-                for Entry { node, action, rows, samples } in &self.tally.entries {
+                for Entry { node, action, rows, samples } in &entries {
                     let sample: Vec<serde_json::Value> =
                         samples.iter().map(|k| key_object(&self.t.key, k)).collect();
                     Spi::run_with_args(
