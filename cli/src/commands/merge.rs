@@ -7,12 +7,12 @@
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use crate::commands::overlap::require_extension;
+use crate::commands::overlap::{follow_to_end, require_extension};
 use crate::config::MergeConfig;
 use crate::error::CliError;
-use crate::follow::{self, CHANNEL, Follow};
+use crate::follow::CHANNEL;
 use crate::output::{self, outln};
-use crate::progress::{self, QuietReporter, Reporter, Started};
+use crate::progress::Started;
 use crate::signals::Interrupt;
 
 const RESULT_SQL: &str = "\
@@ -33,8 +33,6 @@ pub struct Action {
 
 pub async fn run(cfg: MergeConfig, json: bool) -> Result<(), CliError> {
     let mut interrupt = Interrupt::new()?;
-    let mut reporter: Box<dyn Reporter> =
-        if json { Box::new(QuietReporter) } else { progress::reporter(false) };
     let listener = cfg.conn.connect_listening(CHANNEL).await?;
     let db = cfg.conn.config.get_dbname().unwrap_or("?").to_string();
     let reason = require_extension(&listener.client, &db, "merge").await?;
@@ -53,26 +51,8 @@ pub async fn run(cfg: MergeConfig, json: bool) -> Result<(), CliError> {
         .await
         .map_err(CliError::query("steep_repl.start_merge"))?
         .get(0);
-    reporter.started(&Started {
-        op: "merge".into(),
-        id: id.clone(),
-        mode: "direct".into(),
-        path: None,
-        reason,
-    });
-    let end = follow::follow(
-        Follow {
-            conn: &cfg.conn,
-            id: &id,
-            timeout: cfg.timeout,
-            reporter: reporter.as_mut(),
-            interrupt: &mut interrupt,
-        },
-        Some(listener),
-    )
-    .await?;
-    end.conclude(&id, "direct", reporter.as_mut())?;
-    drop(reporter);
+    let job = Started { op: "merge".into(), id: id.clone(), mode: "direct".into(), path: None, reason };
+    follow_to_end(&cfg.conn, listener, job, cfg.timeout, json, &mut interrupt).await?;
 
     let client = cfg.conn.connect().await?;
     let actions = read_actions(&client, &id).await?;

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 
 use crate::commands::schema::shown_peer;
 use crate::config::OverlapConfig;
+use crate::conn::{ConnSpec, Listener};
 use crate::error::CliError;
 use crate::follow::{self, CHANNEL, Follow};
 use crate::mode::{self, ServerSupport};
@@ -195,8 +196,6 @@ pub fn key_groups_wanted(tables: &[TableResult]) -> Vec<KeyGroup> {
 /// Runs `overlap`.
 pub async fn run(cfg: OverlapConfig, json: bool) -> Result<(), CliError> {
     let mut interrupt = Interrupt::new()?;
-    let mut reporter: Box<dyn Reporter> =
-        if json { Box::new(QuietReporter) } else { progress::reporter(false) };
     let listener = cfg.conn.connect_listening(CHANNEL).await?;
     let db = cfg.conn.config.get_dbname().unwrap_or("?").to_string();
     let reason = require_extension(&listener.client, &db, "overlap").await?;
@@ -215,26 +214,8 @@ pub async fn run(cfg: OverlapConfig, json: bool) -> Result<(), CliError> {
         .await
         .map_err(CliError::query("steep_repl.start_overlap"))?
         .get(0);
-    reporter.started(&Started {
-        op: "overlap".into(),
-        id: id.clone(),
-        mode: "direct".into(),
-        path: None,
-        reason,
-    });
-    let end = follow::follow(
-        Follow {
-            conn: &cfg.conn,
-            id: &id,
-            timeout: cfg.timeout,
-            reporter: reporter.as_mut(),
-            interrupt: &mut interrupt,
-        },
-        Some(listener),
-    )
-    .await?;
-    end.conclude(&id, "direct", reporter.as_mut())?;
-    drop(reporter);
+    let job = Started { op: "overlap".into(), id: id.clone(), mode: "direct".into(), path: None, reason };
+    follow_to_end(&cfg.conn, listener, job, cfg.timeout, json, &mut interrupt).await?;
 
     // The analysis has ended: its results stay on the server, so an interrupt now only stops reading.
     let results = async {
@@ -275,6 +256,28 @@ pub async fn run(cfg: OverlapConfig, json: bool) -> Result<(), CliError> {
         }
     }
     verdict(&total, &shown_peer(&cfg.peer))
+}
+
+/// Reports the server job `job` as started and follows it to its end (see [`crate::follow`]): a live
+/// report, or none with `--json`; an error unless it completed.
+pub(crate) async fn follow_to_end(
+    conn: &ConnSpec,
+    listener: Listener,
+    job: Started,
+    timeout: Option<std::time::Duration>,
+    json: bool,
+    interrupt: &mut Interrupt,
+) -> Result<(), CliError> {
+    let mut reporter: Box<dyn Reporter> =
+        if json { Box::new(QuietReporter) } else { progress::reporter(false) };
+    let id = job.id.clone();
+    reporter.started(&job);
+    let end = follow::follow(
+        Follow { conn, id: &id, timeout, reporter: reporter.as_mut(), interrupt },
+        Some(listener),
+    )
+    .await?;
+    end.conclude(&id, "direct", reporter.as_mut())
 }
 
 /// Checks that the analysis can run in this server, and says so for the `started` line.

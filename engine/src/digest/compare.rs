@@ -356,6 +356,8 @@ struct Walk<'a> {
     stack: Vec<Pending>,
     /// Differing nodes to settle by rows.
     leaves: Vec<Pending>,
+    /// Rows of `leaves` (the larger side of each).
+    leaf_rows: u64,
     /// Whole sums of the nodes not taken as equal, per side (for the check at `Narrow`).
     local_apart: u128,
     peer_apart: u128,
@@ -387,6 +389,7 @@ fn compare_at(
         found: Found::default(),
         stack: Vec::new(),
         leaves: Vec::new(),
+        leaf_rows: 0,
         local_apart: 0,
         peer_apart: 0,
         peer_unsummed: Vec::new(),
@@ -397,15 +400,15 @@ fn compare_at(
     );
 
     loop {
-        let leaf_rows = walk.leaves.iter().fold(0u64, |n, p: &Pending| n.saturating_add(p.larger()));
         // Settle leaves once several batches of them are ready (so that their requests overlap), or
         // when nothing is left to expand.
         if !walk.leaves.is_empty()
             && (walk.stack.is_empty()
                 || walk.leaves.len() >= SETTLE_BATCHES * batch_nodes
-                || leaf_rows >= SETTLE_BATCHES as u64 * limits.batch_rows)
+                || walk.leaf_rows >= SETTLE_BATCHES as u64 * limits.batch_rows)
         {
             let leaves = std::mem::take(&mut walk.leaves);
+            walk.leaf_rows = 0;
             walk.settle(local, peer, &leaves, check)?;
         }
         if walk.stack.is_empty() {
@@ -480,6 +483,7 @@ impl Walk<'_> {
             self.result.keys_truncated = true;
             self.peer_unsummed.push(p.node);
         } else if p.larger() <= leaf_rows || p.node.depth >= self.width.max_depth() {
+            self.leaf_rows = self.leaf_rows.saturating_add(p.larger());
             self.leaves.push(p);
         } else {
             self.stack.push(p);

@@ -12,19 +12,17 @@
 //! `session_replication_role = replica` under the replication origin `steep_merge`, so subscriptions
 //! with `origin = none` never send them back.
 
-use std::sync::atomic::Ordering;
-
 use pgrx::prelude::*;
 use steep_repl_engine::copy_text::{self, PINNED_SETTINGS};
 use steep_repl_engine::ident::{quote_ident, quote_literal};
 use steep_repl_engine::merge::Strategy;
 
-use crate::api::{check_parallel, require_startable, user_error};
-use crate::bookkeeping::{self, NewOperation};
-use crate::job::{self, Entry, StartGuard};
+use crate::api::overlap::{Coordinator, launch_coordinator};
+use crate::api::user_error;
+use crate::bookkeeping;
 use crate::pg::copy_from::{CopySource, copy_into_as};
-use crate::pg::{self, rights, session, xact};
-use crate::shmem::{self, FLAG_MERGE, JobKind, Phase};
+use crate::pg::{rights, session};
+use crate::shmem::FLAG_MERGE;
 
 /// The replication origin every merge write runs under.
 pub const MERGE_ORIGIN: &str = "steep_merge";
@@ -83,15 +81,8 @@ impl Table {
         .ok()
         .flatten()
         .unwrap_or_default();
-        let columns = Spi::get_one_with_args::<Vec<String>>(
-            "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum) \
-             FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
-             AND NOT a.attisdropped AND a.attgenerated = ''",
-            &[relid.into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        let columns = crate::pg::catalog::copy_columns(relid)
+            .unwrap_or_else(|e| error!("reading the columns of {schema_name}.{table_name}: {e}"));
         // The key index: the primary key, else the replica identity index; its columns with the
         // equality operator of each column's operator class.
         let ops: Vec<(String, String)> = Spi::connect(|client| {
@@ -530,52 +521,14 @@ fn start_merge(
     dry_run: default!(bool, false),
     parallel: default!(i32, 4),
 ) -> String {
-    let shared = shmem::require();
-    job::reap_interrupted();
     require_superuser("start a merge");
-    require_startable("start a merge");
-    check_parallel(parallel);
     let parsed: Strategy = strategy.parse().unwrap_or_else(|e: steep_repl_engine::merge::StrategyError| {
         user_error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None)
     });
     let (who, conninfo, patterns) = crate::api::overlap::checked_peer_and_tables(peer, tables);
-    let Some((slot, generation)) = shared.claim_job_slot() else { crate::api::no_job_slot() };
-    let guard = StartGuard::new(slot, generation);
-    let job = &shared.jobs[slot];
-    let id = job::new_job_id_with_prefix("mrg");
-    let _fits = job.id.set(&id);
-    job.kind.store(JobKind::Overlap as u32, Ordering::Relaxed);
-    job.database_oid.store(pg::database_oid(), Ordering::Relaxed);
-    job.role_oid.store(pg::current_user_oid(), Ordering::Relaxed);
-    job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
-    if job.path.set(&conninfo).is_err() {
-        user_error(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, "the peer's conninfo is too long".into(), None);
-    }
-    job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
-    job.flags.store(FLAG_MERGE, Ordering::Relaxed);
-    job.set_phase(Phase::Queued);
-    let shown_peer = if who.starts_with("node ") { peer.to_string() } else { "(conninfo)".to_string() };
-    let options = serde_json::json!({
-        "peer": shown_peer,
-        "tables": patterns,
-        "strategy": parsed.name(),
-        "dry_run": dry_run,
-    })
-    .to_string();
-    bookkeeping::insert_operation(&NewOperation {
-        id: &id,
-        op: "merge",
-        path: &who,
-        parallel,
-        compression: "",
-        options: &options,
-        role_name: &pg::current_user_name(),
-        tables_total: 0,
-        chunks_total: 0,
-    });
-    job::launch_leader(Entry::OverlapLeader, shared, slot, generation);
-    guard.launched();
-    id
+    let options = serde_json::json!({ "strategy": parsed.name(), "dry_run": dry_run });
+    let kind = Coordinator { op: "merge", prefix: "mrg", flags: FLAG_MERGE, what: "start a merge" };
+    launch_coordinator(kind, peer, &who, &conninfo, &patterns, parallel, options)
 }
 
 /// What merge `id` did (or, for a dry run, would do): per table, node written to and action, the rows and

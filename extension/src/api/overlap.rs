@@ -123,14 +123,8 @@ impl DigestKeys {
                 let Some(Some(key)) = spec else {
                     error!("overlap scan {} did not ask for {schema}.{name}", self.id)
                 };
-                let columns = Spi::get_one_with_args::<Vec<String>>(
-                    "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum) \
-                     FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
-                     AND NOT a.attisdropped AND a.attgenerated = ''",
-                    &[relid.into()],
-                )
-                .unwrap_or_else(|e| error!("reading the columns of {schema}.{name}: {e}"))
-                .unwrap_or_default();
+                let columns = crate::pg::catalog::copy_columns(relid)
+                    .unwrap_or_else(|e| error!("reading the columns of {schema}.{name}: {e}"));
                 let mut p = Vec::with_capacity(key.len());
                 for k in key {
                     match columns.iter().position(|c| c == k) {
@@ -394,16 +388,46 @@ fn start_overlap(
     tables: default!(Option<Vec<String>>, "NULL"),
     parallel: default!(i32, 4),
 ) -> String {
+    require_superuser("start an overlap analysis");
+    let (who, conninfo, patterns) = checked_peer_and_tables(peer, tables);
+    let options = serde_json::json!({ "max_keys": crate::gucs::OVERLAP_MAX_KEYS.get().max(0) });
+    let kind = Coordinator { op: "overlap", prefix: "ovl", flags: 0, what: "start an overlap analysis" };
+    launch_coordinator(kind, peer, &who, &conninfo, &patterns, parallel, options)
+}
+
+/// What kind of coordinator job [`launch_coordinator`] starts.
+pub(crate) struct Coordinator {
+    /// `steep_repl.snapshots.op`.
+    pub op: &'static str,
+    /// The id's prefix (three letters).
+    pub prefix: &'static str,
+    /// `JobSlot::flags` (0 for an overlap analysis, `FLAG_MERGE` for a merge).
+    pub flags: u32,
+    /// What errors say the caller was doing ("start a merge").
+    pub what: &'static str,
+}
+
+/// Starts an overlap coordinator job against the peer `peer` (`who` and `conninfo` as
+/// [`checked_peer_and_tables`] resolved it) once its caller has checked the rest: claims a job slot,
+/// records the operation with `options` plus the peer as the caller named it and the table patterns,
+/// and launches the leader. Returns the operation's id.
+pub(crate) fn launch_coordinator(
+    kind: Coordinator,
+    peer: &str,
+    who: &str,
+    conninfo: &str,
+    patterns: &[String],
+    parallel: i32,
+    mut options: serde_json::Value,
+) -> String {
     let shared = shmem::require();
     job::reap_interrupted();
-    require_superuser("start an overlap analysis");
-    require_startable("start an overlap analysis");
+    require_startable(kind.what);
     check_parallel(parallel);
-    let (who, conninfo, patterns) = checked_peer_and_tables(peer, tables);
     let Some((slot, generation)) = shared.claim_job_slot() else { crate::api::no_job_slot() };
     let guard = StartGuard::new(slot, generation);
     let job = &shared.jobs[slot];
-    let id = job::new_job_id(JobKind::Overlap);
+    let id = job::new_job_id_with_prefix(kind.prefix);
     let _fits = job.id.set(&id);
     job.kind.store(JobKind::Overlap as u32, Ordering::Relaxed);
     job.database_oid.store(pg::database_oid(), Ordering::Relaxed);
@@ -411,26 +435,22 @@ fn start_overlap(
     job.caller_xid.store(xact::top_xid(), Ordering::Relaxed);
     // The conninfo stays in shared memory: the operation's row, which every role reads, names the peer
     // only as the caller did.
-    if job.path.set(&conninfo).is_err() {
+    if job.path.set(conninfo).is_err() {
         user_error(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, "the peer's conninfo is too long".into(), None);
     }
     job.parallel_requested.store(parallel as u32, Ordering::Relaxed);
-    job.flags.store(0, Ordering::Relaxed);
+    job.flags.store(kind.flags, Ordering::Relaxed);
     job.set_phase(Phase::Queued);
     let shown_peer = if who.starts_with("node ") { peer.to_string() } else { "(conninfo)".to_string() };
-    let options = serde_json::json!({
-        "peer": shown_peer,
-        "tables": patterns,
-        "max_keys": crate::gucs::OVERLAP_MAX_KEYS.get().max(0),
-    })
-    .to_string();
+    options["peer"] = shown_peer.into();
+    options["tables"] = patterns.into();
     bookkeeping::insert_operation(&NewOperation {
         id: &id,
-        op: "overlap",
-        path: &who,
+        op: kind.op,
+        path: who,
         parallel,
         compression: "",
-        options: &options,
+        options: &options.to_string(),
         role_name: &pg::current_user_name(),
         tables_total: 0,
         chunks_total: 0,

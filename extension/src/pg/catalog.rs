@@ -182,6 +182,17 @@ pub fn job_databases() -> Vec<u32> {
     out
 }
 
+/// The COPY column list of table `relid` (not dropped, not generated), in column order.
+pub fn copy_columns(relid: pg_sys::Oid) -> Result<Vec<String>, pgrx::spi::Error> {
+    Spi::get_one_with_args::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attnum) \
+         FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 \
+         AND NOT a.attisdropped AND a.attgenerated = ''",
+        &[relid.into()],
+    )
+    .map(Option::unwrap_or_default)
+}
+
 /// Fills in the COPY column lists of `tables` (listed with [`list_tables`] `sized`, which leaves them
 /// out), in one query. Call while the tables are locked, so their columns are those of the snapshot.
 pub fn fill_columns(tables: &mut [TableMeta]) -> Result<(), String> {

@@ -33,7 +33,7 @@ use crate::bookkeeping::overlap::{self as book, Keys, TableResult};
 use crate::bookkeeping::{self, Figures};
 use crate::gucs;
 use crate::job::{self, JobError};
-use crate::peer::{Conn, PeerError, Rows};
+use crate::peer::{Conn, PeerError, Pending, Rows};
 use crate::pg::{self, scan, session, xact};
 use crate::progress;
 use crate::shmem::{JobSlot, Phase, Shared};
@@ -83,14 +83,7 @@ impl Peer<'_> {
 
     /// [`Peer::query`], running `meanwhile` once the statement is sent and before its answer is read.
     pub(crate) fn query_while(&self, sql: &str, meanwhile: &mut dyn FnMut()) -> Result<Rows, String> {
-        let stop = self.stop;
-        let mut interrupt = || match stop() {
-            Some(why) => Err(PeerError::Interrupted(why)),
-            None => Ok(()),
-        };
-        let pending = self.conn.start(sql, Instant::now() + PEER_REQUEST_TIMEOUT);
-        meanwhile();
-        let rows = pending.finish(&mut interrupt).map_err(|e| format!("{}: {e}", self.who))?;
+        let rows = self.exchange(self.conn.start(sql, Instant::now() + PEER_REQUEST_TIMEOUT), meanwhile)?;
         let got: usize = rows.rows.iter().flatten().map(|v| v.as_ref().map_or(0, String::len)).sum();
         self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
         Ok(rows)
@@ -103,17 +96,22 @@ impl Peer<'_> {
         sql: &str,
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Option<Vec<u8>>, String> {
+        let pending = self.conn.start_binary(sql, Instant::now() + PEER_REQUEST_TIMEOUT);
+        let rows = self.exchange(pending, meanwhile)?;
+        let got: usize = rows.raw.iter().flatten().map(|v| v.as_ref().map_or(0, Vec::len)).sum();
+        self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
+        Ok(rows.raw.into_iter().next().and_then(|r| r.into_iter().next().flatten()))
+    }
+
+    /// Runs `meanwhile`, then waits for `pending`'s answer, stopping when `stop` says so.
+    fn exchange(&self, pending: Pending<'_>, meanwhile: &mut dyn FnMut()) -> Result<Rows, String> {
         let stop = self.stop;
         let mut interrupt = || match stop() {
             Some(why) => Err(PeerError::Interrupted(why)),
             None => Ok(()),
         };
-        let pending = self.conn.start_binary(sql, Instant::now() + PEER_REQUEST_TIMEOUT);
         meanwhile();
-        let rows = pending.finish(&mut interrupt).map_err(|e| format!("{}: {e}", self.who))?;
-        let got: usize = rows.raw.iter().flatten().map(|v| v.as_ref().map_or(0, Vec::len)).sum();
-        self.bytes.set(self.bytes.get() + (sql.len() + got) as u64);
-        Ok(rows.raw.into_iter().next().and_then(|r| r.into_iter().next().flatten()))
+        pending.finish(&mut interrupt).map_err(|e| format!("{}: {e}", self.who))
     }
 
     /// The first value of the first row.
