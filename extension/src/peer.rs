@@ -586,29 +586,23 @@ fn read_result(res: *mut pq::PGresult, partial: &mut Rows, received: &mut usize,
                     }
                 }
                 for t in 0..nt {
-                    let mut row = Vec::with_capacity(nf);
                     *received += 32;
-                    for f in 0..nf {
+                    // The value of field f, counted in `received`.
+                    let mut value = |f: usize| -> Option<&[u8]> {
                         *received += 16;
                         if pq::PQgetisnull(res, t as i32, f as i32) != 0 {
-                            row.push(None);
-                            continue;
+                            return None;
                         }
                         let len = pq::PQgetlength(res, t as i32, f as i32).max(0) as usize;
                         *received += len;
                         let p = pq::PQgetvalue(res, t as i32, f as i32) as *const u8;
-                        row.push(Some(std::slice::from_raw_parts(p, len).to_vec()));
-                    }
+                        Some(std::slice::from_raw_parts(p, len))
+                    };
                     if binary {
-                        partial.raw.push(row);
+                        partial.raw.push((0..nf).map(|f| value(f).map(<[u8]>::to_vec)).collect());
                     } else {
-                        let text = |v: Option<Vec<u8>>| {
-                            v.map(|b| {
-                                String::from_utf8(b)
-                                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-                            })
-                        };
-                        partial.rows.push(row.into_iter().map(text).collect());
+                        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                        partial.rows.push((0..nf).map(|f| value(f).map(text)).collect());
                     }
                 }
                 if *received > MAX_RESULT_BYTES {
