@@ -21,8 +21,10 @@
 //!
 //! The file size must be exactly `64 + 44·N + K`; [`TableDigests::open`] checks it before reading
 //! anything else, then reads the whole file once (CRC, order, key ranges) and keeps in memory only
-//! every [`FENCE`]th key hash. Queries then read the record ranges they need with positional
-//! reads and check them against those key hashes, so a file changed after it was opened is noticed
+//! every [`FENCE`]th key hash, and the digests of the table's nodes at one shallow depth summed over
+//! all its files (a [`Summary`], at most 2 MiB a table). Queries about nodes above that depth are
+//! answered from the summary; the others read the record ranges they need with positional reads and
+//! check them against the kept key hashes, so a file changed after it was opened is noticed
 //! ([`TableDigests::fault`]) rather than trusted. Nothing is ever allocated from a length read from
 //! a file before that length has been checked against the file's size.
 
@@ -50,6 +52,11 @@ const FENCE: usize = 64;
 const SCAN_RECORDS: usize = 1024;
 /// Buffer size of the sequential reads and writes of whole files.
 const IO_BUFFER: usize = 1 << 16;
+/// Deepest [`Summary`]: 16⁴ = 65 536 node digests (2 MiB), whatever the table's size.
+const SUMMARY_MAX_DEPTH: u8 = 4;
+/// Rows a [`Summary`] node holds at least on average: a table of fewer rows than 16 times its
+/// nodes keeps a shallower summary, so that a small table's summary stays smaller than its files.
+const SUMMARY_ROWS_PER_NODE: u64 = 16;
 
 /// Counter making temporary names unique within this process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -390,7 +397,74 @@ struct DigestFile {
 pub struct TableDigests {
     files: Vec<DigestFile>,
     total: Digest,
+    summary: Summary,
     fault: Mutex<Option<(PathBuf, String)>>,
+}
+
+/// The digest of every node at one depth of the tree, over all of a table's files, taken while they
+/// are validated at open. The top levels of a comparison ask about every node above the depth where
+/// differences thin out; this answers them without another pass over the files.
+#[derive(Debug)]
+struct Summary {
+    depth: u8,
+    /// Node `i` at `depth` is `nodes[i]`: `FANOUT^depth` digests.
+    nodes: Vec<Digest>,
+}
+
+impl Summary {
+    /// The deepest summary, up to [`SUMMARY_MAX_DEPTH`], whose nodes hold at least
+    /// [`SUMMARY_ROWS_PER_NODE`] of `rows` each on average; all zero.
+    fn for_rows(rows: u64) -> Summary {
+        let mut depth = 0u8;
+        let mut nodes = 1u64;
+        while depth < SUMMARY_MAX_DEPTH && nodes * FANOUT as u64 * SUMMARY_ROWS_PER_NODE <= rows {
+            depth += 1;
+            nodes *= FANOUT as u64;
+        }
+        Summary { depth, nodes: vec![Digest::default(); FANOUT.pow(u32::from(depth))] }
+    }
+
+    /// The index at `depth` of the node holding `key_hash`: its top `4·depth` bits.
+    fn index(&self, key_hash: u128) -> usize {
+        if self.depth == 0 {
+            return 0;
+        }
+        // At most 16 bits (SUMMARY_MAX_DEPTH = 4), so the cast cannot truncate.
+        (key_hash >> (128 - 4 * u32::from(self.depth))) as usize
+    }
+
+    fn add(&mut self, r: &RowDigest) {
+        let i = self.index(r.key_hash);
+        if let Some(node) = self.nodes.get_mut(i) {
+            node.add_row(r.row_hash);
+        }
+    }
+
+    /// The digest of `node` when it is a valid node no deeper than the summary.
+    fn node(&self, node: Node) -> Option<Digest> {
+        if node.depth > self.depth || !node.is_valid() {
+            return None;
+        }
+        let shift = 4 * u32::from(self.depth - node.depth);
+        let first = usize::try_from(node.index).ok()?.checked_shl(shift)?;
+        let covered = self.nodes.get(first..first + (1usize << shift))?;
+        let mut digest = Digest::default();
+        covered.iter().for_each(|d| digest.merge(d));
+        Some(digest)
+    }
+
+    /// The digests of `node`'s children when they are no deeper than the summary.
+    fn children(&self, node: Node) -> Option<[Digest; FANOUT]> {
+        if node.depth >= self.depth {
+            return None;
+        }
+        let children = node.children();
+        let mut out = [Digest::default(); FANOUT];
+        for (d, child) in out.iter_mut().zip(children) {
+            *d = self.node(child)?;
+        }
+        Some(out)
+    }
 }
 
 impl TableDigests {
@@ -399,14 +473,21 @@ impl TableDigests {
     /// A bad file gives [`DigestError::Format`] naming its path; an unreadable one
     /// [`DigestError::Io`].
     pub fn open(paths: &[PathBuf]) -> Result<TableDigests, DigestError> {
+        // Every header first: the summary's depth follows the table's row count.
+        let mut headers = Vec::with_capacity(paths.len());
+        for path in paths {
+            headers.push(open_header(path)?);
+        }
+        let rows = headers.iter().fold(0u64, |n, (_, h)| n.saturating_add(h.count));
+        let mut summary = Summary::for_rows(rows);
         let mut files = Vec::with_capacity(paths.len());
         let mut total = Digest::default();
-        for path in paths {
-            let (file, digest) = open_file(path)?;
+        for (path, (file, header)) in paths.iter().zip(headers) {
+            let (file, digest) = read_body(path, file, header, &mut summary)?;
             total.merge(&digest);
             files.push(file);
         }
-        Ok(TableDigests { files, total, fault: Mutex::new(None) })
+        Ok(TableDigests { files, total, summary, fault: Mutex::new(None) })
     }
 
     /// Digest of all rows in all files.
@@ -416,13 +497,17 @@ impl TableDigests {
 
     /// For each node, the digests of its FANOUT children (see [`Node::children`]).
     ///
-    /// Per file, a binary search over the in-memory key hashes to the node's range, then one pass
-    /// over that range.
+    /// From memory for a node above the summary's depth; otherwise per file, a search over the
+    /// in-memory key hashes to the node's range, then one pass over that range.
     pub fn children(&self, nodes: &[Node]) -> Vec<[Digest; FANOUT]> {
         let mut windows = self.windows();
         let mut out = vec![[Digest::default(); FANOUT]; nodes.len()];
         for i in in_key_order(nodes) {
             let node = nodes[i];
+            if let Some(children) = self.summary.children(node) {
+                out[i] = children;
+                continue;
+            }
             let (lo, hi) = node.bounds();
             for (f, w) in self.files.iter().zip(windows.iter_mut()) {
                 self.scan(f, lo, hi, w, |r| {
@@ -485,7 +570,14 @@ impl TableDigests {
     /// disjoint nodes).
     pub fn sums(&self, nodes: &[Node]) -> Digest {
         let mut total = Digest::default();
-        for digest in self.children(nodes).iter().flatten() {
+        let mut deeper = Vec::new();
+        for &node in nodes {
+            match self.summary.node(node) {
+                Some(digest) => total.merge(&digest),
+                None => deeper.push(node),
+            }
+        }
+        for digest in self.children(&deeper).iter().flatten() {
             total.merge(digest);
         }
         total
@@ -627,27 +719,17 @@ fn read_key(f: &DigestFile, r: &Record) -> Result<Vec<u8>, String> {
     Ok(text)
 }
 
-/// Opens and validates one digest file (see the module documentation), returning it and the
-/// digest of all its rows.
-fn open_file(path: &Path) -> Result<(DigestFile, Digest), DigestError> {
+/// Opens one digest file and validates its header and size (see the module documentation).
+fn open_header(path: &Path) -> Result<(File, Header), DigestError> {
     let io_err = |source: io::Error| DigestError::Io { path: path.to_path_buf(), source };
     let bad = |reason: String| DigestError::Format { path: path.to_path_buf(), reason };
-    let read_err = |e: io::Error| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            bad("shorter than its header says (truncated while being read?)".into())
-        } else {
-            io_err(e)
-        }
-    };
-
     let file = File::open(path).map_err(io_err)?;
     let len = file.metadata().map_err(io_err)?.len();
     if len < HEADER_LEN as u64 {
         return Err(bad(format!("{len} bytes, shorter than the {HEADER_LEN}-byte header")));
     }
-    let mut reader = BufReader::with_capacity(IO_BUFFER, &file);
     let mut header = [0u8; HEADER_LEN];
-    reader.read_exact(&mut header).map_err(read_err)?;
+    file.read_exact_at(&mut header, 0).map_err(|e| read_error(path, e))?;
     let header = Header::decode(&header).map_err(bad)?;
     let expected = header
         .count
@@ -661,7 +743,33 @@ fn open_file(path: &Path) -> Result<(DigestFile, Digest), DigestError> {
         )));
     }
 
-    // count·RECORD_LEN <= len, so these fit in memory terms as the file does.
+    Ok((file, header))
+}
+
+/// An I/O error reading `path`, where an early end of file means the file shrank.
+fn read_error(path: &Path, e: io::Error) -> DigestError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        let reason = "shorter than its header says (truncated while being read?)".into();
+        DigestError::Format { path: path.to_path_buf(), reason }
+    } else {
+        DigestError::Io { path: path.to_path_buf(), source: e }
+    }
+}
+
+/// Validates the body of a digest file opened by [`open_header`] (see the module documentation),
+/// adding its rows to `summary`; returns the file and the digest of all its rows.
+fn read_body(
+    path: &Path,
+    file: File,
+    header: Header,
+    summary: &mut Summary,
+) -> Result<(DigestFile, Digest), DigestError> {
+    let bad = |reason: String| DigestError::Format { path: path.to_path_buf(), reason };
+    let read_err = |e: io::Error| read_error(path, e);
+    let mut reader = BufReader::with_capacity(IO_BUFFER, &file);
+    reader.seek_relative(HEADER_LEN as i64).map_err(read_err)?;
+    // open_header checked that count·RECORD_LEN fits in the file, so these fit in memory terms
+    // as the file does.
     let count = header.count as usize;
     let mut fences = Vec::with_capacity(count.div_ceil(FENCE));
     let mut crc = crc32fast::Hasher::new();
@@ -688,6 +796,7 @@ fn open_file(path: &Path) -> Result<(DigestFile, Digest), DigestError> {
         }
         prev = Some(r.digest);
         total.add_row(r.digest.row_hash);
+        summary.add(&r.digest);
     }
     if next_off != header.key_bytes {
         return Err(bad(format!("records use {next_off} key text bytes, header says {}", header.key_bytes)));

@@ -343,8 +343,51 @@ fn file_changed_after_open_is_reported() {
         .open(&path)
         .and_then(|mut f| f.write_all(&bytes[..HEADER + 100 * 44]))
         .expect("rewrite");
-    let answer = Side::children(&mut t, &[Node::ROOT], Width::Narrow);
+    // Rows are always read from the file (children of the top nodes come from the summary taken at
+    // open).
+    let answer = Side::rows(&mut t, &[Node::ROOT], Width::Narrow);
     assert!(matches!(answer, Err(DigestError::Format { .. })), "{answer:?}");
+}
+
+#[test]
+fn summary_answers_agree_with_the_files() {
+    // 5 000 rows keep a summary of depth 2 (256 nodes of about 20 rows): the children of the nodes
+    // at depths 0 and 1 and the sums of nodes down to depth 2 come from it, deeper ones from the
+    // files; both must agree with brute force.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows: Vec<Row> = (0..5000).map(|i| row(i, Some("v"), (i % 3 == 0).then_some("w"))).collect();
+    let t = table(dir.path(), "s", &rows, 3);
+    let all = brute(&rows);
+    let mut nodes = vec![Node::ROOT];
+    for depth in 1..=3u8 {
+        let last = nodes.clone();
+        nodes.extend(last.iter().filter(|n| n.depth == depth - 1).flat_map(|n| n.children()));
+    }
+    let children = t.children(&nodes);
+    for (k, node) in nodes.iter().enumerate() {
+        let mut want = [Digest::default(); FANOUT];
+        let mut sum = Digest::default();
+        for (d, _) in all.iter().filter(|(d, _)| node.contains(d.key_hash)) {
+            want[node.child_of(d.key_hash)].add_row(d.row_hash);
+            sum.add_row(d.row_hash);
+        }
+        assert_eq!(children[k], want, "children of {node:?}");
+        assert_eq!(t.sums(&[*node]), sum, "sum of {node:?}");
+    }
+    // Disjoint nodes (as `sums` asks): depth-3 nodes outside root children 9 and 10, and those two.
+    let deep = nodes.iter().copied().filter(|n| n.depth == 3 && !(9..=10).contains(&(n.index >> 8)));
+    let mixed: Vec<Node> = deep.step_by(7).chain(Node::ROOT.children().into_iter().skip(9).take(2)).collect();
+    let mut want = Digest::default();
+    for (d, _) in all.iter().filter(|(d, _)| mixed.iter().any(|n| n.contains(d.key_hash))) {
+        want.add_row(d.row_hash);
+    }
+    assert_eq!(t.sums(&mixed), want);
+    // An invalid node is never indexed out of the summary (its answer is meaningless, as for
+    // the files).
+    let invalid = [Node { depth: 1, index: 1 << 40 }, Node { depth: 2, index: u128::MAX }];
+    assert_eq!(t.children(&invalid).len(), 2);
+    let _ = t.sums(&invalid);
+    assert!(t.fault().is_none());
 }
 
 // ---- queries against brute force ----
