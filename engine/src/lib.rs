@@ -13,6 +13,7 @@
 //! - [`checkpoints`]: whether a load will force checkpoints, and the settings that avoid them;
 //! - [`schema`]: schema fingerprints, read by one catalog query, and their comparison between nodes;
 //! - [`overlap`]: which tables an overlap analysis compares between two nodes, and by which key;
+//! - [`helper_thread`]: threads that never take the host process's signals;
 //! - [`digest`]: row digests, digest files and the key-hash tree that compares a table between two
 //!   servers by key without moving rows.
 //!
@@ -99,6 +100,7 @@ pub mod copy_text;
 pub mod digest;
 pub mod error;
 pub mod filter;
+pub mod helper_thread;
 pub mod ident;
 pub mod manifest;
 pub mod merge;

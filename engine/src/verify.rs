@@ -204,24 +204,15 @@ pub fn verify_snapshot_with(dir: &Path, options: &VerifyOptions) -> Result<Verif
                 .num_threads(threads)
                 .thread_name(|i| format!("steep-verify-{i}"));
             if options.signals_to_caller {
-                builder = builder.start_handler(|_| block_all_signals());
+                builder = builder.start_handler(|_| {
+                    crate::helper_thread::block_all_signals();
+                });
             }
             let pool = builder.build().map_err(|e| Error::ThreadPool { threads, reason: e.to_string() })?;
             pool.install(|| run(dir, options.mode, options.stop))
         }
     };
     if stopped() { Err(Error::Stopped) } else { Ok(report) }
-}
-
-/// Blocks, in the calling thread, every signal that can be blocked (SIGKILL and SIGSTOP cannot).
-#[allow(unsafe_code)]
-fn block_all_signals() {
-    // SAFETY: sigfillset initialises the set we own; pthread_sigmask changes this thread's mask only.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
 }
 
 /// Checks one chunk of `table` in the snapshot `dir`: what apply runs before loading it.

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use super::{Digest, DigestError, FANOUT, Node, RowDigest, TableDigests, Width};
+use crate::helper_thread;
 
 /// One side of a comparison: this server's digest files, or a peer answering over SQL.
 ///
@@ -332,7 +333,7 @@ struct Found {
 /// `peer_only` per row. So with unique keys `matched + conflict + local_only == local_rows`, and the
 /// same with `peer_only` for `peer_rows`.
 pub fn compare(
-    local: &mut dyn Side,
+    local: &mut (dyn Side + Send),
     peer: &mut dyn Side,
     limits: &Limits,
     check: &mut dyn FnMut() -> Result<(), DigestError>,
@@ -366,7 +367,7 @@ struct Walk<'a> {
 }
 
 fn compare_at(
-    local: &mut dyn Side,
+    local: &mut (dyn Side + Send),
     peer: &mut dyn Side,
     limits: &Limits,
     check: &mut dyn FnMut() -> Result<(), DigestError>,
@@ -491,11 +492,11 @@ impl Walk<'_> {
     }
 
     /// Fetches the row digests of differing nodes, in batches, and classifies their keys. While the
-    /// peer works on one batch, this side reads its own rows of that batch and classifies the
-    /// previous one, so neither waits for the other longer than it must.
+    /// peer works on one batch, a helper thread reads this side's rows of that batch and this thread
+    /// classifies the previous one, so neither side waits for the other longer than it must.
     fn settle(
         &mut self,
-        local: &mut dyn Side,
+        local: &mut (dyn Side + Send),
         peer: &mut dyn Side,
         leaves: &[Pending],
         check: &mut dyn FnMut() -> Result<(), DigestError>,
@@ -523,26 +524,31 @@ impl Walk<'_> {
         for range in batches {
             let nodes: Vec<Node> = leaves[range.clone()].iter().map(|p| p.node).collect();
             check()?;
-            let mut mine = None;
             let mut classified = Ok(());
-            let peer_rows = peer.rows_while(&nodes, width, &mut || {
-                mine = Some(local.rows(&nodes, Width::Full));
-                if let Some((r, l, p)) = previous.take() {
-                    classified = self.settle_batch(&leaves[r], &l, &p);
-                }
-            })?;
+            let (peer_rows, mine) = std::thread::scope(|s| {
+                let mine = helper_thread::spawn_scoped(s, || local.rows(&nodes, Width::Full)).ok();
+                let peer_rows = peer.rows_while(&nodes, width, &mut || {
+                    if let Some((r, l, p)) = previous.take() {
+                        classified = self.settle_batch(&leaves[r], l, p);
+                    }
+                });
+                let mine = mine.map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+                (peer_rows, mine)
+            });
+            let peer_rows = peer_rows?;
             classified?;
             let local_rows = match mine {
                 Some(answer) => answer?,
+                // No helper thread could be started: read here.
                 None => local.rows(&nodes, Width::Full)?,
             };
             if let Some((r, l, p)) = previous.take() {
-                self.settle_batch(&leaves[r], &l, &p)?;
+                self.settle_batch(&leaves[r], l, p)?;
             }
             previous = Some((range, local_rows, peer_rows));
         }
         if let Some((r, l, p)) = previous {
-            self.settle_batch(&leaves[r], &l, &p)?;
+            self.settle_batch(&leaves[r], l, p)?;
         }
         Ok(())
     }
@@ -551,13 +557,14 @@ impl Walk<'_> {
     fn settle_batch(
         &mut self,
         batch: &[Pending],
-        local_rows: &[Vec<RowDigest>],
-        peer_rows: &[Vec<RowDigest>],
+        local_rows: Vec<Vec<RowDigest>>,
+        peer_rows: Vec<Vec<RowDigest>>,
     ) -> Result<(), DigestError> {
         let width = self.width;
-        for (i, pending) in batch.iter().enumerate() {
-            let l = checked_rows("local", local_rows.get(i), pending.node, pending.local, Width::Full)?;
-            let p = checked_rows("peer", peer_rows.get(i), pending.node, pending.peer, width)?;
+        let (mut local_rows, mut peer_rows) = (local_rows.into_iter(), peer_rows.into_iter());
+        for pending in batch {
+            let l = checked_rows("local", local_rows.next(), pending.node, pending.local, Width::Full)?;
+            let p = checked_rows("peer", peer_rows.next(), pending.node, pending.peer, width)?;
             self.local_apart = self.local_apart.wrapping_add(pending.local.sum);
             self.peer_apart = p.iter().fold(self.peer_apart, |s, r| s.wrapping_add(r.row_hash));
             let l = narrowed(l, width)?;
@@ -643,17 +650,17 @@ fn side(name: &str, reason: impl std::fmt::Display) -> DigestError {
 }
 
 /// A side's rows of a node, sorted, after checking that they lie in the node and add up to its
-/// digest (at `width`).
+/// digest (at `width`). Sides answer sorted lists; one that does not is sorted here.
 fn checked_rows(
     name: &str,
-    rows: Option<&Vec<RowDigest>>,
+    rows: Option<Vec<RowDigest>>,
     node: Node,
     digest: Digest,
     width: Width,
 ) -> Result<Vec<RowDigest>, DigestError> {
-    let rows = rows.ok_or_else(|| side(name, "fewer rows answers than nodes asked"))?;
+    let mut rows = rows.ok_or_else(|| side(name, "fewer rows answers than nodes asked"))?;
     let mut total = Digest::default();
-    for r in rows {
+    for r in &rows {
         if !node.contains(r.key_hash) {
             return Err(side(name, "a row outside the node asked for"));
         }
@@ -662,14 +669,15 @@ fn checked_rows(
     if width.digest(total) != width.digest(digest) {
         return Err(side(name, "rows do not add up to their node (table changed?)"));
     }
-    let mut rows = rows.clone();
-    rows.sort_unstable();
+    if !rows.is_sorted() {
+        rows.sort_unstable();
+    }
     Ok(rows)
 }
 
-/// Whole-width local rows (sorted) narrowed to `width`, sorted again; two distinct keys that become
+/// Whole-width local rows (sorted) narrowed to `width`, still sorted; two distinct keys that become
 /// one are a [`DigestError::Collision`].
-fn narrowed(rows: Vec<RowDigest>, width: Width) -> Result<Vec<RowDigest>, DigestError> {
+fn narrowed(mut rows: Vec<RowDigest>, width: Width) -> Result<Vec<RowDigest>, DigestError> {
     if width == Width::Full {
         return Ok(rows);
     }
@@ -679,9 +687,11 @@ fn narrowed(rows: Vec<RowDigest>, width: Width) -> Result<Vec<RowDigest>, Digest
     if collide {
         return Err(DigestError::Collision("two local keys share a narrowed key hash".into()));
     }
-    let mut out: Vec<RowDigest> = rows.into_iter().map(|r| width.row(r)).collect();
-    out.sort_unstable();
-    Ok(out)
+    // Narrowing keeps the order: keys only lose low bits, and two distinct keys that became equal
+    // were refused above, so rows of one narrowed key are rows of one whole key, in row-hash order.
+    rows.iter_mut().for_each(|r| *r = width.row(*r));
+    debug_assert!(rows.is_sorted());
+    Ok(rows)
 }
 
 /// Records a differing key hash, unless its category already holds [`Limits::max_keys`].

@@ -598,7 +598,7 @@ fn expected(local: &[Row], peer: &[Row]) -> (Comparison, BTreeSet<(&'static str,
     (c, keys)
 }
 
-fn run_compare(local: &mut dyn Side, peer: &mut dyn Side, limits: &Limits) -> Comparison {
+fn run_compare(local: &mut (dyn Side + Send), peer: &mut dyn Side, limits: &Limits) -> Comparison {
     compare(local, peer, limits, &mut || Ok(())).expect("compare")
 }
 

@@ -305,6 +305,8 @@ struct PeerTable<'p, 's> {
     scan: &'p str,
     schema: &'p str,
     table: &'p str,
+    /// The table's total, when asked for ahead of the comparison (see [`compare_table`]).
+    total: Option<Digest>,
 }
 
 impl PeerTable<'_, '_> {
@@ -337,7 +339,10 @@ impl PeerTable<'_, '_> {
 
 impl Side for PeerTable<'_, '_> {
     fn total(&mut self) -> Result<Digest, DigestError> {
-        digest::wire::decode_digest(&self.request("total", &[], Width::Full)?)
+        match self.total.take() {
+            Some(total) => Ok(total),
+            None => digest::wire::decode_digest(&self.request("total", &[], Width::Full)?),
+        }
     }
 
     fn children(&mut self, nodes: &[Node], width: Width) -> Result<Vec<[Digest; FANOUT]>, DigestError> {
@@ -405,14 +410,20 @@ pub fn compare_table(
     stop: &dyn Fn() -> Option<String>,
 ) -> Result<(Comparison, u64), String> {
     let files = crate::api::overlap::table_files(local_dir, &t.schema, &t.name);
-    let mut local = TableDigests::open(&files)
-        .map_err(|e| format!("this node's digests of {}.{}: {e}", t.schema, t.name))?;
-    let mut remote = PeerTable { peer, scan: peer_scan, schema: &t.schema, table: &t.name };
+    let mut remote = PeerTable { peer, scan: peer_scan, schema: &t.schema, table: &t.name, total: None };
+    peer.take_bytes();
+    // Both sides open (and check) their digest files at once: the peer on its first request.
+    let mut opened = None;
+    let total = remote
+        .request_while("total", &[], Width::Full, &mut || opened = Some(TableDigests::open(&files)))
+        .and_then(|answer| digest::wire::decode_digest(&answer));
+    let opened = opened.unwrap_or_else(|| TableDigests::open(&files));
+    let mut local = opened.map_err(|e| format!("this node's digests of {}.{}: {e}", t.schema, t.name))?;
+    remote.total = Some(total.map_err(|e| format!("comparing {}.{}: {e}", t.schema, t.name))?);
     let mut check = || match stop() {
         Some(why) => Err(DigestError::Stopped(why)),
         None => Ok(()),
     };
-    peer.take_bytes();
     let c = digest::compare(&mut local, &mut remote, limits, &mut check)
         .map_err(|e| format!("comparing {}.{}: {e}", t.schema, t.name))?;
     Ok((c, peer.take_bytes()))
