@@ -8,15 +8,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::{DigestError, KeyFields, KeyText};
 use crate::filter::TablePattern;
 use crate::ident::QualifiedName;
 
 /// One row per ordinary table (partitions included, partitioned parents not: their rows live in the
 /// partitions) of the user schemas, all columns text so that this server (SPI) and a peer (libpq text
 /// results) read it alike: schema, name, `columns` (a JSON array of `[name, type]` in COPY column
-/// order: no dropped or generated column), `key` (a JSON object `{kind, index, columns}` for the
-/// primary key, else the replica identity index; NULL when there is neither; a column name is null for
-/// an expression).
+/// order: no dropped or generated column), `key` (a JSON object `{kind, index, columns,
+/// nondeterministic}` for the primary key, else the replica identity index; NULL when there is
+/// neither; a column name is null for an expression; `nondeterministic` lists the key's collations
+/// that are not deterministic, null when none).
 pub const TABLE_KEYS_SQL: &str = "\
 SELECT n.nspname::text, c.relname::text,
   (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod))
@@ -31,7 +33,11 @@ SELECT n.nspname::text, c.relname::text,
                           FROM pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY k(attnum, ord)
                           LEFT JOIN pg_catalog.pg_attribute a
                             ON a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
-                         WHERE k.ord OPERATOR(pg_catalog.<=) i.indnkeyatts))::text
+                         WHERE k.ord OPERATOR(pg_catalog.<=) i.indnkeyatts),
+            'nondeterministic', (SELECT pg_catalog.json_agg(DISTINCT co.collname)
+                                   FROM pg_catalog.unnest(i.indcollation::pg_catalog.oid[]) k(coll)
+                                   JOIN pg_catalog.pg_collation co ON co.oid OPERATOR(pg_catalog.=) k.coll
+                                  WHERE NOT co.collisdeterministic))::text
      FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) i.indexrelid
     WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisvalid AND i.indisunique
       AND (i.indisprimary OR (i.indisreplident AND c.relreplident OPERATOR(pg_catalog.=) 'i'))
@@ -51,6 +57,10 @@ pub struct Key {
     pub index: String,
     /// Its key columns in order; `None` for an expression.
     pub columns: Vec<Option<String>>,
+    /// The names of its collations that are not deterministic (equal keys may then differ in their
+    /// text); `None` when there are none.
+    #[serde(default)]
+    pub nondeterministic: Option<Vec<String>>,
 }
 
 /// One row of [`TABLE_KEYS_SQL`].
@@ -101,6 +111,15 @@ pub struct Compared {
     /// Types of the key columns, for showing keys (`format_type`).
     pub key_types: Vec<String>,
     pub positions: Vec<usize>,
+    /// How each key column's value enters the key text (from its type).
+    pub key_texts: Vec<KeyText>,
+}
+
+impl Compared {
+    /// The key fields of this table's COPY lines, as both nodes take them.
+    pub fn key_fields(&self) -> Result<KeyFields, DigestError> {
+        KeyFields::with_texts(self.positions.clone(), self.key_texts.clone())
+    }
 }
 
 /// A table left out, with the reason.
@@ -120,8 +139,9 @@ pub struct Pairing {
 
 /// Pairs this node's tables with the peer's, among those `patterns` select (all when empty), in name
 /// order. Skipped: a table without a primary key or replica identity index here, a key on an
-/// expression or on a generated column, a table absent on one node, or one whose column lists differ
-/// (names, types or order: rows would not be comparable as COPY text).
+/// expression or on a generated column, a key with a nondeterministic collation (keys equal under it
+/// can differ in their text, and no one text can be chosen for them), a table absent on one node, or
+/// one whose column lists differ (names, types or order: rows would not be comparable as COPY text).
 pub fn pair(local: &[TableKeys], peer: &[TableKeys], patterns: &[TablePattern]) -> Pairing {
     let selected =
         |t: &TableKeys| patterns.is_empty() || patterns.iter().any(|p| p.matches(&t.schema, &t.name));
@@ -147,6 +167,12 @@ pub fn pair(local: &[TableKeys], peer: &[TableKeys], patterns: &[TablePattern]) 
                 None => problem = Some(format!("its {} {} has an expression", key.kind, key.index)),
                 Some(c) => names.push(c.clone()),
             }
+        }
+        if let Some(c) = key.nondeterministic.as_ref().and_then(|c| c.first()) {
+            problem = Some(format!(
+                "its {} {} uses the nondeterministic collation {c}: keys equal under it can differ in their text",
+                key.kind, key.index
+            ));
         }
         if let Some(why) = problem {
             out.skipped.push(skip(why));
@@ -174,12 +200,14 @@ pub fn pair(local: &[TableKeys], peer: &[TableKeys], patterns: &[TablePattern]) 
             out.skipped.push(skip(why));
             continue;
         }
+        let key_texts = key_types.iter().map(|t| KeyText::of_type(t)).collect();
         out.compared.push(Compared {
             schema: t.schema.clone(),
             name: t.name.clone(),
             key: names,
             key_types,
             positions,
+            key_texts,
         });
     }
     for p in peer.iter().filter(|t| selected(t)) {
@@ -218,6 +246,7 @@ mod tests {
                 kind: "primary key".into(),
                 index: format!("{name}_pkey"),
                 columns: k.iter().map(|c| c.map(str::to_string)).collect(),
+                nondeterministic: None,
             }),
         }
     }
@@ -232,6 +261,13 @@ mod tests {
             table("differ", &cols, Some(&[Some("a")])),
             table("gen", &cols, Some(&[Some("c")])),
             table("gone", &cols, Some(&[Some("a")])),
+            TableKeys {
+                key: Some(Key {
+                    nondeterministic: Some(vec!["ci".into()]),
+                    ..table("x", &cols, Some(&[Some("b")])).key.unwrap()
+                }),
+                ..table("nondet", &cols, None)
+            },
         ];
         let peer = vec![
             table("ok", &cols, Some(&[Some("a")])),
@@ -240,14 +276,17 @@ mod tests {
             table("differ", &[("a", "bigint"), ("b", "text")], Some(&[Some("a")])),
             table("gen", &cols, None),
             table("extra", &cols, None),
+            table("nondet", &cols, Some(&[Some("b")])),
         ];
         let p = pair(&local, &peer, &[]);
         assert_eq!(p.compared.len(), 1);
         assert_eq!(p.compared[0].positions, vec![1, 0]);
         assert_eq!(p.compared[0].key_types, vec!["text".to_string(), "integer".to_string()]);
+        assert_eq!(p.compared[0].key_texts, vec![KeyText::Exact, KeyText::Exact]);
         let reasons: Vec<(&str, &str)> =
             p.skipped.iter().map(|s| (s.name.as_str(), s.reason.as_str())).collect();
-        assert_eq!(reasons.len(), 6, "{reasons:?}");
+        assert_eq!(reasons.len(), 7, "{reasons:?}");
+        assert!(reasons.iter().any(|(n, r)| *n == "nondet" && r.contains("nondeterministic collation ci")));
         assert!(reasons.iter().any(|(n, r)| *n == "nokey" && r.contains("no primary key")));
         assert!(reasons.iter().any(|(n, r)| *n == "expr" && r.contains("expression")));
         assert!(

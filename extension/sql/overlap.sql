@@ -31,11 +31,27 @@ CREATE TABLE steep_repl.overlap_keys (
     schema_name  text  NOT NULL,
     table_name   text  NOT NULL,
     category     text  NOT NULL CHECK (category IN ('conflict', 'local_only', 'peer_only')),
-    key          jsonb NOT NULL,
-    FOREIGN KEY (overlap_id, schema_name, table_name)
-        REFERENCES steep_repl.overlap_results (overlap_id, schema_name, table_name) ON DELETE CASCADE
+    key          jsonb NOT NULL
 );
 CREATE INDEX overlap_keys_lookup_idx ON steep_repl.overlap_keys (overlap_id, table_name, category);
+
+-- Keys go with their table's result row. Not a foreign key: its check would run once per inserted key
+-- (up to 100 000 per table and category, several seconds per analysis). The leader inserts a table's
+-- keys right after its result row, in the same transaction; this trigger deletes them with it (also
+-- when the operation's row in steep_repl.snapshots is deleted and the results go by cascade).
+CREATE FUNCTION steep_repl.overlap_keys_cleanup() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM steep_repl.overlap_keys k
+     USING gone
+     WHERE k.overlap_id = gone.overlap_id
+       AND k.schema_name = gone.schema_name
+       AND k.table_name = gone.table_name;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER overlap_keys_cleanup AFTER DELETE ON steep_repl.overlap_results
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION steep_repl.overlap_keys_cleanup();
 
 -- Key values are row data: only the extension owner reads these tables directly; superusers read them
 -- through overlap_result() and overlap_rows().

@@ -20,6 +20,9 @@ CREATE TABLE app.comp (a int, b text, v text, PRIMARY KEY (a, b));
 CREATE TABLE app.texts (k text COLLATE "C" PRIMARY KEY, v text);
 CREATE TABLE app.uuids (u uuid PRIMARY KEY, v int);
 CREATE TABLE app.nums (n numeric PRIMARY KEY, v text);
+CREATE TABLE app.floats (f float8 PRIMARY KEY, v text);
+CREATE COLLATION app.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+CREATE TABLE app.ci_keys (k text COLLATE app.ci PRIMARY KEY, v text);
 CREATE TABLE app.ri (a int NOT NULL, b int NOT NULL, v text);
 CREATE UNIQUE INDEX ri_ab ON app.ri (a, b);
 ALTER TABLE app.ri REPLICA IDENTITY USING INDEX ri_ab;
@@ -35,6 +38,8 @@ INSERT INTO app.texts SELECT 'k' || g, 'v' || g FROM generate_series(1, 300) g;
 INSERT INTO app.texts VALUES (E'tab\there', 'x'), (E'new\nline', 'y'), (E'back\\slash', 'z');
 INSERT INTO app.uuids SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid, g FROM generate_series(1, 300) g;
 INSERT INTO app.nums SELECT g / 2.0, 'v' || g FROM generate_series(1, 300) g;
+INSERT INTO app.floats SELECT g / 4.0, 'v' || g FROM generate_series(-20, 20) g;
+INSERT INTO app.ci_keys SELECT 'k' || g, 'v' || g FROM generate_series(1, 10) g;
 INSERT INTO app.ri SELECT g % 20, g, 'v' || g FROM generate_series(1, 300) g;
 INSERT INTO app.nokey SELECT g, 'v' || g FROM generate_series(1, 100) g;
 INSERT INTO "Odd Schema"."odd.Name" SELECT g, 'v' || g FROM generate_series(1, 100) g;
@@ -79,6 +84,12 @@ const MUTATIONS: &[(&str, &[Difference])] = &[
         &[("uuids", "peer_only", r#"{"u": "ffffffff-ffff-ffff-ffff-ffffffffffff"}"#)],
     ),
     ("DELETE FROM app.nums WHERE n = 1.5", &[("nums", "local_only", r#"{"n": 1.5}"#)]),
+    // The same key printed with another scale (2.5000000000000000 here, 2.50 there): one key, its row
+    // changed.
+    ("UPDATE app.nums SET n = 2.50 WHERE n = 2.5", &[("nums", "conflict", r#"{"n": 2.5}"#)]),
+    // -0 equals 0 as a key.
+    ("UPDATE app.floats SET f = '-0' WHERE f = 0", &[("floats", "conflict", r#"{"f": 0}"#)]),
+    ("DELETE FROM app.floats WHERE f = -1.25", &[("floats", "local_only", r#"{"f": -1.25}"#)]),
     ("UPDATE app.ri SET v = 'changed' WHERE a = 2 AND b = 2", &[("ri", "conflict", r#"{"a": 2, "b": 2}"#)]),
     (
         r#"UPDATE "Odd Schema"."odd.Name" SET v = NULL WHERE "Key" = 7"#,
@@ -158,9 +169,9 @@ fn identical_tables_match_and_each_mutation_lands_in_its_category() {
     // Identical: every compared table matches entirely; the table without a key is skipped.
     let id = overlap(&mut l, &peer_conninfo, "");
     let r = results(&mut l, &id);
-    assert_eq!(r.len(), 8, "{r:#?}");
+    assert_eq!(r.len(), 10, "{r:#?}");
     for (table, status, lr, pr, m, conflict, lo, po) in &r {
-        if table == "nokey" {
+        if table == "nokey" || table == "ci_keys" {
             assert_eq!(status, "skipped");
             continue;
         }
@@ -170,6 +181,12 @@ fn identical_tables_match_and_each_mutation_lands_in_its_category() {
         assert_eq!((conflict, lo, po), (&Some(0), &Some(0), &Some(0)), "{table}");
     }
     assert!(keys(&mut l, &id).is_empty());
+    // A key under a nondeterministic collation is never compared as text.
+    let why: String = l
+        .query_one("SELECT detail FROM steep_repl.overlap_result($1) WHERE table_name = 'ci_keys'", &[&id])
+        .unwrap()
+        .get(0);
+    assert!(why.contains("nondeterministic collation ci"), "{why}");
     let identical_bytes: i64 = l
         .query_one("SELECT sum(bytes_exchanged)::int8 FROM steep_repl.overlap_result($1)", &[&id])
         .unwrap()
@@ -245,6 +262,15 @@ fn identical_tables_match_and_each_mutation_lands_in_its_category() {
     for c in [&mut l, &mut p] {
         assert_eq!(scans_running(c), 0);
     }
+    // Deleting an operation deletes its results and their keys.
+    let count_keys = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM steep_repl.overlap_keys WHERE overlap_id = $1", &[&id])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(count_keys(&mut l), expected.len() as i64);
+    l.execute("DELETE FROM steep_repl.snapshots WHERE id = $1", &[&id]).unwrap();
+    assert_eq!(count_keys(&mut l), 0);
     // A table list selects tables on both sides.
     let id = overlap(&mut l, &peer_conninfo, ", tables => ARRAY['app.comp']");
     let r = results(&mut l, &id);

@@ -7,7 +7,9 @@
 //! escaped so that splitting on raw bytes is exact. From a line (without its `\n`):
 //!
 //! - the **key text** is the raw, still escaped bytes of the key fields ([`KeyFields`], in key
-//!   order) joined by one tab; NULL stays the two bytes `\N`, so NULL and `''` differ;
+//!   order) joined by one tab; NULL stays the two bytes `\N`, so NULL and `''` differ. A field of a
+//!   type whose equal values can print differently is first brought to one form ([`KeyText::Number`]:
+//!   `1.50` and `1.5`, `-0` and `0`), so that one key always has one key text;
 //! - `key_hash` = XXH3-128 of the key text with seed [`KEY_SEED`] ([`key_hash`]);
 //! - `row_hash` = XXH3-128 of the whole line with seed [`ROW_SEED`] ([`row_hash`]).
 //!
@@ -208,18 +210,73 @@ impl Width {
     }
 }
 
-/// Positions (0-based) of the key fields in a table's COPY line, in key order; non-empty, no
-/// duplicates.
+/// How a key field's printed value enters the key text.
+///
+/// Two rows have the same key when the key's index says their values are equal; for most types
+/// equal values print alike, and the printed text is the key. For the others one form is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyText {
+    /// As printed.
+    #[default]
+    Exact,
+    /// A number whose equal values can print differently: `numeric` without a declared scale
+    /// (`1.5`, `1.50`) and `real`/`double precision` (`-0`, `0`). Trailing zeros of a fraction, then
+    /// a bare point, are dropped (not in exponent notation), and `-0` becomes `0`. `NaN`, the
+    /// infinities and `\N` are left alone.
+    Number,
+}
+
+impl KeyText {
+    /// How to take a key column of type `format_type` (as `pg_catalog.format_type` prints it).
+    pub fn of_type(format_type: &str) -> KeyText {
+        match format_type {
+            "numeric" | "real" | "double precision" => KeyText::Number,
+            _ => KeyText::Exact,
+        }
+    }
+
+    /// Appends `field` (raw COPY text) to `out` in this form.
+    fn push(self, out: &mut Vec<u8>, field: &[u8]) {
+        let mut f = field;
+        if self == KeyText::Number {
+            if f.contains(&b'.') && !f.iter().any(|b| matches!(b, b'e' | b'E')) {
+                while let [rest @ .., b'0'] = f {
+                    f = rest;
+                }
+                if let [rest @ .., b'.'] = f {
+                    f = rest;
+                }
+            }
+            if f == b"-0" {
+                f = b"0";
+            }
+        }
+        out.extend_from_slice(f);
+    }
+}
+
+/// Positions (0-based) of the key fields in a table's COPY line, in key order, each with its
+/// [`KeyText`]; non-empty, no duplicates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyFields {
     positions: Vec<usize>,
+    texts: Vec<KeyText>,
     /// True when `positions` is strictly increasing, so one pass over a line finds them all.
     increasing: bool,
 }
 
 impl KeyFields {
-    /// Checks and wraps key positions; [`DigestError::Line`] when empty or with a duplicate.
+    /// Checks and wraps key positions, each taken as printed; [`DigestError::Line`] when empty or
+    /// with a duplicate.
     pub fn new(positions: Vec<usize>) -> Result<KeyFields, DigestError> {
+        let texts = vec![KeyText::Exact; positions.len()];
+        KeyFields::with_texts(positions, texts)
+    }
+
+    /// [`KeyFields::new`] with the form of each field (`texts[i]` for `positions[i]`; missing ones
+    /// are [`KeyText::Exact`]).
+    pub fn with_texts(positions: Vec<usize>, mut texts: Vec<KeyText>) -> Result<KeyFields, DigestError> {
         if positions.is_empty() {
             return Err(DigestError::Line { reason: "no key fields given".into() });
         }
@@ -228,8 +285,9 @@ impl KeyFields {
         if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
             return Err(DigestError::Line { reason: format!("key field {} given twice", w[0]) });
         }
+        texts.resize(positions.len(), KeyText::Exact);
         let increasing = sorted == positions;
-        Ok(KeyFields { positions, increasing })
+        Ok(KeyFields { positions, texts, increasing })
     }
 
     /// The key positions, in key order.
@@ -367,29 +425,29 @@ pub fn digest_line(line: &[u8], key: &KeyFields, key_text: &mut Vec<u8>) -> Resu
     key_text.clear();
     if key.increasing {
         // One pass: fields in order, picking the key positions as they come.
-        let mut wanted = key.positions.iter().copied().peekable();
+        let mut wanted = key.positions.iter().copied().zip(key.texts.iter().copied()).peekable();
         for (n, field) in fields(line).enumerate() {
-            if wanted.peek() == Some(&n) {
+            if let Some(&(_, text)) = wanted.peek().filter(|(p, _)| *p == n) {
                 if n != key.positions[0] {
                     key_text.push(DELIMITER);
                 }
-                key_text.extend_from_slice(field);
+                text.push(key_text, field);
                 wanted.next();
                 if wanted.peek().is_none() {
                     break;
                 }
             }
         }
-        if let Some(missing) = wanted.next() {
+        if let Some((missing, _)) = wanted.next() {
             return Err(missing_field(line, missing));
         }
     } else {
-        for (k, &pos) in key.positions.iter().enumerate() {
+        for (k, (&pos, text)) in key.positions.iter().zip(&key.texts).enumerate() {
             let field = fields(line).nth(pos).ok_or_else(|| missing_field(line, pos))?;
             if k > 0 {
                 key_text.push(DELIMITER);
             }
-            key_text.extend_from_slice(field);
+            text.push(key_text, field);
         }
     }
     Ok(RowDigest { key_hash: key_hash(key_text), row_hash: row_hash(line) })

@@ -98,6 +98,41 @@ fn key_text_joins_key_fields_in_key_order() {
 }
 
 #[test]
+fn equal_numbers_have_one_key_text() {
+    let number = |field: &str| {
+        let key = KeyFields::with_texts(vec![0, 1], vec![KeyText::Number]).expect("key");
+        let mut text = Vec::new();
+        digest_line(format!("{field}\t2.50\tv").as_bytes(), &key, &mut text).expect("digest");
+        String::from_utf8(text).expect("utf8")
+    };
+    // The second key field is taken as printed (its form was not given).
+    for (printed, key) in [
+        ("1.50", "1.5\t2.50"),
+        ("1.5", "1.5\t2.50"),
+        ("100.000", "100\t2.50"),
+        ("100", "100\t2.50"),
+        ("-0", "0\t2.50"),
+        ("-0.000", "0\t2.50"),
+        ("0.0", "0\t2.50"),
+        ("1.50e+20", "1.50e+20\t2.50"),
+        ("NaN", "NaN\t2.50"),
+        ("-Infinity", "-Infinity\t2.50"),
+        ("\\N", "\\N\t2.50"),
+    ] {
+        assert_eq!(number(printed), key, "{printed}");
+    }
+    // Key fields out of line order take the same path.
+    let key = KeyFields::with_texts(vec![1, 0], vec![KeyText::Number, KeyText::Exact]).expect("key");
+    let mut text = Vec::new();
+    digest_line(b"7.0\t8.0", &key, &mut text).expect("digest");
+    assert_eq!(text, b"8\t7.0");
+    assert_eq!(KeyText::of_type("numeric"), KeyText::Number);
+    assert_eq!(KeyText::of_type("double precision"), KeyText::Number);
+    assert_eq!(KeyText::of_type("numeric(10,2)"), KeyText::Exact);
+    assert_eq!(KeyText::of_type("text"), KeyText::Exact);
+}
+
+#[test]
 fn short_line_is_an_error() {
     let mut text = Vec::new();
     let err = digest_line(b"1\tx", &KeyFields::new(vec![2]).expect("key"), &mut text);

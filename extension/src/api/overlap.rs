@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 use steep_repl_engine::chunk::ChunkStats;
-use steep_repl_engine::digest::{self, DigestWriter, KeyFields, TableDigests, Width};
+use steep_repl_engine::digest::{self, DigestWriter, KeyFields, KeyText, TableDigests, Width};
 use steep_repl_engine::naming::table_dir;
 
 use crate::api::snapshot::{GenerateRequest, launch_generate};
@@ -93,9 +93,13 @@ pub fn table_files(dir: &Path, schema: &str, name: &str) -> Vec<PathBuf> {
 /// table's COPY column list (read under the worker's snapshot, once per table).
 pub struct DigestKeys {
     id: String,
-    spec: Option<HashMap<(String, String), Vec<String>>>,
-    positions: HashMap<u32, Vec<usize>>,
+    /// Per table (schema, name): its key columns, and how each enters the key text.
+    spec: Option<HashMap<(String, String), SpecKey>>,
+    positions: HashMap<u32, (Vec<usize>, Vec<KeyText>)>,
 }
+
+/// A table's key columns in a scan's specification, and how each enters the key text.
+type SpecKey = (Vec<String>, Vec<KeyText>);
 
 impl DigestKeys {
     /// For the scan job `id`; nothing is read until the first table.
@@ -114,13 +118,13 @@ impl DigestKeys {
             .unwrap_or_else(|e| error!("reading the tables of overlap scan {}: {e}", self.id))
             .map(|j| j.0);
             let spec = parse_spec(raw.as_ref()).unwrap_or_else(|e| error!("overlap scan {}: {e}", self.id));
-            self.spec = Some(spec.into_iter().map(|t| ((t.schema, t.table), t.key)).collect());
+            self.spec = Some(spec.into_iter().map(|t| ((t.schema, t.table), (t.key, t.key_texts))).collect());
         }
-        let positions = match self.positions.get(&relid.to_u32()) {
+        let (positions, texts) = match self.positions.get(&relid.to_u32()) {
             Some(p) => p.clone(),
             None => {
                 let spec = self.spec.as_ref().map(|s| s.get(&(schema.to_string(), name.to_string())));
-                let Some(Some(key)) = spec else {
+                let Some(Some((key, texts))) = spec else {
                     error!("overlap scan {} did not ask for {schema}.{name}", self.id)
                 };
                 let columns = crate::pg::catalog::copy_columns(relid)
@@ -134,11 +138,11 @@ impl DigestKeys {
                         ),
                     }
                 }
-                self.positions.insert(relid.to_u32(), p.clone());
-                p
+                self.positions.insert(relid.to_u32(), (p.clone(), texts.clone()));
+                (p, texts.clone())
             }
         };
-        KeyFields::new(positions).unwrap_or_else(|e| error!("key of {schema}.{name}: {e}"))
+        KeyFields::with_texts(positions, texts).unwrap_or_else(|e| error!("key of {schema}.{name}: {e}"))
     }
 }
 
@@ -148,6 +152,9 @@ pub struct ScanTable {
     pub schema: String,
     pub table: String,
     pub key: Vec<String>,
+    /// How each key column enters the key text; both nodes are given the same.
+    #[serde(default)]
+    pub key_texts: Vec<KeyText>,
 }
 
 fn parse_spec(v: Option<&serde_json::Value>) -> Result<Vec<ScanTable>, String> {

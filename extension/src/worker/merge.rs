@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use steep_repl_engine::copy_text;
-use steep_repl_engine::digest::{Category, Comparison, KeyFields};
+use steep_repl_engine::digest::{Category, Comparison};
 use steep_repl_engine::ident::quote_literal;
 use steep_repl_engine::merge::{self, Strategy, Winner};
 use steep_repl_engine::overlap::Compared;
@@ -360,7 +360,7 @@ impl Merger<'_, '_> {
                 self.t.schema, self.t.name
             ))
         })?;
-        let fields = KeyFields::new(self.t.positions.clone()).map_err(|e| JobError::plain(e.to_string()))?;
+        let fields = self.t.key_fields().map_err(|e| JobError::plain(e.to_string()))?;
         let local = self.rows(Node::Local, keys)?;
         let peer = self.rows(Node::Peer, keys)?;
         let bad = |e: String| row_error(self.t, "pairing the rows of a conflict", e);

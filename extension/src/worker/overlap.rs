@@ -210,7 +210,12 @@ pub fn pair_tables(peer: &Peer<'_>, patterns: &[String]) -> Result<Pairing, Stri
 fn scan_spec(compared: &[Compared]) -> serde_json::Value {
     let tables: Vec<ScanTable> = compared
         .iter()
-        .map(|t| ScanTable { schema: t.schema.clone(), table: t.name.clone(), key: t.key.clone() })
+        .map(|t| ScanTable {
+            schema: t.schema.clone(),
+            table: t.name.clone(),
+            key: t.key.clone(),
+            key_texts: t.key_texts.clone(),
+        })
         .collect();
     serde_json::to_value(tables).unwrap_or_default()
 }
@@ -820,7 +825,7 @@ fn analyze_compared(
                 let end = start.saturating_add(ANALYZE_RANGE_BLOCKS);
                 // The last range is open-ended, as a snapshot's last chunk is.
                 let last = end >= blocks;
-                let key = digest::KeyFields::new(t.positions.clone()).map_err(|e| e.to_string())?;
+                let key = t.key_fields().map_err(|e| e.to_string())?;
                 crate::api::overlap::scan_digest(&dir, &t.schema, &t.name, index, key, |w| {
                     scan::copy_block_range(relid, start, (!last).then_some(end), w, &mut Interruptible);
                 });
