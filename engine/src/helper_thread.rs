@@ -26,7 +26,7 @@ pub fn block_all_signals() -> libc::sigset_t {
 
 /// Sets the calling thread's signal mask back to `old` (from [`block_all_signals`]).
 #[allow(unsafe_code)]
-fn restore_signals(old: &libc::sigset_t) {
+pub fn restore_signals(old: &libc::sigset_t) {
     // SAFETY: pthread_sigmask reads a mask we own and changes this thread's mask only.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
@@ -49,6 +49,22 @@ where
     let handle = Builder::new().name("steep-helper".into()).spawn_scoped(scope, f);
     restore_signals(&old);
     handle
+}
+
+/// Runs `beside` on a helper thread (see [`spawn_scoped`]) while `here` runs on the calling thread,
+/// and returns both results once both are done. `beside`'s result is `None` when no thread could be
+/// started (`beside` did not run: the caller does that work itself). A panic in `beside` is
+/// resumed here, after `here` has returned.
+pub fn run_beside<A, B>(beside: impl FnOnce() -> A + Send, here: impl FnOnce() -> B) -> (Option<A>, B)
+where
+    A: Send,
+{
+    std::thread::scope(|s| {
+        let helper = spawn_scoped(s, beside).ok();
+        let mine = here();
+        let theirs = helper.map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        (theirs, mine)
+    })
 }
 
 #[cfg(test)]
@@ -75,5 +91,13 @@ mod tests {
         });
         assert_eq!(in_helper, (true, true));
         assert!(!blocked_now(libc::SIGUSR1));
+    }
+
+    #[test]
+    fn run_beside_returns_both_results() {
+        let mut seen = Vec::new();
+        let (theirs, mine) = run_beside(|| blocked_now(libc::SIGTERM), || seen.push(1));
+        assert_eq!((theirs, mine), (Some(true), ()));
+        assert_eq!(seen, [1]);
     }
 }

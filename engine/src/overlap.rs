@@ -168,11 +168,14 @@ pub fn pair(local: &[TableKeys], peer: &[TableKeys], patterns: &[TablePattern]) 
                 Some(c) => names.push(c.clone()),
             }
         }
-        if let Some(c) = key.nondeterministic.as_ref().and_then(|c| c.first()) {
-            problem = Some(format!(
-                "its {} {} uses the nondeterministic collation {c}: keys equal under it can differ in their text",
-                key.kind, key.index
-            ));
+        // Either node's key: the column lists do not show collations.
+        for (k, whose) in [(Some(key), "its"), (p.key.as_ref(), "the peer's")] {
+            if let Some((k, c)) = k.and_then(|k| Some((k, k.nondeterministic.as_ref()?.first()?))) {
+                problem = Some(format!(
+                    "{whose} {} {} uses the nondeterministic collation {c}: keys equal under it can differ in their text",
+                    k.kind, k.index
+                ));
+            }
         }
         if let Some(why) = problem {
             out.skipped.push(skip(why));
@@ -184,11 +187,21 @@ pub fn pair(local: &[TableKeys], peer: &[TableKeys], patterns: &[TablePattern]) 
         }
         let mut positions = Vec::with_capacity(names.len());
         let mut key_types = Vec::with_capacity(names.len());
+        let mut key_texts = Vec::with_capacity(names.len());
         for n in &names {
             match t.columns.iter().position(|(c, _)| c == n) {
                 Some(i) => {
+                    let ty = &t.columns[i].1;
+                    let Some(text) = KeyText::of_type(ty) else {
+                        problem = Some(format!(
+                            "key column {n} of {} {} is of type {ty}: equal keys can print differently",
+                            key.kind, key.index
+                        ));
+                        break;
+                    };
                     positions.push(i);
-                    key_types.push(t.columns[i].1.clone());
+                    key_types.push(ty.clone());
+                    key_texts.push(text);
                 }
                 None => {
                     problem = Some(format!("key column {n} of {} {} is generated", key.kind, key.index));
@@ -200,7 +213,6 @@ pub fn pair(local: &[TableKeys], peer: &[TableKeys], patterns: &[TablePattern]) 
             out.skipped.push(skip(why));
             continue;
         }
-        let key_texts = key_types.iter().map(|t| KeyText::of_type(t)).collect();
         out.compared.push(Compared {
             schema: t.schema.clone(),
             name: t.name.clone(),
@@ -261,6 +273,8 @@ mod tests {
             table("differ", &cols, Some(&[Some("a")])),
             table("gen", &cols, Some(&[Some("c")])),
             table("gone", &cols, Some(&[Some("a")])),
+            table("peer_nondet", &cols, Some(&[Some("a")])),
+            table("ival", &[("a", "interval"), ("b", "text")], Some(&[Some("a")])),
             TableKeys {
                 key: Some(Key {
                     nondeterministic: Some(vec!["ci".into()]),
@@ -276,7 +290,15 @@ mod tests {
             table("differ", &[("a", "bigint"), ("b", "text")], Some(&[Some("a")])),
             table("gen", &cols, None),
             table("extra", &cols, None),
+            TableKeys {
+                key: Some(Key {
+                    nondeterministic: Some(vec!["ci2".into()]),
+                    ..table("x", &cols, Some(&[Some("a")])).key.unwrap()
+                }),
+                ..table("peer_nondet", &cols, None)
+            },
             table("nondet", &cols, Some(&[Some("b")])),
+            table("ival", &[("a", "interval"), ("b", "text")], Some(&[Some("a")])),
         ];
         let p = pair(&local, &peer, &[]);
         assert_eq!(p.compared.len(), 1);
@@ -285,7 +307,9 @@ mod tests {
         assert_eq!(p.compared[0].key_texts, vec![KeyText::Exact, KeyText::Exact]);
         let reasons: Vec<(&str, &str)> =
             p.skipped.iter().map(|s| (s.name.as_str(), s.reason.as_str())).collect();
-        assert_eq!(reasons.len(), 7, "{reasons:?}");
+        assert_eq!(reasons.len(), 9, "{reasons:?}");
+        assert!(reasons.iter().any(|(n, r)| *n == "peer_nondet" && r.contains("the peer's primary key")));
+        assert!(reasons.iter().any(|(n, r)| *n == "ival" && r.contains("of type interval")));
         assert!(reasons.iter().any(|(n, r)| *n == "nondet" && r.contains("nondeterministic collation ci")));
         assert!(reasons.iter().any(|(n, r)| *n == "nokey" && r.contains("no primary key")));
         assert!(reasons.iter().any(|(n, r)| *n == "expr" && r.contains("expression")));

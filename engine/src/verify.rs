@@ -208,7 +208,14 @@ pub fn verify_snapshot_with(dir: &Path, options: &VerifyOptions) -> Result<Verif
                     crate::helper_thread::block_all_signals();
                 });
             }
-            let pool = builder.build().map_err(|e| Error::ThreadPool { threads, reason: e.to_string() })?;
+            // Threads inherit their creator's mask: blocked from their first instruction on when
+            // signals go to the caller (start_handler blocks them again, for threads started later).
+            let old = options.signals_to_caller.then(crate::helper_thread::block_all_signals);
+            let pool = builder.build();
+            if let Some(old) = old {
+                crate::helper_thread::restore_signals(&old);
+            }
+            let pool = pool.map_err(|e| Error::ThreadPool { threads, reason: e.to_string() })?;
             pool.install(|| run(dir, options.mode, options.stop))
         }
     };

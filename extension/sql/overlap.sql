@@ -52,6 +52,16 @@ END
 $$;
 CREATE TRIGGER overlap_keys_cleanup AFTER DELETE ON steep_repl.overlap_results
     REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION steep_repl.overlap_keys_cleanup();
+-- TRUNCATE fires no DELETE trigger: emptying the results empties the keys.
+CREATE FUNCTION steep_repl.overlap_keys_truncate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    TRUNCATE steep_repl.overlap_keys;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER overlap_keys_truncate AFTER TRUNCATE ON steep_repl.overlap_results
+    FOR EACH STATEMENT EXECUTE FUNCTION steep_repl.overlap_keys_truncate();
 
 -- Key values are row data: only the extension owner reads these tables directly; superusers read them
 -- through overlap_result() and overlap_rows().

@@ -144,6 +144,9 @@ impl Rows {
 /// An open connection to a peer. Dropping it closes the connection.
 pub struct Conn {
     raw: NonNull<pq::PGconn>,
+    /// The `statement_timeout` (ms) the last [`Conn::start_binary`] left in the peer's session, with
+    /// `search_path` pinned; `None` when unknown (a text statement or a failure since).
+    binary_timeout_ms: std::cell::Cell<Option<u64>>,
 }
 
 impl Drop for Conn {
@@ -202,6 +205,8 @@ impl Conn {
         let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
         // The peer gives up when we do.
         let ms = (budget * 1000.0).ceil().max(1.0) as u64;
+        // These settings last only if the statement succeeds (one implicit transaction).
+        self.binary_timeout_ms.set(None);
         let mut ex = Exchange::new(vec![Statement::text(format!(
             "SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}; {sql}"
         ))]);
@@ -213,14 +218,23 @@ impl Conn {
 
     /// [`Conn::start`] for one statement (no semicolons) whose results come back in libpq's binary
     /// format, in [`Rows::raw`]: each value as the peer's send function writes it (a `bytea` as its
-    /// bytes). The session settings are set by a statement of their own first.
+    /// bytes). The session settings are set by a statement of their own first, unless the previous
+    /// binary request left them as this one needs them (its `statement_timeout` within a second
+    /// above this budget): then `sql` goes out at once and the peer works on it while the caller
+    /// does its own part.
     pub fn start_binary(&self, sql: &str, deadline: Instant) -> Pending<'_> {
         let budget = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
-        let ms = (budget * 1000.0).ceil().max(1.0) as u64;
-        let mut ex = Exchange::new(vec![
-            Statement::text(format!("SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}")),
-            Statement { sql: sql.to_string(), binary: true },
-        ]);
+        // Whole seconds, so that requests with the same timeout ask for the same setting.
+        let ms = (budget.ceil().max(1.0) as u64).saturating_mul(1000);
+        let mut statements = Vec::with_capacity(2);
+        if self.binary_timeout_ms.get().is_none_or(|set| set < ms || set > ms + 1000) {
+            let settings = format!("SET search_path = pg_catalog, pg_temp; SET statement_timeout = {ms}");
+            statements.push(Statement::text(settings));
+        }
+        statements.push(Statement { sql: sql.to_string(), binary: true });
+        // Cleared again by `finish` if the exchange fails.
+        self.binary_timeout_ms.set(Some(ms));
+        let mut ex = Exchange::new(statements);
         ex.start_next_statement(self);
         let _ = ex.advance(self, budget);
         Pending { conn: self, ex, deadline, budget }
@@ -258,7 +272,10 @@ impl Pending<'_> {
         });
         let mut ex = cell.into_inner();
         match ex.outcome.take() {
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) => {
+                conn.binary_timeout_ms.set(None);
+                Err(e)
+            }
             _ => Ok(ex.rows.pop().unwrap_or_default()),
         }
     }
@@ -535,7 +552,7 @@ fn open(conninfo: &str) -> Result<Conn, PeerError> {
     // it keeps. expand_dbname = 1 expands the conninfo given as dbname.
     let raw = unsafe { pq::PQconnectStartParams(keys.as_ptr(), values.as_ptr(), 1) };
     let conn = NonNull::new(raw)
-        .map(|raw| Conn { raw })
+        .map(|raw| Conn { raw, binary_timeout_ms: std::cell::Cell::new(None) })
         .ok_or_else(|| PeerError::Connect("out of memory".into()))?;
     // SAFETY: reads the status of the connection just allocated.
     if unsafe { pq::PQstatus(conn.raw.as_ptr()) } == pq::ConnStatusType::CONNECTION_BAD {

@@ -525,16 +525,16 @@ impl Walk<'_> {
             let nodes: Vec<Node> = leaves[range.clone()].iter().map(|p| p.node).collect();
             check()?;
             let mut classified = Ok(());
-            let (peer_rows, mine) = std::thread::scope(|s| {
-                let mine = helper_thread::spawn_scoped(s, || local.rows(&nodes, Width::Full)).ok();
-                let peer_rows = peer.rows_while(&nodes, width, &mut || {
-                    if let Some((r, l, p)) = previous.take() {
-                        classified = self.settle_batch(&leaves[r], l, p);
-                    }
-                });
-                let mine = mine.map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-                (peer_rows, mine)
-            });
+            let (mine, peer_rows) = helper_thread::run_beside(
+                || local.rows(&nodes, Width::Full),
+                || {
+                    peer.rows_while(&nodes, width, &mut || {
+                        if let Some((r, l, p)) = previous.take() {
+                            classified = self.settle_batch(&leaves[r], l, p);
+                        }
+                    })
+                },
+            );
             let peer_rows = peer_rows?;
             classified?;
             let local_rows = match mine {

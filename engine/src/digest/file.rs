@@ -455,7 +455,7 @@ impl Summary {
 
     /// The digests of `node`'s children when they are no deeper than the summary.
     fn children(&self, node: Node) -> Option<[Digest; FANOUT]> {
-        if node.depth >= self.depth {
+        if node.depth >= self.depth || !node.is_valid() {
             return None;
         }
         let children = node.children();

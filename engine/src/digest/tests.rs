@@ -126,10 +126,23 @@ fn equal_numbers_have_one_key_text() {
     let mut text = Vec::new();
     digest_line(b"7.0\t8.0", &key, &mut text).expect("digest");
     assert_eq!(text, b"8\t7.0");
-    assert_eq!(KeyText::of_type("numeric"), KeyText::Number);
-    assert_eq!(KeyText::of_type("double precision"), KeyText::Number);
-    assert_eq!(KeyText::of_type("numeric(10,2)"), KeyText::Exact);
-    assert_eq!(KeyText::of_type("text"), KeyText::Exact);
+    assert_eq!(KeyText::of_type("numeric"), Some(KeyText::Number));
+    assert_eq!(KeyText::of_type("double precision"), Some(KeyText::Number));
+    assert_eq!(KeyText::of_type("numeric(10,2)"), Some(KeyText::Exact));
+    assert_eq!(KeyText::of_type("text"), Some(KeyText::Exact));
+    assert_eq!(KeyText::of_type("integer[]"), Some(KeyText::Exact));
+    for unusable in [
+        "interval",
+        "interval day to second",
+        "interval(3)",
+        "citext",
+        "jsonb",
+        "numeric[]",
+        "real[]",
+        "citext[]",
+    ] {
+        assert_eq!(KeyText::of_type(unusable), None, "{unusable}");
+    }
 }
 
 #[test]

@@ -25,6 +25,7 @@ use steep_repl_engine::digest::{
     self, Comparison, Digest, DigestError, FANOUT, Limits, Node, RowDigest, Side, TableDigests, Width,
 };
 use steep_repl_engine::filter::TablePattern;
+use steep_repl_engine::helper_thread;
 use steep_repl_engine::ident::quote_literal;
 use steep_repl_engine::overlap::{self as pairing, Compared, Pairing, TABLE_KEYS_SQL, TableKeys};
 
@@ -417,11 +418,12 @@ pub fn compare_table(
     let files = crate::api::overlap::table_files(local_dir, &t.schema, &t.name);
     let mut remote = PeerTable { peer, scan: peer_scan, schema: &t.schema, table: &t.name, total: None };
     peer.take_bytes();
-    // Both sides open (and check) their digest files at once: the peer on its first request.
-    let mut opened = None;
-    let total = remote
-        .request_while("total", &[], Width::Full, &mut || opened = Some(TableDigests::open(&files)))
-        .and_then(|answer| digest::wire::decode_digest(&answer));
+    // Both sides open (and check) their digest files at once: the peer on its first request, this
+    // node on a helper thread (pure Rust: no PostgreSQL call) meanwhile.
+    let (opened, total) = helper_thread::run_beside(
+        || TableDigests::open(&files),
+        || remote.request("total", &[], Width::Full).and_then(|a| digest::wire::decode_digest(&a)),
+    );
     let opened = opened.unwrap_or_else(|| TableDigests::open(&files));
     let mut local = opened.map_err(|e| format!("this node's digests of {}.{}: {e}", t.schema, t.name))?;
     remote.total = Some(total.map_err(|e| format!("comparing {}.{}: {e}", t.schema, t.name))?);
