@@ -598,3 +598,40 @@ fn a_row_breaking_another_unique_constraint_fails_the_merge_and_what_was_done_st
     let here: i64 = l.query_one("SELECT count(*) FROM u WHERE id = 20", &[]).unwrap().get(0);
     assert_eq!(here, 0, "the batch that failed left nothing");
 }
+
+#[test]
+fn a_numeric_key_printed_with_another_scale_is_one_key() {
+    let local = preloaded();
+    let peer = dedicated_with("merge_numeric", "");
+    for (n, strategy) in ["prefer-remote", "last-modified:at"].into_iter().enumerate() {
+        let db = format!("mrg_num{n}");
+        local.fresh_db(&db, true);
+        peer.fresh_db(&db, true);
+        let mut l = local.client(&db);
+        let mut p = peer.client(&db);
+        let ddl = "CREATE TABLE m (k numeric PRIMARY KEY, v text, at timestamptz)";
+        l.batch_execute(&format!("{ddl}; INSERT INTO m VALUES (1.50, 'L', '2024-01-01 00:00:00+00')"))
+            .unwrap();
+        p.batch_execute(&format!(
+            "{ddl}; INSERT INTO m VALUES (1.5, 'P', '2024-06-01 00:00:00+00'), (3, 'peer', '2024-01-01 00:00:00+00')"
+        ))
+        .unwrap();
+        let conninfo = peer.conninfo_for(&db);
+        // 1.50 here and 1.5 there are one key: a conflict, not a row on each side only.
+        assert_eq!(differences(&mut l, &conninfo), (1, 0, 1), "{strategy}");
+        merge(&mut l, &conninfo, strategy, false);
+        // The peer's row wins by either strategy; no key is added twice, the peer's only row is copied.
+        for c in [&mut l, &mut p] {
+            let rows: Vec<String> = c
+                .query("SELECT format('%s|%s', k::float8, v) FROM m ORDER BY k", &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert_eq!(rows, ["1.5|P", "3|peer"], "{strategy}");
+        }
+        // The merge writes the non-key columns: the keys still print with their own scale on each node,
+        // so that one key stays a conflict.
+        assert_eq!(differences(&mut l, &conninfo), (1, 0, 0), "{strategy}");
+    }
+}
