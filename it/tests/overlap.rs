@@ -393,6 +393,36 @@ fn only_superusers_may_analyze_an_overlap() {
 }
 
 #[test]
+fn a_peer_running_another_version_is_refused_with_both_versions_named() {
+    // Two databases of one cluster stand for the two nodes; the peer's catalog says another version.
+    let cluster = preloaded();
+    cluster.fresh_db("ovl_ver_l", true);
+    cluster.fresh_db("ovl_ver_p", true);
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 10) g";
+    let mut l = cluster.client("ovl_ver_l");
+    let mut p = cluster.client("ovl_ver_p");
+    l.batch_execute(ddl).unwrap();
+    p.batch_execute(ddl).unwrap();
+    let ours: String =
+        l.query_one("SELECT extversion FROM pg_extension WHERE extname = 'steep_repl'", &[]).unwrap().get(0);
+    p.batch_execute("UPDATE pg_extension SET extversion = '0.0.1-old' WHERE extname = 'steep_repl'").unwrap();
+    let peer = cluster.conninfo_for("ovl_ver_p");
+    let e = l.query("SELECT * FROM steep_repl.analyze_overlap($1)", &[&peer]).expect_err("another version");
+    let msg = db_message(&e);
+    assert!(msg.contains("steep_repl 0.0.1-old") && msg.contains(&format!("this node {ours}")), "{msg}");
+    // The same versions again: compared.
+    p.batch_execute(&format!("UPDATE pg_extension SET extversion = '{ours}' WHERE extname = 'steep_repl'"))
+        .unwrap();
+    let statuses: Vec<String> = l
+        .query("SELECT status FROM steep_repl.analyze_overlap($1)", &[&peer])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["compared"]);
+}
+
+#[test]
 fn differing_keys_are_recorded_without_running_code_of_the_key_type() {
     // A key of a domain type whose CHECK calls a function: recording a differing key (as the extension's
     // owner) must not run it, as a cast back to the domain would.

@@ -125,8 +125,8 @@ impl Peer<'_> {
     }
 }
 
-/// Connects to the peer and checks that it can take part: steep_repl installed, the same server
-/// encoding (rows are compared as bytes), a superuser session.
+/// Connects to the peer and checks that it can take part: steep_repl installed at this node's
+/// version, the same server encoding (rows are compared as bytes), a superuser session.
 pub fn connect<'s>(
     who: &str,
     conninfo: &str,
@@ -144,13 +144,26 @@ pub fn connect<'s>(
     })?;
     let peer = Peer { conn, who: who.to_string(), conninfo: conninfo.to_string(), bytes: Cell::new(0), stop };
     let rows = peer.query(
-        "SELECT (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'steep_repl'), \
+        "SELECT (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'), \
          pg_catalog.current_setting('server_encoding'), \
          (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)",
     )?;
-    if rows.get(0, "extversion").is_none() {
+    let Some(theirs) = rows.get(0, "extversion") else {
         return Err(JobError::plain(format!(
             "steep_repl is not installed in {who}'s database: each node hashes its own rows in its own workers (CREATE EXTENSION steep_repl there)"
+        )));
+    };
+    // Both nodes must read the scan specification and print keys the same way: a peer of another
+    // version could ignore a field it does not know (a key form) and report differences that are not.
+    let ours = Spi::get_one::<String>(
+        "SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'steep_repl'",
+    )
+    .map_err(|e| JobError::plain(e.to_string()))?
+    .unwrap_or_default();
+    if theirs != ours {
+        return Err(JobError::plain(format!(
+            "{who} runs steep_repl {theirs} and this node {ours}: overlap and merge need the same version on both nodes \
+             (ALTER EXTENSION steep_repl UPDATE on the older one)"
         )));
     }
     let encoding = Spi::get_one::<String>("SELECT pg_catalog.current_setting('server_encoding')")
