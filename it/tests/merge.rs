@@ -609,29 +609,45 @@ fn a_numeric_key_printed_with_another_scale_is_one_key() {
         peer.fresh_db(&db, true);
         let mut l = local.client(&db);
         let mut p = peer.client(&db);
+        // m: a key and other columns. ko (prefer-remote only: it has no time column): a table of its
+        // key only, where the scale is the only difference.
+        let with_ko = strategy == "prefer-remote";
+        let ko = |v: &str| {
+            if with_ko {
+                format!("CREATE TABLE ko (k numeric PRIMARY KEY); INSERT INTO ko VALUES ({v});")
+            } else {
+                String::new()
+            }
+        };
         let ddl = "CREATE TABLE m (k numeric PRIMARY KEY, v text, at timestamptz)";
-        l.batch_execute(&format!("{ddl}; INSERT INTO m VALUES (1.50, 'L', '2024-01-01 00:00:00+00')"))
-            .unwrap();
+        l.batch_execute(&format!(
+            "{ddl}; INSERT INTO m VALUES (1.50, 'L', '2024-01-01 00:00:00+00'); {}",
+            ko("2.50")
+        ))
+        .unwrap();
         p.batch_execute(&format!(
-            "{ddl}; INSERT INTO m VALUES (1.5, 'P', '2024-06-01 00:00:00+00'), (3, 'peer', '2024-01-01 00:00:00+00')"
+            "{ddl}; INSERT INTO m VALUES (1.5, 'P', '2024-06-01 00:00:00+00'), (3, 'peer', '2024-01-01 00:00:00+00'); {}",
+            ko("2.5")
         ))
         .unwrap();
         let conninfo = peer.conninfo_for(&db);
         // 1.50 here and 1.5 there are one key: a conflict, not a row on each side only.
-        assert_eq!(differences(&mut l, &conninfo), (1, 0, 1), "{strategy}");
+        let conflicts = if with_ko { 2 } else { 1 };
+        assert_eq!(differences(&mut l, &conninfo), (conflicts, 0, 1), "{strategy}");
         merge(&mut l, &conninfo, strategy, false);
-        // The peer's row wins by either strategy; no key is added twice, the peer's only row is copied.
+        // The peer's row wins by either strategy, its key's scale included; no key is added twice, the
+        // peer's only row is copied.
+        let all = if with_ko {
+            "SELECT format('%s|%s', k, v) FROM m UNION ALL SELECT format('%s|ko', k) FROM ko ORDER BY 1"
+        } else {
+            "SELECT format('%s|%s', k, v) FROM m ORDER BY 1"
+        };
+        let expected: &[&str] = if with_ko { &["1.5|P", "2.5|ko", "3|peer"] } else { &["1.5|P", "3|peer"] };
         for c in [&mut l, &mut p] {
-            let rows: Vec<String> = c
-                .query("SELECT format('%s|%s', k::float8, v) FROM m ORDER BY k", &[])
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            assert_eq!(rows, ["1.5|P", "3|peer"], "{strategy}");
+            let rows: Vec<String> = c.query(all, &[]).unwrap().iter().map(|r| r.get(0)).collect();
+            assert_eq!(rows, expected, "{strategy}");
         }
-        // The merge writes the non-key columns: the keys still print with their own scale on each node,
-        // so that one key stays a conflict.
-        assert_eq!(differences(&mut l, &conninfo), (1, 0, 0), "{strategy}");
+        // Both nodes now print every row alike: nothing left to merge.
+        assert_eq!(differences(&mut l, &conninfo), (0, 0, 0), "{strategy}");
     }
 }

@@ -283,7 +283,8 @@ fn copy_text_of(t: &Table, from: &str, args: &[pgrx::datum::DatumWithOid]) -> Ve
 /// Writes `rows` (COPY text in COPY's column order, as `merge_rows` prints them) into
 /// `schema_name.table_name` for merge `merge_id`, in the calling transaction, and records each row
 /// changed in `steep_repl.merge_audit`: `mode` `insert` (rows whose key is absent; a key present by now
-/// is left alone) or `update` (the non-key columns of the rows with those keys; when `decided_by` is
+/// is left alone) or `update` (the rows with those keys: every column but those generated always as
+/// identity, a key column only where it prints otherwise, as 1.50 and 1.5 do; when `decided_by` is
 /// `last-modified:<column>`, only where that column here is not newer than the row's, so a change made
 /// since the decision is kept), or `park` (nothing written: both rows go to
 /// `steep_repl.merge_conflicts`). Runs with `session_replication_role =
@@ -355,18 +356,30 @@ pub fn write_rows(
                 )
             }
             "update" => {
-                let nonkey: Vec<&String> = t
-                    .columns
-                    .iter()
-                    .filter(|c| !t.key.contains(c) && !t.identity_always.contains(c))
-                    .collect();
-                if nonkey.is_empty() {
-                    // Rows of key columns only: equal keys are equal rows, nothing to update.
+                let updatable: Vec<&String> =
+                    t.columns.iter().filter(|c| !t.identity_always.contains(c)).collect();
+                if updatable.is_empty() {
                     return 0;
                 }
-                let set_cols = nonkey.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-                let src_cols =
-                    nonkey.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
+                let set_cols = updatable.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+                // A key column takes the chosen row's value only where it prints otherwise (1.50 and
+                // 1.5 are one numeric key): the rows then print alike on both nodes. Where it prints
+                // the same it keeps its own datum, so the update stays a HOT update when it can.
+                let src_cols = updatable
+                    .iter()
+                    .map(|c| {
+                        let q = quote_ident(c);
+                        if t.key.contains(c) {
+                            format!(
+                                "CASE WHEN t.{q}::pg_catalog.text OPERATOR(pg_catalog.=) s.{q}::pg_catalog.text \
+                                 THEN t.{q} ELSE s.{q} END"
+                            )
+                        } else {
+                            format!("s.{q}")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 // last-modified: a row that became newer here since the decision keeps its value.
                 let guard = match decided_by.strip_prefix("last-modified:") {
                     Some(column) if t.columns.iter().any(|c| c == column) => {
