@@ -258,28 +258,26 @@ fn a_killed_worker_restores_the_indexes_and_resume_finishes() {
     interrupted("kill");
 }
 
-/// A unique index that the loaded rows violate cannot be built: the job fails naming it, the index stays
-/// recorded (not silently lost), and once the duplicate is gone resume_apply builds it.
-#[test]
-fn an_index_the_data_violates_is_reported_and_built_by_resume() {
-    let cluster = preloaded();
-    let (src, dst) = ("ixd_dup_src", "ixd_dup_dst");
-    cluster.fresh_db(src, true);
-    // The source has no unique index on code; the target has one; the source holds a duplicate code.
+/// A target whose unique index `t_code` the snapshot's rows violate (the source has no such index and a
+/// duplicate code), after an apply that deferred it and failed building it: (target client, apply id,
+/// the target's indexes as they were before the apply).
+fn failed_on_a_duplicate(cluster: &Cluster, tag: &str) -> (postgres::Client, String, Vec<String>) {
+    let (src, dst) = (format!("ixd_{tag}_src"), format!("ixd_{tag}_dst"));
+    cluster.fresh_db(&src, true);
     cluster
-        .client(src)
+        .client(&src)
         .batch_execute(
             "CREATE TABLE t (id int PRIMARY KEY, code text); \
              INSERT INTO t SELECT g, 'c' || g FROM generate_series(1, 20000) g; UPDATE t SET code = 'c1' WHERE id = 2",
         )
         .unwrap();
-    let mut c = cluster.client(src);
-    let dir = snapshot_path("ixd_dup");
+    let mut c = cluster.client(&src);
+    let dir = snapshot_path(&format!("ixd_{tag}"));
     let id = start_snapshot(&mut c, &[], &dir, ", parallel => 2");
     assert_eq!(wait_for(&mut c, &id, 120).0, "complete");
-    cluster.fresh_db(dst, false);
-    copy_schema(cluster, src, dst);
-    let mut d = cluster.client(dst);
+    cluster.fresh_db(&dst, false);
+    copy_schema(cluster, &src, &dst);
+    let mut d = cluster.client(&dst);
     d.batch_execute("CREATE UNIQUE INDEX t_code ON t (code)").unwrap();
     let (defs_before, _) = schema_of(&mut d);
     d.batch_execute("SET steep_repl.apply_index_defer_size = 0").unwrap();
@@ -298,11 +296,83 @@ fn an_index_the_data_violates_is_reported_and_built_by_resume() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(left, ["t_code"]);
+    (d, id, defs_before)
+}
+
+/// A unique index that the loaded rows violate cannot be built: the job fails naming it, the index stays
+/// recorded (not silently lost), and once the duplicate is gone resume_apply builds it.
+#[test]
+fn an_index_the_data_violates_is_reported_and_built_by_resume() {
+    let cluster = preloaded();
+    let (mut d, id, defs_before) = failed_on_a_duplicate(cluster, "dup");
     d.batch_execute("DELETE FROM t WHERE id = 2").unwrap();
     d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap();
     let (status, error) = wait_for(&mut d, &id, 120);
     assert_eq!(status, "applied", "{error:?}");
     assert_eq!(schema_of(&mut d).0, defs_before);
+}
+
+/// An index put back by hand exactly as it was, after the job failed building it: resume_apply takes it
+/// as built and ends the job.
+#[test]
+fn an_index_put_back_by_hand_is_taken_as_built() {
+    let cluster = preloaded();
+    let (mut d, id, defs_before) = failed_on_a_duplicate(cluster, "byhand");
+    d.batch_execute("DELETE FROM t WHERE id = 2; CREATE UNIQUE INDEX t_code ON t (code)").unwrap();
+    d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap();
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_eq!(schema_of(&mut d).0, defs_before);
+    assert_eq!(pending_records(&mut d, &id), 0);
+}
+
+/// A table renamed while its indexes wait to be built, and another table created under its old name: the
+/// indexes are built on neither (their statements name the table) and the job fails saying so. Renamed
+/// back, resume_apply builds them.
+#[test]
+fn a_table_renamed_before_its_index_build_gets_no_index_elsewhere() {
+    let cluster = preloaded();
+    let (_src, dst, dir) = prepare(cluster, "renamed", "256kB");
+    let mut d = cluster.client(&dst);
+    let (defs_before, _) = schema_of(&mut d);
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'")
+        .unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    assert!(poll_until(|| deferred_of_main(&mut d, &id) > 0), "main's indexes were deferred");
+    let mut blocker = cluster.client(&dst);
+    blocker.batch_execute(r#"BEGIN; SELECT count(*) FROM "Ix S".main"#).unwrap();
+    let waiting = poll_until(|| {
+        let phase: String =
+            d.query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        phase == "indexes" && deferred_of_main(&mut d, &id) > 0
+    });
+    assert!(waiting, "the job reached its index phase with main's indexes left");
+    blocker
+        .batch_execute(
+            r#"ALTER TABLE "Ix S".main RENAME TO main_old; CREATE TABLE "Ix S".main (LIKE "Ix S".main_old); COMMIT"#,
+        )
+        .unwrap();
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains(r#"is now named "Ix S"."main_old""#), "{error}");
+    let on_new: i64 = d
+        .query_one("SELECT count(*) FROM pg_indexes WHERE schemaname = 'Ix S' AND tablename = 'main'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(on_new, 0, "an index was built on a table it never belonged to");
+    d.batch_execute(
+        r#"DROP TABLE "Ix S".main; ALTER TABLE "Ix S".main_old RENAME TO main; RESET steep_repl.chunk_pause"#,
+    )
+    .unwrap();
+    d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap();
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_eq!(schema_of(&mut d).0, defs_before);
+    assert_eq!(pending_records(&mut d, &id), 0);
 }
 
 /// A load that will force checkpoints is told so before it starts: a WARNING to the caller and in the

@@ -20,13 +20,17 @@ pub struct Deferred {
     pub definition: String,
 }
 
-/// Records that apply `id` dropped `d`'s index, in the transaction that drops it.
+/// Records that apply `id` dropped `d`'s index, in the transaction that drops it. A record of the same
+/// index left from before (someone re-created it by hand, and a resume dropped it again) is replaced.
 pub fn record(id: &str, d: &Deferred) {
     as_owner(|| {
         Spi::run_with_args(
             "INSERT INTO steep_repl.apply_deferred_indexes \
              (apply_id, relid, schema_name, table_name, index_name, statements, definition) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (apply_id, schema_name, index_name) DO UPDATE SET relid = EXCLUDED.relid, \
+               table_name = EXCLUDED.table_name, statements = EXCLUDED.statements, \
+               definition = EXCLUDED.definition, deferred_at = EXCLUDED.deferred_at, last_error = NULL",
             &[
                 id.into(),
                 pgrx::pg_sys::Oid::from(d.relid).into(),

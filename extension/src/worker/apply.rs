@@ -554,8 +554,13 @@ fn build_ready_indexes(shared: &Shared, slot: usize) -> Result<(), JobError> {
             job.set_phase(Phase::Indexes);
             progress::publish_if_due(job, true);
         }
+        let failed_before = tried.len();
         match indexes::build_next(&id, settings, helpers, &loading, &wait, &mut tried) {
-            indexes::Built::One(None) | indexes::Built::Failed(_) => continue,
+            indexes::Built::One(None) => continue,
+            // Claiming failed (no index passed over): the leader builds what is left; trying again
+            // here would spin.
+            indexes::Built::Failed(_) if tried.len() == failed_before => return Ok(()),
+            indexes::Built::Failed(_) => continue,
             // Never expected: the job fails saying what differs.
             indexes::Built::One(Some(differs)) => return Err(JobError::plain(differs)),
             indexes::Built::Nothing if loading.is_empty() => return Ok(()),

@@ -25,6 +25,7 @@
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use steep_repl_engine::ident::quote_ident;
 use steep_repl_engine::manifest::Manifest;
 
 use crate::bookkeeping::indexes::{self as records, Deferred};
@@ -84,6 +85,10 @@ WHERE CASE WHEN $2::pg_catalog.oid IS NULL THEN i.indrelid OPERATOR(pg_catalog.=
            ELSE i.indexrelid OPERATOR(pg_catalog.=) $2::pg_catalog.oid END
   AND t.relkind OPERATOR(pg_catalog.=) 'r' AND ic.relkind OPERATOR(pg_catalog.=) 'i'
   AND (c.oid IS NULL OR c.contype OPERATOR(pg_catalog.=) ANY ('{p,u}'::pg_catalog.\"char\"[]))
+  -- A key's index re-created by ADD CONSTRAINT ... USING INDEX, which takes B-trees only (PostgreSQL 18's
+  -- WITHOUT OVERLAPS keys use GiST).
+  AND (c.oid IS NULL OR EXISTS (SELECT FROM pg_catalog.pg_am am WHERE am.oid OPERATOR(pg_catalog.=) ic.relam
+                                  AND am.amname OPERATOR(pg_catalog.=) 'btree'))
   AND pg_catalog.pg_has_role(t.relowner, 'USAGE')
   AND (ts.oid IS NULL OR pg_catalog.has_tablespace_privilege(ts.oid, 'CREATE'))
   AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits h WHERE h.inhrelid OPERATOR(pg_catalog.=) i.indexrelid)
@@ -354,17 +359,36 @@ fn lock_table(d: &Deferred, wait: &LockWait<'_>) -> bool {
 /// Runs `d`'s statements and deletes its record, in the caller's transaction; then reads the new index's
 /// definition back: a message when it differs from what was recorded.
 fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<String> {
-    // A table dropped since has no index of ours to restore. (One renamed, or moved to another schema,
-    // fails below, naming the index: its record stays.)
-    let exists = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
-        &[pg_sys::Oid::from(d.relid).into()],
-    )
-    .unwrap_or_else(|e| error!("looking up table {}.{}: {e}", d.schema, d.table))
-    .unwrap_or(false);
-    if !exists {
+    // A table dropped since has no index of ours to restore.
+    let Some((schema, table)) = pg::relation_name(pg_sys::Oid::from(d.relid)) else {
         records::forget(id, d);
         return None;
+    };
+    // The statements name the table: renamed or moved since (and maybe another table under its old
+    // name), they would build the index elsewhere. The record stays, with this error, for the DBA.
+    if (schema.as_str(), table.as_str()) != (d.schema.as_str(), d.table.as_str()) {
+        error!(
+            "{}.{} is now named {}.{}: its index {} is not re-created (its statements name the table); \
+             rename it back and run steep_repl.resume_apply('{id}'), or re-create the index from \
+             steep_repl.apply_deferred_indexes",
+            quote_ident(&d.schema),
+            quote_ident(&d.table),
+            quote_ident(&schema),
+            quote_ident(&table),
+            quote_ident(&d.index)
+        );
+    }
+    // Already there exactly as it was (re-created by hand): nothing left to do.
+    if let Some(existing) = index_oid(d) {
+        let now = eligible(&[], Some(existing));
+        if now.first().is_some_and(|e| {
+            e.deferred.relid == d.relid
+                && e.deferred.statements == d.statements
+                && e.deferred.definition == d.definition
+        }) {
+            records::forget(id, d);
+            return None;
+        }
     }
     if memory_kb > 0 {
         Spi::run(&format!("SET LOCAL maintenance_work_mem = {memory_kb}")).unwrap_or_else(|e| error!("{e}"));
@@ -375,13 +399,7 @@ fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<Strin
         Spi::run(s).unwrap_or_else(|e| error!("{s}: {e}"));
     }
     records::forget(id, d);
-    let index = Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text))::pg_catalog.oid",
-        &[d.schema.as_str().into(), d.index.as_str().into()],
-    )
-    .ok()
-    .flatten();
-    let now = index.map(|i| eligible(&[], Some(i))).unwrap_or_default();
+    let now = index_oid(d).map(|i| eligible(&[], Some(i))).unwrap_or_default();
     match now.first() {
         Some(e) if e.deferred.statements == d.statements && e.deferred.definition == d.definition => None,
         Some(e) => Some(format!(
@@ -398,6 +416,16 @@ fn rebuild(id: &str, d: &Deferred, memory_kb: i64, helpers: u32) -> Option<Strin
     }
 }
 
+/// The index named as `d`'s in its schema, if there is one now.
+fn index_oid(d: &Deferred) -> Option<pg_sys::Oid> {
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass(pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text))::pg_catalog.oid",
+        &[d.schema.as_str().into(), d.index.as_str().into()],
+    )
+    .ok()
+    .flatten()
+}
+
 /// Builds every index apply `id` has deferred that is not being built by another process and has not
 /// failed in this run, largest tables first, one transaction each; `on_index` runs before each attempt.
 /// Returns a message per index that came out different; [`left`] says what is still missing.
@@ -412,8 +440,12 @@ pub fn build_all(
     let mut tried = Vec::new();
     while !pg::dying() {
         on_index();
+        let failed_before = tried.len();
         match build_next(id, settings, helpers, &[], wait, &mut tried) {
-            Built::One(None) | Built::Failed(_) => {}
+            Built::One(None) => {}
+            // A failure that passed no index over (claiming one failed): trying again would spin.
+            Built::Failed(_) if tried.len() == failed_before => break,
+            Built::Failed(_) => {}
             Built::One(Some(d)) => differs.push(d),
             Built::Nothing => break,
         }
