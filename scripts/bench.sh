@@ -39,7 +39,8 @@
 #             `bench_target`, started like the first): steep-repl replica init --parallel N (snapshot with a
 #             slot, apply, hand-off, catch-up)  vs  CREATE SUBSCRIPTION ... (copy_data = true, defaults) until
 #             every table is ready and the subscription has caught up; same pre-created schema, on the
-#             mixed and onebig datasets. Not part of `all`.
+#             mixed and onebig datasets; also replica init --compression zstd:1 (the default, auto, stages
+#             the snapshot uncompressed when DIR has room). Not part of `all`.
 #
 # Datasets (fixtures/sql): `mixed` (pgbench-like accounts, a wide mixed-type table, a TOAST-heavy table,
 # a hundred small tables), `onebig` (one large table) and `wide` (pgbench at scale 50 and a 3-million-row
@@ -407,13 +408,13 @@ reset_replica() { # source_db replica_db
   q "$1" "DELETE FROM steep_repl.snapshots"
 }
 
-time_ours_replica() { # source_db replica_db dir
+time_ours_replica() { # source_db replica_db dir [compression; default: the command's own (auto)]
   reset_replica "$1" "$2"
   rm -rf "$3"
   local t0; t0=$(now)
   "$cli" replica init --direct --source "$(db "$1")" --target "$(target_conn "$2")" --dir "$3" \
-    --parallel "$parallel" --subscription bench_ours --publication bench_pub >"$work/replica.log" 2>&1 \
-    || { echo "bench: steep-repl replica init failed:" >&2; tail -5 "$work/replica.log" >&2; exit 1; }
+    --parallel "$parallel" --compression "${4:-auto}" --subscription bench_ours --publication bench_pub >"$work/replica-${4:-auto}.log" 2>&1 \
+    || { echo "bench: steep-repl replica init failed:" >&2; tail -5 "$work/replica-${4:-auto}.log" >&2; exit 1; }
   echo "$(now) - $t0" | bc
 }
 
@@ -583,11 +584,14 @@ bench_replica() {
     fi
     tq "$replica" "DROP EXTENSION IF EXISTS steep_repl CASCADE; CREATE EXTENSION steep_repl"
     prewarm "$dbname"
-    alternate 'time_ours_replica "$dbname" "$replica" "$work/$name.replica"' 'time_native_replica "$dbname" "$replica"'
+    alternate3 'time_ours_replica "$dbname" "$replica" "$work/$name.replica"' 'time_native_replica "$dbname" "$replica"' \
+      'time_ours_replica "$dbname" "$replica" "$work/$name.replica" zstd:1'
     report "replica $name (start until caught up, source and target on two clusters):"
-    report "  steep-repl replica init -j$parallel  ${a}s (runs $runs_a)"
+    report "  steep-repl replica init -j$parallel  ${a}s (runs $runs_a; $(grep -o 'uncompressed ([^)]*)\|compressed with zstd:1 ([^)]*)' "$work/replica-auto.log" | head -1))"
     report "  CREATE SUBSCRIPTION (copy_data)  ${b}s (runs $runs_b)"
-    report "  ratio steep-repl / native: $(ratio "$a" "$b")x"
+    report "  steep-repl replica init -j$parallel --compression zstd:1  ${c}s (runs $runs_c)"
+    report "  ratio steep-repl / native: $(ratios)"
+    report "  ratio steep-repl --compression zstd:1 / native: best $(ratio "$c" "$b")x, median $(ratio "$(median "$runs_c")" "$(median "$runs_b")")x"
     reset_replica "$dbname" "$replica"
     rm -rf "$work/$name.replica"
   done

@@ -50,6 +50,8 @@ pub struct ReplicaInitConfig {
     pub target: ConnSpec,
     pub dir: PathBuf,
     pub parallel: u32,
+    /// Of the snapshot's chunks; None: chosen by the room in DIR (`steep_repl_engine::space`).
+    pub compression: Option<Compression>,
     pub publication: String,
     pub subscription: String,
     /// What the target server connects to the source with.
@@ -219,12 +221,29 @@ impl Config {
                         "--subscription names the replication slot too: {e}"
                     )));
                 }
+                // The target server keeps this conninfo in pg_subscription, readable by others: its
+                // password belongs in that server's ~/.pgpass (subscribe refuses one too, but only
+                // after the snapshot and the apply).
+                if let Some(c) = &r.publisher_conninfo
+                    && c.parse::<tokio_postgres::Config>()
+                        .map(|c| c.get_password().is_some())
+                        .unwrap_or(false)
+                {
+                    return Err(CliError::Usage(
+                        "--publisher-conninfo must not hold a password: the target server reads it from its own ~/.pgpass"
+                            .into(),
+                    ));
+                }
                 Action::ReplicaInit(ReplicaInitConfig {
                     publisher_conninfo: r.publisher_conninfo.unwrap_or_else(|| source.public_conninfo()),
                     source,
                     target,
                     dir: r.dir,
                     parallel: r.parallel,
+                    compression: match r.compression {
+                        crate::args::Staging::Auto => None,
+                        crate::args::Staging::Fixed(c) => Some(c),
+                    },
                     publication: r.publication,
                     subscription: r.subscription,
                     patterns: r.tables,

@@ -129,6 +129,12 @@ fn under_writes(name: &str, mode: &str) {
     let out = init(false);
     assert!(out.status.success(), "replica init: {}\n{}", stderr(&out), stdout(&out));
     assert!(stdout(&out).contains("caught up"), "{}", stdout(&out));
+    // A directory with room: the snapshot, read once, is staged uncompressed, and says so.
+    assert!(stderr(&out).contains("uncompressed ("), "{}", stderr(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(std::path::Path::new(dir).join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["compression"], "none", "{}", manifest["compression"]);
     // The source kept writing during the whole init, and after it.
     thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -257,6 +263,29 @@ fn the_snapshot_is_the_slot_consistent_point_and_the_subscription_applies_what_f
         (r.get(0), r.get(1))
     };
     assert_eq!(Some(n as i32), max.or(Some(0)), "the snapshot has a gap");
+    // Another apply into one of the tables since (a snapshot without a slot): that data is not the
+    // slot's point, refused naming the table; the snapshot applied again (truncate), it is.
+    let other = snapshot_path("rep_exact_other");
+    let gen_other = start_snapshot(&mut src, &[], &other, ", 1, tables => ARRAY['public.seqtest']");
+    assert_eq!(wait_for(&mut src, &gen_other, 120).0, "complete");
+    let other_s = other.to_str().unwrap();
+    let again: String =
+        dst.query_one("SELECT steep_repl.start_apply($1, 1, truncate => true)", &[&other_s]).unwrap().get(0);
+    assert_eq!(wait_for(&mut dst, &again, 120).0, "applied");
+    let e = subscribe(&mut dst, "rep_exact").unwrap_err();
+    assert!(e.contains("no longer holds every table") && e.contains("seqtest") && e.contains(&again), "{e}");
+    let apply: String =
+        dst.query_one("SELECT steep_repl.start_apply($1, 2, truncate => true)", &[&dir_s]).unwrap().get(0);
+    assert_eq!(wait_for(&mut dst, &apply, 120).0, "applied");
+    // A subscription already on the slot (made by hand, never connected): a second one is refused.
+    dst.batch_execute(&format!(
+        "CREATE SUBSCRIPTION squatter CONNECTION '{s}' PUBLICATION rep_exact WITH (connect = false, slot_name = 'rep_exact')"
+    ))
+    .unwrap();
+    let e = subscribe(&mut dst, "rep_exact").unwrap_err();
+    assert!(e.contains("already used by subscription squatter"), "{e}");
+    dst.batch_execute("ALTER SUBSCRIPTION squatter SET (slot_name = NONE); DROP SUBSCRIPTION squatter")
+        .unwrap();
     let e = subscribe(&mut dst, "rep_all").unwrap_err();
     assert!(e.contains("publish table(s) the snapshot does not hold") && e.contains("steep_repl"), "{e}");
     assert_eq!(subscribe(&mut dst, "rep_exact").unwrap(), lsn);
@@ -361,6 +390,34 @@ fn a_cancelled_snapshot_drops_its_slot_and_a_rerun_after_the_apply_repeats_nothi
     );
     assert_eq!(contents(&s), contents(&d));
     drop_subscription(&d, "rep_rerun");
+
+    // A publication dropped after the snapshot's slot was made: a rerun does not make it again (it would
+    // not cover the slot's first changes); it says how to start over.
+    dst.batch_execute("TRUNCATE accounts, ledger_a, ledger_b, tags").unwrap();
+    let dir = snapshot_path("rep_nopub");
+    let dir_s = dir.to_str().unwrap();
+    let id = start_snapshot(&mut src, &[], &dir, ", 1, slot => 'rep_nopub'");
+    assert_eq!(wait_for(&mut src, &id, 120).0, "complete");
+    src.batch_execute("DROP PUBLICATION steep_repl_pub").unwrap();
+    let out = steep_repl(&[
+        "replica",
+        "init",
+        "--source",
+        &s,
+        "--target",
+        &d,
+        "--dir",
+        dir_s,
+        "--subscription",
+        "rep_nopub",
+        "--timeout",
+        "120",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("was dropped on the source after the snapshot's slot rep_nopub"), "{err}");
+    assert_eq!(scalar::<i64>(&s, "SELECT count(*) FROM pg_publication WHERE pubname = 'steep_repl_pub'"), 0);
+    src.batch_execute("SELECT pg_drop_replication_slot('rep_nopub')").unwrap();
 }
 
 #[test]

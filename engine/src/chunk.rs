@@ -361,6 +361,12 @@ pub fn remove_leftover_temp_files(snapshot_dir: &Path) -> Result<u64> {
     Ok(removed)
 }
 
+/// The file a server job keeps in a snapshot directory while it writes it, holding the job's id: a second
+/// job refuses the directory, a failed job removes only what it wrote itself, and a new snapshot may clear
+/// the leftovers of a job that ended without a manifest. Removed once the manifest is written; never part
+/// of a complete snapshot.
+pub const WRITER_FILE: &str = ".steep-repl-writer";
+
 /// True when `name` (a file name, not a path) looks like a writer's temporary file.
 pub fn is_temp_file_name(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)

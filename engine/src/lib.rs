@@ -110,6 +110,7 @@ pub mod plan;
 pub mod replica;
 pub mod schedule;
 pub mod schema;
+pub mod space;
 pub mod verify;
 
 /// The `chrono` this crate's timestamps ([`Manifest::created_at`]) are made of.

@@ -209,17 +209,23 @@ pub struct StartGuard {
     slot: usize,
     generation: u32,
     created_dir: Option<String>,
+    created_file: Option<std::path::PathBuf>,
     armed: bool,
 }
 
 impl StartGuard {
     pub fn new(slot: usize, generation: u32) -> StartGuard {
-        StartGuard { slot, generation, created_dir: None, armed: true }
+        StartGuard { slot, generation, created_dir: None, created_file: None, armed: true }
     }
 
     /// Also remove `dir` (created by this call) if the start fails.
     pub fn remove_dir_on_failure(&mut self, dir: &str) {
         self.created_dir = Some(dir.to_string());
+    }
+
+    /// Also remove `file` (created by this call) if the start fails, before the directory.
+    pub fn remove_file_on_failure(&mut self, file: std::path::PathBuf) {
+        self.created_file = Some(file);
     }
 
     /// The leader runs: from now on it owns the slot and the directory.
@@ -236,6 +242,9 @@ impl Drop for StartGuard {
         // Only atomics and a directory removal: safe while an ERROR unwinds.
         if let Some(shared) = shmem::get() {
             shared.release_job(self.slot, self.generation);
+        }
+        if let Some(file) = &self.created_file {
+            let _gone = std::fs::remove_file(file);
         }
         if let Some(dir) = &self.created_dir {
             let _not_empty_or_gone = std::fs::remove_dir(dir);

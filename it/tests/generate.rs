@@ -444,6 +444,38 @@ fn a_server_restart_fails_running_jobs_with_the_reason() {
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!((status.as_str(), active), ("ok", 0));
+    // The failed snapshot's directory (chunks, no manifest) is cleared by a new snapshot into it.
+    assert!(!dir.join("manifest.json").exists());
+    let again = start_snapshot(&mut c, &["RESET steep_repl.chunk_pause"], &dir, ", parallel => 2");
+    assert_eq!(wait_for(&mut c, &again, 60), ("complete".to_string(), None));
+    assert!(dir.join("manifest.json").exists());
+    assert!(!dir.join(".steep-repl-writer").exists(), "a complete snapshot keeps no writer file");
+}
+
+#[test]
+fn a_second_snapshot_into_a_directory_being_written_is_refused() {
+    let cluster = preloaded();
+    cluster.fresh_db("gen_twice", true);
+    let mut c = cluster.client("gen_twice");
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)")
+        .unwrap();
+    // A transaction holding an xid keeps slot creation waiting: the first job sits in phase slot with
+    // nothing written yet.
+    let mut blocker = cluster.client("gen_twice");
+    blocker.batch_execute("BEGIN; SELECT pg_current_xact_id()").unwrap();
+    let dir = snapshot_path("gen_twice");
+    let first = start_snapshot(&mut c, &[], &dir, ", 1, slot => 'gen_twice'");
+    wait_for_phase(&mut c, &first, &["slot"]);
+    let e = c
+        .query_one(&format!("SELECT steep_repl.start_snapshot('{}', 1)", dir.display()), &[])
+        .expect_err("a second snapshot into the same directory");
+    let msg = db_message(&e);
+    assert!(msg.contains(&format!("being written by snapshot {first}")), "{msg}");
+    blocker.batch_execute("COMMIT").unwrap();
+    assert_eq!(wait_for(&mut c, &first, 60), ("complete".to_string(), None));
+    assert!(dir.join("manifest.json").exists());
+    assert!(!dir.join(".steep-repl-writer").exists());
+    c.batch_execute("SELECT pg_drop_replication_slot('gen_twice')").unwrap();
 }
 
 #[test]

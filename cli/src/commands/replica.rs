@@ -111,7 +111,7 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
             let tables = preflight(&cfg, &source, &target, true, done).await?;
 
             reporter.note(&format!("replica: [2/6] publication {}", cfg.publication));
-            ensure_publication(&source, &cfg, &tables).await?;
+            ensure_publication(&source, &cfg, &tables, done.snapshot).await?;
 
             let snapshot_id = match generate {
                 Some(g) if generated => {
@@ -125,9 +125,11 @@ pub async fn init(cfg: ReplicaInitConfig, json: bool) -> Result<(), CliError> {
                     g.id
                 }
                 _ => {
-                    reporter
-                        .note(&format!("replica: [3/6] snapshot of the source into {dir} with slot {slot}"));
-                    let id = start_generate(&source, &cfg, &dir).await?;
+                    let (compression, why) = staging(&source, &cfg, &tables, &dir, true).await;
+                    reporter.note(&format!(
+                        "replica: [3/6] snapshot of the source into {dir} with slot {slot}, {why}"
+                    ));
+                    let id = start_generate(&source, &cfg, &dir, compression).await?;
                     run_job(&cfg.source, &id, "generate", &dir, &mut *reporter, &mut interrupt, &cfg).await?;
                     id
                 }
@@ -284,7 +286,7 @@ async fn init_client(
         preflight(cfg, &source, &target, false, Done { snapshot: manifest.is_some(), apply: state_exists })
             .await?;
     reporter.note(&format!("replica: [2/6] publication {}", cfg.publication));
-    ensure_publication(&source, cfg, &tables).await?;
+    ensure_publication(&source, cfg, &tables, manifest.is_some()).await?;
     let manifest = match manifest {
         Some(m) => {
             reporter
@@ -292,12 +294,15 @@ async fn init_client(
             m
         }
         None => {
-            reporter.note(&format!("replica: [3/6] snapshot of the source into {dir_text} with slot {slot}"));
+            let (compression, why) = staging(&source, cfg, &tables, &dir_text, false).await;
+            reporter.note(&format!(
+                "replica: [3/6] snapshot of the source into {dir_text} with slot {slot}, {why}"
+            ));
             let job = GenerateJob {
                 conn: cfg.source.clone(),
                 output: dir.clone(),
                 parallel: cfg.parallel,
-                compression: Compression::Zstd { level: 1 },
+                compression,
                 patterns: cfg.patterns.clone(),
                 chunk_bytes: DEFAULT_CHUNK_BYTES,
                 slot: Some(slot.to_string()),
@@ -682,10 +687,15 @@ pub async fn sync_sequences(
 /// Creates the publication when missing, for exactly the tables the snapshot takes (the selection's
 /// permanent plain tables and partitions). Not `FOR ALL TABLES`: that would also publish extensions'
 /// tables (steep_repl's own bookkeeping among them), which no snapshot holds.
+///
+/// `slot_made`: the snapshot, and so its slot, exists already (a rerun). A publication missing then was
+/// dropped after the slot: one created now would come after the slot's consistent point, and pgoutput,
+/// which reads publications as of each change it decodes, fails on the changes before it. Refused.
 async fn ensure_publication(
     source: &Client,
     cfg: &ReplicaInitConfig,
     tables: &[SourceTable],
+    slot_made: bool,
 ) -> Result<(), CliError> {
     let exists: bool = query_one(
         source,
@@ -695,6 +705,18 @@ async fn ensure_publication(
     .await?;
     if exists {
         return Ok(());
+    }
+    if slot_made {
+        return Err(CliError::Other(anyhow::anyhow!(
+            "publication {} was dropped on the source after the snapshot's slot {} was created: a publication \
+             made again now would not cover the slot's first changes, and the subscription would stop on them. \
+             Start over: drop the slot on the source (SELECT pg_drop_replication_slot('{}')), empty the \
+             target's tables and remove {}",
+            cfg.publication,
+            cfg.subscription,
+            cfg.subscription.replace('\'', "''"),
+            cfg.dir.display()
+        )));
     }
     let names: Vec<String> = publishable(tables).iter().map(|t| t.name.to_string()).collect();
     let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), names.join(", "));
@@ -784,18 +806,76 @@ async fn publication_problems(
     Ok(problems)
 }
 
+/// The snapshot's compression, and the words saying which and why: as `--compression` gave it, or
+/// (auto) uncompressed when `dir` (on the source server, or here) has room for it
+/// (`steep_repl_engine::space::replica_staging`), zstd:1 otherwise or when the room cannot be read.
+async fn staging(
+    source: &Client,
+    cfg: &ReplicaInitConfig,
+    tables: &[SourceTable],
+    dir: &str,
+    on_server: bool,
+) -> (Compression, String) {
+    if let Some(c) = cfg.compression {
+        return (c, format!("compression {c}"));
+    }
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let table_bytes = source
+        .query_one(
+            "SELECT coalesce(sum(pg_catalog.pg_table_size(o)), 0)::int8 FROM pg_catalog.unnest($1::pg_catalog.oid[]) o",
+            &[&oids],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0).max(0) as u64);
+    let free = if on_server {
+        source
+            .query_one("SELECT steep_repl.free_space($1)", &[&dir])
+            .await
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+            .map_err(|e| e.to_string())
+    } else {
+        steep_repl_engine::space::free_bytes(std::path::Path::new(dir)).map_err(|e| e.to_string())
+    };
+    match (table_bytes, free) {
+        (Ok(table_bytes), Ok(free)) => {
+            let c = steep_repl_engine::space::replica_staging(free, table_bytes);
+            let how = if c == Compression::None { "uncompressed" } else { "compressed with zstd:1" };
+            (
+                c,
+                format!(
+                    "{how} ({} free there, tables of {} on disk; --compression chooses)",
+                    output::bytes(free),
+                    output::bytes(table_bytes)
+                ),
+            )
+        }
+        (Err(e), _) => {
+            (Compression::Zstd { level: 1 }, format!("compressed with zstd:1 (tables' size unknown: {e})"))
+        }
+        (_, Err(e)) => {
+            (Compression::Zstd { level: 1 }, format!("compressed with zstd:1 (free space unknown: {e})"))
+        }
+    }
+}
+
 /// Starts the snapshot with the slot; returns its id.
-async fn start_generate(source: &Client, cfg: &ReplicaInitConfig, dir: &str) -> Result<String, CliError> {
+async fn start_generate(
+    source: &Client,
+    cfg: &ReplicaInitConfig,
+    dir: &str,
+    compression: Compression,
+) -> Result<String, CliError> {
     let patterns: Option<Vec<String>> = if cfg.patterns.is_empty() {
         None
     } else {
         Some(cfg.patterns.iter().map(|p| p.as_str().to_string()).collect())
     };
     let parallel = cfg.parallel as i32;
+    let compression = compression.to_string();
     query_one(
         source,
-        "SELECT steep_repl.start_snapshot($1::text, $2::int4, 'zstd:1', $3::text[], NULL, $4::text)",
-        &[&dir, &parallel, &patterns, &cfg.subscription],
+        "SELECT steep_repl.start_snapshot($1::text, $2::int4, $5::text, $3::text[], NULL, $4::text)",
+        &[&dir, &parallel, &patterns, &cfg.subscription, &compression],
     )
     .await
 }

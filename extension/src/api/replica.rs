@@ -69,24 +69,15 @@ fn _subscribe(
             ),
         );
     }
-    // Before anything else, the rights the hand-off needs (CREATE SUBSCRIPTION; the origin advance):
-    // no role without them makes this server connect anywhere.
-    let allowed = crate::pg::rights::is_superuser()
-        || (crate::pg::server_version_num() >= 160000
-            && Spi::get_one::<bool>(
-                "SELECT pg_catalog.pg_has_role('pg_create_subscription', 'USAGE') \
-                 AND pg_catalog.has_function_privilege('pg_catalog.pg_replication_origin_advance(text, pg_catalog.pg_lsn)', 'EXECUTE')",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false));
-    if !allowed {
+    // Before anything else: a superuser. The publisher check below connects with this server's own
+    // credentials (its ~/.pgpass, peer or certificate authentication) to a host the caller names, and
+    // conninfos with passwords are refused, so PostgreSQL 16's non-superuser subscriptions (which must
+    // carry a password: password_required) cannot be made here anyway.
+    if !crate::pg::rights::is_superuser() {
         user_error(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to subscribe: creating a subscription needs a superuser".into(),
-            Some(
-                "On PostgreSQL 16 and later, membership in pg_create_subscription and EXECUTE on pg_replication_origin_advance also do.",
-            ),
+            "permission denied to subscribe: the hand-off needs a superuser".into(),
+            Some("It makes this server connect to the publisher with its own credentials."),
         );
     }
     if subscription.is_empty() || subscription.len() > 63 {
@@ -127,6 +118,37 @@ fn _subscribe(
                 m.snapshot_id
             ),
             Some("To start again, drop the subscription, then take and apply a new snapshot."),
+        );
+    }
+    // The tables must still hold what that apply loaded: an apply run into them since (another snapshot,
+    // or this one again with truncate, finished or not) leaves data that the slot's LSN does not match.
+    let relids = crate::api::apply::target_relids(&m);
+    let mut not_held: Vec<String> = m
+        .tables
+        .iter()
+        .zip(&relids)
+        .filter(|(_, relid)| **relid == 0)
+        .map(|(t, _)| format!("{}.{} (dropped since)", t.schema, t.name))
+        .collect();
+    let present: Vec<u32> = relids.iter().copied().filter(|r| *r != 0).collect();
+    not_held.extend(book::tables_not_held(&apply_id, &present));
+    if !not_held.is_empty() {
+        user_error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "apply {apply_id} of snapshot {} no longer holds every table: {}",
+                m.snapshot_id,
+                not_held.join(", ")
+            ),
+            Some("Apply the snapshot again (truncate => true) and wait until its status is 'applied'."),
+        );
+    }
+    // One slot feeds one subscription: a second one on it would split the changes between the two.
+    if let Some(user) = book::slot_subscriber(&slot) {
+        user_error(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("replication slot {slot:?} of snapshot {} is already used by {user}", m.snapshot_id),
+            Some("A snapshot's slot starts one subscription; take a new snapshot for another."),
         );
     }
     check_publisher(conninfo, &m, &slot, &publications);

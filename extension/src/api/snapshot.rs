@@ -1,7 +1,7 @@
 //! `start_snapshot`, `cancel_snapshot`, `list_operations`, `operation_error` and the helpers behind
 //! `wait_snapshot`.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
@@ -23,8 +23,9 @@ pub const DIGEST_CHUNK_BYTES: u64 = 64 << 20;
 /// Job flag: start_snapshot created the output directory (so a failed job may remove it).
 pub const FLAG_CREATED_DIR: u32 = 1 << 8;
 
-/// Prepares the output directory: the parent must exist; the target must be missing (created, 0700) or
-/// an empty directory. Returns whether it was created.
+/// Prepares the output directory: the parent must exist; the target must be missing (created, 0700), an
+/// empty directory, or hold only what a generate of this database left when it ended failed or cancelled
+/// without a manifest (a server restart in the middle: cleared here). Returns whether it was created.
 fn prepare_output_dir(path: &str) -> bool {
     let p = Path::new(path);
     let parent = p.parent().unwrap_or(Path::new("/"));
@@ -37,7 +38,19 @@ fn prepare_output_dir(path: &str) -> bool {
     }
     match std::fs::read_dir(p) {
         Ok(mut entries) => {
-            if entries.next().is_some() {
+            if entries.next().is_some() && !clear_leftovers(p) {
+                if let Ok(writer) = std::fs::read_to_string(p.join(steep_repl_engine::chunk::WRITER_FILE)) {
+                    user_error(
+                        PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                        format!(
+                            "output_path {path} is being written by snapshot {}",
+                            writer.trim().chars().take(64).collect::<String>()
+                        ),
+                        Some(
+                            "Give a new directory; once that job has failed or been cancelled, this one may be used again.",
+                        ),
+                    );
+                }
                 user_error(
                     PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
                     format!("output_path {path} exists and is not empty"),
@@ -60,6 +73,55 @@ fn prepare_output_dir(path: &str) -> bool {
             PgSqlErrorCode::ERRCODE_IO_ERROR,
             format!("cannot use output_path {path}: {e}"),
             if p.exists() && !p.is_dir() { Some("It exists and is not a directory.") } else { None },
+        ),
+    }
+}
+
+/// Clears `dir` when all it holds is what a generate job of this database wrote before it ended failed or
+/// cancelled (its writer file names it; no manifest): its `data/`, temp files and writer file. Whether it
+/// did (false: the directory holds something else, and is left alone).
+fn clear_leftovers(dir: &Path) -> bool {
+    use steep_repl_engine::chunk::{WRITER_FILE, is_temp_file_name};
+    let Ok(writer) = std::fs::read_to_string(dir.join(WRITER_FILE)) else { return false };
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let names: Vec<String> =
+        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if !names.iter().all(|n| n == WRITER_FILE || n == "data" || is_temp_file_name(n)) {
+        return false;
+    }
+    let ended = Spi::get_one_with_args::<bool>(
+        "SELECT s.status OPERATOR(pg_catalog.=) ANY ('{failed,cancelled}'::pg_catalog.text[]) \
+         FROM steep_repl.snapshots s WHERE s.id OPERATOR(pg_catalog.=) $1 AND s.op OPERATOR(pg_catalog.=) 'generate'",
+        &[writer.trim().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !ended {
+        return false;
+    }
+    let _absent = std::fs::remove_dir_all(dir.join("data"));
+    for n in names.iter().filter(|n| is_temp_file_name(n)) {
+        let _absent = std::fs::remove_file(dir.join(n));
+    }
+    let _absent = std::fs::remove_file(dir.join(WRITER_FILE));
+    std::fs::read_dir(dir).map(|mut e| e.next().is_none()).unwrap_or(false)
+}
+
+/// Bytes still free on the file system holding `path` (or its nearest existing ancestor), for a caller
+/// choosing how to stage a snapshot there (`steep-repl replica init`). Needs what writing a snapshot
+/// there needs: superuser or pg_write_server_files.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn free_space(path: &str) -> i64 {
+    require_file_role("pg_write_server_files", "look at the server's file systems");
+    let path = check_path("path", path);
+    match steep_repl_engine::space::free_bytes(Path::new(&path)) {
+        Ok(bytes) => bytes.min(i64::MAX as u64) as i64,
+        Err(e) => user_error(
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("cannot read the free space of {path}: {e}"),
+            None,
         ),
     }
 }
@@ -234,6 +296,31 @@ pub(crate) fn launch_generate(req: GenerateRequest<'_>) -> String {
     }
     let job = &shared.jobs[slot];
     let id = job::new_job_id(JobKind::Generate);
+    // The directory is this job's: a second start_snapshot into it (racing the check above) finds this
+    // file and stops.
+    let writer = Path::new(&path).join(steep_repl_engine::chunk::WRITER_FILE);
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&writer) {
+        Ok(mut f) => {
+            guard.remove_file_on_failure(writer.clone());
+            if let Err(e) = std::io::Write::write_all(&mut f, id.as_bytes()) {
+                user_error(
+                    PgSqlErrorCode::ERRCODE_IO_ERROR,
+                    format!("cannot write {}: {e}", writer.display()),
+                    None,
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => user_error(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+            format!("another snapshot is being written into {path}"),
+            Some("Give a new directory, or an empty one; a snapshot is never written over another."),
+        ),
+        Err(e) => user_error(
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("cannot write {}: {e}", writer.display()),
+            None,
+        ),
+    }
     let _fits = job.id.set(&id);
     job.kind.store(JobKind::Generate as u32, Ordering::Relaxed);
     job.database_oid.store(pg::database_oid(), Ordering::Relaxed);

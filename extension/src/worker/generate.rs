@@ -308,6 +308,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     // A cancel that came while the manifest was written still wins: the job ends cancelled, and a
     // cancelled snapshot never has a manifest (finish removes it).
     stopped(job)?;
+    // Complete: the directory is no longer being written.
+    let _gone = std::fs::remove_file(out_dir.join(steep_repl_engine::chunk::WRITER_FILE));
     Ok(())
 }
 
@@ -605,6 +607,12 @@ fn remove_output(job: &JobSlot) -> Option<String> {
     if dir.as_os_str().is_empty() {
         return None;
     }
+    // Only a directory this job is writing (its writer file names it): never another job's output.
+    let writer = dir.join(steep_repl_engine::chunk::WRITER_FILE);
+    match std::fs::read_to_string(&writer) {
+        Ok(owner) if owner.trim() == job.id.get() => {}
+        _ => return None,
+    }
     let _absent = std::fs::remove_file(dir.join(steep_repl_engine::manifest::MANIFEST_FILE));
     let _absent = std::fs::remove_dir_all(dir.join("data"));
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -614,6 +622,7 @@ fn remove_output(job: &JobSlot) -> Option<String> {
             }
         }
     }
+    let _gone = std::fs::remove_file(&writer);
     if job.flags.load(Ordering::Relaxed) & crate::api::snapshot::FLAG_CREATED_DIR != 0 {
         let _not_empty = std::fs::remove_dir(dir);
     }
