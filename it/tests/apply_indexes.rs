@@ -326,6 +326,71 @@ fn an_index_put_back_by_hand_is_taken_as_built() {
     assert_eq!(pending_records(&mut d, &id), 0);
 }
 
+/// An apply that failed building an index, then superseded by an apply of another snapshot holding only
+/// some of its tables: the new apply takes the unbuilt index over (the first can no longer be resumed) and
+/// builds it, failing while the rows still violate it; once they no longer do, its resume builds it.
+#[test]
+fn a_new_apply_takes_over_the_indexes_its_predecessor_left_unbuilt() {
+    let cluster = preloaded();
+    let (src, dst) = ("ixd_over_src", "ixd_over_dst");
+    cluster.fresh_db(src, true);
+    let mut c = cluster.client(src);
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, code text); CREATE TABLE u (id int PRIMARY KEY); \
+         INSERT INTO t SELECT g, 'c' || g FROM generate_series(1, 20000) g; UPDATE t SET code = 'c1' WHERE id = 2; \
+         INSERT INTO u SELECT generate_series(1, 20000)",
+    )
+    .unwrap();
+    let (both, only_u) = (snapshot_path("ixd_over_both"), snapshot_path("ixd_over_u"));
+    let id = start_snapshot(&mut c, &[], &both, ", parallel => 2");
+    assert_eq!(wait_for(&mut c, &id, 120).0, "complete");
+    let id = start_snapshot(&mut c, &[], &only_u, ", 1, tables => ARRAY['public.u']");
+    assert_eq!(wait_for(&mut c, &id, 120).0, "complete");
+    cluster.fresh_db(dst, false);
+    copy_schema(cluster, src, dst);
+    let mut d = cluster.client(dst);
+    d.batch_execute("CREATE UNIQUE INDEX t_code ON t (code); SET steep_repl.apply_index_defer_size = 0")
+        .unwrap();
+    let (defs_before, _) = schema_of(&mut d);
+    let first: String = d
+        .query_one("SELECT steep_repl.start_apply($1, parallel => 2)", &[&both.to_str().unwrap()])
+        .unwrap()
+        .get(0);
+    assert_eq!(wait_for(&mut d, &first, 120).0, "failed");
+    assert_eq!(pending_records(&mut d, &first), 1, "t_code is left to build");
+    // A role that may load u but does not act for t's owner could not build t_code: refused, nothing
+    // taken over.
+    d.batch_execute(
+        "DROP ROLE IF EXISTS ixd_loader; CREATE ROLE ixd_loader LOGIN IN ROLE pg_read_server_files; \
+         GRANT SELECT, INSERT, TRUNCATE ON u TO ixd_loader",
+    )
+    .unwrap();
+    let mut loader = postgres::Client::connect(
+        &cluster.conninfo_for(dst).replace("user=postgres", "user=ixd_loader"),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let e = loader
+        .query_one("SELECT steep_repl.start_apply($1, 1, truncate => true)", &[&only_u.to_str().unwrap()])
+        .expect_err("a role that cannot build t_code");
+    let msg = db_message(&e);
+    assert!(msg.contains("cannot build") && msg.contains("t_code"), "{msg}");
+    assert_eq!(pending_records(&mut d, &first), 1, "nothing was taken over");
+    let second: String = d
+        .query_one("SELECT steep_repl.start_apply($1, 1, truncate => true)", &[&only_u.to_str().unwrap()])
+        .unwrap()
+        .get(0);
+    let (status, error) = wait_for(&mut d, &second, 120);
+    assert_eq!(status, "failed", "t_code cannot be built while the rows violate it");
+    assert!(error.unwrap_or_default().contains("t_code"));
+    assert_eq!((pending_records(&mut d, &first), pending_records(&mut d, &second)), (0, 1));
+    d.batch_execute("DELETE FROM t WHERE id = 2").unwrap();
+    d.query_one("SELECT steep_repl.resume_apply($1)", &[&second]).unwrap();
+    let (status, error) = wait_for(&mut d, &second, 120);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_eq!(schema_of(&mut d).0, defs_before);
+}
+
 /// A table renamed while its indexes wait to be built, and another table created under its old name: the
 /// indexes are built on neither (their statements name the table) and the job fails saying so. Renamed
 /// back, resume_apply builds them.

@@ -160,6 +160,9 @@ fn check_empty(m: &Manifest, relids: &[u32]) {
 fn claim_targets(id: &str, m: &Manifest, relids: &[u32], resume: bool) {
     let refused = bookkeeping::claim_targets(id, relids, resume);
     if refused.is_empty() {
+        if !resume {
+            refuse_unbuildable(id);
+        }
         return;
     }
     let name_of = |relid: u32| {
@@ -194,6 +197,33 @@ fn claim_targets(id: &str, m: &Manifest, relids: &[u32], resume: bool) {
         format!("target tables are being loaded by another apply: {}{more}", list.join(", ")),
         Some("Wait for it to end (steep_repl.wait_snapshot(id)), or cancel it."),
     );
+}
+
+/// Refuses (rolling the claim back) when apply `id` took over deferred indexes that its role cannot build:
+/// the role does not act for their tables' owners. Asked as the caller.
+fn refuse_unbuildable(id: &str) {
+    let names = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT coalesce(pg_catalog.array_agg(pg_catalog.format('%I on %I.%I', d.index_name, d.schema_name, \
+                d.table_name) ORDER BY 1), '{}') \
+         FROM steep_repl.apply_deferred_indexes d \
+         JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.relid \
+         WHERE d.apply_id OPERATOR(pg_catalog.=) $1 AND NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')",
+        &[id.into()],
+    )
+    .unwrap_or_else(|e| error!("reading the deferred indexes of the target tables: {e}"))
+    .unwrap_or_default();
+    if !names.is_empty() {
+        user_error(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "an earlier apply of these tables left indexes unbuilt that this role cannot build (it does not act for their tables' owners): {}",
+                names.join(", ")
+            ),
+            Some(
+                "Run the apply as a role that does (or a superuser), or re-create them from steep_repl.apply_deferred_indexes first.",
+            ),
+        );
+    }
 }
 
 /// COPY text apply `id` has loaded already.

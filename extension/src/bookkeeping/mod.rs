@@ -342,15 +342,6 @@ pub fn begin_resume(id: &str) -> Result<Operation, String> {
 /// dropped and created again).
 pub fn claim_targets(id: &str, relids: &[u32], resume: bool) -> Vec<(u32, String)> {
     let oids: Vec<pgrx::pg_sys::Oid> = relids.iter().map(|&r| pgrx::pg_sys::Oid::from(r)).collect();
-    // Tables whose owner the caller acts for (asked as the caller): only their deferred indexes are
-    // taken over below, since only such a role can build them.
-    let owned: Vec<pgrx::pg_sys::Oid> = Spi::get_one_with_args::<Vec<pgrx::pg_sys::Oid>>(
-        "SELECT coalesce(pg_catalog.array_agg(c.oid), '{}') FROM pg_catalog.pg_class c \
-         WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[]) AND pg_catalog.pg_has_role(c.relowner, 'USAGE')",
-        &[oids.clone().into()],
-    )
-    .unwrap_or_else(|e| error!("looking up the owners of the target tables: {e}"))
-    .unwrap_or_default();
     let rows = |c: &mut pgrx::spi::SpiClient, sql: &str| -> Result<Vec<(u32, String)>, pgrx::spi::Error> {
         let mut v = Vec::new();
         for r in c.update(sql, None, &[id.into(), oids.clone().into()])? {
@@ -395,19 +386,22 @@ pub fn claim_targets(id: &str, relids: &[u32], resume: bool) -> Vec<(u32, String
                    AND s.status IN ('pending', 'running')",
             )?;
             if refused.is_empty() {
+                // Indexes the applies this one supersedes deferred and never built (one crashed, or
+                // failed building them, and was not resumed) are this apply's to build now, on these
+                // tables and on their others too: once it holds one of their tables, those applies can
+                // no longer be resumed. (The caller refuses to start when its role cannot build one.)
+                c.update(
+                    "UPDATE steep_repl.apply_deferred_indexes SET apply_id = $1 \
+                     WHERE apply_id IN (SELECT t.apply_id FROM steep_repl.apply_targets t \
+                                        WHERE t.relid = ANY ($2::pg_catalog.oid[]) AND t.apply_id <> $1)",
+                    None,
+                    &[id.into(), oids.clone().into()],
+                )?;
                 c.update(
                     "UPDATE steep_repl.apply_targets SET apply_id = $1 \
                      WHERE relid = ANY ($2::pg_catalog.oid[]) AND apply_id <> $1",
                     None,
                     &[id.into(), oids.clone().into()],
-                )?;
-                // Indexes an earlier apply of these tables deferred and never built (it crashed and was
-                // not resumed) are this apply's to build now, if its role may.
-                c.update(
-                    "UPDATE steep_repl.apply_deferred_indexes SET apply_id = $1 \
-                     WHERE relid = ANY ($2::pg_catalog.oid[]) AND apply_id <> $1",
-                    None,
-                    &[id.into(), owned.clone().into()],
                 )?;
             }
             Ok(refused)
