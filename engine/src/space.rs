@@ -3,7 +3,7 @@
 //! A snapshot taken to start a replica is read once, by the apply, and then has no further use: spending
 //! CPU on compressing and decompressing it only pays when the staging directory is short of room. On
 //! the 2-core bench machine zstd level 1 compresses COPY text at about 140 MB/s per core, which made a
-//! replica's start about a fifth slower than staging it uncompressed (benches/README.md).
+//! replica's start 10-20% slower than staging it uncompressed (benches/README.md).
 
 use std::ffi::CString;
 use std::io;
