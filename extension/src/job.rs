@@ -539,6 +539,11 @@ pub fn pause_before_chunk(job: &JobSlot) {
 pub fn connect_as_caller(job: &JobSlot) {
     let db = pg_sys::Oid::from(job.database_oid.load(Ordering::Acquire));
     let role = pg_sys::Oid::from(job.role_oid.load(Ordering::Acquire));
+    // A query cancel can reach the process as soon as it is listed as a backend, before it has
+    // connected (cancel_snapshot, pg_cancel_backend): processed here, it would end the process before
+    // its job began; held off, it stays pending for the leader's wait_for_caller, which makes it a
+    // cancel of the job, or for a worker's first interrupt check.
+    let _hold = pg::HoldCancel::new();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
     BackgroundWorker::transaction(rights::pin_session);
 }

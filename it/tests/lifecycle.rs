@@ -633,8 +633,8 @@ fn a_cancel_of_the_leader_before_the_caller_commits_cancels_the_job() {
     assert!(sent, "pg_cancel_backend never reached the leader {pid}");
     std::thread::sleep(Duration::from_millis(300));
     c.batch_execute("COMMIT").unwrap();
-    let (status, _) = wait_for(&mut c, &id, 20);
-    assert_eq!(status, "cancelled");
+    let (status, error) = wait_for(&mut c, &id, 20);
+    assert_eq!(status, "cancelled", "{error:?}");
     assert!(!dir.join("manifest.json").exists());
     no_job_left(&mut c);
 }

@@ -347,6 +347,37 @@ unsafe extern "C-unwind" fn leader_sigterm(_signal: std::ffi::c_int) {
     }
 }
 
+/// Holds query cancels off while it lives: a cancel arriving meanwhile stays pending and takes effect at
+/// the first interrupt check after (or is taken back with [`take_cancel_request`]). Used while an index
+/// is built (the job would otherwise have to build it again to restore the schema) and while a job's
+/// process connects. Termination (SIGTERM, shutdown) is not held off.
+pub struct HoldCancel;
+
+impl HoldCancel {
+    // No Default: making one has an effect.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> HoldCancel {
+        // SAFETY: a process-local counter PostgreSQL reads in ProcessInterrupts; incremented and
+        // decremented in pairs (Drop), as the backend does around reading a client message.
+        unsafe { pg_sys::QueryCancelHoldoffCount += 1 };
+        HoldCancel
+    }
+}
+
+impl Drop for HoldCancel {
+    fn drop(&mut self) {
+        // SAFETY: pairs with the increment in `new`. An ERROR resets the counter to zero before it unwinds
+        // through here (errfinish), so it is only decremented while positive: never below zero, and never
+        // a panic inside a drop that runs during unwinding.
+        unsafe {
+            let held = pg_sys::QueryCancelHoldoffCount;
+            if held > 0 {
+                pg_sys::QueryCancelHoldoffCount = held - 1;
+            }
+        }
+    }
+}
+
 /// Takes back a pending query cancel (from SIGINT or a leader's SIGTERM) and says whether there was
 /// one: before a leader records its job's end, which a late cancel must not interrupt.
 pub fn take_cancel_request() -> bool {

@@ -224,34 +224,6 @@ pub fn defer(
     Ok(deferred)
 }
 
-/// Holds query cancels off while an index is built: a cancel of the job arriving then takes effect once
-/// the index exists (the job would otherwise have to build it again to restore the schema). Termination
-/// (SIGTERM, shutdown) is not held off.
-struct HoldCancel;
-
-impl HoldCancel {
-    fn new() -> HoldCancel {
-        // SAFETY: a process-local counter PostgreSQL reads in ProcessInterrupts; incremented and
-        // decremented in pairs (Drop), as the backend does around reading a client message.
-        unsafe { pg_sys::QueryCancelHoldoffCount += 1 };
-        HoldCancel
-    }
-}
-
-impl Drop for HoldCancel {
-    fn drop(&mut self) {
-        // SAFETY: pairs with the increment in `new`. An ERROR resets the counter to zero before it unwinds
-        // through here (errfinish), so it is only decremented while positive: never below zero, and never
-        // a panic inside a drop that runs during unwinding.
-        unsafe {
-            let held = pg_sys::QueryCancelHoldoffCount;
-            if held > 0 {
-                pg_sys::QueryCancelHoldoffCount = held - 1;
-            }
-        }
-    }
-}
-
 /// What one attempt to build a deferred index came to.
 pub enum Built {
     /// An index was built (with a message when it came out different from what it was).
@@ -278,7 +250,7 @@ pub fn build_next(
     tried: &mut Vec<(String, String)>,
 ) -> Built {
     let mut claimed: Option<Deferred> = None;
-    let mut hold: Option<HoldCancel> = None;
+    let mut hold: Option<pg::HoldCancel> = None;
     let built = xact::try_catch(std::panic::AssertUnwindSafe(|| {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             let d = records::claim(id, loading, tried)?;
@@ -290,7 +262,7 @@ pub fn build_next(
             }
             // From here to the commit, a cancel waits: it must not roll back a finished build.
             pg::take_cancel_request();
-            hold = Some(HoldCancel::new());
+            hold = Some(pg::HoldCancel::new());
             Some(rebuild(id, &d, settings.memory_kb, helpers))
         }))
     }));
