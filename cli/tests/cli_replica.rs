@@ -187,6 +187,24 @@ fn wait_for_data_phase(c: &mut postgres::Client, id: &str) {
 }
 
 /// Drops a subscription and its slot on the source (the slot goes with it: slot_name is set).
+/// `steep-repl replica init` from `source` to `target` through `dir`, subscription (and slot) `subscription`.
+fn replica_init(source: &str, target: &str, dir: &str, subscription: &str) -> std::process::Output {
+    steep_repl(&[
+        "replica",
+        "init",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--dir",
+        dir,
+        "--subscription",
+        subscription,
+        "--timeout",
+        "120",
+    ])
+}
+
 fn drop_subscription(target: &str, name: &str) {
     let mut c = postgres::Client::connect(target, postgres::NoTls).unwrap();
     c.batch_execute(&format!("DROP SUBSCRIPTION {name}")).unwrap_or_else(|e| panic!("{}", db_message(&e)));
@@ -356,20 +374,7 @@ fn a_cancelled_snapshot_drops_its_slot_and_a_rerun_after_the_apply_repeats_nothi
     let mut dst = postgres::Client::connect(&d, postgres::NoTls).unwrap();
     let apply: String = dst.query_one("SELECT steep_repl.start_apply($1, 2)", &[&dir_s]).unwrap().get(0);
     assert_eq!(wait_for(&mut dst, &apply, 120).0, "applied");
-    let out = steep_repl(&[
-        "replica",
-        "init",
-        "--source",
-        &s,
-        "--target",
-        &d,
-        "--dir",
-        dir_s,
-        "--subscription",
-        "rep_rerun",
-        "--timeout",
-        "120",
-    ]);
+    let out = replica_init(&s, &d, dir_s, "rep_rerun");
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("already complete"), "{err}");
@@ -399,20 +404,7 @@ fn a_cancelled_snapshot_drops_its_slot_and_a_rerun_after_the_apply_repeats_nothi
     let id = start_snapshot(&mut src, &[], &dir, ", 1, slot => 'rep_nopub'");
     assert_eq!(wait_for(&mut src, &id, 120).0, "complete");
     src.batch_execute("DROP PUBLICATION steep_repl_pub").unwrap();
-    let out = steep_repl(&[
-        "replica",
-        "init",
-        "--source",
-        &s,
-        "--target",
-        &d,
-        "--dir",
-        dir_s,
-        "--subscription",
-        "rep_nopub",
-        "--timeout",
-        "120",
-    ]);
+    let out = replica_init(&s, &d, dir_s, "rep_nopub");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("was dropped on the source after the snapshot's slot rep_nopub"), "{err}");

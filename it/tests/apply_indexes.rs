@@ -312,6 +312,35 @@ fn an_index_the_data_violates_is_reported_and_built_by_resume() {
     assert_eq!(schema_of(&mut d).0, defs_before);
 }
 
+/// An apply (deferring every table's indexes) that has loaded its data and whose build of main's indexes
+/// waits for the lock of another session, which read main once they were deferred and keeps its
+/// transaction open: (target client, apply id, that session, the target's indexes as they were).
+fn index_phase_waiting_for_a_lock(
+    cluster: &Cluster,
+    tag: &str,
+) -> (postgres::Client, String, postgres::Client, Vec<String>) {
+    let (_src, dst, dir) = prepare(cluster, tag, "256kB");
+    let mut d = cluster.client(&dst);
+    let (defs_before, _) = schema_of(&mut d);
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'")
+        .unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    assert!(poll_until(|| deferred_of_main(&mut d, &id) > 0), "main's indexes were deferred");
+    let mut blocker = cluster.client(&dst);
+    blocker.batch_execute(r#"BEGIN; SELECT count(*) FROM "Ix S".main"#).unwrap();
+    // The data goes in; main's indexes wait for the blocker's lock.
+    let waiting = poll_until(|| {
+        let phase: String =
+            d.query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        phase == "indexes" && deferred_of_main(&mut d, &id) > 0
+    });
+    assert!(waiting, "the job reached its index phase with main's indexes left");
+    (d, id, blocker, defs_before)
+}
+
 /// An index put back by hand exactly as it was, after the job failed building it: resume_apply takes it
 /// as built and ends the job.
 #[test]
@@ -397,24 +426,7 @@ fn a_new_apply_takes_over_the_indexes_its_predecessor_left_unbuilt() {
 #[test]
 fn a_table_renamed_before_its_index_build_gets_no_index_elsewhere() {
     let cluster = preloaded();
-    let (_src, dst, dir) = prepare(cluster, "renamed", "256kB");
-    let mut d = cluster.client(&dst);
-    let (defs_before, _) = schema_of(&mut d);
-    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'")
-        .unwrap();
-    let id: String = d
-        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
-        .unwrap()
-        .get(0);
-    assert!(poll_until(|| deferred_of_main(&mut d, &id) > 0), "main's indexes were deferred");
-    let mut blocker = cluster.client(&dst);
-    blocker.batch_execute(r#"BEGIN; SELECT count(*) FROM "Ix S".main"#).unwrap();
-    let waiting = poll_until(|| {
-        let phase: String =
-            d.query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
-        phase == "indexes" && deferred_of_main(&mut d, &id) > 0
-    });
-    assert!(waiting, "the job reached its index phase with main's indexes left");
+    let (mut d, id, mut blocker, defs_before) = index_phase_waiting_for_a_lock(cluster, "renamed");
     blocker
         .batch_execute(
             r#"ALTER TABLE "Ix S".main RENAME TO main_old; CREATE TABLE "Ix S".main (LIKE "Ix S".main_old); COMMIT"#,
@@ -489,26 +501,7 @@ fn a_load_that_will_force_checkpoints_names_the_setting_and_a_value() {
 #[test]
 fn a_cancel_ends_a_wait_for_a_table_lock_before_an_index_build() {
     let cluster = preloaded();
-    let (_src, dst, dir) = prepare(cluster, "lockwait", "256kB");
-    let mut d = cluster.client(&dst);
-    let (defs_before, _) = schema_of(&mut d);
-    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'")
-        .unwrap();
-    let id: String = d
-        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
-        .unwrap()
-        .get(0);
-    // Once main's indexes are deferred, another session reads it and keeps its transaction open.
-    assert!(poll_until(|| deferred_of_main(&mut d, &id) > 0), "main's indexes were deferred");
-    let mut blocker = cluster.client(&dst);
-    blocker.batch_execute(r#"BEGIN; SELECT count(*) FROM "Ix S".main"#).unwrap();
-    // The data goes in; main's indexes wait for the blocker's lock.
-    let waiting = poll_until(|| {
-        let phase: String =
-            d.query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
-        phase == "indexes" && deferred_of_main(&mut d, &id) > 0
-    });
-    assert!(waiting, "the job reached its index phase with main's indexes left");
+    let (mut d, id, mut blocker, defs_before) = index_phase_waiting_for_a_lock(cluster, "lockwait");
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
     // The cancel ends the workers' waits while the blocker still holds its lock: only the leader is left,

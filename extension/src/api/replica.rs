@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
+use steep_repl_engine::ident::QualifiedName;
 use steep_repl_engine::manifest::Manifest;
 use steep_repl_engine::replica::{
     HandOff, PublisherFacts, hand_off_statements, publisher_check_sql, publisher_problems,
@@ -123,15 +124,22 @@ fn _subscribe(
     // The tables must still hold what that apply loaded: an apply run into them since (another snapshot,
     // or this one again with truncate, finished or not) leaves data that the slot's LSN does not match.
     let relids = crate::api::apply::target_relids(&m);
-    let mut not_held: Vec<String> = m
+    let held_elsewhere = crate::bookkeeping::not_held(&apply_id, &relids);
+    let not_held: Vec<String> = m
         .tables
         .iter()
         .zip(&relids)
-        .filter(|(_, relid)| **relid == 0)
-        .map(|(t, _)| format!("{}.{} (dropped since)", t.schema, t.name))
+        .filter_map(|(t, relid)| {
+            let name = QualifiedName::new(t.schema.clone(), t.name.clone());
+            let holder = held_elsewhere.iter().find(|(r, _)| r == relid).map(|(_, h)| h.as_str());
+            match (*relid, holder) {
+                (0, _) => Some(format!("{name} (dropped since)")),
+                (_, None) => None,
+                (_, Some("")) => Some(format!("{name} (created again since)")),
+                (_, Some(h)) => Some(format!("{name} (loaded by apply {h} since)")),
+            }
+        })
         .collect();
-    let present: Vec<u32> = relids.iter().copied().filter(|r| *r != 0).collect();
-    not_held.extend(book::tables_not_held(&apply_id, &present));
     if !not_held.is_empty() {
         user_error(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -100,11 +100,7 @@ fn clear_leftovers(dir: &Path) -> bool {
     if !ended {
         return false;
     }
-    let _absent = std::fs::remove_dir_all(dir.join("data"));
-    for n in names.iter().filter(|n| is_temp_file_name(n)) {
-        let _absent = std::fs::remove_file(dir.join(n));
-    }
-    let _absent = std::fs::remove_file(dir.join(WRITER_FILE));
+    crate::worker::generate::remove_written(dir);
     std::fs::read_dir(dir).map(|mut e| e.next().is_none()).unwrap_or(false)
 }
 

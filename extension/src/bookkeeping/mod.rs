@@ -326,6 +326,29 @@ pub fn begin_resume(id: &str) -> Result<Operation, String> {
     Ok(row)
 }
 
+/// The tables of `$2` (oids) that apply `$1` does not hold, with their holder ('' when none).
+const NOT_HELD_SQL: &str = "SELECT w.relid, coalesce(t.apply_id, '') \
+     FROM pg_catalog.unnest($2::pg_catalog.oid[]) AS w(relid) \
+     LEFT JOIN steep_repl.apply_targets t ON t.relid OPERATOR(pg_catalog.=) w.relid \
+     WHERE t.apply_id IS DISTINCT FROM $1";
+
+/// The tables of `relids` that apply `id` no longer holds (another apply loaded them since, or they were
+/// created again), each with its holder ('' when none): what `claim_targets` refuses a resume for.
+pub fn not_held(id: &str, relids: &[u32]) -> Vec<(u32, String)> {
+    let oids: Vec<pgrx::pg_sys::Oid> = relids.iter().map(|&r| pgrx::pg_sys::Oid::from(r)).collect();
+    Spi::connect(|c| -> Result<Vec<(u32, String)>, pgrx::spi::Error> {
+        let mut v = Vec::new();
+        for r in c.select(NOT_HELD_SQL, None, &[id.into(), oids.into()])? {
+            v.push((
+                r.get::<pgrx::pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0),
+                r.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        Ok(v)
+    })
+    .unwrap_or_else(|e| error!("reading which apply holds the tables of {id}: {e}"))
+}
+
 /// Makes apply `id` the holder of the target tables `relids` (`steep_repl.apply_targets`), in the
 /// current transaction. A table held by another apply that is still pending or running is not taken:
 /// such tables are returned with their holder, and the caller refuses to start (the transaction then
@@ -370,13 +393,7 @@ pub fn claim_targets(id: &str, relids: &[u32], resume: bool) -> Vec<(u32, String
                 &[id.into(), oids.clone().into()],
             )?;
             if resume {
-                return rows(
-                    c,
-                    "SELECT w.relid, coalesce(t.apply_id, '') \
-                     FROM pg_catalog.unnest($2::pg_catalog.oid[]) AS w(relid) \
-                     LEFT JOIN steep_repl.apply_targets t ON t.relid = w.relid \
-                     WHERE t.apply_id IS DISTINCT FROM $1",
-                );
+                return rows(c, NOT_HELD_SQL);
             }
             let refused = rows(
                 c,

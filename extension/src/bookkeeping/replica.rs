@@ -27,32 +27,6 @@ pub fn applied_apply(path: &str, snapshot_id: &str, manifest_sha256: &str) -> Op
     .unwrap_or_else(|e| error!("reading the applies of {path}: {e}"))
 }
 
-/// The tables of `relids` whose rows apply `apply_id` no longer holds, each named with why (another
-/// apply loaded it since, or it was dropped and created again).
-pub fn tables_not_held(apply_id: &str, relids: &[u32]) -> Vec<String> {
-    let oids: Vec<pgrx::pg_sys::Oid> = relids.iter().map(|&r| pgrx::pg_sys::Oid::from(r)).collect();
-    Spi::connect(|client| -> Result<Vec<String>, pgrx::spi::Error> {
-        let mut v = Vec::new();
-        let rows = client.select(
-            "SELECT CASE WHEN c.oid IS NULL THEN pg_catalog.format('a table (oid %s) that no longer exists', w.relid) \
-                    WHEN t.apply_id IS NULL THEN pg_catalog.format('%I.%I (created again since)', n.nspname, c.relname) \
-                    ELSE pg_catalog.format('%I.%I (loaded by apply %s since)', n.nspname, c.relname, t.apply_id) END \
-             FROM pg_catalog.unnest($2::pg_catalog.oid[]) AS w(relid) \
-             LEFT JOIN steep_repl.apply_targets t ON t.relid OPERATOR(pg_catalog.=) w.relid \
-             LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.relid \
-             LEFT JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-             WHERE t.apply_id IS DISTINCT FROM $1 ORDER BY 1",
-            None,
-            &[apply_id.into(), oids.into()],
-        )?;
-        for r in rows {
-            v.push(r.get::<String>(1)?.unwrap_or_default());
-        }
-        Ok(v)
-    })
-    .unwrap_or_else(|e| error!("reading which apply holds the tables of {apply_id}: {e}"))
-}
-
 /// A subscription of this cluster (any database) on a slot named `slot`, as "subscription S in
 /// database D", if there is one.
 pub fn slot_subscriber(slot: &str) -> Option<String> {

@@ -613,6 +613,16 @@ fn remove_output(job: &JobSlot) -> Option<String> {
         Ok(owner) if owner.trim() == job.id.get() => {}
         _ => return None,
     }
+    remove_written(dir);
+    if job.flags.load(Ordering::Relaxed) & crate::api::snapshot::FLAG_CREATED_DIR != 0 {
+        let _not_empty = std::fs::remove_dir(dir);
+    }
+    None
+}
+
+/// Removes what a generate writes into `dir`: the manifest, `data/`, temp files and the writer file,
+/// leaving anything else. The caller has checked that the writer file names a job whose output this is.
+pub(crate) fn remove_written(dir: &Path) {
     let _absent = std::fs::remove_file(dir.join(steep_repl_engine::manifest::MANIFEST_FILE));
     let _absent = std::fs::remove_dir_all(dir.join("data"));
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -622,9 +632,5 @@ fn remove_output(job: &JobSlot) -> Option<String> {
             }
         }
     }
-    let _gone = std::fs::remove_file(&writer);
-    if job.flags.load(Ordering::Relaxed) & crate::api::snapshot::FLAG_CREATED_DIR != 0 {
-        let _not_empty = std::fs::remove_dir(dir);
-    }
-    None
+    let _absent = std::fs::remove_file(dir.join(steep_repl_engine::chunk::WRITER_FILE));
 }
