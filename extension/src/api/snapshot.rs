@@ -40,14 +40,22 @@ fn prepare_output_dir(path: &str) -> bool {
         Ok(mut entries) => {
             if entries.next().is_some() && !clear_leftovers(p) {
                 if let Ok(writer) = std::fs::read_to_string(p.join(steep_repl_engine::chunk::WRITER_FILE)) {
+                    // The file's text is shown only when it is a job id: anyone who can write there wrote it.
+                    let writer = writer.trim();
+                    let who = if !writer.is_empty()
+                        && writer.len() <= 64
+                        && writer.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    {
+                        format!("snapshot {writer}")
+                    } else {
+                        "another job".to_string()
+                    };
                     user_error(
                         PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
-                        format!(
-                            "output_path {path} is being written by snapshot {}",
-                            writer.trim().chars().take(64).collect::<String>()
-                        ),
+                        format!("output_path {path} is being written by {who}"),
                         Some(
-                            "Give a new directory; once that job has failed or been cancelled, this one may be used again.",
+                            "Give a new directory. A failed or cancelled snapshot's directory may be used again; \
+                             a writer file left by another server's job must be removed by hand.",
                         ),
                     );
                 }
