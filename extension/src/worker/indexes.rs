@@ -263,7 +263,24 @@ pub fn build_next(
             // From here to the commit, a cancel waits: it must not roll back a finished build.
             pg::take_cancel_request();
             hold = Some(pg::HoldCancel::new());
-            Some(rebuild(id, &d, settings.memory_kb, helpers))
+            // A terminate that came before the hold (whose cancel was just taken back) ends it here.
+            if pg::dying() {
+                error!(
+                    "terminated (SIGTERM: server shutdown or pg_terminate_backend) before building {}",
+                    d.index
+                );
+            }
+            let started = pg::now_ms();
+            let differs = rebuild(id, &d, settings.memory_kb, helpers);
+            debug1!(
+                "steep_repl: {id} built index {} on {}.{} in {} ms (pid {})",
+                d.index,
+                d.schema,
+                d.table,
+                pg::now_ms().saturating_sub(started),
+                pg::my_pid()
+            );
+            Some(differs)
         }))
     }));
     drop(hold);
