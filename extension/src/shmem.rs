@@ -463,6 +463,19 @@ pub struct ChunkSlot {
     pub head: AtomicU32,
     /// Apply, on a chunk's first unit: units of the chunk not yet loaded.
     pub parts_left: AtomicU32,
+    /// Apply, on a table's first unit: whether a worker has claimed or run its ANALYZE
+    /// ([`analyze_state`]).
+    pub analyze: AtomicU32,
+}
+
+/// Where a table's ANALYZE stands in an apply (on its first unit's slot).
+pub mod analyze_state {
+    /// Not run yet: the leader runs it at the end unless a worker claims it first.
+    pub const TODO: u32 = 0;
+    /// A worker is running it.
+    pub const CLAIMED: u32 = 1;
+    /// Run and committed.
+    pub const DONE: u32 = 2;
 }
 
 /// Lifecycle of a chunk slot.
@@ -801,6 +814,54 @@ impl Shared {
             self.workers[me].current_chunk.store((base + k + 1) as u32, Ordering::Release);
         }
         pick.map(|k| k as u32)
+    }
+
+    /// Apply: the first unit's slot (absolute index) of each table of job `slot` with a unit in this run,
+    /// by the table's index in the manifest, and whether all of the table's units are done.
+    pub fn apply_tables(&self, slot: usize) -> std::collections::HashMap<u32, (usize, bool)> {
+        let job = &self.jobs[slot];
+        let base = job.chunk_base.load(Ordering::Acquire) as usize;
+        let count = job.chunk_count.load(Ordering::Acquire) as usize;
+        let mut tables = std::collections::HashMap::new();
+        for (k, u) in self.chunks()[base..base + count].iter().enumerate() {
+            let done = u.state.load(Ordering::Acquire) == chunk_state::DONE;
+            let e = tables.entry(u.table.load(Ordering::Relaxed)).or_insert((base + k, true));
+            e.1 &= done;
+        }
+        tables
+    }
+
+    /// Apply: claims for ANALYZE up to `max` tables of job `slot` whose units are all done, that no one
+    /// claimed before and that `wanted` accepts (by relid); their first units' slots.
+    pub fn claim_tables_to_analyze(
+        &self,
+        slot: usize,
+        max: usize,
+        wanted: impl Fn(u32) -> bool,
+    ) -> Vec<usize> {
+        let chunks = self.chunks();
+        let mut claimed = Vec::new();
+        for (_, (first, done)) in self.apply_tables(slot) {
+            if claimed.len() >= max {
+                break;
+            }
+            let s = &chunks[first];
+            if done
+                && s.analyze.load(Ordering::Acquire) == analyze_state::TODO
+                && wanted(s.relid.load(Ordering::Relaxed))
+                && s.analyze
+                    .compare_exchange(
+                        analyze_state::TODO,
+                        analyze_state::CLAIMED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok()
+            {
+                claimed.push(first);
+            }
+        }
+        claimed
     }
 }
 

@@ -178,6 +178,25 @@ fn indexes_built_after_the_data_are_exactly_as_they_were() {
         "the indexes built after the data"
     );
     assert_eq!(pending_records(&mut d, &id), 0);
+    // Every table was analyzed, and after its indexes were built: the expression index has statistics.
+    let not_analyzed: Vec<String> = d
+        .query(
+            "SELECT relname::text FROM pg_stat_user_tables WHERE schemaname <> 'steep_repl' AND last_analyze IS NULL",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(not_analyzed.is_empty(), "not analyzed: {not_analyzed:?}");
+    let expression_stats: i64 = d
+        .query_one(
+            "SELECT count(*) FROM pg_stats WHERE schemaname = 'Ix S' AND tablename = 'main lower'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(expression_stats, 1, "ANALYZE ran after the expression index was built");
     // The rebuilt indexes hold every row: an index-only lookup finds the last one.
     d.batch_execute("SET enable_seqscan = off").unwrap();
     let n: i64 =
@@ -519,5 +538,90 @@ fn a_cancel_ends_a_wait_for_a_table_lock_before_an_index_build() {
     let (status, error) = wait_for(&mut d, &id, 60);
     assert_eq!(status, "cancelled", "{error:?}");
     assert_eq!(schema_of(&mut d).0, defs_before, "the schema is as it was");
+    assert_eq!(pending_records(&mut d, &id), 0);
+}
+
+/// A leader stops in the middle of an index build when it is terminated (SIGTERM, as a server shutdown
+/// sends it), instead of building on for as long as the index takes: the index stays recorded and
+/// `resume_apply` builds it. Here the build is the leader's restoring of the indexes after a cancel (only
+/// the leader does that), of an index whose expression sleeps 50 ms a row in the target database.
+#[test]
+fn a_terminated_leader_stops_in_the_middle_of_an_index_build() {
+    let cluster = preloaded();
+    let (src, dst) = ("ixd_term_src", "ixd_term_dst");
+    cluster.fresh_db(src, true);
+    cluster
+        .client(src)
+        .batch_execute(
+            "CREATE FUNCTION public.slow_id(v int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$
+             BEGIN
+               IF current_setting('steep_test.slow_index', true) = 'on' THEN PERFORM pg_sleep(0.05); END IF;
+               RETURN v;
+             END $$;
+             CREATE TABLE slow (id int PRIMARY KEY, v int, pad text);
+             INSERT INTO slow SELECT g, g, repeat('p', 200) FROM generate_series(1, 20000) g;
+             CREATE INDEX slow_v ON slow (public.slow_id(v));",
+        )
+        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    let dir = snapshot_path("ixd_term");
+    let mut c = cluster.client(src);
+    let id = start_snapshot(&mut c, &["SET steep_repl.chunk_size = '64kB'"], &dir, ", parallel => 2");
+    let (status, error) = wait_for(&mut c, &id, 120);
+    assert_eq!(status, "complete", "generate: {error:?}");
+    cluster.fresh_db(dst, false);
+    copy_schema(cluster, src, dst);
+    let mut d = cluster.client(dst);
+    let (defs_before, _) = schema_of(&mut d);
+    // Jobs connect to the database after this, and take its settings: the expression sleeps there.
+    d.batch_execute(&format!("ALTER DATABASE {dst} SET steep_test.slow_index = on")).unwrap();
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '150ms'")
+        .unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        poll_until(|| {
+            let done: i32 = d
+                .query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id])
+                .unwrap()
+                .get(0);
+            done >= 10
+        }),
+        "apply made no progress"
+    );
+    let leader: i32 =
+        d.query_one("SELECT worker_pids[1] FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+    assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
+    // At least 10 chunks of about 300 rows are in: at 50 ms a row, building slow_v takes more than a minute
+    // even with a helper process, twice as long as poll_until waits for the leader to be gone.
+    let building = poll_until(|| {
+        d.query_one(
+            "SELECT count(*) > 0 FROM pg_stat_progress_create_index WHERE pid = $1 AND phase LIKE 'building%'",
+            &[&leader],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(building, "the leader is building an index");
+    d.query_one("SELECT pg_terminate_backend($1)", &[&leader]).unwrap();
+    let gone = poll_until(|| {
+        d.query_one("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1", &[&leader]).unwrap().get(0)
+    });
+    assert!(gone, "the leader stopped building when terminated");
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert!(status == "failed" || status == "cancelled", "{status}: {error:?}");
+    assert!(pending_records(&mut d, &id) >= 1, "slow_v stays recorded");
+
+    d.batch_execute(&format!(
+        "ALTER DATABASE {dst} RESET steep_test.slow_index; RESET steep_repl.chunk_pause"
+    ))
+    .unwrap();
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    let (status, error) = wait_for(&mut d, &again, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, src, dst, &dir);
+    let (defs_after, _) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_after, "every index is back as it was");
     assert_eq!(pending_records(&mut d, &id), 0);
 }

@@ -182,6 +182,16 @@ pub fn job_databases() -> Vec<u32> {
     out
 }
 
+/// The schema-qualified, quoted name of relation `relid` now, or None when it no longer exists. Read
+/// under a lock on it, so that it stays the name until the transaction ends.
+pub fn qualified_name(relid: pg_sys::Oid) -> Result<Option<String>, pgrx::spi::Error> {
+    Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[relid.into()],
+    )
+}
+
 /// The COPY column list of table `relid` (not dropped, not generated), in column order.
 pub fn copy_columns(relid: pg_sys::Oid) -> Result<Vec<String>, pgrx::spi::Error> {
     Spi::get_one_with_args::<Vec<String>>(

@@ -42,7 +42,7 @@ use crate::pg::copy_from::{self, CopySource};
 use crate::pg::wal::WalWriterNudge;
 use crate::pg::{self, session, xact};
 use crate::progress;
-use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, chunk_state, worker_state};
+use crate::shmem::{JobSlot, Phase, Shared, WorkerSlot, analyze_state, chunk_state, worker_state};
 use crate::worker::indexes;
 
 /// Job flags of an apply.
@@ -244,6 +244,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         s.row_end.store(u.row_end, Ordering::Relaxed);
         s.head.store(head as u32, Ordering::Relaxed);
         s.parts_left.store(0, Ordering::Relaxed);
+        s.analyze.store(analyze_state::TODO, Ordering::Relaxed);
         // Until the unit is done, raw_bytes holds its estimate (claims compare sizes with it).
         s.raw_bytes.store(u.est_bytes, Ordering::Relaxed);
         for a in [&s.rows, &s.file_bytes] {
@@ -275,7 +276,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         let me = &shared.workers[ws];
         me.pid.store(pg::my_pid(), Ordering::Release);
         me.word.transition(wgen, worker_state::LAUNCHING, worker_state::RUNNING);
-        let loaded = load_chunks(shared, slot, me, &dir, &manifest);
+        let loaded = load_chunks(shared, slot, me, &dir, &manifest, None);
         me.word.transition(wgen, worker_state::RUNNING, worker_state::DONE);
         job.workers_launched.store(1, Ordering::Relaxed);
         loaded?;
@@ -340,11 +341,22 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         })?;
     }
     laps.lap("sequences");
-    if has(job, flags::ANALYZE) && !manifest.tables.is_empty() {
+    // The workers analyzed the tables they could (Finishing::analyze_ready); the leader does the rest,
+    // and the tables a resumed run had loaded before.
+    let chunks = shared.chunks();
+    let analyzed: HashSet<usize> = shared
+        .apply_tables(slot)
+        .into_iter()
+        .filter(|(_, (first, _))| chunks[*first].analyze.load(Ordering::Acquire) == analyze_state::DONE)
+        .map(|(t, _)| t as usize)
+        .collect();
+    let to_analyze: Vec<_> =
+        manifest.tables.iter().enumerate().filter(|(t, _)| !analyzed.contains(t)).map(|(_, t)| t).collect();
+    if has(job, flags::ANALYZE) && !to_analyze.is_empty() {
         stop_point(job)?;
         job.set_phase(Phase::Analyze);
         progress::publish_if_due(job, true);
-        for batch in manifest.tables.chunks(100) {
+        for batch in to_analyze.chunks(ANALYZE_BATCH) {
             let list: Vec<String> = batch
                 .iter()
                 .map(|t| QualifiedName::new(t.schema.clone(), t.name.clone()).to_string())
@@ -511,8 +523,9 @@ pub extern "C-unwind" fn steep_repl_apply_worker(arg: pg_sys::Datum) {
     let job = &shared.jobs[slot];
     let result = xact::try_catch(|| {
         let (dir, manifest) = load_manifest(job)?;
-        load_chunks(shared, slot, me, &dir, &manifest)?;
-        build_ready_indexes(shared, slot)
+        let mut finishing = Finishing::new(shared, slot);
+        load_chunks(shared, slot, me, &dir, &manifest, Some(&mut finishing))?;
+        finishing.after_loading()
     })
     .map_err(|c| JobError::caught(None, &c))
     .and_then(|r| r);
@@ -530,51 +543,201 @@ fn tables_loading(shared: &Shared, job: &JobSlot) -> HashSet<pg_sys::Oid> {
         .collect()
 }
 
-/// Once no unit is left to claim, a worker builds the deferred indexes of tables whose rows are all in,
-/// while other workers finish loading theirs: concurrently with them, and with other builders (each index
-/// is claimed with `FOR UPDATE SKIP LOCKED`). It returns when nothing is left it could build; the leader
-/// builds what remains and reports what failed.
-fn build_ready_indexes(shared: &Shared, slot: usize) -> Result<(), JobError> {
-    let job = &shared.jobs[slot];
-    let id = job.id.get();
-    let settings = BackgroundWorker::transaction(|| index_settings(&id));
-    if settings.defer_bytes.is_none() {
-        return Ok(());
+/// Tables one ANALYZE statement of a worker names (one transaction, one lock each).
+const ANALYZE_BATCH: usize = 100;
+
+/// What a worker does for the tables whose rows are all in, so that the leader's last steps are not a
+/// serial build of every deferred index and a serial ANALYZE of every table: it builds their deferred
+/// indexes (between two batches while other tables still load, and once nothing is left to load), then
+/// runs their ANALYZE. Indexes are claimed with `FOR UPDATE SKIP LOCKED` on their records, so the leader
+/// and the workers never build the same one; a table's ANALYZE is claimed on its first unit's slot
+/// ([`Shared::claim_tables_to_analyze`]), once no index of it is left to build (the statistics of an
+/// expression index need the index). The leader builds and analyzes whatever is left.
+struct Finishing<'a> {
+    shared: &'a Shared,
+    slot: usize,
+    id: String,
+    settings: indexes::Settings,
+    helpers: u32,
+    /// Whether this run has deferred indexes to build (only the leader defers, before the data phase).
+    indexes: bool,
+    analyze: bool,
+    /// Indexes this worker failed to build, passed over after.
+    tried: Vec<(String, String)>,
+    /// Tables this worker could not lock at once for ANALYZE (relids): left to the leader.
+    passed: HashSet<u32>,
+    /// How many tables were still loading at the last look between batches: work is looked for only
+    /// when a table has been completed since.
+    loading_before: usize,
+}
+
+impl<'a> Finishing<'a> {
+    fn new(shared: &'a Shared, slot: usize) -> Finishing<'a> {
+        let job = &shared.jobs[slot];
+        let id = job.id.get();
+        let (settings, deferred) = BackgroundWorker::transaction(|| {
+            let settings = index_settings(&id);
+            let deferred = settings.defer_bytes.is_some() && !bookkeeping::indexes::left(&id).is_empty();
+            (settings, deferred)
+        });
+        Finishing {
+            shared,
+            slot,
+            id,
+            settings,
+            helpers: job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1),
+            indexes: deferred,
+            analyze: has(job, flags::ANALYZE),
+            tried: Vec::new(),
+            passed: HashSet::new(),
+            loading_before: usize::MAX,
+        }
     }
-    let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
-    let stop = || job.should_stop();
-    let wait = indexes::LockWait { stop: &stop, limit_ms: None };
-    let mut tried = Vec::new();
-    loop {
-        if job.should_stop() || pg::dying() {
+
+    fn job(&self) -> &'a JobSlot {
+        &self.shared.jobs[self.slot]
+    }
+
+    /// Between two batches (no transaction open): when a table has been completed since the last look,
+    /// builds what can be built and analyzes what can be analyzed.
+    fn between_batches(&mut self) -> Result<(), JobError> {
+        if !self.indexes && !self.analyze {
             return Ok(());
         }
-        let loading: Vec<pg_sys::Oid> = tables_loading(shared, job).into_iter().collect();
-        if loading.is_empty() && job.phase() == Phase::Data {
-            job.set_phase(Phase::Indexes);
-            progress::publish_if_due(job, true);
+        let loading: Vec<pg_sys::Oid> = tables_loading(self.shared, self.job()).into_iter().collect();
+        if loading.len() >= self.loading_before {
+            return Ok(());
         }
-        let failed_before = tried.len();
-        match indexes::build_next(&id, settings, helpers, &loading, &wait, &mut tried) {
-            indexes::Built::One(None) => continue,
-            // Claiming failed (no index passed over): the leader builds what is left; trying again
-            // here would spin.
-            indexes::Built::Failed(_) if tried.len() == failed_before => return Ok(()),
-            indexes::Built::Failed(_) => continue,
-            // Never expected: the job fails saying what differs.
-            indexes::Built::One(Some(differs)) => return Err(JobError::plain(differs)),
-            indexes::Built::Nothing if loading.is_empty() => return Ok(()),
-            indexes::Built::Nothing => {
-                // Indexes left of tables other workers are still loading: wait for their units. None:
-                // nothing more for this worker to do.
-                let left = BackgroundWorker::transaction(|| bookkeeping::indexes::left(&id));
-                if !left
-                    .iter()
-                    .any(|(d, error)| error.is_none() && loading.contains(&pg_sys::Oid::from(d.relid)))
-                {
-                    return Ok(());
+        self.loading_before = loading.len();
+        self.build(&loading)?;
+        self.analyze_ready()
+    }
+
+    /// Builds deferred indexes of tables not in `loading` until none is left to claim.
+    fn build(&mut self, loading: &[pg_sys::Oid]) -> Result<indexes::Built, JobError> {
+        if !self.indexes {
+            return Ok(indexes::Built::Nothing);
+        }
+        let job = self.job();
+        let stop = || job.should_stop();
+        let wait = indexes::LockWait { stop: &stop, limit_ms: None };
+        loop {
+            if job.should_stop() || pg::dying() {
+                return Ok(indexes::Built::Nothing);
+            }
+            let failed_before = self.tried.len();
+            match indexes::build_next(&self.id, self.settings, self.helpers, loading, &wait, &mut self.tried)
+            {
+                indexes::Built::One(None) => continue,
+                // Claiming failed (no index passed over): the leader builds what is left; trying again
+                // here would spin.
+                indexes::Built::Failed(m) if self.tried.len() == failed_before => {
+                    return Ok(indexes::Built::Failed(m));
                 }
-                job::nap(std::time::Duration::from_millis(50));
+                indexes::Built::Failed(_) => continue,
+                // Never expected: the job fails saying what differs.
+                indexes::Built::One(Some(differs)) => return Err(JobError::plain(differs)),
+                indexes::Built::Nothing => return Ok(indexes::Built::Nothing),
+            }
+        }
+    }
+
+    /// Once no unit is left to claim: builds the deferred indexes of tables whose rows are all in, while
+    /// other workers finish loading theirs (waiting for them while an index of theirs is left), then
+    /// analyzes what it can. Returns when nothing is left it could do.
+    fn after_loading(&mut self) -> Result<(), JobError> {
+        let job = self.job();
+        while self.indexes {
+            if job.should_stop() || pg::dying() {
+                return Ok(());
+            }
+            let loading: Vec<pg_sys::Oid> = tables_loading(self.shared, job).into_iter().collect();
+            if loading.is_empty() && job.phase() == Phase::Data {
+                job.set_phase(Phase::Indexes);
+                progress::publish_if_due(job, true);
+            }
+            if let indexes::Built::Failed(_) = self.build(&loading)? {
+                break;
+            }
+            if loading.is_empty() {
+                break;
+            }
+            // Indexes left of tables other workers are still loading: wait for their units. None:
+            // nothing more to build for this worker.
+            let left = BackgroundWorker::transaction(|| bookkeeping::indexes::left(&self.id));
+            if !left.iter().any(|(d, error)| error.is_none() && loading.contains(&pg_sys::Oid::from(d.relid)))
+            {
+                break;
+            }
+            self.analyze_ready()?;
+            job::nap(std::time::Duration::from_millis(50));
+        }
+        self.analyze_ready()
+    }
+
+    /// Runs ANALYZE on the tables whose rows are all in and whose deferred indexes are all built, that no
+    /// one claimed before, in statements of up to [`ANALYZE_BATCH`] tables. A table it cannot lock at once
+    /// (the leader's session lock while the data loads, another session's) is left to the leader.
+    fn analyze_ready(&mut self) -> Result<(), JobError> {
+        if !self.analyze {
+            return Ok(());
+        }
+        let job = self.job();
+        let chunks = self.shared.chunks();
+        loop {
+            if job.should_stop() || pg::dying() {
+                return Ok(());
+            }
+            let unbuilt: HashSet<u32> = if self.indexes {
+                BackgroundWorker::transaction(|| bookkeeping::indexes::left(&self.id))
+                    .into_iter()
+                    .map(|(d, _)| d.relid)
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+            let passed = &self.passed;
+            let claimed = self.shared.claim_tables_to_analyze(self.slot, ANALYZE_BATCH, |relid| {
+                !unbuilt.contains(&relid) && !passed.contains(&relid)
+            });
+            if claimed.is_empty() {
+                return Ok(());
+            }
+            let relids: Vec<pg_sys::Oid> =
+                claimed.iter().map(|&k| pg_sys::Oid::from(chunks[k].relid.load(Ordering::Relaxed))).collect();
+            let locked = BackgroundWorker::transaction(|| -> Result<Vec<bool>, String> {
+                let mut names = Vec::new();
+                let mut locked = Vec::new();
+                for &relid in &relids {
+                    let name = if pg::try_lock_relation(relid, pg_sys::ShareUpdateExclusiveLock) {
+                        crate::pg::catalog::qualified_name(relid)
+                            .map_err(|e| format!("looking up table {}: {e}", relid.to_u32()))?
+                    } else {
+                        None
+                    };
+                    locked.push(name.is_some());
+                    names.extend(name);
+                }
+                if !names.is_empty() {
+                    let started = pg::now_ms();
+                    Spi::run(&format!("ANALYZE {}", names.join(", ")))
+                        .map_err(|e| format!("ANALYZE: {e}"))?;
+                    debug1!(
+                        "steep_repl: {} analyzed {} table(s) in {} ms (pid {})",
+                        self.id,
+                        names.len(),
+                        pg::now_ms().saturating_sub(started),
+                        pg::my_pid()
+                    );
+                }
+                Ok(locked)
+            })?;
+            for ((&k, relid), analyzed) in claimed.iter().zip(&relids).zip(locked) {
+                if !analyzed {
+                    self.passed.insert(relid.to_u32());
+                }
+                let state = if analyzed { analyze_state::DONE } else { analyze_state::TODO };
+                chunks[k].analyze.store(state, Ordering::Release);
             }
         }
     }
@@ -675,6 +838,7 @@ fn load_chunks(
     me: &WorkerSlot,
     dir: &std::path::Path,
     manifest: &Manifest,
+    mut finishing: Option<&mut Finishing<'_>>,
 ) -> Result<(), JobError> {
     let job = &shared.jobs[slot];
     let me_index =
@@ -813,6 +977,9 @@ fn load_chunks(
         {
             commit_batch(shared, slot, me, &id, manifest, &mut batch);
             batch_tables.clear();
+            if let Some(f) = finishing.as_deref_mut() {
+                f.between_batches()?;
+            }
         }
     }
     commit_batch(shared, slot, me, &id, manifest, &mut batch);
