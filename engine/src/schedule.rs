@@ -5,9 +5,13 @@
 //! [`schedule`] turns the chunks of a snapshot, and the ranges an earlier run already loaded, into
 //! units in the order workers should claim them:
 //!
-//! - **Largest tables first, round-robin across tables.** Workers running at the same moment then
-//!   load different tables: two COPYs into one table contend for its extension lock and the
-//!   right-most pages of its indexes; into two tables they do not.
+//! - **Largest tables first, `workers` tables at a time, round-robin among them**; when one has no
+//!   unit left, the next largest takes its place. Workers running at the same moment then load
+//!   different tables: two COPYs into one table contend for its extension lock and the right-most
+//!   pages of its indexes; into two tables they do not. And tables are completed one after another,
+//!   the largest first, instead of all at the end: the indexes an apply builds after the data are
+//!   built for one table while the next ones load, and what is left at the end is the build of a
+//!   smaller table's.
 //! - **Small units last**, largest first: chunks smaller than `min_part_bytes` (small tables) fill the
 //!   gaps at the end.
 //! - **A tail that shrinks.** Workers start the last units at different moments and finish when their
@@ -116,13 +120,26 @@ pub fn schedule(chunks: &[ChunkWork], workers: u32, min_part_bytes: u64) -> Vec<
         }
     }
     tables.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut waiting: std::collections::VecDeque<_> = tables.into_iter().collect();
+    let lanes = workers.max(1) as usize;
+    let mut rotation = Vec::with_capacity(lanes);
     let mut order: Vec<Unit> = Vec::new();
-    // Each round takes one unit of every table that has any left; emptied tables leave the rotation.
-    while !tables.is_empty() {
-        for (_, _, q) in tables.iter_mut() {
+    // Each round takes one unit of every table in the rotation; an emptied table leaves it, and the
+    // largest one waiting takes its place.
+    loop {
+        while rotation.len() < lanes {
+            match waiting.pop_front() {
+                Some(t) => rotation.push(t),
+                None => break,
+            }
+        }
+        if rotation.is_empty() {
+            break;
+        }
+        for (_, _, q) in rotation.iter_mut() {
             order.extend(q.pop_front());
         }
-        tables.retain(|(_, _, q)| !q.is_empty());
+        rotation.retain(|(_, _, q)| !q.is_empty());
     }
     small.sort_by(|a, b| {
         b.est_bytes.cmp(&a.est_bytes).then((a.table, a.chunk, a.row_start).cmp(&(
@@ -188,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn one_worker_gets_round_robin_then_small_units_uncut() {
+    fn one_worker_loads_one_table_after_another_then_small_units_uncut() {
         let chunks = [
             chunk(0, 0, 100, 40),
             chunk(0, 1, 100, 40),
@@ -198,7 +215,26 @@ mod tests {
         ];
         let order: Vec<(usize, u32)> =
             schedule(&chunks, 1, 4 * MB).iter().map(|u| (u.table, u.chunk)).collect();
-        assert_eq!(order, [(0, 0), (1, 0), (0, 1), (3, 0), (2, 0)]);
+        assert_eq!(order, [(0, 0), (0, 1), (1, 0), (3, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn two_workers_load_two_tables_at_a_time_and_complete_them_one_after_another() {
+        // Tables of 6, 4 and 2 chunks of 40 MB.
+        let chunks: Vec<ChunkWork> = [(0, 6), (1, 4), (2, 2)]
+            .iter()
+            .flat_map(|&(t, n)| (0..n).map(move |c| chunk(t, c, 400_000, 40)))
+            .collect();
+        let units = schedule(&chunks, 2, 4 * MB);
+        let tables: Vec<usize> = units.iter().map(|u| u.table).collect();
+        assert_eq!(&tables[..10], [0, 1, 0, 1, 0, 1, 0, 1, 0, 2], "{tables:?}");
+        let last_of = |t: usize| tables.iter().rposition(|&x| x == t).unwrap();
+        let first_of = |t: usize| tables.iter().position(|&x| x == t).unwrap();
+        // The largest two first; the third starts only when one of them is done, and is done last.
+        assert!(
+            last_of(1) < first_of(2) && first_of(2) < last_of(0) && last_of(0) < last_of(2),
+            "{tables:?}"
+        );
     }
 
     #[test]
