@@ -10,7 +10,9 @@
 //!    exactly: its definition from `pg_get_indexdef`/`pg_get_constraintdef` (under a `search_path` of
 //!    `pg_catalog` only, so every name in them is qualified), its tablespace, `CLUSTER ON`, `REPLICA
 //!    IDENTITY USING INDEX` and its comments. A table the leader cannot lock at once keeps its indexes.
-//! 2. **Build** (leader, after the data phase; also after a failure or a cancel, before the job ends):
+//! 2. **Build** (a worker, as soon as the table's rows are all in, while other tables still load; the
+//!    leader, after the data phase, whatever is left; and the leader after a failure or a cancel, before
+//!    the job ends):
 //!    each recorded index is re-created in one transaction that also deletes its record, so it exists or
 //!    is recorded, never neither. Then the statements are generated again from the new index and must
 //!    equal the recorded ones: the schema is what it was, or the job says what differs.
