@@ -549,8 +549,9 @@ pub fn connect_as_caller(job: &JobSlot) {
 }
 
 /// Exit callback of a leader: a leader that ends without having ended its job (FATAL, terminate, a
-/// crash of its Rust code outside the error handling) fails the job so that its workers stop; the
-/// supervisor then frees the slots and has the job's row marked failed.
+/// crash of its Rust code outside the error handling) fails the job and terminates its workers (one may
+/// be in an index build, which only a terminate interrupts); the supervisor then frees the slots and has
+/// the job's row marked failed.
 #[pg_guard]
 unsafe extern "C-unwind" fn leader_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
     let a = Arg::unpack(arg);
@@ -564,6 +565,9 @@ unsafe extern "C-unwind" fn leader_exit(_code: std::ffi::c_int, arg: pg_sys::Dat
                 pg::my_pid(),
                 if pg::dying() { " (terminated: server shutdown or pg_terminate_backend)" } else { "" }
             ));
+            for pid in live_workers(shared, a.job_slot, job.generation()) {
+                pg::terminate_process(pid);
+            }
         }
         pg::set_latch(shared.supervisor_latch.load(Ordering::Acquire));
     }

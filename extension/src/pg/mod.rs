@@ -318,10 +318,10 @@ static LEADER_STOP: std::sync::atomic::AtomicPtr<std::sync::atomic::AtomicU32> =
 /// Makes SIGTERM stop this leader's job and interrupt whatever the leader waits in (a lock, a query),
 /// while leaving it alive to clean up and record the job's end: the handler sets the job's stop flag
 /// (`stop`, which every process of the job and the verification threads look at) and a query cancel,
-/// which the next interrupt check turns into an ERROR. While query cancels are held off
-/// ([`HoldCancel`]: an index build, which may take hours, or connecting), SIGTERM ends the process
-/// instead, as PostgreSQL's `die` does: a server shutdown must not wait for the build (its record stays
-/// for `resume_apply`; the exit callback fails the job). SIGINT keeps PostgreSQL's statement-cancel
+/// which the next interrupt check turns into an ERROR. While a [`TerminateEndsProcess`] lives (an index
+/// build, which may take hours and holds query cancels off), SIGTERM ends the process instead, as
+/// PostgreSQL's `die` does: a server shutdown must not wait for the build (its record stays for
+/// `resume_apply`; the exit callback fails the job). SIGINT keeps PostgreSQL's statement-cancel
 /// handler: `cancel_snapshot` sends it to interrupt a wait at once.
 pub fn stop_job_on_sigterm(stop: &'static std::sync::atomic::AtomicU32) {
     LEADER_STOP.store(stop as *const _ as *mut _, Ordering::SeqCst);
@@ -345,11 +345,35 @@ unsafe extern "C-unwind" fn leader_sigterm(_signal: std::ffi::c_int) {
         if !pg_sys::proc_exit_inprogress {
             pg_sys::InterruptPending = 1;
             pg_sys::QueryCancelPending = 1;
-            if pg_sys::QueryCancelHoldoffCount > 0 {
+            if TERMINATE_ENDS_PROCESS.load(Ordering::SeqCst) {
                 pg_sys::ProcDiePending = 1;
             }
         }
         pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
+
+/// Whether a leader's SIGTERM ends the process now ([`TerminateEndsProcess`]).
+static TERMINATE_ENDS_PROCESS: AtomicBool = AtomicBool::new(false);
+
+/// While it lives, SIGTERM ends a leader at its next interrupt check (PostgreSQL's `die`) instead of
+/// stopping its job and leaving it alive to clean up (see [`stop_job_on_sigterm`]): around work that
+/// holds query cancels off and may take hours, such as an index build. Data workers always die on
+/// SIGTERM ([`die_on_sigterm`]).
+pub struct TerminateEndsProcess;
+
+impl TerminateEndsProcess {
+    // No Default: making one has an effect.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> TerminateEndsProcess {
+        TERMINATE_ENDS_PROCESS.store(true, Ordering::SeqCst);
+        TerminateEndsProcess
+    }
+}
+
+impl Drop for TerminateEndsProcess {
+    fn drop(&mut self) {
+        TERMINATE_ENDS_PROCESS.store(false, Ordering::SeqCst);
     }
 }
 

@@ -236,6 +236,9 @@ pub enum Built {
     /// No index is left that may be built now (the rest are being built by other processes, are waiting
     /// for their tables' data, or failed).
     Nothing,
+    /// The index claimed was left for later: its table's lock is taken (only with
+    /// [`LockWait::busy_skips`]).
+    Busy,
 }
 
 /// Claims one deferred index of apply `id` whose table is not in `loading` (oids of tables whose rows are
@@ -252,7 +255,7 @@ pub fn build_next(
     tried: &mut Vec<(String, String)>,
 ) -> Built {
     let mut claimed: Option<Deferred> = None;
-    let mut hold: Option<pg::HoldCancel> = None;
+    let mut hold: Option<(pg::HoldCancel, pg::TerminateEndsProcess)> = None;
     let built = xact::try_catch(std::panic::AssertUnwindSafe(|| {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             let d = records::claim(id, loading, tried)?;
@@ -264,7 +267,7 @@ pub fn build_next(
             }
             // From here to the commit, a cancel waits: it must not roll back a finished build.
             pg::take_cancel_request();
-            hold = Some(pg::HoldCancel::new());
+            hold = Some((pg::HoldCancel::new(), pg::TerminateEndsProcess::new()));
             // A terminate that came before the hold (whose cancel was just taken back) ends it here.
             if pg::dying() {
                 error!(
@@ -287,6 +290,7 @@ pub fn build_next(
     }));
     drop(hold);
     match (built, claimed) {
+        (Ok(None), Some(_)) if !(wait.stop)() => Built::Busy,
         (Ok(None), _) => Built::Nothing,
         (Ok(Some(differs)), _) => Built::One(differs),
         (Err(_), Some(_)) if (wait.stop)() => {
@@ -320,6 +324,9 @@ pub struct LockWait<'a> {
     pub stop: &'a dyn Fn() -> bool,
     /// Ends the wait with an ERROR naming the lock holders after this long; None: no limit.
     pub limit_ms: Option<u64>,
+    /// Does not wait at all: an index whose table's lock is taken is left for later ([`Built::Busy`]).
+    /// For a worker that still has rows to load.
+    pub busy_skips: bool,
 }
 
 /// Takes ACCESS EXCLUSIVE on `d`'s table (what ALTER TABLE ... ADD CONSTRAINT takes; CREATE INDEX takes
@@ -330,7 +337,7 @@ fn lock_table(d: &Deferred, wait: &LockWait<'_>) -> bool {
     let start = pg::now_ms();
     while !pg::try_lock_relation(relid, pg_sys::AccessExclusiveLock) {
         pgrx::check_for_interrupts!();
-        if (wait.stop)() {
+        if (wait.stop)() || wait.busy_skips {
             return false;
         }
         if wait.limit_ms.is_some_and(|limit| pg::now_ms().saturating_sub(start) > limit) {
@@ -438,7 +445,7 @@ pub fn build_all(
             Built::Failed(_) if tried.len() == failed_before => break,
             Built::Failed(_) => {}
             Built::One(Some(d)) => differs.push(d),
-            Built::Nothing => break,
+            Built::Nothing | Built::Busy => break,
         }
     }
     differs
