@@ -463,6 +463,10 @@ pub struct ChunkSlot {
     pub head: AtomicU32,
     /// Apply, on a chunk's first unit: units of the chunk not yet loaded.
     pub parts_left: AtomicU32,
+    /// Apply: slot index (relative to the job's base) of the first unit of the same table.
+    pub table_head: AtomicU32,
+    /// Apply, on a table's first unit: units of the table not yet loaded.
+    pub table_left: AtomicU32,
     /// Apply, on a table's first unit: whether a worker has claimed or run its ANALYZE
     /// ([`analyze_state`]).
     pub analyze: AtomicU32,
@@ -816,52 +820,46 @@ impl Shared {
         pick.map(|k| k as u32)
     }
 
-    /// Apply: the first unit's slot (absolute index) of each table of job `slot` with a unit in this run,
-    /// by the table's index in the manifest, and whether all of the table's units are done.
-    pub fn apply_tables(&self, slot: usize) -> std::collections::HashMap<u32, (usize, bool)> {
+    /// Apply: the tables of job `slot` with a unit in this run: each one's index in the manifest, the
+    /// slot (absolute index) of its first unit, and whether all its units are done.
+    pub fn apply_tables(&self, slot: usize) -> Vec<(u32, usize, bool)> {
         let job = &self.jobs[slot];
         let base = job.chunk_base.load(Ordering::Acquire) as usize;
         let count = job.chunk_count.load(Ordering::Acquire) as usize;
-        let mut tables = std::collections::HashMap::new();
-        for (k, u) in self.chunks()[base..base + count].iter().enumerate() {
-            let done = u.state.load(Ordering::Acquire) == chunk_state::DONE;
-            let e = tables.entry(u.table.load(Ordering::Relaxed)).or_insert((base + k, true));
-            e.1 &= done;
-        }
-        tables
+        self.chunks()[base..base + count]
+            .iter()
+            .enumerate()
+            .filter(|(k, u)| u.table_head.load(Ordering::Relaxed) as usize == *k)
+            .map(|(k, u)| {
+                (u.table.load(Ordering::Relaxed), base + k, u.table_left.load(Ordering::Acquire) == 0)
+            })
+            .collect()
     }
 
-    /// Apply: claims for ANALYZE up to `max` tables of job `slot` whose units are all done, that no one
-    /// claimed before and that `wanted` accepts (by relid); their first units' slots.
+    /// Apply: claims for ANALYZE, of `candidates` (first units' slots, absolute, of tables whose units
+    /// are all done), those no one claimed before and that `wanted` accepts (by relid).
     pub fn claim_tables_to_analyze(
         &self,
-        slot: usize,
-        max: usize,
+        candidates: impl IntoIterator<Item = usize>,
         wanted: impl Fn(u32) -> bool,
     ) -> Vec<usize> {
         let chunks = self.chunks();
-        let mut claimed = Vec::new();
-        for (_, (first, done)) in self.apply_tables(slot) {
-            if claimed.len() >= max {
-                break;
-            }
-            let s = &chunks[first];
-            if done
-                && s.analyze.load(Ordering::Acquire) == analyze_state::TODO
-                && wanted(s.relid.load(Ordering::Relaxed))
-                && s.analyze
-                    .compare_exchange(
-                        analyze_state::TODO,
-                        analyze_state::CLAIMED,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    )
-                    .is_ok()
-            {
-                claimed.push(first);
-            }
-        }
-        claimed
+        candidates
+            .into_iter()
+            .filter(|&first| {
+                let s = &chunks[first];
+                s.analyze.load(Ordering::Acquire) == analyze_state::TODO
+                    && wanted(s.relid.load(Ordering::Relaxed))
+                    && s.analyze
+                        .compare_exchange(
+                            analyze_state::TODO,
+                            analyze_state::CLAIMED,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+            })
+            .collect()
     }
 }
 

@@ -625,3 +625,70 @@ fn a_terminated_leader_stops_in_the_middle_of_an_index_build() {
     assert_eq!(defs_before, defs_after, "every index is back as it was");
     assert_eq!(pending_records(&mut d, &id), 0);
 }
+
+/// With more than one worker, a table whose rows are all in gets its indexes built and its ANALYZE run
+/// while the other tables still load, not all at the end.
+#[test]
+fn a_completed_table_is_indexed_and_analyzed_while_others_load() {
+    let cluster = preloaded();
+    let (src, dst, dir) = prepare(cluster, "early", "64kB");
+    let mut d = cluster.client(&dst);
+    let (defs_before, _) = schema_of(&mut d);
+    // Chunks of 64kB count as large units (not as small ones, loaded last in any order) when the smallest
+    // part is smaller: the tables then load two at a time, largest first.
+    d.batch_execute(
+        "SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'; \
+         SET steep_repl.apply_part_size = '16kB'",
+    )
+    .unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let tables_with_records = |d: &mut postgres::Client| -> i64 {
+        d.query_one(
+            "SELECT count(DISTINCT relid) FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let phase = |d: &mut postgres::Client| -> String {
+        d.query_one("SELECT phase FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0)
+    };
+    assert!(poll_until(|| phase(&mut d) == "data"), "the data phase began");
+    let deferred_tables = tables_with_records(&mut d);
+    assert!(deferred_tables >= 3, "the indexes of {deferred_tables} tables were deferred");
+    let (mut built_early, mut analyzed_early) = (false, false);
+    poll_until(|| {
+        let (phase, done, total): (String, i32, i32) = d
+            .query_one(
+                "SELECT phase, chunks_done, chunks_total FROM steep_repl.snapshot_progress($1)",
+                &[&id],
+            )
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .unwrap();
+        // Well before the end of the data (not merely a worker with nothing left to load while another
+        // loads its last chunk).
+        if phase != "data" || done * 5 > total * 4 {
+            return true;
+        }
+        built_early |= tables_with_records(&mut d) < deferred_tables;
+        analyzed_early |= d
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_user_tables WHERE schemaname <> 'steep_repl' \
+                 AND last_analyze IS NOT NULL",
+                &[],
+            )
+            .unwrap()
+            .get::<_, bool>(0);
+        built_early && analyzed_early
+    });
+    assert!(built_early, "a table's indexes were built with a fifth of the chunks still to load");
+    assert!(analyzed_early, "a table was analyzed with a fifth of the chunks still to load");
+    let (status, error) = wait_for(&mut d, &id, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, &src, &dst, &dir);
+    let (defs_after, _) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_after, "every index and constraint is as it was");
+}

@@ -234,8 +234,10 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let chunks = shared.chunks();
     let mut work_total = 0u64;
     let mut heads: HashMap<(usize, u32), usize> = HashMap::new();
+    let mut table_heads: HashMap<usize, usize> = HashMap::new();
     for (k, u) in todo.iter().enumerate() {
         let head = *heads.entry((u.table, u.chunk)).or_insert(k);
+        let table_head = *table_heads.entry(u.table).or_insert(k);
         let s = &chunks[base + k];
         s.relid.store(relids[u.table].to_u32(), Ordering::Relaxed);
         s.table.store(u.table as u32, Ordering::Relaxed);
@@ -244,6 +246,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
         s.row_end.store(u.row_end, Ordering::Relaxed);
         s.head.store(head as u32, Ordering::Relaxed);
         s.parts_left.store(0, Ordering::Relaxed);
+        s.table_head.store(table_head as u32, Ordering::Relaxed);
+        s.table_left.store(0, Ordering::Relaxed);
         s.analyze.store(analyze_state::TODO, Ordering::Relaxed);
         // Until the unit is done, raw_bytes holds its estimate (claims compare sizes with it).
         s.raw_bytes.store(u.est_bytes, Ordering::Relaxed);
@@ -255,6 +259,7 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     for (k, u) in todo.iter().enumerate() {
         let head = heads[&(u.table, u.chunk)];
         chunks[base + head].parts_left.fetch_add(1, Ordering::Relaxed);
+        chunks[base + table_heads[&u.table]].table_left.fetch_add(1, Ordering::Relaxed);
         chunks[base + k].state.store(chunk_state::PENDING, Ordering::Release);
     }
     job.chunks_total.store(heads.len() as u32, Ordering::Relaxed);
@@ -347,8 +352,8 @@ fn run_leader(shared: &'static Shared, slot: usize) -> Result<(), JobError> {
     let analyzed: HashSet<usize> = shared
         .apply_tables(slot)
         .into_iter()
-        .filter(|(_, (first, _))| chunks[*first].analyze.load(Ordering::Acquire) == analyze_state::DONE)
-        .map(|(t, _)| t as usize)
+        .filter(|(_, first, _)| chunks[*first].analyze.load(Ordering::Acquire) == analyze_state::DONE)
+        .map(|(t, _, _)| t as usize)
         .collect();
     let to_analyze: Vec<_> =
         manifest.tables.iter().enumerate().filter(|(t, _)| !analyzed.contains(t)).map(|(_, t)| t).collect();
@@ -435,7 +440,7 @@ fn build_indexes(
     let helpers = job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1);
     let mut announced = false;
     let stop = || job.should_stop();
-    let wait = indexes::LockWait { stop: &stop, limit_ms: None };
+    let wait = indexes::LockWait { stop: &stop, limit_ms: None, busy_skips: false };
     let mut problems = indexes::build_all(id, settings, helpers, &wait, || {
         if !announced {
             job.set_phase(Phase::Indexes);
@@ -470,7 +475,7 @@ fn restore_indexes(job: &JobSlot) -> Option<String> {
     // The job has stopped: only a session holding a table's lock for long ends the wait, after a while
     // (the index stays recorded for resume_apply).
     let never = || false;
-    let wait = indexes::LockWait { stop: &never, limit_ms: Some(RESTORE_LOCK_WAIT_MS) };
+    let wait = indexes::LockWait { stop: &never, limit_ms: Some(RESTORE_LOCK_WAIT_MS), busy_skips: false };
     let mut problems = indexes::build_all(&id, settings, helpers, &wait, || {
         if attempts == 0 {
             job.set_phase(Phase::Indexes);
@@ -543,14 +548,29 @@ fn tables_loading(shared: &Shared, job: &JobSlot) -> HashSet<pg_sys::Oid> {
         .collect()
 }
 
-/// Tables one ANALYZE statement of a worker names (one transaction, one lock each).
+/// Tables one ANALYZE statement of a worker names at most (one transaction, a lock on each table and
+/// its indexes, while other workers hold their batches' locks): also at most half of
+/// `max_locks_per_transaction`.
 const ANALYZE_BATCH: usize = 100;
 
+fn analyze_batch() -> usize {
+    // SAFETY: a GUC-backed global, set at server start.
+    let max_locks = unsafe { pg_sys::max_locks_per_xact }.max(2) as usize;
+    ANALYZE_BATCH.min(max_locks / 2)
+}
+
 /// What a worker does for the tables whose rows are all in, so that the leader's last steps are not a
-/// serial build of every deferred index and a serial ANALYZE of every table: it builds their deferred
-/// indexes (between two batches while other tables still load, and once nothing is left to load), then
-/// runs their ANALYZE. Indexes are claimed with `FOR UPDATE SKIP LOCKED` on their records, so the leader
-/// and the workers never build the same one; a table's ANALYZE is claimed on its first unit's slot
+/// serial build of every deferred index and a serial ANALYZE of every table:
+/// - between two batches, for the tables whose last unit it has just committed, it builds their
+///   deferred indexes (when the job has more than one worker: a single worker keeps loading and leaves
+///   the builds to the end, where the leader builds too) and runs their ANALYZE, without ever waiting
+///   for a lock: a table locked by someone else (the leader's session lock, released within a tick,
+///   another builder, another session) is tried again after the next batch;
+/// - once nothing is left to load, it builds what it can of the rest, waiting for tables other workers
+///   still load, then analyzes every table whose rows are in and whose indexes are built.
+///
+/// Indexes are claimed with `FOR UPDATE SKIP LOCKED` on their records, so the leader and the workers
+/// never build the same one; a table's ANALYZE is claimed on its first unit's slot
 /// ([`Shared::claim_tables_to_analyze`]), once no index of it is left to build (the statistics of an
 /// expression index need the index). The leader builds and analyzes whatever is left.
 struct Finishing<'a> {
@@ -559,16 +579,21 @@ struct Finishing<'a> {
     id: String,
     settings: indexes::Settings,
     helpers: u32,
-    /// Whether this run has deferred indexes to build (only the leader defers, before the data phase).
-    indexes: bool,
+    /// Tables (relids) with deferred indexes when the worker started (only the leader defers, before the
+    /// data phase).
+    deferred: HashSet<u32>,
+    /// Whether to build between batches (more than one worker).
+    build_between: bool,
     analyze: bool,
     /// Indexes this worker failed to build, passed over after.
     tried: Vec<(String, String)>,
-    /// Tables this worker could not lock at once for ANALYZE (relids): left to the leader.
+    /// Tables this worker could not lock for ANALYZE once it had loaded everything (relids): left to the
+    /// leader.
     passed: HashSet<u32>,
-    /// How many tables were still loading at the last look between batches: work is looked for only
-    /// when a table has been completed since.
-    loading_before: usize,
+    /// Completed tables (relids) whose indexes are to be built between batches.
+    to_build: Vec<u32>,
+    /// Completed tables (first units' slots) to analyze between batches.
+    to_analyze: Vec<usize>,
 }
 
 impl<'a> Finishing<'a> {
@@ -577,20 +602,27 @@ impl<'a> Finishing<'a> {
         let id = job.id.get();
         let (settings, deferred) = BackgroundWorker::transaction(|| {
             let settings = index_settings(&id);
-            let deferred = settings.defer_bytes.is_some() && !bookkeeping::indexes::left(&id).is_empty();
+            let deferred: HashSet<u32> = if settings.defer_bytes.is_some() {
+                bookkeeping::indexes::left(&id).into_iter().map(|(d, _)| d.relid).collect()
+            } else {
+                HashSet::new()
+            };
             (settings, deferred)
         });
+        let parallel = job.parallel_requested.load(Ordering::Relaxed);
         Finishing {
             shared,
             slot,
             id,
             settings,
-            helpers: job.parallel_requested.load(Ordering::Relaxed).saturating_sub(1),
-            indexes: deferred,
+            helpers: parallel.saturating_sub(1),
+            deferred,
+            build_between: parallel > 1,
             analyze: has(job, flags::ANALYZE),
             tried: Vec::new(),
             passed: HashSet::new(),
-            loading_before: usize::MAX,
+            to_build: Vec::new(),
+            to_analyze: Vec::new(),
         }
     }
 
@@ -598,29 +630,43 @@ impl<'a> Finishing<'a> {
         &self.shared.jobs[self.slot]
     }
 
-    /// Between two batches (no transaction open): when a table has been completed since the last look,
-    /// builds what can be built and analyzes what can be analyzed.
-    fn between_batches(&mut self) -> Result<(), JobError> {
-        if !self.indexes && !self.analyze {
-            return Ok(());
+    /// Between two batches (no transaction open): `completed` holds the first units' slots of the tables
+    /// whose last unit this worker has just committed.
+    fn between_batches(&mut self, completed: &mut Vec<usize>) -> Result<(), JobError> {
+        let chunks = self.shared.chunks();
+        for first in completed.drain(..) {
+            let relid = chunks[first].relid.load(Ordering::Relaxed);
+            if self.build_between && self.deferred.contains(&relid) {
+                self.to_build.push(relid);
+            }
+            if self.analyze {
+                self.to_analyze.push(first);
+            }
         }
-        let loading: Vec<pg_sys::Oid> = tables_loading(self.shared, self.job()).into_iter().collect();
-        if loading.len() >= self.loading_before {
-            return Ok(());
+        if !self.to_build.is_empty() {
+            let loading: Vec<pg_sys::Oid> = tables_loading(self.shared, self.job()).into_iter().collect();
+            match self.build(&loading, true)? {
+                // Tried again after the next batch.
+                indexes::Built::Busy => {}
+                _ => self.to_build.clear(),
+            }
         }
-        self.loading_before = loading.len();
-        self.build(&loading)?;
-        self.analyze_ready()
+        if !self.to_analyze.is_empty() {
+            let candidates = std::mem::take(&mut self.to_analyze);
+            self.to_analyze = self.analyze_tables(candidates, false)?;
+        }
+        Ok(())
     }
 
-    /// Builds deferred indexes of tables not in `loading` until none is left to claim.
-    fn build(&mut self, loading: &[pg_sys::Oid]) -> Result<indexes::Built, JobError> {
-        if !self.indexes {
+    /// Builds deferred indexes of tables not in `loading` until none is left to claim (or, with
+    /// `busy_skips`, until one's table is locked by someone else).
+    fn build(&mut self, loading: &[pg_sys::Oid], busy_skips: bool) -> Result<indexes::Built, JobError> {
+        if self.deferred.is_empty() {
             return Ok(indexes::Built::Nothing);
         }
         let job = self.job();
         let stop = || job.should_stop();
-        let wait = indexes::LockWait { stop: &stop, limit_ms: None };
+        let wait = indexes::LockWait { stop: &stop, limit_ms: None, busy_skips };
         loop {
             if job.should_stop() || pg::dying() {
                 return Ok(indexes::Built::Nothing);
@@ -637,7 +683,7 @@ impl<'a> Finishing<'a> {
                 indexes::Built::Failed(_) => continue,
                 // Never expected: the job fails saying what differs.
                 indexes::Built::One(Some(differs)) => return Err(JobError::plain(differs)),
-                indexes::Built::Nothing => return Ok(indexes::Built::Nothing),
+                other => return Ok(other),
             }
         }
     }
@@ -647,7 +693,7 @@ impl<'a> Finishing<'a> {
     /// analyzes what it can. Returns when nothing is left it could do.
     fn after_loading(&mut self) -> Result<(), JobError> {
         let job = self.job();
-        while self.indexes {
+        while !self.deferred.is_empty() {
             if job.should_stop() || pg::dying() {
                 return Ok(());
             }
@@ -656,7 +702,7 @@ impl<'a> Finishing<'a> {
                 job.set_phase(Phase::Indexes);
                 progress::publish_if_due(job, true);
             }
-            if let indexes::Built::Failed(_) = self.build(&loading)? {
+            if let indexes::Built::Failed(_) = self.build(&loading, false)? {
                 break;
             }
             if loading.is_empty() {
@@ -669,42 +715,55 @@ impl<'a> Finishing<'a> {
             {
                 break;
             }
-            self.analyze_ready()?;
+            self.analyze_done_tables()?;
             job::nap(std::time::Duration::from_millis(50));
         }
-        self.analyze_ready()
+        self.analyze_done_tables()
     }
 
-    /// Runs ANALYZE on the tables whose rows are all in and whose deferred indexes are all built, that no
-    /// one claimed before, in statements of up to [`ANALYZE_BATCH`] tables. A table it cannot lock at once
-    /// (the leader's session lock while the data loads, another session's) is left to the leader.
-    fn analyze_ready(&mut self) -> Result<(), JobError> {
+    /// Analyzes every table of the job whose rows are all in that no one has analyzed.
+    fn analyze_done_tables(&mut self) -> Result<(), JobError> {
         if !self.analyze {
             return Ok(());
         }
+        let done: Vec<usize> =
+            self.shared.apply_tables(self.slot).into_iter().filter(|t| t.2).map(|t| t.1).collect();
+        self.analyze_tables(done, true).map(|_| ())
+    }
+
+    /// Runs ANALYZE on those of `candidates` (first units' slots of tables whose rows are all in) whose
+    /// deferred indexes are all built and that no one claimed before, in statements of up to
+    /// [`analyze_batch`] tables. A table it cannot lock at once is given back: returned (to try again),
+    /// or, when `last`, left to the leader. Tables whose indexes are left to build are returned too.
+    fn analyze_tables(&mut self, candidates: Vec<usize>, last: bool) -> Result<Vec<usize>, JobError> {
+        if !self.analyze || candidates.is_empty() {
+            return Ok(Vec::new());
+        }
         let job = self.job();
         let chunks = self.shared.chunks();
-        loop {
+        let relid_of = |k: usize| chunks[k].relid.load(Ordering::Relaxed);
+        let unbuilt: HashSet<u32> = if self.deferred.is_empty() {
+            HashSet::new()
+        } else {
+            BackgroundWorker::transaction(|| bookkeeping::indexes::left(&self.id))
+                .into_iter()
+                .map(|(d, _)| d.relid)
+                .collect()
+        };
+        let mut again: Vec<usize> =
+            candidates.iter().copied().filter(|&k| unbuilt.contains(&relid_of(k))).collect();
+        let passed = &self.passed;
+        let claimed = self.shared.claim_tables_to_analyze(candidates, |relid| {
+            !unbuilt.contains(&relid) && !passed.contains(&relid)
+        });
+        for batch in claimed.chunks(analyze_batch()) {
             if job.should_stop() || pg::dying() {
-                return Ok(());
+                for &k in batch {
+                    chunks[k].analyze.store(analyze_state::TODO, Ordering::Release);
+                }
+                continue;
             }
-            let unbuilt: HashSet<u32> = if self.indexes {
-                BackgroundWorker::transaction(|| bookkeeping::indexes::left(&self.id))
-                    .into_iter()
-                    .map(|(d, _)| d.relid)
-                    .collect()
-            } else {
-                HashSet::new()
-            };
-            let passed = &self.passed;
-            let claimed = self.shared.claim_tables_to_analyze(self.slot, ANALYZE_BATCH, |relid| {
-                !unbuilt.contains(&relid) && !passed.contains(&relid)
-            });
-            if claimed.is_empty() {
-                return Ok(());
-            }
-            let relids: Vec<pg_sys::Oid> =
-                claimed.iter().map(|&k| pg_sys::Oid::from(chunks[k].relid.load(Ordering::Relaxed))).collect();
+            let relids: Vec<pg_sys::Oid> = batch.iter().map(|&k| pg_sys::Oid::from(relid_of(k))).collect();
             let locked = BackgroundWorker::transaction(|| -> Result<Vec<bool>, String> {
                 let mut names = Vec::new();
                 let mut locked = Vec::new();
@@ -732,14 +791,20 @@ impl<'a> Finishing<'a> {
                 }
                 Ok(locked)
             })?;
-            for ((&k, relid), analyzed) in claimed.iter().zip(&relids).zip(locked) {
-                if !analyzed {
-                    self.passed.insert(relid.to_u32());
+            for (&k, analyzed) in batch.iter().zip(locked) {
+                if analyzed {
+                    chunks[k].analyze.store(analyze_state::DONE, Ordering::Release);
+                    continue;
                 }
-                let state = if analyzed { analyze_state::DONE } else { analyze_state::TODO };
-                chunks[k].analyze.store(state, Ordering::Release);
+                chunks[k].analyze.store(analyze_state::TODO, Ordering::Release);
+                if last {
+                    self.passed.insert(relid_of(k));
+                } else {
+                    again.push(k);
+                }
             }
         }
+        Ok(again)
     }
 }
 
@@ -862,13 +927,18 @@ fn load_chunks(
         .cloned();
     let mut batch: Vec<Done> = Vec::new();
     let mut batch_tables: HashSet<usize> = HashSet::new();
+    // Tables whose last unit this worker committed (their first units' slots).
+    let mut completed: Vec<usize> = Vec::new();
     let (mut batch_started, mut batch_bytes) = (0u64, 0u64);
     let pausing = job.chunk_pause_ms.load(Ordering::Relaxed) > 0;
     loop {
         if pausing {
             // A throttled job holds no transaction (nor the table locks of one) while it pauses.
-            commit_batch(shared, slot, me, &id, manifest, &mut batch);
+            commit_batch(shared, slot, me, &id, manifest, &mut batch, &mut completed);
             batch_tables.clear();
+            if let Some(f) = finishing.as_deref_mut() {
+                f.between_batches(&mut completed)?;
+            }
         }
         job::pause_before_chunk(job);
         if job.should_stop() {
@@ -975,14 +1045,14 @@ fn load_chunks(
             || batch_bytes >= BATCH_BYTES
             || batch_tables.len() >= max_tables
         {
-            commit_batch(shared, slot, me, &id, manifest, &mut batch);
+            commit_batch(shared, slot, me, &id, manifest, &mut batch, &mut completed);
             batch_tables.clear();
             if let Some(f) = finishing.as_deref_mut() {
-                f.between_batches()?;
+                f.between_batches(&mut completed)?;
             }
         }
     }
-    commit_batch(shared, slot, me, &id, manifest, &mut batch);
+    commit_batch(shared, slot, me, &id, manifest, &mut batch, &mut completed);
     Ok(())
 }
 
@@ -995,6 +1065,7 @@ fn commit_batch(
     id: &str,
     manifest: &Manifest,
     batch: &mut Vec<Done>,
+    completed: &mut Vec<usize>,
 ) {
     if batch.is_empty() {
         return;
@@ -1027,6 +1098,10 @@ fn commit_batch(
         s.rows.store(d.rows, Ordering::Relaxed);
         s.raw_bytes.store(d.fed, Ordering::Relaxed);
         s.state.store(chunk_state::DONE, Ordering::Release);
+        let table_head = base + s.table_head.load(Ordering::Relaxed) as usize;
+        if chunks[table_head].table_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            completed.push(table_head);
+        }
         me.rows.fetch_add(d.rows, Ordering::Relaxed);
         job.rows.fetch_add(d.rows, Ordering::Relaxed);
         if chunk_complete {
