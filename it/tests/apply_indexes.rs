@@ -117,6 +117,27 @@ fn pending_records(d: &mut postgres::Client, id: &str) -> i64 {
         .get(0)
 }
 
+/// Starts an apply of `dir` with two workers that defers every index, each worker pausing `pause` before
+/// each chunk (and `more` settings, if any); its id.
+fn start_paused_apply(d: &mut postgres::Client, dir: &std::path::Path, pause: &str, more: &str) -> String {
+    d.batch_execute(&format!(
+        "SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '{pause}'; {more}"
+    ))
+    .unwrap();
+    d.query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Whether apply `id` has loaded `n` chunks before poll_until gives up.
+fn loaded_chunks(d: &mut postgres::Client, id: &str, n: i32) -> bool {
+    poll_until(|| {
+        let done: i32 =
+            d.query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
+        done >= n
+    })
+}
+
 /// Source and target databases holding SCHEMA (the source also DATA), and a snapshot of the source.
 fn prepare(cluster: &Cluster, tag: &str, chunk_size: &str) -> (String, String, std::path::PathBuf) {
     let (src, dst) = (format!("ixd_{tag}_src"), format!("ixd_{tag}_dst"));
@@ -224,18 +245,8 @@ fn interrupted(interrupt: &str) {
     let (src, dst, dir) = prepare(cluster, interrupt, "64kB");
     let mut d = cluster.client(&dst);
     let (defs_before, oids_before) = schema_of(&mut d);
-    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '150ms'")
-        .unwrap();
-    let id: String = d
-        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
-        .unwrap()
-        .get(0);
-    let progressed = poll_until(|| {
-        let done: i32 =
-            d.query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
-        done >= 3
-    });
-    assert!(progressed, "apply made no progress");
+    let id = start_paused_apply(&mut d, &dir, "150ms", "");
+    assert!(loaded_chunks(&mut d, &id, 3), "apply made no progress");
     // In the data phase the deferred indexes are gone, and recorded.
     assert!(pending_records(&mut d, &id) >= 10);
     if interrupt == "kill" {
@@ -341,12 +352,7 @@ fn index_phase_waiting_for_a_lock(
     let (_src, dst, dir) = prepare(cluster, tag, "256kB");
     let mut d = cluster.client(&dst);
     let (defs_before, _) = schema_of(&mut d);
-    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'")
-        .unwrap();
-    let id: String = d
-        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
-        .unwrap()
-        .get(0);
+    let id = start_paused_apply(&mut d, &dir, "100ms", "");
     assert!(poll_until(|| deferred_of_main(&mut d, &id) > 0), "main's indexes were deferred");
     let mut blocker = cluster.client(&dst);
     blocker.batch_execute(r#"BEGIN; SELECT count(*) FROM "Ix S".main"#).unwrap();
@@ -574,22 +580,8 @@ fn a_terminated_leader_stops_in_the_middle_of_an_index_build() {
     let (defs_before, _) = schema_of(&mut d);
     // Jobs connect to the database after this, and take its settings: the expression sleeps there.
     d.batch_execute(&format!("ALTER DATABASE {dst} SET steep_test.slow_index = on")).unwrap();
-    d.batch_execute("SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '150ms'")
-        .unwrap();
-    let id: String = d
-        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
-        .unwrap()
-        .get(0);
-    assert!(
-        poll_until(|| {
-            let done: i32 = d
-                .query_one("SELECT chunks_done FROM steep_repl.snapshot_progress($1)", &[&id])
-                .unwrap()
-                .get(0);
-            done >= 10
-        }),
-        "apply made no progress"
-    );
+    let id = start_paused_apply(&mut d, &dir, "150ms", "");
+    assert!(loaded_chunks(&mut d, &id, 10), "apply made no progress");
     let leader: i32 =
         d.query_one("SELECT worker_pids[1] FROM steep_repl.snapshot_progress($1)", &[&id]).unwrap().get(0);
     assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
@@ -636,15 +628,7 @@ fn a_completed_table_is_indexed_and_analyzed_while_others_load() {
     let (defs_before, _) = schema_of(&mut d);
     // Chunks of 64kB count as large units (not as small ones, loaded last in any order) when the smallest
     // part is smaller: the tables then load two at a time, largest first.
-    d.batch_execute(
-        "SET steep_repl.apply_index_defer_size = 0; SET steep_repl.chunk_pause = '100ms'; \
-         SET steep_repl.apply_part_size = '16kB'",
-    )
-    .unwrap();
-    let id: String = d
-        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 2)", dir.display()), &[])
-        .unwrap()
-        .get(0);
+    let id = start_paused_apply(&mut d, &dir, "100ms", "SET steep_repl.apply_part_size = '16kB'");
     let tables_with_records = |d: &mut postgres::Client| -> i64 {
         d.query_one(
             "SELECT count(DISTINCT relid) FROM steep_repl.apply_deferred_indexes WHERE apply_id = $1",
