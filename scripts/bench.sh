@@ -16,8 +16,9 @@
 #   copy      a full copy: direct generate then apply  vs  pgcopydb copy table-data --table-jobs N,
 #             into the same pre-created schema (mixed database only)
 #   ready     a ready copy into an empty database (schema, data, indexes, constraints; ANALYZE for ours and
-#             pgcopydb): pg_dump --schema-only | psql, start_snapshot, start_apply  vs  pg_dump -Fd -j N -Z 1
-#             then pg_restore -j N  vs  pgcopydb clone --table-jobs N --index-jobs N. Not part of `all`.
+#             pgcopydb): pg_dump --schema-only | psql, start_snapshot (staged uncompressed, as replica init
+#             stages it when the directory has room), start_apply  vs  pg_dump -Fd -j N -Z 1 then
+#             pg_restore -j N  vs  pgcopydb clone --table-jobs N --index-jobs N. Not part of `all`.
 #   schema    schema fingerprints of a database of --schema-tables tables (default 10 000, 3 indexes each;
 #             fixtures/sql/fingerprint.sql): schema_fingerprint() vs pg_dump --schema-only, and
 #             compare_schema() against a copy vs pg_dump --schema-only of both and diff
@@ -240,7 +241,7 @@ time_ours_ready() { # source target snapdir
   local t0 id status
   t0=$(now)
   pg_dump --schema-only -d "$(db "$1")" | psql "$(db "$2")" -Xq -v ON_ERROR_STOP=1 >/dev/null
-  id=$(q "$1" "SELECT steep_repl.start_snapshot('$3', parallel => $parallel)")
+  id=$(q "$1" "SELECT steep_repl.start_snapshot('$3', parallel => $parallel, compression => 'none')")
   status=$(q "$1" "SELECT status || coalesce(': ' || error, '') FROM steep_repl.wait_snapshot('$id')")
   [ "$status" = complete ] || { echo "bench: steep-repl generate failed: $status" >&2; exit 1; }
   id=$(q "$2" "SELECT steep_repl.start_apply('$3', parallel => $parallel)")
@@ -677,7 +678,7 @@ for spec in "mixed:mixed.sql:$mixed_scale" "onebig:onebig.sql:$onebig_scale" "wi
       'time_dump_restore_ready "$dbname" "$target" "$dump_dir.ready"' \
       'time_pgcopydb_ready "$dbname" "$target" "$work/pgcopydb.ready"'
     report "ready copy $name into an empty database (schema, data, indexes, constraints):"
-    report "  steep-repl schema + start_snapshot + start_apply (with ANALYZE)  ${a}s (runs $runs_a)"
+    report "  steep-repl schema + start_snapshot (uncompressed) + start_apply (with ANALYZE)  ${a}s (runs $runs_a)"
     report "  pg_dump -Fd -j$parallel -Z1 + pg_restore -j$parallel (no ANALYZE)        ${b}s (runs $runs_b)"
     report "  pgcopydb clone --table-jobs $parallel --index-jobs $parallel (with VACUUM ANALYZE)  ${c}s (runs $runs_c)"
     report "  ratio steep-repl / pg_dump+pg_restore: $(ratios b)   steep-repl / pgcopydb: $(ratios c)"
