@@ -547,6 +547,19 @@ fn a_cancel_ends_a_wait_for_a_table_lock_before_an_index_build() {
     assert_eq!(pending_records(&mut d, &id), 0);
 }
 
+/// A table `slow` of 20 000 rows with an expression index `slow_v` whose expression sleeps 50 ms a row in a
+/// database where `steep_test.slow_index = on`: building it there takes about 1 000 s of sleep.
+const SLOW_INDEX: &str = "
+CREATE FUNCTION public.slow_id(v int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$
+BEGIN
+  IF current_setting('steep_test.slow_index', true) = 'on' THEN PERFORM pg_sleep(0.05); END IF;
+  RETURN v;
+END $$;
+CREATE TABLE slow (id int PRIMARY KEY, v int, pad text);
+INSERT INTO slow SELECT g, g, repeat('p', 200) FROM generate_series(1, 20000) g;
+CREATE INDEX slow_v ON slow (public.slow_id(v));
+";
+
 /// A leader stops in the middle of an index build when it is terminated (SIGTERM, as a server shutdown
 /// sends it), instead of building on for as long as the index takes: the index stays recorded and
 /// `resume_apply` builds it. Here the build is the leader's restoring of the indexes after a cancel (only
@@ -556,19 +569,7 @@ fn a_terminated_leader_stops_in_the_middle_of_an_index_build() {
     let cluster = preloaded();
     let (src, dst) = ("ixd_term_src", "ixd_term_dst");
     cluster.fresh_db(src, true);
-    cluster
-        .client(src)
-        .batch_execute(
-            "CREATE FUNCTION public.slow_id(v int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$
-             BEGIN
-               IF current_setting('steep_test.slow_index', true) = 'on' THEN PERFORM pg_sleep(0.05); END IF;
-               RETURN v;
-             END $$;
-             CREATE TABLE slow (id int PRIMARY KEY, v int, pad text);
-             INSERT INTO slow SELECT g, g, repeat('p', 200) FROM generate_series(1, 20000) g;
-             CREATE INDEX slow_v ON slow (public.slow_id(v));",
-        )
-        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    cluster.client(src).batch_execute(SLOW_INDEX).unwrap_or_else(|e| panic!("{}", db_message(&e)));
     let dir = snapshot_path("ixd_term");
     let mut c = cluster.client(src);
     let id = start_snapshot(&mut c, &["SET steep_repl.chunk_size = '64kB'"], &dir, ", parallel => 2");
@@ -675,4 +676,76 @@ fn a_completed_table_is_indexed_and_analyzed_while_others_load() {
     assert_same_rows(cluster, &src, &dst, &dir);
     let (defs_after, _) = schema_of(&mut d);
     assert_eq!(defs_before, defs_after, "every index and constraint is as it was");
+}
+
+/// A leader terminated in the middle of its own index build at the end of the load (which ends its
+/// process at once, without the job's usual clean-up) takes the job's worker with it: the worker, building
+/// another index, would otherwise build on for as long as that takes, for a job that has failed (only a
+/// terminate interrupts a build). `resume_apply` then finishes the job.
+#[test]
+fn a_leader_terminated_in_an_index_build_takes_its_workers_with_it() {
+    let cluster = preloaded();
+    let (src, dst) = ("ixd_lexit_src", "ixd_lexit_dst");
+    cluster.fresh_db(src, true);
+    cluster
+        .client(src)
+        .batch_execute(&format!(
+            "{SLOW_INDEX}
+             CREATE TABLE slow2 (id int PRIMARY KEY, v int, pad text);
+             INSERT INTO slow2 SELECT g, g, repeat('q', 200) FROM generate_series(1, 20000) g;
+             CREATE INDEX slow2_v ON slow2 (public.slow_id(v));"
+        ))
+        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    let dir = snapshot_path("ixd_lexit");
+    let mut c = cluster.client(src);
+    let id = start_snapshot(&mut c, &[], &dir, ", parallel => 2");
+    let (status, error) = wait_for(&mut c, &id, 120);
+    assert_eq!(status, "complete", "generate: {error:?}");
+    cluster.fresh_db(dst, false);
+    copy_schema(cluster, src, dst);
+    let mut d = cluster.client(dst);
+    let (defs_before, _) = schema_of(&mut d);
+    d.batch_execute(&format!("ALTER DATABASE {dst} SET steep_test.slow_index = on")).unwrap();
+    // One worker: it builds only once everything is loaded, side by side with the leader, each claiming
+    // one of the two slow indexes.
+    d.batch_execute("SET steep_repl.apply_index_defer_size = 0").unwrap();
+    let id: String = d
+        .query_one(&format!("SELECT steep_repl.start_apply('{}', parallel => 1)", dir.display()), &[])
+        .unwrap()
+        .get(0);
+    let mut pids: Vec<i32> = Vec::new();
+    let both_building = poll_until(|| {
+        pids = d
+            .query_one("SELECT worker_pids FROM steep_repl.snapshot_progress($1)", &[&id])
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        let building: Vec<i32> = d
+            .query(
+                "SELECT pid FROM pg_stat_progress_create_index WHERE pid = ANY($1) AND phase LIKE 'building%'",
+                &[&pids],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        pids.len() >= 2 && building.len() >= 2 && building.contains(&pids[0])
+    });
+    assert!(both_building, "the leader and the worker each build a slow index (pids {pids:?})");
+    d.query_one("SELECT pg_terminate_backend($1)", &[&pids[0]]).unwrap();
+    let gone = poll_until(|| {
+        d.query_one("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = ANY($1)", &[&pids]).unwrap().get(0)
+    });
+    assert!(gone, "the leader and its worker ({pids:?}) are gone after the leader was terminated");
+    let (status, error) = wait_for(&mut d, &id, 60);
+    assert_eq!(status, "failed", "{error:?}");
+    assert!(pending_records(&mut d, &id) >= 2, "both slow indexes stay recorded");
+
+    d.batch_execute(&format!("ALTER DATABASE {dst} RESET steep_test.slow_index")).unwrap();
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    let (status, error) = wait_for(&mut d, &again, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, src, dst, &dir);
+    let (defs_after, _) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_after, "every index is back as it was");
+    assert_eq!(pending_records(&mut d, &id), 0);
 }
