@@ -140,20 +140,28 @@ fn loaded_chunks(d: &mut postgres::Client, id: &str, n: i32) -> bool {
 
 /// Source and target databases holding SCHEMA (the source also DATA), and a snapshot of the source.
 fn prepare(cluster: &Cluster, tag: &str, chunk_size: &str) -> (String, String, std::path::PathBuf) {
+    prepare_from(
+        cluster,
+        tag,
+        &format!("{SCHEMA}{DATA}"),
+        &[&format!("SET steep_repl.chunk_size = '{chunk_size}'")],
+    )
+}
+
+/// A source database made by `sql`, a snapshot of it taken with two workers after `settings`, and a
+/// target database holding the source's schema.
+fn prepare_from(
+    cluster: &Cluster,
+    tag: &str,
+    sql: &str,
+    settings: &[&str],
+) -> (String, String, std::path::PathBuf) {
     let (src, dst) = (format!("ixd_{tag}_src"), format!("ixd_{tag}_dst"));
     cluster.fresh_db(&src, true);
-    cluster
-        .client(&src)
-        .batch_execute(&format!("{SCHEMA}{DATA}"))
-        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
+    cluster.client(&src).batch_execute(sql).unwrap_or_else(|e| panic!("{}", db_message(&e)));
     let mut c = cluster.client(&src);
     let dir = snapshot_path(&format!("ixd_{tag}"));
-    let id = start_snapshot(
-        &mut c,
-        &[&format!("SET steep_repl.chunk_size = '{chunk_size}'")],
-        &dir,
-        ", parallel => 2",
-    );
+    let id = start_snapshot(&mut c, settings, &dir, ", parallel => 2");
     let (status, error) = wait_for(&mut c, &id, 120);
     assert_eq!(status, "complete", "generate: {error:?}");
     cluster.fresh_db(&dst, false);
@@ -560,6 +568,24 @@ INSERT INTO slow SELECT g, g, repeat('p', 200) FROM generate_series(1, 20000) g;
 CREATE INDEX slow_v ON slow (public.slow_id(v));
 ";
 
+/// `resume_apply(id)` of a failed apply from `src` into `dst` (snapshot `dir`) ends applied, with every
+/// row of the source and every index and constraint as `defs_before` lists them, and no record left.
+fn resume_restores_the_schema(
+    cluster: &Cluster,
+    d: &mut postgres::Client,
+    (src, dst, dir): (&str, &str, &std::path::Path),
+    id: &str,
+    defs_before: &[String],
+) {
+    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
+    let (status, error) = wait_for(d, &again, 180);
+    assert_eq!(status, "applied", "{error:?}");
+    assert_same_rows(cluster, src, dst, dir);
+    let (defs_after, _) = schema_of(d);
+    assert_eq!(defs_before, defs_after, "every index is back as it was");
+    assert_eq!(pending_records(d, id), 0);
+}
+
 /// A leader stops in the middle of an index build when it is terminated (SIGTERM, as a server shutdown
 /// sends it), instead of building on for as long as the index takes: the index stays recorded and
 /// `resume_apply` builds it. Here the build is the leader's restoring of the indexes after a cancel (only
@@ -567,17 +593,8 @@ CREATE INDEX slow_v ON slow (public.slow_id(v));
 #[test]
 fn a_terminated_leader_stops_in_the_middle_of_an_index_build() {
     let cluster = preloaded();
-    let (src, dst) = ("ixd_term_src", "ixd_term_dst");
-    cluster.fresh_db(src, true);
-    cluster.client(src).batch_execute(SLOW_INDEX).unwrap_or_else(|e| panic!("{}", db_message(&e)));
-    let dir = snapshot_path("ixd_term");
-    let mut c = cluster.client(src);
-    let id = start_snapshot(&mut c, &["SET steep_repl.chunk_size = '64kB'"], &dir, ", parallel => 2");
-    let (status, error) = wait_for(&mut c, &id, 120);
-    assert_eq!(status, "complete", "generate: {error:?}");
-    cluster.fresh_db(dst, false);
-    copy_schema(cluster, src, dst);
-    let mut d = cluster.client(dst);
+    let (src, dst, dir) = prepare_from(cluster, "term", SLOW_INDEX, &["SET steep_repl.chunk_size = '64kB'"]);
+    let mut d = cluster.client(&dst);
     let (defs_before, _) = schema_of(&mut d);
     // Jobs connect to the database after this, and take its settings: the expression sleeps there.
     d.batch_execute(&format!("ALTER DATABASE {dst} SET steep_test.slow_index = on")).unwrap();
@@ -610,13 +627,7 @@ fn a_terminated_leader_stops_in_the_middle_of_an_index_build() {
         "ALTER DATABASE {dst} RESET steep_test.slow_index; RESET steep_repl.chunk_pause"
     ))
     .unwrap();
-    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
-    let (status, error) = wait_for(&mut d, &again, 180);
-    assert_eq!(status, "applied", "{error:?}");
-    assert_same_rows(cluster, src, dst, &dir);
-    let (defs_after, _) = schema_of(&mut d);
-    assert_eq!(defs_before, defs_after, "every index is back as it was");
-    assert_eq!(pending_records(&mut d, &id), 0);
+    resume_restores_the_schema(cluster, &mut d, (&src, &dst, &dir), &id, &defs_before);
 }
 
 /// With more than one worker, a table whose rows are all in gets its indexes built and its ANALYZE run
@@ -685,25 +696,14 @@ fn a_completed_table_is_indexed_and_analyzed_while_others_load() {
 #[test]
 fn a_leader_terminated_in_an_index_build_takes_its_workers_with_it() {
     let cluster = preloaded();
-    let (src, dst) = ("ixd_lexit_src", "ixd_lexit_dst");
-    cluster.fresh_db(src, true);
-    cluster
-        .client(src)
-        .batch_execute(&format!(
-            "{SLOW_INDEX}
-             CREATE TABLE slow2 (id int PRIMARY KEY, v int, pad text);
-             INSERT INTO slow2 SELECT g, g, repeat('q', 200) FROM generate_series(1, 20000) g;
-             CREATE INDEX slow2_v ON slow2 (public.slow_id(v));"
-        ))
-        .unwrap_or_else(|e| panic!("{}", db_message(&e)));
-    let dir = snapshot_path("ixd_lexit");
-    let mut c = cluster.client(src);
-    let id = start_snapshot(&mut c, &[], &dir, ", parallel => 2");
-    let (status, error) = wait_for(&mut c, &id, 120);
-    assert_eq!(status, "complete", "generate: {error:?}");
-    cluster.fresh_db(dst, false);
-    copy_schema(cluster, src, dst);
-    let mut d = cluster.client(dst);
+    let sql = format!(
+        "{SLOW_INDEX}
+         CREATE TABLE slow2 (id int PRIMARY KEY, v int, pad text);
+         INSERT INTO slow2 SELECT g, g, repeat('q', 200) FROM generate_series(1, 20000) g;
+         CREATE INDEX slow2_v ON slow2 (public.slow_id(v));"
+    );
+    let (src, dst, dir) = prepare_from(cluster, "lexit", &sql, &[]);
+    let mut d = cluster.client(&dst);
     let (defs_before, _) = schema_of(&mut d);
     d.batch_execute(&format!("ALTER DATABASE {dst} SET steep_test.slow_index = on")).unwrap();
     // One worker: it builds only once everything is loaded, side by side with the leader, each claiming
@@ -741,11 +741,5 @@ fn a_leader_terminated_in_an_index_build_takes_its_workers_with_it() {
     assert!(pending_records(&mut d, &id) >= 2, "both slow indexes stay recorded");
 
     d.batch_execute(&format!("ALTER DATABASE {dst} RESET steep_test.slow_index")).unwrap();
-    let again: String = d.query_one("SELECT steep_repl.resume_apply($1)", &[&id]).unwrap().get(0);
-    let (status, error) = wait_for(&mut d, &again, 180);
-    assert_eq!(status, "applied", "{error:?}");
-    assert_same_rows(cluster, src, dst, &dir);
-    let (defs_after, _) = schema_of(&mut d);
-    assert_eq!(defs_before, defs_after, "every index is back as it was");
-    assert_eq!(pending_records(&mut d, &id), 0);
+    resume_restores_the_schema(cluster, &mut d, (&src, &dst, &dir), &id, &defs_before);
 }
