@@ -743,3 +743,63 @@ fn a_leader_terminated_in_an_index_build_takes_its_workers_with_it() {
     d.batch_execute(&format!("ALTER DATABASE {dst} RESET steep_test.slow_index")).unwrap();
     resume_restores_the_schema(cluster, &mut d, (&src, &dst, &dir), &id, &defs_before);
 }
+
+/// A table `par` of 4 000 rows whose index `par_v` can be built in parallel (`parallel_workers = 1`, an
+/// expression that is PARALLEL SAFE) and sleeps 5 ms a row in a database where `steep_test.slow_index =
+/// on`: about 20 s of sleep, shared by the build's participants.
+const PARALLEL_SLOW_INDEX: &str = "
+CREATE FUNCTION public.slow_ps(v int) RETURNS int IMMUTABLE PARALLEL SAFE LANGUAGE plpgsql AS $$
+BEGIN
+  IF current_setting('steep_test.slow_index', true) = 'on' THEN PERFORM pg_sleep(0.005); END IF;
+  RETURN v;
+END $$;
+CREATE TABLE par (id int PRIMARY KEY, v int, pad text) WITH (parallel_workers = 1);
+INSERT INTO par SELECT g, g, repeat('p', 200) FROM generate_series(1, 4000) g;
+CREATE INDEX par_v ON par (public.slow_ps(v));
+";
+
+/// A deferred index is built with the server's parallel index build (a helper process works for the
+/// builder), and a cancel arriving in the middle of the build waits for it instead of throwing it away.
+/// Both failed together before: the builder held query cancels off, and PostgreSQL launches no parallel
+/// worker for a process that cannot process interrupts, so every build was serial.
+#[test]
+fn a_deferred_index_is_built_in_parallel_and_a_cancel_waits_for_the_build() {
+    let cluster = preloaded();
+    let (src, dst, dir) = prepare_from(cluster, "par", PARALLEL_SLOW_INDEX, &[]);
+    let mut d = cluster.client(&dst);
+    let (defs_before, _) = schema_of(&mut d);
+    d.batch_execute(&format!("ALTER DATABASE {dst} SET steep_test.slow_index = on")).unwrap();
+    let id = start_paused_apply(&mut d, &dir, "0", "");
+    // The builder: one of the job's processes building an index of par with a parallel worker of its own,
+    // seen at it twice 500 ms apart (par_v, then: par_pkey takes no time).
+    let building = |d: &mut postgres::Client| -> Option<(i32, u32)> {
+        d.query_opt(
+            "SELECT p.pid, p.index_relid FROM pg_stat_progress_create_index p \
+             JOIN pg_stat_activity a ON a.leader_pid = p.pid AND a.backend_type = 'parallel worker' \
+             WHERE p.pid = ANY((SELECT worker_pids FROM steep_repl.snapshot_progress($1))::int[]) \
+             AND p.relid = 'par'::regclass LIMIT 1",
+            &[&id],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+    };
+    let (mut seen, mut since) = (None, std::time::Instant::now());
+    let parallel = poll_until(|| {
+        let now = building(&mut d);
+        if now != seen {
+            (seen, since) = (now, std::time::Instant::now());
+        }
+        seen.is_some() && since.elapsed() >= std::time::Duration::from_millis(500)
+    });
+    assert!(parallel, "par_v is built by a job process with a parallel worker");
+    assert!(d.query_one("SELECT steep_repl.cancel_snapshot($1)", &[&id]).unwrap().get::<_, bool>(0));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(building(&mut d), seen, "the build of par_v goes on after the cancel, in the same process");
+    let (status, error) = wait_for(&mut d, &id, 120);
+    assert_eq!(status, "cancelled", "{error:?}");
+    let (defs_after, _) = schema_of(&mut d);
+    assert_eq!(defs_before, defs_after, "every index is there as it was");
+    assert_eq!(pending_records(&mut d, &id), 0);
+    assert_same_rows(cluster, &src, &dst, &dir);
+    d.batch_execute(&format!("ALTER DATABASE {dst} RESET steep_test.slow_index")).unwrap();
+}

@@ -319,7 +319,7 @@ static LEADER_STOP: std::sync::atomic::AtomicPtr<std::sync::atomic::AtomicU32> =
 /// while leaving it alive to clean up and record the job's end: the handler sets the job's stop flag
 /// (`stop`, which every process of the job and the verification threads look at) and a query cancel,
 /// which the next interrupt check turns into an ERROR. While a [`TerminateEndsProcess`] lives (an index
-/// build, which may take hours and holds query cancels off), SIGTERM ends the process instead, as
+/// build, which may take hours and defers query cancels), SIGTERM ends the process instead, as
 /// PostgreSQL's `die` does: a server shutdown must not wait for the build (its record stays for
 /// `resume_apply`; the exit callback fails the job). SIGINT keeps PostgreSQL's statement-cancel
 /// handler: `cancel_snapshot` sends it to interrupt a wait at once.
@@ -378,9 +378,9 @@ impl Drop for TerminateEndsProcess {
 }
 
 /// Holds query cancels off while it lives: a cancel arriving meanwhile stays pending and takes effect at
-/// the first interrupt check after (or is taken back with [`take_cancel_request`]). Used while an index
-/// is built (the job would otherwise have to build it again to restore the schema) and while a job's
-/// process connects. Termination (SIGTERM, shutdown) is not held off.
+/// the first interrupt check after (or is taken back with [`take_cancel_request`]). Used while a job's
+/// process connects. Termination (SIGTERM, shutdown) is not held off. Not around anything that may run
+/// in parallel: PostgreSQL launches no parallel worker while cancels are held off (see [`DeferCancel`]).
 pub struct HoldCancel;
 
 impl HoldCancel {
@@ -403,6 +403,56 @@ impl Drop for HoldCancel {
             let held = pg_sys::QueryCancelHoldoffCount;
             if held > 0 {
                 pg_sys::QueryCancelHoldoffCount = held - 1;
+            }
+        }
+    }
+}
+
+/// Defers query cancels while it lives: a SIGINT (`cancel_snapshot`, `stop_workers`, `pg_cancel_backend`,
+/// a client's cancel request) arriving meanwhile is only recorded, and takes effect at the first interrupt
+/// check after the guard is dropped. Used while an index is built and its transaction commits: a cancel
+/// must not roll back a build that may have taken hours. Termination (SIGTERM, shutdown) is not deferred.
+///
+/// Unlike [`HoldCancel`] it leaves PostgreSQL's interrupt counters alone, so `INTERRUPTS_CAN_BE_PROCESSED()`
+/// stays true: PostgreSQL 15.x's `InitializeParallelDSM` launches no parallel worker otherwise, which
+/// silently made every deferred index build serial, and a parallel build's leader must process its
+/// helpers' messages. One at a time in a process (they do not nest).
+pub struct DeferCancel {
+    previous: pg_sys::pqsigfunc,
+}
+
+/// Set by [`defer_cancel`] when a SIGINT arrives while a [`DeferCancel`] lives.
+static CANCEL_DEFERRED: AtomicBool = AtomicBool::new(false);
+
+/// Runs in signal context: one atomic store.
+unsafe extern "C-unwind" fn defer_cancel(_signal: std::ffi::c_int) {
+    CANCEL_DEFERRED.store(true, Ordering::SeqCst);
+}
+
+impl DeferCancel {
+    // No Default: making one has an effect.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> DeferCancel {
+        CANCEL_DEFERRED.store(false, Ordering::SeqCst);
+        // SAFETY: replaces this process's SIGINT handler (PostgreSQL's StatementCancelHandler in a
+        // worker with a database connection) with one that only stores an atomic; `drop` puts the
+        // previous one back.
+        let previous = unsafe { pg_sys::pqsignal(pg_sys::SIGINT as i32, Some(defer_cancel)) };
+        DeferCancel { previous }
+    }
+}
+
+impl Drop for DeferCancel {
+    fn drop(&mut self) {
+        // SAFETY: restores the handler saved in `new` first, so a SIGINT from here on is handled as
+        // usual; then raises a deferred one the way StatementCancelHandler does (sig_atomic_t flags and
+        // the latch), unless the process is already exiting.
+        unsafe {
+            pg_sys::pqsignal(pg_sys::SIGINT as i32, self.previous);
+            if CANCEL_DEFERRED.swap(false, Ordering::SeqCst) && !pg_sys::proc_exit_inprogress {
+                pg_sys::QueryCancelPending = 1;
+                pg_sys::InterruptPending = 1;
+                pg_sys::SetLatch(pg_sys::MyLatch);
             }
         }
     }

@@ -255,7 +255,7 @@ pub fn build_next(
     tried: &mut Vec<(String, String)>,
 ) -> Built {
     let mut claimed: Option<Deferred> = None;
-    let mut hold: Option<(pg::HoldCancel, pg::TerminateEndsProcess)> = None;
+    let mut hold: Option<(pg::DeferCancel, pg::TerminateEndsProcess)> = None;
     let built = xact::try_catch(std::panic::AssertUnwindSafe(|| {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             let d = records::claim(id, loading, tried)?;
@@ -265,9 +265,10 @@ pub fn build_next(
             if !lock_table(&d, wait) {
                 return None;
             }
-            // From here to the commit, a cancel waits: it must not roll back a finished build.
+            // From here to the commit, a cancel waits: it must not roll back a finished build. Deferred,
+            // not held off: with cancels held off PostgreSQL would build the index serially.
+            hold = Some((pg::DeferCancel::new(), pg::TerminateEndsProcess::new()));
             pg::take_cancel_request();
-            hold = Some((pg::HoldCancel::new(), pg::TerminateEndsProcess::new()));
             // A terminate that came before the hold (whose cancel was just taken back) ends it here.
             if pg::dying() {
                 error!(
