@@ -230,9 +230,11 @@ time_pgcopydb() { # source target workdir
   echo "$(now) - $t0" | bc
 }
 
-fresh_target() { # db: an empty database of that name
+fresh_target() { # db: an empty database of that name; every tool then starts with nothing left to write
   q postgres "DROP DATABASE IF EXISTS $1 WITH (FORCE)"
   q postgres "CREATE DATABASE $1"
+  q postgres CHECKPOINT
+  sync
 }
 
 time_ours_ready() { # source target snapdir
