@@ -322,7 +322,7 @@ static LEADER_STOP: std::sync::atomic::AtomicPtr<std::sync::atomic::AtomicU32> =
 /// build, which may take hours and defers query cancels), SIGTERM ends the process instead, as
 /// PostgreSQL's `die` does: a server shutdown must not wait for the build (its record stays for
 /// `resume_apply`; the exit callback fails the job). SIGINT keeps PostgreSQL's statement-cancel
-/// handler: `cancel_snapshot` sends it to interrupt a wait at once.
+/// handler (except while a [`DeferCancel`] lives): `cancel_snapshot` sends it to interrupt a wait at once.
 pub fn stop_job_on_sigterm(stop: &'static std::sync::atomic::AtomicU32) {
     LEADER_STOP.store(stop as *const _ as *mut _, Ordering::SeqCst);
     // SAFETY: installs a handler that only stores atomics, sets PostgreSQL's interrupt flags (as its
@@ -358,7 +358,7 @@ static TERMINATE_ENDS_PROCESS: AtomicBool = AtomicBool::new(false);
 
 /// While it lives, SIGTERM ends a leader at its next interrupt check (PostgreSQL's `die`) instead of
 /// stopping its job and leaving it alive to clean up (see [`stop_job_on_sigterm`]): around work that
-/// holds query cancels off and may take hours, such as an index build. Data workers always die on
+/// defers query cancels and may take hours, such as an index build. Data workers always die on
 /// SIGTERM ([`die_on_sigterm`]).
 pub struct TerminateEndsProcess;
 
