@@ -444,16 +444,11 @@ impl DeferCancel {
 
 impl Drop for DeferCancel {
     fn drop(&mut self) {
-        // SAFETY: restores the handler saved in `new` first, so a SIGINT from here on is handled as
-        // usual; then raises a deferred one the way StatementCancelHandler does (sig_atomic_t flags and
-        // the latch), unless the process is already exiting.
-        unsafe {
-            pg_sys::pqsignal(pg_sys::SIGINT as i32, self.previous);
-            if CANCEL_DEFERRED.swap(false, Ordering::SeqCst) && !pg_sys::proc_exit_inprogress {
-                pg_sys::QueryCancelPending = 1;
-                pg_sys::InterruptPending = 1;
-                pg_sys::SetLatch(pg_sys::MyLatch);
-            }
+        // SAFETY: restores the handler saved in `new`, so a SIGINT from here on is handled as usual.
+        unsafe { pg_sys::pqsignal(pg_sys::SIGINT as i32, self.previous) };
+        // A deferred cancel is sent again, to this process: the restored handler raises it.
+        if CANCEL_DEFERRED.swap(false, Ordering::SeqCst) {
+            cancel_process(my_pid());
         }
     }
 }
